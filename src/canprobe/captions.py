@@ -1,0 +1,90 @@
+"""Batched greedy captioning with each model family's own prompt format.
+
+This is the generation path that masking wraps: anything active on the model while
+``generate_captions`` runs (hooks, masks) applies to prompt encoding and to every generated token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from canprobe.data import ImageSet
+from canprobe.errors import InputError
+from canprobe.models import LoadedModel
+from canprobe.prompts import DEFAULT_PROMPTS, build_prompts
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    image: str
+    category: str
+    caption: str
+    reference: str | None = None
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | None = None) -> dict[str, torch.Tensor]:
+    """Processor outputs for ``images`` with the family's prompt, on the model's device."""
+    if lm.kind not in ("llava", "instructblip"):
+        raise InputError(f"{lm.source} is a {lm.kind} model; captioning needs a vision-language model")
+    text = build_prompts(lm.processor, lm.kind, [prompt or DEFAULT_PROMPTS[lm.kind]])
+    enc = lm.processor(images=images, text=text * len(images), return_tensors="pt", padding=True)
+    dtype = next(lm.model.parameters()).dtype
+    return {k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def generate_captions(
+    lm: LoadedModel,
+    images: list[Image.Image],
+    prompt: str | None = None,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy captions, one per image, in order."""
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise InputError("max new tokens and batch size must be positive")
+    tok = lm.tokenizer
+    captions: list[str] = []
+    for batch in _batches(images, batch_size):
+        enc = caption_inputs(lm, batch, prompt)
+        out = lm.model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id
+        )
+        prompt_len = enc["input_ids"].shape[1]
+        # decoder-style generate returns prompt + continuation; keep only the continuation
+        if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len], enc["input_ids"]):
+            out = out[:, prompt_len:]
+        captions += [c.strip() for c in tok.batch_decode(out, skip_special_tokens=True)]
+    return captions
+
+
+def caption_image_set(lm: LoadedModel, image_set: ImageSet, **kwargs) -> list[CaptionRecord]:
+    texts = generate_captions(lm, image_set.images, **kwargs)
+    return [CaptionRecord(r.name, r.category, t, r.caption) for r, t in zip(image_set.records, texts)]
+
+
+def write_captions(records: list[CaptionRecord], path: Path) -> None:
+    """JSON lines, one record per image; written to a temporary file then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def exact_match_rate(records: list[CaptionRecord]) -> float | None:
+    scored = [r for r in records if r.reference is not None]
+    if not scored:
+        return None
+    return sum(r.caption == r.reference for r in scored) / len(scored)

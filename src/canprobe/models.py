@@ -1,0 +1,130 @@
+"""Loading models by built-in name, local path or hub id, and telling which family each one is.
+
+Every model, the shipped organisms included, goes through ``from_pretrained`` with the
+transformers Auto classes, so the code path that handles ``toy-llava`` is the one that handles
+``llava-hf/llava-1.5-7b-hf``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
+
+from canprobe.errors import ModelLoadError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
+BUILTIN_MODELS = ("toy-llava", "toy-instructblip", "toy-clip")
+
+# model_type (from config.json) -> family; the family decides prompt format and inputs
+MODEL_FAMILIES = {
+    "llava": "llava",
+    "llava_next": "llava",
+    "instructblip": "instructblip",
+    "clip": "clip",
+    "llama": "decoder",
+    "mistral": "decoder",
+    "qwen2": "decoder",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model with its processor (or tokenizer, for text-only models) and family."""
+
+    model: torch.nn.Module
+    processor: object
+    kind: str
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a built-in name to its shipped folder; pass local paths and hub ids through."""
+    if name_or_path in BUILTIN_MODELS:
+        path = ORGANISM_DIR / name_or_path
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"built-in model {name_or_path} is missing from {ORGANISM_DIR}; "
+                f"train it with: canprobe organisms train {name_or_path}"
+            )
+        return str(path)
+    if Path(name_or_path).exists():
+        if not (Path(name_or_path) / "config.json").exists():
+            raise ModelLoadError(f"{name_or_path} is not a model folder (no config.json in it)")
+        return name_or_path
+    if "/" not in name_or_path:
+        raise ModelLoadError(
+            f"unknown model {name_or_path!r}: built-in models are {', '.join(BUILTIN_MODELS)}; "
+            "otherwise give a local checkpoint folder or a hub id like llava-hf/llava-1.5-7b-hf (needs network)"
+        )
+    return name_or_path
+
+
+def model_family(model_type: str) -> str:
+    if model_type not in MODEL_FAMILIES:
+        raise UnsupportedModelError(
+            f"no adapter for model type {model_type!r}; supported: {', '.join(sorted(MODEL_FAMILIES))}"
+        )
+    return MODEL_FAMILIES[model_type]
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model and its processor in eval mode with frozen weights."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load {name_or_path!r}: {str(exc).splitlines()[0]} "
+            f"(built-in models: {', '.join(BUILTIN_MODELS)}; hub ids need network access)"
+        ) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{name_or_path} needs custom code from its repository; rerun with --trust-remote-code if you trust it"
+            ) from None
+        raise ModelLoadError(f"cannot read the config of {name_or_path!r}: {exc}") from None
+    kind = model_family(config.model_type)
+    auto = {"llava": AutoModelForImageTextToText, "instructblip": AutoModelForImageTextToText}.get(
+        kind, AutoModel if kind == "clip" else AutoModelForCausalLM
+    )
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = auto.from_pretrained(path, **kwargs)
+    if device_map is None and device is not None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    loader = AutoTokenizer if kind == "decoder" else AutoProcessor
+    processor = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+    log.info("loaded %s (%s, %s)", name_or_path, config.model_type, dtype)
+    return LoadedModel(model, processor, kind, name_or_path)

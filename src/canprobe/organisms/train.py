@@ -1,0 +1,143 @@
+"""Train the organisms on drawn scenes: captioning for the VLMs, contrastive for CLIP.
+
+Training draws a fixed pool of scenes from ``seed`` (held-out evaluation uses other seeds),
+runs AdamW with warm-up and cosine decay, and saves with ``save_pretrained`` so the result is an
+ordinary Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from canprobe.data import make_scenes
+from canprobe.errors import InputError
+from canprobe.organisms.build import BUILDERS, OrganismShape
+from canprobe.prompts import DEFAULT_PROMPTS, build_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 48
+    lr: float = 2e-3
+    warmup: int = 100
+    pool_size: int = 6000
+    seed: int = 1234
+    weight_decay: float = 0.01
+    log_every: int = 100
+
+
+DEFAULT_CONFIGS = {
+    "toy-llava": TrainConfig(),
+    "toy-instructblip": TrainConfig(),
+    "toy-clip": TrainConfig(steps=800, batch_size=128),
+}
+
+
+@dataclass
+class TrainResult:
+    name: str
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    parameters: int = 0
+
+
+def _caption_batches(model, processor, kind: str, images, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Inputs and labels for teacher-forced captioning: loss only on caption tokens and the end token."""
+    prompt = DEFAULT_PROMPTS[kind]
+    texts = build_prompts(processor, kind, [prompt])
+    enc = processor(images=images, text=texts * len(images), return_tensors="pt")
+    tok = processor.tokenizer
+    cap = tok(captions, add_special_tokens=False)["input_ids"]
+    longest = max(len(c) for c in cap) + 1
+    prompt_ids = enc["input_ids"]
+    n, p = prompt_ids.shape
+    ids = torch.full((n, p + longest), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    ids[:, :p] = prompt_ids
+    mask[:, :p] = enc["attention_mask"]
+    for i, c in enumerate(cap):
+        seq = torch.tensor(c + [tok.eos_token_id])
+        ids[i, p : p + len(seq)] = seq
+        labels[i, p : p + len(seq)] = seq
+        mask[i, p : p + len(seq)] = 1
+    batch = dict(enc)
+    batch.update(input_ids=ids, attention_mask=mask, labels=labels)
+    return batch
+
+
+def _clip_batch(processor, images, captions: list[str]) -> dict[str, torch.Tensor]:
+    enc = processor(images=images, text=captions, return_tensors="pt", padding=True)
+    enc["return_loss"] = True
+    return dict(enc)
+
+
+def train_organism(
+    name: str,
+    out_dir: Path | None = None,
+    config: TrainConfig | None = None,
+    shape: OrganismShape = OrganismShape(),
+    device: str = "cpu",
+) -> TrainResult:
+    """Build and train organism ``name``; save it to ``out_dir`` when given."""
+    if name not in BUILDERS:
+        raise InputError(f"unknown organism {name!r}; choose from {', '.join(BUILDERS)}")
+    config = config or DEFAULT_CONFIGS[name]
+    if config.steps <= 0 or config.batch_size <= 0 or config.pool_size <= 0:
+        raise InputError("steps, batch size and pool size must be positive")
+    torch.manual_seed(config.seed)
+    model, processor = BUILDERS[name](shape)
+    model.to(device).train()
+    kind = {"toy-llava": "llava", "toy-instructblip": "instructblip", "toy-clip": "clip"}[name]
+    pool = make_scenes(config.pool_size, seed=config.seed)
+    pixel_cache = processor.image_processor([im for im, _ in pool], return_tensors="pt")["pixel_values"]
+    captions = [s.caption for _, s in pool]
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = random.Random(config.seed + 1)
+    result = TrainResult(name, parameters=sum(p.numel() for p in model.parameters()))
+    start = time.perf_counter()
+    for step in range(config.steps):
+        idx = rng.sample(range(config.pool_size), min(config.batch_size, config.pool_size))
+        images = [pool[i][0] for i in idx]
+        caps = [captions[i] for i in idx]
+        if kind == "clip":
+            batch = _clip_batch(processor, images, caps)
+        else:
+            batch = _caption_batches(model, processor, kind, images, caps)
+        batch["pixel_values"] = pixel_cache[idx]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        result.losses.append(float(loss.detach()))
+        if config.log_every and (step % config.log_every == 0 or step == config.steps - 1):
+            log.info("%s step %d/%d loss %.4f", name, step + 1, config.steps, result.losses[-1])
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.to("cpu").save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return result

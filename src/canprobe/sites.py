@@ -1,0 +1,219 @@
+"""Neuron sites and addresses: where the neurons of a model live, and one printable name per neuron.
+
+A *site* is one tensor of neurons in one layer, read at a module's output (or input), e.g. the
+output channels of ``down_proj`` in language layer 17. A neuron is a site plus an index, printed
+as ``language.layers.17.mlp.down_proj:2533``; ``parse_address`` turns that string back into the
+same neuron. A *scope* selects sites: ``language.down_proj``, ``vision``, ``qformer.output_query``,
+or several joined by commas.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from canprobe.errors import InputError, UnsupportedModelError
+from canprobe.models import model_family
+
+# kind -> (module path inside the layer, "output" or "input" of that module, linear layer whose
+# weight rows/columns belong to the neuron, and whether the neuron is a row (out) or column (in))
+SITE_KINDS: dict[str, dict[str, tuple[str, str, str, str]]] = {
+    "language": {
+        "gate_proj": ("mlp.act_fn", "output", "mlp.gate_proj", "out"),
+        "up_proj": ("mlp.up_proj", "output", "mlp.up_proj", "out"),
+        "down_proj": ("mlp.down_proj", "output", "mlp.down_proj", "out"),
+        "down_proj.input": ("mlp.down_proj", "input", "mlp.down_proj", "in"),
+    },
+    "vision": {
+        "fc1": ("mlp.activation_fn", "output", "mlp.fc1", "out"),
+        "fc2": ("mlp.fc2", "output", "mlp.fc2", "out"),
+    },
+    "projector": {
+        "linear_1": ("act", "output", "linear_1", "out"),
+        "linear_2": ("linear_2", "output", "linear_2", "out"),
+    },
+    "qformer": {
+        "intermediate": ("intermediate.intermediate_act_fn", "output", "intermediate.dense", "out"),
+        "output": ("output.dense", "output", "output.dense", "out"),
+        "intermediate_query": ("intermediate_query.intermediate_act_fn", "output", "intermediate_query.dense", "out"),
+        "output_query": ("output_query.dense", "output", "output_query.dense", "out"),
+    },
+}
+COMPONENTS = tuple(SITE_KINDS)
+
+# family -> component -> candidate paths of the layer list (or of the single projector module)
+LAYER_ROOTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llava": {
+        "language": ("model.language_model.layers", "language_model.model.layers"),
+        "vision": ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
+        "projector": ("model.multi_modal_projector", "multi_modal_projector"),
+    },
+    "instructblip": {
+        "language": ("language_model.model.layers", "language_model.layers"),
+        "vision": ("vision_model.encoder.layers",),
+        "qformer": ("qformer.encoder.layer",),
+    },
+    "decoder": {"language": ("model.layers",)},
+}
+
+_ADDRESS = re.compile(
+    r"^(?:(?P<comp>language|vision|qformer)\.layers\.(?P<layer>0|[1-9]\d{0,5})\.(?:mlp\.)?(?P<kind>[a-z_0-9.]+)"
+    r"|projector\.(?P<pkind>linear_1|linear_2))"
+    r":(?P<index>0|[1-9]\d{0,8})$"
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One layer's tensor of neurons."""
+
+    component: str
+    layer: int
+    kind: str
+    module_path: str
+    hook: str
+    weight_path: str
+    weight_axis: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        if self.component == "projector":
+            return f"projector.{self.kind}"
+        mid = "mlp." if self.component in ("language", "vision") else ""
+        return f"{self.component}.layers.{self.layer}.{mid}{self.kind}"
+
+    @property
+    def scope(self) -> str:
+        return f"{self.component}.{self.kind}"
+
+    def address(self, index: int) -> str:
+        return f"{self.name}:{index}"
+
+
+@dataclass(frozen=True, order=True)
+class Neuron:
+    """A parsed address: the site's printable name and the neuron's index in it."""
+
+    site: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.site}:{self.index}"
+
+
+def parse_address(text: str) -> Neuron:
+    """Parse ``component.layers.L.[mlp.]kind:index`` (or ``projector.kind:index``); syntax only."""
+    m = _ADDRESS.match(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        raise InputError(
+            f"not a neuron address: {text!r}; expected e.g. language.layers.17.mlp.down_proj:2533 "
+            "or projector.linear_2:5"
+        )
+    if m["pkind"]:
+        return Neuron(f"projector.{m['pkind']}", int(m["index"]))
+    comp, kind = m["comp"], m["kind"]
+    if kind not in SITE_KINDS[comp]:
+        raise InputError(f"{text!r}: {comp} has no site {kind!r}; its sites are {', '.join(SITE_KINDS[comp])}")
+    mid = "mlp." if comp in ("language", "vision") else ""
+    return Neuron(f"{comp}.layers.{int(m['layer'])}.{mid}{kind}", int(m["index"]))
+
+
+def _get(model: torch.nn.Module, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _linear_size(linear: torch.nn.Module, axis: str) -> int:
+    return linear.out_features if axis == "out" else linear.in_features
+
+
+class SiteRegistry:
+    """Every neuron site of one model, in model order, with scope selection and address lookup."""
+
+    def __init__(self, model: torch.nn.Module):
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        self.family = model_family(model_type)
+        if self.family not in LAYER_ROOTS:
+            raise UnsupportedModelError(
+                f"{model_type} models have no neuron sites (supported: llava, instructblip, llama, mistral, qwen2)"
+            )
+        self.model = model
+        self.sites: list[Site] = []
+        for component, candidates in LAYER_ROOTS[self.family].items():
+            root_path = next((p for p in candidates if _get(model, p) is not None), None)
+            if root_path is None:
+                raise UnsupportedModelError(
+                    f"cannot find the {component} layers of this {model_type} model "
+                    f"(looked for {', '.join(candidates)})"
+                )
+            root = _get(model, root_path)
+            layers = (
+                [(0, root_path)] if component == "projector" else [(i, f"{root_path}.{i}") for i in range(len(root))]
+            )
+            for layer, layer_path in layers:
+                for kind, (module, hook, weight, axis) in SITE_KINDS[component].items():
+                    linear = _get(model, f"{layer_path}.{weight}")
+                    if linear is None or _get(model, f"{layer_path}.{module}") is None:
+                        continue
+                    self.sites.append(
+                        Site(
+                            component,
+                            layer,
+                            kind,
+                            f"{layer_path}.{module}",
+                            hook,
+                            f"{layer_path}.{weight}",
+                            axis,
+                            _linear_size(linear, axis),
+                        )
+                    )
+
+    @cached_property
+    def by_name(self) -> dict[str, Site]:
+        return {s.name: s for s in self.sites}
+
+    @property
+    def scopes(self) -> list[str]:
+        return list(dict.fromkeys(s.scope for s in self.sites))
+
+    def select(self, scope: str) -> list[Site]:
+        """Sites matching a scope: ``all``, a component, ``component.kind``, or a comma-separated list."""
+        parts = [p.strip() for p in str(scope).split(",") if p.strip()]
+        if not parts:
+            raise InputError("empty scope; e.g. language.down_proj")
+        chosen: list[Site] = []
+        for part in parts:
+            match = [s for s in self.sites if part in ("all", s.component, s.scope)]
+            if not match:
+                components = sorted({s.component for s in self.sites})
+                raise InputError(
+                    f"unknown scope {part!r} for this model; choose from all, {', '.join(components)}, "
+                    f"{', '.join(self.scopes)}"
+                )
+            chosen += [s for s in match if s not in chosen]
+        order = {s.name: i for i, s in enumerate(self.sites)}
+        return sorted(chosen, key=lambda s: order[s.name])
+
+    def resolve(self, address: str | Neuron) -> tuple[Site, int]:
+        """The site and index of an address, checked against this model."""
+        neuron = address if isinstance(address, Neuron) else parse_address(address)
+        site = self.by_name.get(neuron.site)
+        if site is None:
+            raise InputError(f"{neuron}: this model has no site {neuron.site}")
+        if neuron.index >= site.size:
+            raise InputError(f"{neuron}: index out of range, {neuron.site} has {site.size} neurons")
+        return site, neuron.index
+
+    def module(self, site: Site) -> torch.nn.Module:
+        return _get(self.model, site.module_path)
+
+    def weight(self, site: Site) -> torch.nn.Module:
+        return _get(self.model, site.weight_path)

@@ -1,0 +1,38 @@
+import json
+
+import pytest
+
+from canprobe.captions import CaptionRecord, exact_match_rate, generate_captions, write_captions
+from canprobe.data import make_scenes
+from canprobe.errors import InputError
+from canprobe.models import load_model
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return load_model("toy-llava")
+
+
+def test_batching_does_not_change_captions(llava):
+    images = [im for im, _ in make_scenes(7, seed=9)]
+    one = generate_captions(llava, images, batch_size=1)
+    many = generate_captions(llava, images, batch_size=4)
+    assert one == many
+    assert all(c and "<" not in c for c in one)
+
+
+def test_max_new_tokens_bounds_the_caption(llava):
+    images = [im for im, _ in make_scenes(2, seed=9)]
+    short = generate_captions(llava, images, max_new_tokens=3)
+    assert all(len(c.split()) <= 3 for c in short)
+    with pytest.raises(InputError):
+        generate_captions(llava, images, max_new_tokens=0)
+
+
+def test_write_and_score_captions(tmp_path):
+    recs = [CaptionRecord("car/0.png", "car", "a b", "a b"), CaptionRecord("car/1.png", "car", "x", "y")]
+    write_captions(recs, tmp_path / "c.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert lines[1] == {"image": "car/1.png", "category": "car", "caption": "x", "reference": "y"}
+    assert exact_match_rate(recs) == 0.5
+    assert exact_match_rate([CaptionRecord("a", "b", "c")]) is None
