@@ -43,6 +43,39 @@ def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | Non
     return {k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()}
 
 
+def teacher_forcing_inputs(
+    processor, kind: str, images: list[Image.Image] | None, captions: list[str], prompt: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Model inputs for scoring ``captions`` as continuations of the prompt (images optional for decoders).
+
+    Each row is ``prompt tokens + caption tokens + end token``, right-padded; ``labels`` holds the
+    caption and end tokens and -100 elsewhere, so ``model(**inputs).loss`` is the caption NLL and
+    ``labels != -100`` marks the positions that carry the loss (shifted by one inside the model).
+    """
+    text = build_prompts(processor, kind, [prompt or DEFAULT_PROMPTS[kind]]) * len(captions)
+    tok = getattr(processor, "tokenizer", processor)
+    if kind == "decoder":
+        enc = dict(tok(text, return_tensors="pt"))
+    else:
+        enc = dict(processor(images=images, text=text, return_tensors="pt"))
+    caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
+    prompt_ids = enc["input_ids"]
+    n, p = prompt_ids.shape
+    width = p + max(len(c) for c in caption_ids) + 1
+    ids = torch.full((n, width), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    ids[:, :p] = prompt_ids
+    mask[:, :p] = enc["attention_mask"]
+    for i, c in enumerate(caption_ids):
+        seq = torch.tensor(c + [tok.eos_token_id], dtype=torch.long)
+        ids[i, p : p + len(seq)] = seq
+        labels[i, p : p + len(seq)] = seq
+        mask[i, p : p + len(seq)] = 1
+    enc.update(input_ids=ids, attention_mask=mask, labels=labels)
+    return enc
+
+
 @torch.no_grad()
 def generate_captions(
     lm: LoadedModel,

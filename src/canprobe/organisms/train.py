@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from canprobe.captions import teacher_forcing_inputs
 from canprobe.data import make_scenes
 from canprobe.errors import InputError
 from canprobe.organisms.build import BUILDERS, OrganismShape
-from canprobe.prompts import DEFAULT_PROMPTS, build_prompts
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +49,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     parameters: int = 0
-
-
-def _caption_batches(model, processor, kind: str, images, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Inputs and labels for teacher-forced captioning: loss only on caption tokens and the end token."""
-    prompt = DEFAULT_PROMPTS[kind]
-    texts = build_prompts(processor, kind, [prompt])
-    enc = processor(images=images, text=texts * len(images), return_tensors="pt")
-    tok = processor.tokenizer
-    cap = tok(captions, add_special_tokens=False)["input_ids"]
-    longest = max(len(c) for c in cap) + 1
-    prompt_ids = enc["input_ids"]
-    n, p = prompt_ids.shape
-    ids = torch.full((n, p + longest), tok.pad_token_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    ids[:, :p] = prompt_ids
-    mask[:, :p] = enc["attention_mask"]
-    for i, c in enumerate(cap):
-        seq = torch.tensor(c + [tok.eos_token_id])
-        ids[i, p : p + len(seq)] = seq
-        labels[i, p : p + len(seq)] = seq
-        mask[i, p : p + len(seq)] = 1
-    batch = dict(enc)
-    batch.update(input_ids=ids, attention_mask=mask, labels=labels)
-    return batch
 
 
 def _clip_batch(processor, images, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -121,7 +96,7 @@ def train_organism(
         if kind == "clip":
             batch = _clip_batch(processor, images, caps)
         else:
-            batch = _caption_batches(model, processor, kind, images, caps)
+            batch = teacher_forcing_inputs(processor, kind, images, caps)
         batch["pixel_values"] = pixel_cache[idx]
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         loss = model(**batch).loss
