@@ -146,6 +146,12 @@ def demo(out: Path, per_category: int) -> None:
     click.echo(f"captions written to {out}")
 
 
+# --- inspect and score: neuron sites and CAN scoring ---
+
+
+# --- search and ablate: masking, collapse metrics and the k* search ---
+
+
 def run() -> None:
     """Entry point: click's usage errors and canprobe's own errors become one line and exit 2."""
     try:
