@@ -93,3 +93,35 @@ def test_non_positive_counts_are_refused(tmp_path):
         make_scenes(0, seed=0)
     with pytest.raises(InputError):
         write_scenes(tmp_path, per_category=-1)
+
+
+def test_limit_caps_images_per_category(tmp_path):
+    root = write_scenes(tmp_path / "s", per_category=3, seed=0)
+    image_set = load_image_set(root, limit=2, categories=["car", "fish"])
+    assert [r.category for r in image_set.records] == ["car", "car", "fish", "fish"]
+    with pytest.raises(InputError):
+        load_image_set(root, limit=0)
+
+
+def test_coco_style_annotations(tmp_path):
+    root = write_scenes(tmp_path / "s", per_category=1, seed=0)
+    coco = {
+        "images": [{"id": 1, "file_name": "car/0000.png"}, {"id": 2, "file_name": "boat/0000.png"}],
+        "categories": [{"id": 3, "name": "vehicle"}, {"id": 4, "name": "water"}],
+        "annotations": [
+            {"image_id": 1, "category_id": 3},
+            {"image_id": 2, "category_id": 3},
+            {"image_id": 2, "category_id": 4, "caption": "a boat"},
+        ],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    image_set = load_image_set(root, annotations=tmp_path / "instances.json")
+    assert sorted((r.path.parent.name, r.category) for r in image_set.records) == [
+        ("boat", "vehicle"),
+        ("boat", "water"),
+        ("car", "vehicle"),
+    ]
+    assert {r.caption for r in image_set.records if r.path.parent.name == "boat"} == {"a boat"}
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="COCO"):
+        load_image_set(root, annotations=tmp_path / "bad.json")

@@ -197,10 +197,7 @@ class ImageRecord:
     path: Path
     category: str
     caption: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.path.name if self.category == UNCATEGORIZED else f"{self.category}/{self.path.name}"
+    name: str = ""  # path relative to the image set's root, the image's identity in every output
 
 
 @dataclass
@@ -246,21 +243,76 @@ def open_image(path: Path) -> Image.Image:
             return im.convert("RGB")
 
 
-def load_image_set(root: Path | str, categories: list[str] | None = None, limit: int | None = None) -> ImageSet:
-    """Read an image set; unreadable files are skipped and counted, not fatal."""
-    root = Path(root)
+def folder_candidates(root: Path) -> list[tuple[Path, str]]:
+    """(image path, category) for every image file of a folder-per-category image set."""
     if not root.is_dir():
         raise InputError(f"image folder {root} does not exist or is not a folder")
-    captions = _read_captions(root)
     candidates: list[tuple[Path, str]] = []
     for p in sorted(root.iterdir()):
         if p.is_dir():
-            if categories is None or p.name in categories:
-                candidates += [(f, p.name) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-        elif p.suffix.lower() in IMAGE_EXTENSIONS and (categories is None or UNCATEGORIZED in categories):
+            candidates += [(f, p.name) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        elif p.suffix.lower() in IMAGE_EXTENSIONS:
             candidates.append((p, UNCATEGORIZED))
+    return candidates
+
+
+def coco_candidates(annotations: Path, image_dir: Path) -> tuple[list[tuple[Path, str]], dict[str, str]]:
+    """(image path, category) pairs and captions from a COCO-style annotation file.
+
+    The file has ``images`` (id, file_name), ``categories`` (id, name) and ``annotations``
+    (image_id with category_id and/or caption). An image with objects of several categories
+    belongs to each of them.
+    """
+    annotations, image_dir = Path(annotations), Path(image_dir)
+    if not annotations.is_file():
+        raise InputError(f"annotation file {annotations} does not exist")
+    if not image_dir.is_dir():
+        raise InputError(f"image folder {image_dir} does not exist or is not a folder")
+    try:
+        coco = json.loads(annotations.read_text())
+        files = {img["id"]: img["file_name"] for img in coco["images"]}
+        names = {c["id"]: c["name"] for c in coco.get("categories", [])}
+        pairs, captions = {}, {}
+        for ann in coco["annotations"]:
+            file = files[ann["image_id"]]
+            if "category_id" in ann:
+                pairs[(file, names[ann["category_id"]])] = None
+            if "caption" in ann:
+                captions.setdefault(file, str(ann["caption"]).strip())
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{annotations}: not a COCO-style annotation file ({type(exc).__name__}: {exc})") from None
+    if not pairs:
+        pairs = {(file, UNCATEGORIZED): None for file in files.values()}
+    return [(image_dir / file, cat) for file, cat in sorted(pairs)], captions
+
+
+def load_image_set(
+    root: Path | str,
+    categories: list[str] | None = None,
+    limit: int | None = None,
+    annotations: Path | str | None = None,
+) -> ImageSet:
+    """Read an image set (folder per category, or COCO annotations + image folder).
+
+    ``limit`` caps the images per category. Unreadable files are skipped and counted, not fatal.
+    """
+    root = Path(root)
+    if annotations is not None:
+        candidates, captions = coco_candidates(Path(annotations), root)
+    else:
+        candidates, captions = folder_candidates(root), _read_captions(root)
+    if categories is not None:
+        candidates = [(p, c) for p, c in candidates if c in categories]
     if limit is not None:
-        candidates = candidates[:limit]
+        if limit <= 0:
+            raise InputError(f"the number of images per category must be positive, got {limit}")
+        seen: dict[str, int] = {}
+        capped = []
+        for path, category in candidates:
+            seen[category] = seen.get(category, 0) + 1
+            if seen[category] <= limit:
+                capped.append((path, category))
+        candidates = capped
     records, images, skipped = [], [], []
     for path, category in candidates:
         try:
@@ -270,7 +322,7 @@ def load_image_set(root: Path | str, categories: list[str] | None = None, limit:
             log.warning("skipping unreadable image %s: %s", path, exc)
             continue
         rel = path.relative_to(root).as_posix()
-        records.append(ImageRecord(path, category, captions.get(rel)))
+        records.append(ImageRecord(path, category, captions.get(rel), rel))
     if not records:
         what = f"categories {categories}" if categories else "image files"
         extra = f" ({len(skipped)} unreadable)" if skipped else ""
