@@ -149,6 +149,110 @@ def demo(out: Path, per_category: int) -> None:
 # --- inspect and score: neuron sites and CAN scoring ---
 
 
+def _quiet_loading() -> None:
+    """Keep stderr for errors: transformers' weight-loading progress bar would add lines to it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@main.command("inspect")
+@click.argument("model")
+@dtype_option
+@device_option
+def inspect_command(model: str, dtype: str, device: str | None) -> None:
+    """Neuron sites of MODEL per component and kind, and the memory scoring needs.
+
+    MODEL is a shipped config (llava-1.5-7b, instructblip-vicuna-7b: built on the meta device,
+    no weights, no network) or any loadable model.
+    """
+    from canprobe.inventory import format_inventory, inspect_model
+
+    _quiet_loading()
+    for line in format_inventory(inspect_model(model, dtype=dtype, device=device)):
+        click.echo(line)
+
+
+@main.command("score")
+@model_option
+@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
+@click.option("--scope", default="language.down_proj", show_default=True, help="Sites, e.g. language, vision.fc1,all.")
+@click.option("--method", type=click.Choice(["can", "activation", "gradient", "random", "wanda"]), default="can")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="Gradient exponent.")
+@click.option("--reduction", type=click.Choice(["loss", "all"]), default="loss", show_default=True)
+@click.option(
+    "--captions",
+    "caption_source",
+    type=click.Choice(["self", "reference"]),
+    default="self",
+    show_default=True,
+    help="Loss text: the model's own greedy captions, or the image set's captions.jsonl.",
+)
+@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-scores"), show_default=True)
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the ranking to print.")
+@dtype_option
+@device_option
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+def score_command(
+    model,
+    images,
+    scope,
+    method,
+    alpha,
+    reduction,
+    caption_source,
+    prompt,
+    batch_size,
+    max_new_tokens,
+    seed,
+    out,
+    top,
+    dtype,
+    device,
+    trust_remote_code,
+) -> None:
+    """Score every neuron in SCOPE over an image set; write scores.safetensors and ranking.parquet."""
+    from canprobe.data import load_image_set
+    from canprobe.errors import InputError
+    from canprobe.scoring import score_neurons
+
+    image_set = load_image_set(images)
+    _report_skipped(image_set)
+    captions = None
+    if caption_source == "reference":
+        missing = [r.name for r in image_set.records if r.caption is None]
+        if missing:
+            raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
+        captions = [r.caption for r in image_set.records]
+    _quiet_loading()
+    lm = _load(model, dtype, device, trust_remote_code)
+    result = score_neurons(
+        lm,
+        image_set.images,
+        scope=scope,
+        method=method,
+        alpha=alpha,
+        reduction=reduction,
+        captions=captions,
+        prompt=prompt,
+        batch_size=batch_size,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+    )
+    result.save(out)
+    ranking = result.ranking()
+    for row in ranking.head(top).itertuples():
+        click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
+    click.echo(
+        f"scored {len(ranking):,} neurons in {len(result.sites)} sites over {len(image_set)} images "
+        f"({method}, reduction {reduction}, {caption_source} captions); wrote {out}"
+    )
+
+
 # --- search and ablate: masking, collapse metrics and the k* search ---
 
 

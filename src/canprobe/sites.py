@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 
 from canprobe.errors import InputError, UnsupportedModelError
-from canprobe.models import model_family
+from canprobe.models import MODEL_FAMILIES
 
 # kind -> (module path inside the layer, "output" or "input" of that module, linear layer whose
 # weight rows/columns belong to the neuron, and whether the neuron is a row (out) or column (in))
@@ -59,10 +59,14 @@ LAYER_ROOTS: dict[str, dict[str, tuple[str, ...]]] = {
     "decoder": {"language": ("model.layers",)},
 }
 
+# ASCII digits only and no leading zeros, "mlp." exactly where the printed name has it, nothing
+# around the address: every accepted string prints back to itself.
 _ADDRESS = re.compile(
-    r"^(?:(?P<comp>language|vision|qformer)\.layers\.(?P<layer>0|[1-9]\d{0,5})\.(?:mlp\.)?(?P<kind>[a-z_0-9.]+)"
+    r"(?:(?P<comp>language|vision)\.layers\.(?P<layer>0|[1-9][0-9]{0,5})\.mlp\.(?P<kind>[a-z_0-9.]+)"
+    r"|qformer\.layers\.(?P<qlayer>0|[1-9][0-9]{0,5})\.(?P<qkind>[a-z_0-9.]+)"
     r"|projector\.(?P<pkind>linear_1|linear_2))"
-    r":(?P<index>0|[1-9]\d{0,8})$"
+    r":(?P<index>0|[1-9][0-9]{0,8})",
+    re.ASCII,
 )
 
 
@@ -106,20 +110,22 @@ class Neuron:
 
 
 def parse_address(text: str) -> Neuron:
-    """Parse ``component.layers.L.[mlp.]kind:index`` (or ``projector.kind:index``); syntax only."""
-    m = _ADDRESS.match(text.strip()) if isinstance(text, str) else None
+    """Parse a printed address (``language.layers.L.mlp.kind:i``, ``qformer.layers.L.kind:i``,
+    ``projector.kind:i``) back into a Neuron; checks syntax and site kinds, not a model's sizes."""
+    m = _ADDRESS.fullmatch(text) if isinstance(text, str) else None
     if m is None:
         raise InputError(
-            f"not a neuron address: {text!r}; expected e.g. language.layers.17.mlp.down_proj:2533 "
-            "or projector.linear_2:5"
+            f"not a neuron address: {text!r}; expected e.g. language.layers.17.mlp.down_proj:2533, "
+            "qformer.layers.3.output_query:7 or projector.linear_2:5"
         )
     if m["pkind"]:
         return Neuron(f"projector.{m['pkind']}", int(m["index"]))
-    comp, kind = m["comp"], m["kind"]
+    comp = m["comp"] or "qformer"
+    kind, layer = (m["kind"], m["layer"]) if m["comp"] else (m["qkind"], m["qlayer"])
     if kind not in SITE_KINDS[comp]:
         raise InputError(f"{text!r}: {comp} has no site {kind!r}; its sites are {', '.join(SITE_KINDS[comp])}")
     mid = "mlp." if comp in ("language", "vision") else ""
-    return Neuron(f"{comp}.layers.{int(m['layer'])}.{mid}{kind}", int(m["index"]))
+    return Neuron(f"{comp}.layers.{int(layer)}.{mid}{kind}", int(m["index"]))
 
 
 def _get(model: torch.nn.Module, path: str):
@@ -140,10 +146,11 @@ class SiteRegistry:
 
     def __init__(self, model: torch.nn.Module):
         model_type = getattr(model.config, "model_type", type(model).__name__)
-        self.family = model_family(model_type)
+        self.family = MODEL_FAMILIES.get(model_type)
         if self.family not in LAYER_ROOTS:
+            supported = sorted(t for t, f in MODEL_FAMILIES.items() if f in LAYER_ROOTS)
             raise UnsupportedModelError(
-                f"{model_type} models have no neuron sites (supported: llava, instructblip, llama, mistral, qwen2)"
+                f"no neuron-site adapter for model type {model_type!r}; supported: {', '.join(supported)}"
             )
         self.model = model
         self.sites: list[Site] = []
@@ -175,6 +182,15 @@ class SiteRegistry:
                             _linear_size(linear, axis),
                         )
                     )
+
+        seen: dict[tuple[int, str], str] = {}
+        for site in self.sites:
+            key = (id(_get(model, site.module_path)), site.hook)
+            if key in seen:
+                raise UnsupportedModelError(
+                    f"{site.name} and {seen[key]} share one module instance; their neurons cannot be told apart"
+                )
+            seen[key] = site.name
 
     @cached_property
     def by_name(self) -> dict[str, Site]:

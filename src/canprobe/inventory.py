@@ -1,0 +1,184 @@
+"""Inventory of a model's neuron sites and the memory that scoring it will need.
+
+The paper's two models ship as config files (``configs/*.json``) and are built on the meta
+device, so their true counts come out in seconds with no weights and no network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from canprobe.errors import ModelLoadError
+from canprobe.models import DTYPES, LoadedModel
+from canprobe.sites import Site, SiteRegistry
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+SHIPPED_CONFIGS = tuple(sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
+TEXT_TOKENS = 40  # caption + prompt tokens assumed by the activation estimate
+MLP_LINEARS = {"language": ("gate_proj", "up_proj", "down_proj"), "vision": ("fc1", "fc2")}
+
+
+@dataclass(frozen=True)
+class SiteKindRow:
+    """One site kind of one component, summed over its layers."""
+
+    component: str
+    kind: str
+    layers: int
+    neurons_per_layer: int
+    neurons: int
+    parameters: int  # of the linear layers whose rows/columns are these neurons
+
+
+@dataclass(frozen=True)
+class ComponentRow:
+    component: str
+    layers: int
+    parameters: int  # in its layers (or the projector), embeddings excluded
+    tokens: int  # sequence length per sample used by the activation estimate
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class Inventory:
+    model: str
+    dtype: str
+    sites: list[SiteKindRow]
+    components: list[ComponentRow]
+    parameters: int
+    weight_bytes: int
+    activation_bytes: int
+
+    @property
+    def scoring_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+
+def build_shipped(name: str) -> torch.nn.Module:
+    """The architecture of a shipped config on the meta device: shapes without storage."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    data = json.loads((CONFIGS_DIR / f"{name}.json").read_text())
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    config = AutoConfig.for_model(**data)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def _component_modules(registry: SiteRegistry) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
+    """Per component: (the module owning the layer list, for its config; the layer list itself)."""
+    out = {}
+    for site in registry.sites:
+        parts = site.module_path.split(".")
+        if site.component == "projector":
+            module = registry.model.get_submodule(".".join(parts[:-1]))
+            out.setdefault(site.component, (module, module))
+            continue
+        i = next(k for k, part in enumerate(parts) if part.isdigit())
+        owner = registry.model.get_submodule(".".join(parts[: i - 1]))
+        out.setdefault(site.component, (owner, registry.model.get_submodule(".".join(parts[:i]))))
+    return out
+
+
+def _tokens(model: torch.nn.Module, component: str) -> int:
+    """Per-sample sequence length of a component for one image and TEXT_TOKENS text tokens."""
+    cfg = model.config
+    vision = getattr(cfg, "vision_config", None)
+    patches = (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
+    if component == "vision":
+        return patches + 1
+    if component == "projector":
+        return patches
+    queries = getattr(cfg, "num_query_tokens", None)
+    if component == "qformer":
+        return queries + TEXT_TOKENS // 4
+    image_tokens = queries if queries else getattr(cfg, "image_seq_length", patches)
+    return image_tokens + TEXT_TOKENS
+
+
+def _activation_elements(module: torch.nn.Module, component: str, tokens: int, layers: int) -> int:
+    """Elements saved for the backward pass with frozen weights, per sample.
+
+    Per token and layer: 8 x hidden (norm inputs, q/k/v, attention and MLP outputs) plus
+    4 x intermediate (MLP activations) plus heads x tokens attention probabilities; a rough
+    upper bound of what autograd keeps, not a measurement.
+    """
+    cfg = getattr(module, "config", None)
+    if cfg is None or component == "projector":
+        width = max((m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)), default=0)
+        return 4 * width * tokens
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    heads = getattr(cfg, "num_attention_heads", 1)
+    return layers * tokens * (8 * hidden + 4 * inter + heads * tokens)
+
+
+def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
+    """Sites per component and kind, parameters, and the memory a batch-1 scoring pass needs."""
+    registry = SiteRegistry(model)
+    groups: dict[tuple[str, str], list[Site]] = {}
+    for site in registry.sites:
+        groups.setdefault((site.component, site.kind), []).append(site)
+    rows = []
+    for (component, kind), sites in groups.items():
+        params = sum(p.numel() for s in sites for p in registry.weight(s).parameters())
+        sizes = {s.size for s in sites}
+        per_layer = sizes.pop() if len(sizes) == 1 else 0
+        rows.append(SiteKindRow(component, kind, len(sites), per_layer, sum(s.size for s in sites), params))
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    components = []
+    for component, (owner, stack) in _component_modules(registry).items():
+        layers = len({s.layer for s in registry.sites if s.component == component})
+        tokens = _tokens(model, component)
+        elements = _activation_elements(owner, component, tokens, layers)
+        components.append(
+            ComponentRow(component, layers, sum(p.numel() for p in stack.parameters()), tokens, elements * itemsize)
+        )
+    total = sum(p.numel() for p in model.parameters())
+    activation = sum(c.activation_bytes for c in components)
+    # float32 score and signed accumulators for every neuron
+    activation += 8 * sum(r.neurons for r in rows)
+    return Inventory(name, dtype, rows, components, total, total * itemsize, activation)
+
+
+def inspect_model(name: str, dtype: str = "float32", device: str | None = None) -> Inventory:
+    """Inventory of a shipped config (meta device, no weights) or of any loadable model."""
+    if name in SHIPPED_CONFIGS:
+        return inventory(build_shipped(name), name, dtype)
+    from canprobe.models import BUILTIN_MODELS, load_model
+
+    if "/" not in name and name not in BUILTIN_MODELS and not Path(name).exists():
+        raise ModelLoadError(
+            f"unknown model {name!r}: shipped configs are {', '.join(SHIPPED_CONFIGS)}; built-in models are "
+            f"{', '.join(BUILTIN_MODELS)}; otherwise give a local checkpoint folder or a hub id"
+        )
+    lm: LoadedModel = load_model(name, dtype=dtype, device=device)
+    return inventory(lm.model, name, dtype)
+
+
+def format_inventory(inv: Inventory) -> list[str]:
+    """Plain-text tables for the CLI."""
+    gib = 1024**3
+    lines = [f"{inv.model}: {inv.parameters:,} parameters", ""]
+    lines.append(f"{'site':28s} {'layers':>6s} {'per layer':>10s} {'neurons':>12s} {'parameters':>15s}")
+    for r in inv.sites:
+        per = f"{r.neurons_per_layer:,}" if r.neurons_per_layer else "mixed"
+        lines.append(f"{r.component + '.' + r.kind:28s} {r.layers:6d} {per:>10s} {r.neurons:12,d} {r.parameters:15,d}")
+    lines.append(f"{'all sites':28s} {'':6s} {'':10s} {sum(r.neurons for r in inv.sites):12,d}")
+    lines += ["", f"{'component':12s} {'layers':>6s} {'parameters':>15s} {'tokens':>7s} {'activations':>12s}"]
+    for c in inv.components:
+        lines.append(
+            f"{c.component:12s} {c.layers:6d} {c.parameters:15,d} {c.tokens:7d} {c.activation_bytes / gib:9.2f} GiB"
+        )
+    lines += [
+        "",
+        f"memory to score one image ({inv.dtype}): {inv.scoring_bytes / gib:.2f} GiB = weights "
+        f"{inv.weight_bytes / gib:.2f} GiB + activations {inv.activation_bytes / gib:.2f} GiB",
+        f"(activations estimated: per token and layer, 8 x hidden + 4 x intermediate + heads x tokens elements "
+        f"kept for backward, one image and {TEXT_TOKENS} text tokens, plus float32 score accumulators; "
+        f"grows linearly with batch size)",
+    ]
+    return lines

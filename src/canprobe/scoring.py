@@ -1,0 +1,415 @@
+"""CAN and baseline neuron scores, all sites of a scope from one forward and one backward pass per batch.
+
+For neuron j of site l over M samples (image + loss text), CAN is
+
+    I[l, j] = 1/M * sum_i  mean_{t in T_i}  |dL_i / da_t[l, j]|^alpha * |a_t[l, j]|
+
+with ``L_i`` the mean caption-token NLL of sample i and ``T_i`` the positions the score reduces
+over. Which positions those are depends on where the site lives:
+
+- ``language`` sites: with ``reduction="loss"`` (default) the positions whose logits carry the
+  loss, i.e. t such that token t+1 is a caption token (labels are shifted by one inside the
+  model); with ``reduction="all"`` every non-pad position (image tokens included).
+- ``vision`` and ``projector`` sites have no caption positions: every position (patch tokens and
+  CLS) of every crop of the sample, whatever ``reduction`` says.
+- ``qformer`` query-branch sites (``*_query``): every query token; text-branch sites
+  (``intermediate``, ``output``): the non-pad instruction tokens.
+
+The batch loss is the *sum* of per-sample losses, so the gradient that reaches sample i's
+activations is exactly dL_i/da (samples never interact in these models). Weights stay frozen: the
+first hooked activation is made to require grad so that the graph starts there; hooks reduce each
+activation and its gradient to float32 per-neuron sums as soon as the gradient exists and keep no
+copies. Sites whose output never reaches the loss (e.g. LLaVA's last vision layer, which
+``vision_feature_layer=-2`` skips) get a zero gradient.
+
+The other methods share the call shape: ``activation`` = CAN with alpha 0, ``gradient`` = mean
+|dL_i/da|, ``random`` = seeded uniform, ``wanda`` = sum over the neuron's weight row (or column,
+for input-unit sites) of |W| times the RMS of the matching input feature over the same positions
+(Wanda's L2 norm divided by sqrt(count), so it does not grow with the data set). Every method also
+returns ``signed``: the first-order estimate of the loss change from zero-ablating the neuron at
+every position, -sum_t a_t dL_i/da_t over non-pad positions, averaged over samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from canprobe.captions import generate_captions, teacher_forcing_inputs
+from canprobe.errors import InputError
+from canprobe.models import LoadedModel
+from canprobe.sites import Site, SiteRegistry
+
+log = logging.getLogger(__name__)
+
+SCORE_METHODS = ("can", "activation", "gradient", "random", "wanda")
+REDUCTIONS = ("loss", "all")
+SCORES_FILE = "scores.safetensors"
+RANKING_FILE = "ranking.parquet"
+RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
+POSITIONS = {
+    "language": {"loss": "positions predicting a caption token", "all": "all non-pad positions"},
+    "vision": "all positions of every crop (no caption positions)",
+    "projector": "all image-token positions (no caption positions)",
+    "qformer": "all query tokens (query branch); non-pad instruction tokens (text branch)",
+}
+QFORMER_TEXT_KINDS = ("intermediate", "output")
+
+
+@dataclass
+class ScoreResult:
+    """Per-site neuron scores, the signed ablation estimate, and how they were computed."""
+
+    scores: dict[str, torch.Tensor]
+    signed: dict[str, torch.Tensor]
+    sites: list[Site]
+    config: dict = field(default_factory=dict)
+
+    def ranking(self) -> pd.DataFrame:
+        """All neurons, most important first; ties keep model order (a stable sort)."""
+        sizes = [s.size for s in self.sites]
+        score = torch.cat([self.scores[s.name].float() for s in self.sites]).numpy()
+        order = np.argsort(-score, kind="stable")
+        site_idx = np.repeat(np.arange(len(self.sites)), sizes)[order]
+        index = np.concatenate([np.arange(n) for n in sizes])[order]
+        names = np.array([s.name for s in self.sites], dtype=object)[site_idx]
+        df = pd.DataFrame(
+            {
+                "address": [f"{n}:{i}" for n, i in zip(names, index)],
+                "component": np.array([s.component for s in self.sites], dtype=object)[site_idx],
+                "site": names,
+                "layer": np.array([s.layer for s in self.sites], dtype=np.int64)[site_idx],
+                "index": index.astype(np.int64),
+                "score": score[order],
+                "rank": np.arange(1, len(order) + 1, dtype=np.int64),
+            }
+        )
+        df.attrs["config"] = self.config
+        return df
+
+    def top(self, k: int) -> list[str]:
+        """Addresses of the k most important neurons."""
+        if k < 0:
+            raise InputError(f"k must be non-negative, got {k}")
+        return self.ranking()["address"].head(k).tolist()
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write scores.safetensors and ranking.parquet atomically (temp file, then os.replace)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for s in self.sites:
+            tensors[s.name] = self.scores[s.name].float().contiguous()
+            tensors[f"{s.name}/signed"] = self.signed[s.name].float().contiguous()
+        meta = {"config": json.dumps(self.config), "sites": json.dumps([asdict(s) for s in self.sites])}
+        tmp = out / f".{SCORES_FILE}.tmp"
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, out / SCORES_FILE)
+        _write_parquet(self.ranking(), out / RANKING_FILE, self.config)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path, config: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = df.copy()
+    df.attrs = {}
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"canprobe": json.dumps(config).encode()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _resolve_file(path: str | Path, name: str) -> Path:
+    path = Path(path)
+    path = path / name if path.is_dir() else path
+    if not path.exists():
+        raise InputError(f"{path} does not exist; write it with `canprobe score --out DIR`")
+    return path
+
+
+def load_ranking(path: str | Path) -> pd.DataFrame:
+    """Read ranking.parquet (a file or the folder holding it); the scoring config is in ``df.attrs``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(_resolve_file(path, RANKING_FILE))
+    df = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(b"canprobe")
+    df.attrs["config"] = json.loads(raw) if raw else {}
+    return df
+
+
+def load_scores(path: str | Path) -> ScoreResult:
+    """Read scores.safetensors (a file or the folder holding it) back into a ScoreResult."""
+    from safetensors import safe_open
+
+    file = _resolve_file(path, SCORES_FILE)
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "sites" not in meta:
+            raise InputError(f"{file} is not a canprobe scores file (no site metadata)")
+        sites = [Site(**d) for d in json.loads(meta["sites"])]
+        scores = {s.name: f.get_tensor(s.name) for s in sites}
+        signed = {s.name: f.get_tensor(f"{s.name}/signed") for s in sites}
+    return ScoreResult(scores, signed, sites, json.loads(meta.get("config", "{}")))
+
+
+@dataclass
+class _Batch:
+    """Per-batch position weights: ``weights`` reduce a score over T_i, ``masks`` select non-pad positions."""
+
+    weights: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    vision_rows: torch.Tensor  # per vision row (crop): 1 / number of crops of its sample
+
+
+def _row_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Turn a 0/1 position mask [rows, T] into per-row means (each row sums to 1, empty rows to 0)."""
+    mask = mask.float()
+    return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+class _Accumulator:
+    """Float32 per-neuron sums for one site, filled by module hooks during forward and backward."""
+
+    def __init__(self, site: Site, method: str, alpha: float, batch: Callable[[], _Batch]):
+        self.site, self.method, self.alpha, self.batch = site, method, alpha, batch
+        self.score = torch.zeros(site.size, dtype=torch.float32)
+        self.signed = torch.zeros(site.size, dtype=torch.float32)
+        self.input_sq = None  # wanda: position-weighted mean square of the weight's input features
+
+    def _positions(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score weights, non-pad mask), each [rows, T], for an activation of shape [rows, T, N]."""
+        b = self.batch()
+        comp = self.site.component
+        if comp in ("vision", "projector"):
+            rows, t = a.shape[:2]
+            if rows != b.vision_rows.numel():
+                raise InputError(f"{self.site.name}: {rows} image rows for a batch of {b.vision_rows.numel()} crops")
+            mask = torch.ones(rows, t, device=a.device)
+            return b.vision_rows.to(a.device)[:, None] / t * mask, mask
+        key = comp
+        if comp == "qformer":
+            key = "qformer_text" if self.site.kind in QFORMER_TEXT_KINDS else "qformer_query"
+            if key == "qformer_query":
+                mask = torch.ones(a.shape[:2], device=a.device)
+                return _row_weights(mask), mask
+        w, m = b.weights[key].to(a.device), b.masks[key].to(a.device)
+        if w.shape != a.shape[:2]:
+            raise InputError(f"{self.site.name}: activation positions {tuple(a.shape[:2])} != inputs {tuple(w.shape)}")
+        return w, m
+
+    def forward(self, a: torch.Tensor) -> None:
+        """Called with the site's activation [rows, T, N]; hooks the gradient for the backward pass."""
+        w, m = self._positions(a)
+        if self.method == "activation" or (self.method == "can" and self.alpha == 0):
+            with torch.no_grad():
+                self.score += torch.einsum("rt,rtn->n", w, a.detach().float().abs()).cpu()
+        if not a.requires_grad:
+            a.requires_grad_(True)
+
+        def on_grad(g: torch.Tensor) -> None:
+            with torch.no_grad():
+                af, gf = a.detach().float(), g.float()
+                prod = af * gf
+                self.signed -= torch.einsum("rt,rtn->n", m, prod).cpu()
+                if self.method == "can" and self.alpha > 0:
+                    value = prod.abs_() if self.alpha == 1 else gf.abs().pow_(self.alpha).mul_(af.abs())
+                    self.score += torch.einsum("rt,rtn->n", w, value).cpu()
+                elif self.method == "gradient":
+                    self.score += torch.einsum("rt,rtn->n", w, gf.abs()).cpu()
+
+        a.register_hook(on_grad)
+
+    def weight_input(self, x: torch.Tensor) -> None:
+        """Wanda: accumulate the mean square of each input feature of the site's linear layer."""
+        w, _ = self._positions(x)
+        with torch.no_grad():
+            sq = torch.einsum("rt,rtd->d", w, x.detach().float().square()).cpu()
+        self.input_sq = sq if self.input_sq is None else self.input_sq + sq
+
+
+def _vision_rows(lm: LoadedModel, enc: dict) -> torch.Tensor:
+    """Per crop row of the vision tower: 1 / crops of its sample (LLaVA-NeXT tiles images into crops)."""
+    n = enc["input_ids"].shape[0]
+    if "image_sizes" not in enc or lm.kind != "llava":
+        return torch.ones(n)
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = lm.model.config
+    counts = [
+        image_size_to_num_patches(size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        for size in enc["image_sizes"]
+    ]
+    return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
+
+
+def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
+    labels, attn = enc["labels"], enc["attention_mask"]
+    loss_pos = torch.zeros_like(attn)
+    loss_pos[:, :-1] = (labels[:, 1:] != -100).long()
+    lang = loss_pos if reduction == "loss" else attn
+    weights = {"language": _row_weights(lang)}
+    masks = {"language": attn.float()}
+    if "qformer_attention_mask" in enc:
+        qmask = enc["qformer_attention_mask"]
+        weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
+    return _Batch(weights, masks, _vision_rows(lm, enc))
+
+
+def per_sample_loss(model: torch.nn.Module, enc: dict) -> torch.Tensor:
+    """Mean caption-token NLL of each row of a teacher-forcing batch (float32, shape [rows]).
+
+    Only the logits from the first loss position on are computed (``logits_to_keep``), which
+    saves the vocabulary projection of the image and prompt tokens.
+    """
+    labels = enc["labels"]
+    inputs = {k: v for k, v in enc.items() if k != "labels"}
+    valid = labels[:, 1:] != -100
+    first = int(valid.any(dim=0).nonzero()[0])
+    keep = labels.shape[1] - first
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, first + 1 :]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    mask = valid[:, first:].to(nll.dtype)
+    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def _validate(
+    lm: LoadedModel, images, method, alpha, reduction, captions, batch_size, max_new_tokens
+) -> tuple[list, list | None]:
+    if method not in SCORE_METHODS:
+        raise InputError(f"unknown score method {method!r}; choose from {', '.join(SCORE_METHODS)}")
+    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if reduction not in REDUCTIONS:
+        raise InputError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise InputError("batch size and max new tokens must be positive")
+    if lm.kind == "decoder":
+        if not captions:
+            raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
+        return [None] * len(captions), list(captions)
+    images = list(images or [])
+    if not images:
+        raise InputError("no images to score; give at least one image")
+    if captions is not None and len(captions) != len(images):
+        raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
+    return images, None if captions is None else list(captions)
+
+
+def _move(enc: dict, lm: LoadedModel) -> dict:
+    dtype = next(lm.model.parameters()).dtype
+    return {
+        k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device)
+        for k, v in enc.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def score_neurons(
+    lm: LoadedModel,
+    images: list[Image.Image] | None,
+    scope: str = "language.down_proj",
+    method: str = "can",
+    alpha: float = 1.0,
+    reduction: str = "loss",
+    captions: list[str] | None = None,
+    prompt: str | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_new_tokens: int = 24,
+) -> ScoreResult:
+    """Score every neuron of the sites in ``scope`` over the images (see the module docstring).
+
+    Loss text: ``captions`` when given (reference captions, or the texts of a text-only model),
+    otherwise the unmasked model's own greedy caption of each image.
+    """
+    images, captions = _validate(lm, images, method, alpha, reduction, captions, batch_size, max_new_tokens)
+    registry = SiteRegistry(lm.model)
+    sites = registry.select(scope)
+    if lm.kind == "decoder":
+        source = "text"
+    elif captions is None:
+        source = "self"
+        captions = generate_captions(lm, images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    else:
+        source = "reference"
+    n = len(captions)
+    current: list[_Batch] = []
+    accs = [_Accumulator(s, method, float(alpha), lambda: current[0]) for s in sites]
+    handles = []
+    try:
+        for acc in accs:
+            module = registry.module(acc.site)
+            if acc.site.hook == "output":
+                handles.append(module.register_forward_hook(lambda _m, _i, out, acc=acc: acc.forward(out)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.forward(args[0])))
+            if method == "wanda":
+                linear = registry.weight(acc.site)
+                handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
+        for start in range(0, n, batch_size):
+            chunk_images = images[start : start + batch_size]
+            enc = teacher_forcing_inputs(
+                lm.processor,
+                lm.kind,
+                None if lm.kind == "decoder" else chunk_images,
+                captions[start : start + batch_size],
+                prompt,
+            )
+            enc = _move(enc, lm)
+            current[:] = [_batch_positions(lm, enc, reduction)]
+            with torch.enable_grad():
+                loss = per_sample_loss(lm.model, enc).sum()
+                if loss.requires_grad:
+                    loss.backward()
+            log.info("scored %d/%d samples", min(start + batch_size, n), n)
+    finally:
+        for h in handles:
+            h.remove()
+    scores, signed = {}, {}
+    gen = torch.Generator().manual_seed(seed)
+    for acc in accs:
+        name = acc.site.name
+        signed[name] = acc.signed / n
+        if method == "random":
+            scores[name] = torch.rand(acc.site.size, generator=gen)
+        elif method == "wanda":
+            norm = (acc.input_sq / n).sqrt()
+            weight = registry.weight(acc.site).weight.detach().float().abs().cpu()
+            scores[name] = weight @ norm if acc.site.weight_axis == "out" else weight.sum(dim=0) * norm
+        else:
+            scores[name] = acc.score / n
+    language_positions = POSITIONS["language"][reduction]
+    config = {
+        "method": method,
+        "alpha": float(alpha) if method == "can" else (0.0 if method == "activation" else None),
+        "reduction": reduction,
+        "positions": {**POSITIONS, "language": language_positions},
+        "loss_text": source,
+        "loss": "mean caption-token NLL per sample",
+        "scope": scope,
+        "n_images": n if lm.kind != "decoder" else 0,
+        "n_samples": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens if source == "self" else None,
+        "model": lm.source,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "signed": "-sum_t a_t dL_i/da_t over non-pad positions, mean over samples",
+    }
+    return ScoreResult(scores, signed, sites, config)
