@@ -20,6 +20,7 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
 )
+from transformers.utils import logging as hf_logging
 
 from canprobe.errors import ModelLoadError, UnsupportedModelError
 
@@ -120,7 +121,14 @@ def load_model(
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = auto.from_pretrained(path, **kwargs)
+    builtin = name_or_path in BUILTIN_MODELS
+    if builtin:  # the organisms load in milliseconds; a progress bar would only be noise
+        hf_logging.disable_progress_bar()
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    finally:
+        if builtin:
+            hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
