@@ -300,32 +300,45 @@ def test_signed_estimate_predicts_real_ablations():
         lm = load_model("toy-llava")
     except Exception as exc:  # the trained organism is produced by a separate training run
         pytest.skip(f"toy-llava unavailable: {exc}")
-    scenes = make_scenes(12, seed=21)
+    scenes = make_scenes(6, seed=21)  # one image per category keeps the 50 ablation passes quick
     images, captions = [im for im, _ in scenes], [s.caption for _, s in scenes]
-    result = score_neurons(lm, images, scope="language.down_proj", captions=captions, batch_size=12)
+    result = score_neurons(lm, images, scope="language.down_proj", captions=captions, batch_size=6)
     top = result.ranking().head(50)
     registry = SiteRegistry(lm.model)
+    targets = [registry.resolve(a) for a in top["address"]]
+    predicted = np.array([float(result.signed[site.name][i]) for site, i in targets])
     enc = teacher_forcing_inputs(lm.processor, lm.kind, images, captions)
+    n = len(images)
+    # one batch holds every (ablation, image) pair: row r ablates targets[r // n] on image r % n
+    big = {k: v.repeat(len(targets), *([1] * (v.dim() - 1))) for k, v in enc.items()}
     with torch.no_grad():
         base = per_sample_loss(lm.model, enc)
-        actual, predicted = [], []
-        for row in top.itertuples():
-            site, index = registry.resolve(row.address)
+    handles = []
+    for site in {s for s, _ in targets}:
+        rows = torch.tensor([r for r in range(len(targets) * n) if targets[r // n][0] == site])
+        cols = torch.tensor([targets[r // n][1] for r in rows.tolist()])
 
-            def zero(_m, _i, out, index=index):
-                out = out.clone()
-                out[..., index] = 0
-                return out
+        def zero(_m, _i, out, rows=rows, cols=cols):
+            out = out.clone()
+            out[rows, :, cols] = 0
+            return out
 
-            handle = registry.module(site).register_forward_hook(zero)
-            try:
-                actual.append(float((per_sample_loss(lm.model, enc) - base).mean()))
-            finally:
-                handle.remove()
-            predicted.append(float(result.signed[site.name][index]))
+        handles.append(registry.module(site).register_forward_hook(zero))
+    try:
+        with torch.no_grad():
+            ablated = per_sample_loss(lm.model, big).view(len(targets), n)
+    finally:
+        for h in handles:
+            h.remove()
+    actual = (ablated - base).mean(dim=1).numpy()
     rho = _spearman(np.array(predicted), np.array(actual))
-    print(f"\nSpearman(signed estimate, real ablation) over top-50 down_proj channels by CAN: {rho:.3f}")
+    same_sign = float(np.mean(np.sign(predicted) == np.sign(actual)))
+    print(
+        f"\ntop-50 down_proj channels by CAN: Spearman(signed estimate, real ablation) {rho:.3f}, "
+        f"same sign {same_sign:.0%}"
+    )
     assert rho > 0.5
+    assert same_sign > 0.5
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -379,3 +392,64 @@ def test_score_command_bad_input(cli, tiny_llava_dir, scene_dir, tmp_path):
     (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
     _one_line_error(cli("score", "--model", gpt2, "--images", scene_dir), "no adapter for model type 'gpt2'")
     assert not (tmp_path / "o").exists()
+
+
+def test_llava_next_crops_score_the_same_batched_or_alone():
+    """LLaVA-NeXT tiles each image into a size-dependent number of crops; vision rows map back to samples."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from canprobe.organisms.build import IMAGE_ID, LLAVA_CHAT_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer()
+    pins = [[16, 32], [32, 16], [32, 32]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        ),
+        image_grid_pinpoints=pins,
+        image_token_index=IMAGE_ID,
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval().requires_grad_(False)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pins
+        ),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    lm = LoadedModel(model, processor, "llava", "tiny-llava-next")
+    images = [im for im, _ in make_scenes(3, seed=0)]
+    images[1], images[2] = images[1].resize((96, 40)), images[2].resize((40, 96))
+    together = score_neurons(lm, images, scope="all", captions=CAPTIONS[:3], batch_size=3)
+    alone = score_neurons(lm, images, scope="all", captions=CAPTIONS[:3], batch_size=1)
+    assert any(s.component == "vision" for s in together.sites)
+    for name in together.scores:
+        assert together.scores[name].sum() > 0
+        torch.testing.assert_close(together.scores[name], alone.scores[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(together.signed[name], alone.signed[name], rtol=1e-4, atol=1e-7)

@@ -57,7 +57,7 @@ def teacher_forcing_inputs(
     if kind == "decoder":
         enc = dict(tok(text, return_tensors="pt"))
     else:
-        enc = dict(processor(images=images, text=text, return_tensors="pt"))
+        enc = dict(processor(images=images, text=text, return_tensors="pt", padding=True))
     caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
     prompt_ids = enc["input_ids"]
     n, p = prompt_ids.shape

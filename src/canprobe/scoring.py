@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,8 +219,11 @@ class _Accumulator:
                 self.score += torch.einsum("rt,rtn->n", w, a.detach().float().abs()).cpu()
         if not a.requires_grad:
             a.requires_grad_(True)
+        version = a._version
 
         def on_grad(g: torch.Tensor) -> None:
+            if a._version != version:
+                raise RuntimeError(f"{self.site.name}: the activation was modified in place after the hook read it")
             with torch.no_grad():
                 af, gf = a.detach().float(), g.float()
                 prod = af * gf
@@ -287,15 +290,16 @@ def per_sample_loss(model: torch.nn.Module, enc: dict) -> torch.Tensor:
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-def _validate(
-    lm: LoadedModel, images, method, alpha, reduction, captions, batch_size, max_new_tokens
-) -> tuple[list, list | None]:
+def _check_options(method: str, alpha: float, reduction: str) -> None:
     if method not in SCORE_METHODS:
         raise InputError(f"unknown score method {method!r}; choose from {', '.join(SCORE_METHODS)}")
-    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if reduction not in REDUCTIONS:
         raise InputError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+
+
+def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> tuple[list, list | None]:
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch size and max new tokens must be positive")
     if lm.kind == "decoder":
@@ -319,6 +323,79 @@ def _move(enc: dict, lm: LoadedModel) -> dict:
     }
 
 
+def score_inputs(
+    lm: LoadedModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    scope: str = "language.down_proj",
+    method: str = "can",
+    alpha: float = 1.0,
+    reduction: str = "loss",
+    seed: int = 0,
+) -> ScoreResult:
+    """Score the sites in ``scope`` over ready-made teacher-forcing batches (``labels`` included).
+
+    The engine behind ``score_neurons``; use it directly for inputs built without a processor.
+    """
+    _check_options(method, alpha, reduction)
+    registry = SiteRegistry(lm.model)
+    sites = registry.select(scope)
+    current: list[_Batch] = []
+    accs = [_Accumulator(s, method, float(alpha), lambda: current[0]) for s in sites]
+    handles = []
+    n = 0
+    try:
+        for acc in accs:
+            module = registry.module(acc.site)
+            if acc.site.hook == "output":
+                handles.append(module.register_forward_hook(lambda _m, _i, out, acc=acc: acc.forward(out)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.forward(args[0])))
+            if method == "wanda":
+                linear = registry.weight(acc.site)
+                handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
+        for enc in batches:
+            enc = _move(enc, lm)
+            current[:] = [_batch_positions(lm, enc, reduction)]
+            with torch.enable_grad():
+                loss = per_sample_loss(lm.model, enc).sum()
+                if loss.requires_grad:
+                    loss.backward()
+            n += enc["input_ids"].shape[0]
+            log.info("scored %d samples", n)
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise InputError("no samples to score")
+    scores, signed = {}, {}
+    gen = torch.Generator().manual_seed(seed)
+    for acc in accs:
+        name = acc.site.name
+        signed[name] = acc.signed / n
+        if method == "random":
+            scores[name] = torch.rand(acc.site.size, generator=gen)
+        elif method == "wanda":
+            norm = (acc.input_sq / n).sqrt()
+            weight = registry.weight(acc.site).weight.detach().float().abs().cpu()
+            scores[name] = weight @ norm if acc.site.weight_axis == "out" else weight.sum(dim=0) * norm
+        else:
+            scores[name] = acc.score / n
+    config = {
+        "method": method,
+        "alpha": float(alpha) if method == "can" else (0.0 if method == "activation" else None),
+        "reduction": reduction,
+        "positions": {**POSITIONS, "language": POSITIONS["language"][reduction]},
+        "loss": "mean caption-token NLL per sample",
+        "signed": "-sum_t a_t dL_i/da_t over non-pad positions, mean over samples",
+        "scope": scope,
+        "n_samples": n,
+        "seed": seed,
+        "model": lm.source,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+    }
+    return ScoreResult(scores, signed, sites, config)
+
+
 def score_neurons(
     lm: LoadedModel,
     images: list[Image.Image] | None,
@@ -335,11 +412,12 @@ def score_neurons(
     """Score every neuron of the sites in ``scope`` over the images (see the module docstring).
 
     Loss text: ``captions`` when given (reference captions, or the texts of a text-only model),
-    otherwise the unmasked model's own greedy caption of each image.
+    otherwise the unmasked model's own greedy caption of each image. Images stream through in
+    batches of ``batch_size``; scores do not depend on it.
     """
-    images, captions = _validate(lm, images, method, alpha, reduction, captions, batch_size, max_new_tokens)
-    registry = SiteRegistry(lm.model)
-    sites = registry.select(scope)
+    _check_options(method, alpha, reduction)
+    images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
+    SiteRegistry(lm.model).select(scope)  # fail on a bad scope before generating captions
     if lm.kind == "decoder":
         source = "text"
     elif captions is None:
@@ -347,69 +425,22 @@ def score_neurons(
         captions = generate_captions(lm, images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
     else:
         source = "reference"
-    n = len(captions)
-    current: list[_Batch] = []
-    accs = [_Accumulator(s, method, float(alpha), lambda: current[0]) for s in sites]
-    handles = []
-    try:
-        for acc in accs:
-            module = registry.module(acc.site)
-            if acc.site.hook == "output":
-                handles.append(module.register_forward_hook(lambda _m, _i, out, acc=acc: acc.forward(out)))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.forward(args[0])))
-            if method == "wanda":
-                linear = registry.weight(acc.site)
-                handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
-        for start in range(0, n, batch_size):
-            chunk_images = images[start : start + batch_size]
-            enc = teacher_forcing_inputs(
-                lm.processor,
-                lm.kind,
-                None if lm.kind == "decoder" else chunk_images,
-                captions[start : start + batch_size],
-                prompt,
-            )
-            enc = _move(enc, lm)
-            current[:] = [_batch_positions(lm, enc, reduction)]
-            with torch.enable_grad():
-                loss = per_sample_loss(lm.model, enc).sum()
-                if loss.requires_grad:
-                    loss.backward()
-            log.info("scored %d/%d samples", min(start + batch_size, n), n)
-    finally:
-        for h in handles:
-            h.remove()
-    scores, signed = {}, {}
-    gen = torch.Generator().manual_seed(seed)
-    for acc in accs:
-        name = acc.site.name
-        signed[name] = acc.signed / n
-        if method == "random":
-            scores[name] = torch.rand(acc.site.size, generator=gen)
-        elif method == "wanda":
-            norm = (acc.input_sq / n).sqrt()
-            weight = registry.weight(acc.site).weight.detach().float().abs().cpu()
-            scores[name] = weight @ norm if acc.site.weight_axis == "out" else weight.sum(dim=0) * norm
-        else:
-            scores[name] = acc.score / n
-    language_positions = POSITIONS["language"][reduction]
-    config = {
-        "method": method,
-        "alpha": float(alpha) if method == "can" else (0.0 if method == "activation" else None),
-        "reduction": reduction,
-        "positions": {**POSITIONS, "language": language_positions},
-        "loss_text": source,
-        "loss": "mean caption-token NLL per sample",
-        "scope": scope,
-        "n_images": n if lm.kind != "decoder" else 0,
-        "n_samples": n,
-        "seed": seed,
-        "batch_size": batch_size,
-        "prompt": prompt,
-        "max_new_tokens": max_new_tokens if source == "self" else None,
-        "model": lm.source,
-        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "signed": "-sum_t a_t dL_i/da_t over non-pad positions, mean over samples",
-    }
-    return ScoreResult(scores, signed, sites, config)
+    batches = (
+        teacher_forcing_inputs(
+            lm.processor,
+            lm.kind,
+            None if lm.kind == "decoder" else images[i : i + batch_size],
+            captions[i : i + batch_size],
+            prompt,
+        )
+        for i in range(0, len(captions), batch_size)
+    )
+    result = score_inputs(lm, batches, scope, method, alpha, reduction, seed)
+    result.config.update(
+        loss_text=source,
+        n_images=0 if lm.kind == "decoder" else len(images),
+        batch_size=batch_size,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens if source == "self" else None,
+    )
+    return result
