@@ -74,13 +74,18 @@ class ScoreResult:
     sites: list[Site]
     config: dict = field(default_factory=dict)
 
-    def ranking(self) -> pd.DataFrame:
-        """All neurons, most important first; ties keep model order (a stable sort)."""
+    def _order(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores in model order, descending stable order, site number of each neuron in model order)."""
         sizes = [s.size for s in self.sites]
         score = torch.cat([self.scores[s.name].float() for s in self.sites]).numpy()
-        order = np.argsort(-score, kind="stable")
-        site_idx = np.repeat(np.arange(len(self.sites)), sizes)[order]
-        index = np.concatenate([np.arange(n) for n in sizes])[order]
+        return score, np.argsort(-score, kind="stable"), np.repeat(np.arange(len(self.sites)), sizes)
+
+    def ranking(self) -> pd.DataFrame:
+        """All neurons, most important first; ties keep model order (a stable sort)."""
+        score, order, site_of = self._order()
+        starts = np.cumsum([0] + [s.size for s in self.sites])
+        site_idx = site_of[order]
+        index = order - starts[site_idx]
         names = np.array([s.name for s in self.sites], dtype=object)[site_idx]
         df = pd.DataFrame(
             {
@@ -97,10 +102,13 @@ class ScoreResult:
         return df
 
     def top(self, k: int) -> list[str]:
-        """Addresses of the k most important neurons."""
+        """Addresses of the k most important neurons (same order as ``ranking``)."""
         if k < 0:
             raise InputError(f"k must be non-negative, got {k}")
-        return self.ranking()["address"].head(k).tolist()
+        _, order, site_of = self._order()
+        starts = np.cumsum([0] + [s.size for s in self.sites])
+        chosen = order[:k]
+        return [self.sites[j].address(int(i - starts[j])) for i, j in zip(chosen, site_of[chosen])]
 
     def save(self, out_dir: str | Path) -> None:
         """Write scores.safetensors and ranking.parquet atomically (temp file, then os.replace)."""
