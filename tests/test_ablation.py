@@ -1,0 +1,217 @@
+"""Masks: exact equivalence with hand edits, every position and generation step, per-row masks, clean exit."""
+
+import pytest
+import torch
+
+from canprobe.ablation import RankedNeurons, ablate, ablate_rows, mean_activations
+from canprobe.captions import caption_inputs, generate_captions, teacher_forcing_inputs
+from canprobe.data import make_scenes
+from canprobe.errors import InputError
+from canprobe.models import LoadedModel
+from canprobe.organisms.build import build_instructblip, build_llava
+from canprobe.sites import SiteRegistry
+from tests.conftest import TINY
+
+
+def _tiny(kind: str) -> LoadedModel:
+    torch.manual_seed(0)
+    model, processor = (build_llava if kind == "llava" else build_instructblip)(TINY)
+    return LoadedModel(model.eval().requires_grad_(False), processor, kind, f"tiny-{kind}")
+
+
+@pytest.fixture(scope="module", params=["llava", "instructblip"])
+def tiny(request) -> LoadedModel:
+    return _tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [im for im, _ in make_scenes(3, seed=2)]
+
+
+def _layer(lm: LoadedModel, i: int):
+    registry = SiteRegistry(lm.model)
+    site = next(s for s in registry.sites if s.component == "language" and s.layer == i and s.kind == "down_proj")
+    return registry.module(site), registry.sites
+
+
+def _whole_site(lm: LoadedModel, layer: int, kind: str) -> list[str]:
+    registry = SiteRegistry(lm.model)
+    site = registry.by_name[f"language.layers.{layer}.mlp.{kind}"]
+    return [site.address(i) for i in range(site.size)]
+
+
+def test_masking_a_whole_down_proj_equals_zeroing_the_mlp_by_hand(tiny, images):
+    enc = caption_inputs(tiny, images)
+    base = tiny.model(**enc).logits
+    with ablate(tiny, _whole_site(tiny, 1, "down_proj")):
+        masked = tiny.model(**enc).logits
+    # the gate units feed down_proj (no bias): masking all of them zeroes the MLP output too
+    with ablate(tiny, _whole_site(tiny, 1, "gate_proj")):
+        gated = tiny.model(**enc).logits
+    down, _ = _layer(tiny, 1)
+    mlp = next(m for name, m in tiny.model.named_modules() if m is not down and getattr(m, "down_proj", None) is down)
+    handle = mlp.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+    try:
+        by_hand = tiny.model(**enc).logits
+    finally:
+        handle.remove()
+    assert torch.equal(masked, by_hand)
+    assert torch.equal(gated, by_hand)
+    assert (masked - base).abs().max() > 1e-3
+
+
+def test_masking_nothing_is_bit_identical(tiny, images):
+    plain = generate_captions(tiny, images, max_new_tokens=6)
+    enc = caption_inputs(tiny, images)
+    logits = tiny.model(**enc).logits
+    with ablate(tiny, []):
+        assert generate_captions(tiny, images, max_new_tokens=6) == plain
+        assert torch.equal(tiny.model(**enc).logits, logits)
+    with ablate_rows(tiny, [[], {}, []]):
+        assert generate_captions(tiny, images, max_new_tokens=6) == plain
+
+
+def test_mask_applies_at_every_position_and_generation_step(tiny, images):
+    """A recording hook behind the mask sees the neuron at zero in the prefill and in every cached step."""
+    address = "language.layers.0.mlp.down_proj:5"
+    down, _ = _layer(tiny, 0)
+    seen = []
+    with ablate(tiny, [address]):
+        handle = down.register_forward_hook(lambda _m, _a, out: seen.append(out[..., 5].clone()))
+        try:
+            out = tiny.model.generate(
+                **caption_inputs(tiny, images), max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True
+            )
+        finally:
+            handle.remove()
+    assert len(seen) == 5  # one prefill + four single-token steps with the KV cache
+    assert seen[0].shape[1] > 1 and all(s.shape[1] == 1 for s in seen[1:])
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in seen)
+    with ablate(tiny, [address]):
+        uncached = tiny.model.generate(
+            **caption_inputs(tiny, images), max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=False
+        )
+    assert torch.equal(out, uncached)
+
+
+def _hooks(model: torch.nn.Module) -> list:
+    """Every hook on the model (transformers installs its own output-capturing hooks on first use)."""
+    return [(n, list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()]
+
+
+def test_exception_inside_the_block_leaves_the_model_unchanged(tiny, images):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    enc = caption_inputs(tiny, images)
+    logits = tiny.model(**enc).logits
+    hooks = _hooks(tiny.model)
+    with pytest.raises(ZeroDivisionError):
+        with ablate(tiny, _whole_site(tiny, 0, "down_proj") + ["vision.layers.0.mlp.fc1:3"]):
+            tiny.model(**enc)
+            raise ZeroDivisionError
+    after = tiny.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert _hooks(tiny.model) == hooks
+    assert torch.equal(tiny.model(**enc).logits, logits)
+
+
+def test_input_site_uses_a_pre_hook(tiny, images):
+    enc = caption_inputs(tiny, images)
+    with ablate(tiny, _whole_site(tiny, 1, "gate_proj")):
+        gated = tiny.model(**enc).logits
+    registry = SiteRegistry(tiny.model)
+    site = registry.by_name["language.layers.1.mlp.down_proj.input"]
+    with ablate(tiny, [site.address(i) for i in range(site.size)]) as ab:
+        assert ab.masked_sites == [site.name]
+        assert torch.equal(tiny.model(**enc).logits, gated)
+
+
+def test_per_row_masks_match_each_mask_alone(tiny, images):
+    masks = [
+        [],
+        _whole_site(tiny, 0, "down_proj")[:20],
+        ["language.layers.1.mlp.gate_proj:3", "vision.layers.0.mlp.fc2:1", "language.layers.0.mlp.down_proj:2"],
+    ]
+    enc = caption_inputs(tiny, images)
+    with ablate_rows(tiny, masks):
+        together = tiny.model(**enc).logits
+        captions = generate_captions(tiny, images, max_new_tokens=6)
+    for i, mask in enumerate(masks):
+        one = {k: v[i : i + 1] for k, v in enc.items()}
+        with ablate(tiny, mask):
+            alone = tiny.model(**one).logits
+            assert generate_captions(tiny, [images[i]], max_new_tokens=6) == [captions[i]]
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_bad_masks_are_input_errors(tiny, images):
+    tiny.model(**caption_inputs(tiny, images))
+    hooks = _hooks(tiny.model)
+    with pytest.raises(InputError, match="no site"):
+        ablate(tiny, ["language.layers.9.mlp.down_proj:1"])
+    with pytest.raises(InputError, match="out of range"):
+        ablate(tiny, ["language.layers.0.mlp.down_proj:10000"])
+    with pytest.raises(InputError, match="reference means"):
+        ablate(tiny, ["language.layers.0.mlp.down_proj:1"], kind="mean")
+    with pytest.raises(InputError, match="2 rows"):
+        with ablate_rows(tiny, [[], ["language.layers.0.mlp.down_proj:1"]]):
+            tiny.model(**caption_inputs(tiny, images))
+    assert _hooks(tiny.model) == hooks
+
+
+def test_mean_activations_match_an_unpadded_one_by_one_computation(tiny, images):
+    """Batched means over padded prompt+caption rows equal the plain mean over every real position."""
+    captions = ["a red car", "a small blue house on the left", ""]
+    site = SiteRegistry(tiny.model).by_name["language.layers.1.mlp.down_proj"]
+    means = mean_activations(tiny, images, [site], captions=captions, batch_size=3)
+    rows = []
+    down, _ = _layer(tiny, 1)
+    handle = down.register_forward_hook(lambda _m, _a, out: rows.append(out[0]))
+    try:
+        for im, cap in zip(images, captions):
+            enc = teacher_forcing_inputs(tiny.processor, tiny.kind, [im], [cap])
+            enc.pop("labels")
+            tiny.model(**enc)
+    finally:
+        handle.remove()
+    expected = torch.cat(rows).double().mean(0).float()
+    torch.testing.assert_close(means[site.name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_ablation_sets_the_neuron_to_its_mean(tiny, images):
+    site = SiteRegistry(tiny.model).by_name["language.layers.0.mlp.down_proj"]
+    means = {site.name: torch.arange(site.size, dtype=torch.float32) / 7}
+    down, _ = _layer(tiny, 0)
+    seen = []
+    with ablate(tiny, [site.address(4), site.address(9)], kind="mean", means=means):
+        handle = down.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        try:
+            tiny.model(**caption_inputs(tiny, images))
+        finally:
+            handle.remove()
+    out = seen[0]
+    assert torch.all(out[..., 4] == means[site.name][4]) and torch.all(out[..., 9] == means[site.name][9])
+    assert not torch.all(out[..., 5] == means[site.name][5])
+
+
+def test_ranked_prefixes_group_by_site(tiny):
+    registry = SiteRegistry(tiny.model)
+    addresses = [
+        "language.layers.1.mlp.down_proj:7",
+        "language.layers.0.mlp.down_proj:3",
+        "language.layers.1.mlp.down_proj:2",
+    ]
+    ranked = RankedNeurons.from_addresses(registry, addresses)
+    assert {k: v.tolist() for k, v in ranked.prefix(3).items()} == {
+        "language.layers.1.mlp.down_proj": [2, 7],
+        "language.layers.0.mlp.down_proj": [3],
+    }
+    assert ranked.prefix(0) == {}
+    with pytest.raises(InputError):
+        ranked.prefix(4)
+    with pytest.raises(InputError, match="twice"):
+        RankedNeurons.from_addresses(registry, addresses + addresses[:1])
+    everything = RankedNeurons.from_sites(registry.select("language.down_proj"))
+    assert len(everything) == 2 * TINY.text_hidden
+    assert everything.addresses[TINY.text_hidden + 1] == "language.layers.1.mlp.down_proj:1"

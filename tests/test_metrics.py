@@ -1,0 +1,173 @@
+"""Collapse metrics: CLIP score against torchmetrics, PPL against Hugging Face's own loss, non-finite values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from canprobe.captions import teacher_forcing_inputs
+from canprobe.data import make_scenes
+from canprobe.metrics import (
+    CaptionMetrics,
+    ClipScorer,
+    MaskEvaluator,
+    MetricSummary,
+    caption_ppl,
+    word_stats,
+)
+from canprobe.models import ORGANISM_DIR, LoadedModel, load_model
+from canprobe.organisms.build import build_clip, build_llava, build_tokenizer
+from tests.conftest import TINY
+
+CAPTIONS = [
+    "a small red car on the left with a green background",
+    "a large blue house",
+    "tree tree tree tree",
+    "",
+    "a yellow fish on the right with a white background",
+    "boat",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """toy-clip when it is shipped, else a TINY CLIP saved like a checkpoint."""
+    if (ORGANISM_DIR / "toy-clip" / "config.json").exists():
+        return ORGANISM_DIR / "toy-clip"
+    torch.manual_seed(1)
+    model, processor = build_clip(TINY)
+    path = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llava() -> LoadedModel:
+    torch.manual_seed(0)
+    model, processor = build_llava(TINY)
+    return LoadedModel(model.eval().requires_grad_(False), processor, "llava", "tiny")
+
+
+def test_clip_score_equals_torchmetrics(clip_dir):
+    from torchmetrics.multimodal import CLIPScore
+
+    clip = load_model(str(clip_dir))
+    images = [im for im, _ in make_scenes(len(CAPTIONS), seed=4)]
+    ours = ClipScorer(clip, batch_size=4)(images, CAPTIONS)
+
+    class Features(torch.nn.Module):
+        """transformers 5 returns ModelOutputs from get_*_features; torchmetrics 1.9 expects tensors."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, pixel_values):
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+        def get_text_features(self, input_ids, attention_mask):
+            return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    as_tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]
+    theirs = []
+    for image, caption in zip(as_tensors, CAPTIONS):
+        metric = CLIPScore(model_name_or_path=lambda: (Features(clip.model), clip.processor))
+        metric.update([image], [caption])
+        theirs.append(float(metric.compute()))
+    torch.testing.assert_close(ours, torch.tensor(theirs), rtol=0, atol=1e-4)
+    assert ours.dtype == torch.float32 and ours.min() >= 0
+    print(
+        f"CLIP scores {[round(x, 3) for x in ours.tolist()]}; max |ours - torchmetrics| = "
+        f"{(ours - torch.tensor(theirs)).abs().max():.2e}"
+    )
+
+
+def test_ppl_equals_exp_of_the_hugging_face_loss_per_caption(tiny_llava):
+    images = [im for im, _ in make_scenes(4, seed=1)]
+    captions = CAPTIONS[:4]
+    ppl = caption_ppl(tiny_llava, images, captions, batch_size=4)  # padded batch of unequal captions
+    for image, caption, value in zip(images, captions, ppl.tolist()):
+        enc = teacher_forcing_inputs(tiny_llava.processor, "llava", [image], [caption])
+        expected = math.exp(float(tiny_llava.model(**enc).loss))
+        assert value == pytest.approx(expected, rel=1e-5)
+    assert ppl.dtype == torch.float32
+
+
+def test_ppl_is_float32_for_a_bfloat16_model():
+    torch.manual_seed(0)
+    model, processor = build_llava(TINY)
+    lm = LoadedModel(model.to(torch.bfloat16).eval(), processor, "llava", "tiny-bf16")
+    images = [im for im, _ in make_scenes(2, seed=1)]
+    ppl = caption_ppl(lm, images, CAPTIONS[:2])
+    assert ppl.dtype == torch.float32 and torch.isfinite(ppl).all()
+
+
+def test_separate_causal_lm_scores_the_text(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    lm = load_model(str(tmp_path / "lm"))
+    ppl = caption_ppl(lm, None, CAPTIONS[:3])
+    enc = teacher_forcing_inputs(lm.processor, "decoder", None, [CAPTIONS[1]])
+    assert float(ppl[1]) == pytest.approx(math.exp(float(lm.model(**enc).loss)), rel=1e-5)
+
+
+def test_word_stats():
+    assert word_stats("tree Tree house") == (3, pytest.approx(2 / 3))
+    assert word_stats("") == (0, 0.0)
+    assert word_stats("a b c d") == (4, 1.0)
+
+
+def test_summary_counts_non_finite_and_never_propagates_nan():
+    def m(ppl, clip=10.0, caption="a b", exact=False):
+        return CaptionMetrics(caption, ppl, clip, *word_stats(caption), exact)
+
+    s = MetricSummary.of([m(1.0), m(3.0, 30.0, exact=True), m(math.inf), m(math.nan, 20.0)])
+    assert s.ppl_median == 3.0  # median of [1, 3, inf]; NaN is counted, not ranked
+    assert s.ppl_nonfinite == 2
+    assert s.clip_mean == pytest.approx(17.5)
+    assert s.exact_match == 0.25 and s.n_images == 4
+    assert MetricSummary.of([m(2.0), m(4.0)]).ppl_median == 3.0
+    assert math.isnan(MetricSummary.of([m(math.nan)]).ppl_median)
+
+
+def test_nan_activations_are_data_not_crashes(tiny_llava, clip_dir):
+    """A mean ablation with NaN means poisons the masked model: its PPL of its own caption is NaN."""
+    images = [im for im, _ in make_scenes(3, seed=5)]
+    site = "language.layers.0.mlp.down_proj"
+    means = {site: torch.full((TINY.text_hidden,), math.nan)}
+    evaluator = MaskEvaluator(
+        tiny_llava, images, load_model(str(clip_dir)), ppl_scorer="masked", max_new_tokens=4, kind="mean", means=means
+    )
+    (metrics,) = evaluator.evaluate([[f"{site}:0"]])
+    summary = MetricSummary.of(metrics)
+    assert summary.ppl_nonfinite == 3 and math.isnan(summary.ppl_median)
+    assert all(math.isfinite(x.clip) for x in metrics)
+
+
+def test_per_row_masks_give_the_same_captions_and_metrics_as_each_mask_alone(clip_dir):
+    lm = load_model("toy-llava")
+    images = [im for im, _ in make_scenes(4, seed=8)]
+    masks = [
+        [],
+        {"language.layers.1.mlp.down_proj": torch.arange(64)},
+        {"language.layers.0.mlp.down_proj": torch.arange(48)},
+        [f"language.layers.0.mlp.down_proj:{i}" for i in range(128)],
+    ]
+    evaluator = MaskEvaluator(lm, images, load_model(str(clip_dir)), max_new_tokens=16, batch_size=16)
+    together = evaluator.evaluate(masks)
+    assert together[0][0].exact_match and not all(m.exact_match for m in together[3])
+    for mask, batched in zip(masks, together):
+        (alone,) = evaluator.evaluate([mask])
+        assert [m.caption for m in alone] == [m.caption for m in batched]
+        for a, b in zip(alone, batched):
+            assert a.ppl == pytest.approx(b.ppl, rel=1e-4) and a.clip == pytest.approx(b.clip, abs=1e-4)
+        assert MetricSummary.of(alone).exact_match == MetricSummary.of(batched).exact_match
