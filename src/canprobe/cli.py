@@ -256,6 +256,331 @@ def score_command(
 # --- search and ablate: masking, collapse metrics and the k* search ---
 
 
+def _fmt(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}g}"
+
+
+def _load_quiet(model: str, dtype: str, device: str | None):
+    """Load with transformers' progress bars off (load_model turns them back on after a built-in model)."""
+    _quiet_loading()
+    return _load(model, dtype, device)
+
+
+def _ppl_model(ppl_scorer: str, device: str | None):
+    """The separate causal LM that scores captions, when --ppl-scorer names one."""
+    from canprobe.metrics import PPL_SCORERS
+
+    return None if ppl_scorer in PPL_SCORERS else _load_quiet(ppl_scorer, "float32", device)
+
+
+def _load_ranking(path: Path):
+    from canprobe.scoring import load_ranking
+
+    return load_ranking(path)
+
+
+def _image_subset(images: Path, per_category: int | None):
+    from canprobe.data import load_image_set
+
+    image_set = load_image_set(images, limit=per_category)
+    _report_skipped(image_set)
+    return image_set
+
+
+@main.command("search")
+@model_option
+@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
+@click.option("--scope", default="language.down_proj", show_default=True, help="Sites whose neurons are masked.")
+@click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
+@click.option("--method", type=click.Choice(["can", "activation", "gradient", "random", "wanda"]), default="can")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder; rerun to resume.")
+@click.option("--control", type=click.Choice(["random"]), default=None, help="Add random neurons of the same counts.")
+@click.option(
+    "--control-at",
+    type=click.Choice(["curve", "k_star"]),
+    default="curve",
+    show_default=True,
+    help="Evaluate the control at every k of the curve, or only at k* and the start of stage 1.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control's draw.")
+@click.option("--stage1-ppl-ratio", type=float, default=2.0, show_default=True)
+@click.option("--stage1-clip-ratio", type=float, default=0.9, show_default=True)
+@click.option("--collapse-ppl-ratio", type=float, default=100.0, show_default=True)
+@click.option("--collapse-clip-ratio", type=float, default=0.5, show_default=True)
+@click.option("--growth", type=float, default=2.0, show_default=True, help="Factor of the geometric growth of k.")
+@click.option("--k-per-round", type=int, default=1, show_default=True, help="k values per batched round.")
+@click.option("--grid-per-octave", type=int, default=1, show_default=True, help="Curve points per doubling; 0: none.")
+@click.option("--max-k", type=int, default=None, help="Largest k to try (default: every neuron of the scope).")
+@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
+@click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
+@click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
+@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
+@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Generation rows (image x mask).")
+@click.option("--samples", type=int, default=4, show_default=True, help="Sample captions kept per point.")
+@click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
+@dtype_option
+@device_option
+def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
+    """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
+    from canprobe.metrics import default_clip_model
+    from canprobe.search import CollapseCriterion, SearchConfig, find_k_star
+
+    thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
+    criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
+    per_category, dtype, device = options.pop("per_category"), options.pop("dtype"), options.pop("device")
+    clip_model = options.pop("clip_model") or default_clip_model(model)
+    config = SearchConfig(
+        scope=scope,
+        criterion=criterion,
+        control=control,
+        control_at=control_at,
+        seed=seed,
+        clip_model=clip_model,
+        n_samples=options.pop("samples"),
+        **options,
+    )
+    image_set = _image_subset(images, per_category)
+    lm = _load_quiet(model, dtype, device)
+    if ranking is None and (out / "ranking.parquet").exists():
+        ranking = out / "ranking.parquet"
+    if ranking is not None:
+        table = _load_ranking(ranking)
+    else:
+        from canprobe.scoring import score_neurons
+
+        click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
+        scores = score_neurons(
+            lm, image_set.images, scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed
+        )
+        scores.save(out)
+        table = scores.ranking()
+    clip = _load_quiet(clip_model, "float32", device)
+    ppl_lm = _ppl_model(config.ppl_scorer, device)
+    names = [r.name for r in image_set.records]
+    result = find_k_star(lm, image_set.images, table, clip, config, out_dir=out, image_names=names, ppl_lm=ppl_lm)
+    _print_search(result, out)
+
+
+def _print_search(result, out: Path) -> None:
+    s, base = result.summary, result.baseline
+    click.echo(
+        f"unmasked: median PPL {_fmt(base.ppl_median)}, mean CLIP {_fmt(base.clip_mean)} over {base.n_images} images"
+    )
+    click.echo(f"criterion: {s['criterion']['text']}")
+    click.echo(
+        f"{'k':>7} {'control':>7} {'phase':>8} {'stage':>9} {'PPL med':>10} {'non-fin':>7} {'CLIP':>7} "
+        f"{'words':>6} {'distinct':>8} {'exact':>6}  sample caption"
+    )
+    for control in ("top", "random"):
+        for p in result.curve(control):
+            m = p.metrics
+            sample = p.captions[0]["caption"] if p.captions else ""
+            click.echo(
+                f"{p.k:7d} {p.control:>7} {p.phase:>8} {p.stage:>9} {_fmt(m.ppl_median):>10} {m.ppl_nonfinite:7d} "
+                f"{m.clip_mean:7.2f} {m.length_mean:6.1f} {m.distinct_mean:8.2f} {m.exact_match:6.0%}  {sample[:40]}"
+            )
+    ev = s["evaluations"]
+    click.echo(
+        f"evaluated {ev['this_run']} point(s) now, {ev['resumed']} resumed from {out}; "
+        f"the search itself took {ev['search']} (baseline, growth, bisection)"
+    )
+    click.echo(f"stage 1 (degraded) from k = {s['stage1_k']}")
+    if result.k_star is None:
+        click.echo(f"k* = none: no collapse up to k = {s['max_k']} of {s['scope']}")
+    else:
+        click.echo(f"k* = {result.k_star} ({s['scope']}, {s['scope_size']} neurons in scope)")
+        if not s["monotone"]:
+            click.echo("note: collapse is not monotone in k here; see every point in curve.jsonl")
+    if s["random"] is not None and s["random"]["at_k_star"] is not None:
+        r = s["random"]["at_k_star"]
+        click.echo(
+            f"random control at k* = {result.k_star}: {r['stage']} "
+            f"(median PPL {_fmt(r['ppl_median'])}, mean CLIP {_fmt(r['clip_mean'])})"
+        )
+
+
+@main.command("ablate")
+@model_option
+@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
+@click.option("--neurons", default=None, help="Comma-separated addresses, e.g. language.layers.1.mlp.down_proj:7.")
+@click.option("--top", "top_k", type=click.IntRange(min=0), default=None, help="Mask the top K of --ranking.")
+@click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
+@click.option("--scope", default=None, help="With --top: count only the ranking's neurons in this scope.")
+@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
+@click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
+@click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
+@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
+@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
+@click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
+@dtype_option
+@device_option
+def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
+    """Captions and metrics with one mask, side by side with the unmasked model."""
+    from canprobe.ablation import group_by_site, mean_activations
+    from canprobe.errors import InputError
+    from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+    from canprobe.sites import SiteRegistry, parse_address
+
+    if (neurons is None) == (top_k is None):
+        raise InputError("give exactly one of --neurons ADDR,ADDR,... and --top K (with --ranking)")
+    if top_k is not None and ranking is None:
+        raise InputError("--top K needs --ranking ranking.parquet from `canprobe score`")
+    addresses = [a.strip() for a in neurons.split(",") if a.strip()] if neurons is not None else []
+    for address in addresses:
+        parse_address(address)
+    image_set = _image_subset(images, rest["per_category"])
+    lm = _load_quiet(model, rest["dtype"], rest["device"])
+    registry = SiteRegistry(lm.model)
+    if top_k is not None:
+        from canprobe.search import ranked_in_scope
+
+        table = _load_ranking(ranking)
+        ranked = ranked_in_scope(registry, table, scope or "all")
+        if top_k > len(ranked):
+            where = f"scope {scope}" if scope else "the ranking"
+            raise InputError(f"--top {top_k} is larger than the {len(ranked)} ranked neurons in {where}")
+        mask = ranked.prefix(top_k)
+        label = f"top {top_k}"
+    else:
+        mask = group_by_site(registry, addresses)
+        label = f"{len(addresses)} neuron(s)"
+    means = None
+    if ablation == "mean" and mask:
+        means = mean_activations(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
+    clip = _load_quiet(clip_model or default_clip_model(model), "float32", rest["device"])
+    evaluator = MaskEvaluator(
+        lm,
+        image_set.images,
+        clip,
+        ppl_scorer=ppl_scorer,
+        prompt=prompt,
+        max_new_tokens=rest["max_new_tokens"],
+        batch_size=rest["batch_size"],
+        kind=ablation,
+        means=means,
+        ppl_lm=_ppl_model(ppl_scorer, rest["device"]),
+    )
+    unmasked = evaluator.evaluate_baseline()
+    (masked,) = evaluator.evaluate([mask])
+    for record, u, m in zip(image_set.records, unmasked, masked):
+        click.echo(f"{record.name}")
+        click.echo(f"  unmasked  PPL {_fmt(u.ppl):>8}  CLIP {u.clip:6.2f}  {u.caption}")
+        click.echo(f"  masked    PPL {_fmt(m.ppl):>8}  CLIP {m.clip:6.2f}  {m.caption}")
+    for name, metrics in (("unmasked", unmasked), (f"masked ({label}, {ablation})", masked)):
+        s = MetricSummary.of(metrics)
+        click.echo(
+            f"{name}: median PPL {_fmt(s.ppl_median)} ({s.ppl_nonfinite} non-finite), mean CLIP {s.clip_mean:.2f}, "
+            f"{s.length_mean:.1f} words, distinct {s.distinct_mean:.2f}, same as unmasked {s.exact_match:.0%}"
+        )
+
+
+# --- run, report, compare, demo: the whole study ---
+
+
+def _config_flags(func):
+    """One flag per ExperimentConfig field (lists comma-separated, booleans as --x/--no-x)."""
+    from canprobe.config import config_fields
+
+    for name, annotation in reversed(list(config_fields().items())):
+        flag = "--" + name.replace("_", "-")
+        text = str(annotation)
+        if annotation is bool:
+            decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None)
+        elif "list" in text:
+            decl = click.option(flag, name, default=None, metavar="A,B,...", help="comma-separated")
+        elif "int" in text:
+            decl = click.option(flag, name, type=int, default=None)
+        elif "float" in text:
+            decl = click.option(flag, name, type=float, default=None)
+        else:
+            decl = click.option(flag, name, default=None)
+        func = decl(func)
+    return func
+
+
+def _print_summary(summaries: list[dict]) -> None:
+    click.echo(f"{'model':18s} {'scope':22s} {'category':10s} {'k*':>6s} {'of':>7s} {'stage 1':>8s} {'random':>8s}")
+    for summary in summaries:
+        for r in summary["results"]:
+            random = {None: "-", True: "collapse", False: "healthy"}[r["random_collapsed"]]
+            k_star = "none" if r["k_star"] is None else str(r["k_star"])
+            stage1 = "-" if r["stage1_k"] is None else str(r["stage1_k"])
+            click.echo(
+                f"{summary['model']:18s} {r['scope']:22s} {r['category']:10s} {k_star:>6s} {r['n_neurons']:>7d} "
+                f"{stage1:>8s} {random:>8s}"
+            )
+
+
+@main.command("run")
+@click.argument("config_file", required=False, type=click.Path(path_type=Path))
+@_config_flags
+def run_command(config_file: Path | None, **flags) -> None:
+    """Run a whole CAN study from CONFIG_FILE (YAML) and/or flags; rerunning resumes."""
+    from canprobe.config import config_fields, make_config, read_config_file
+    from canprobe.experiment import Experiment
+
+    values = read_config_file(config_file) if config_file else {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if "list" in str(config_fields()[name]):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        values[name] = value
+    experiment = Experiment(make_config(values))
+    summary = experiment.run()
+    _print_summary([summary])
+    click.echo(f"report: {Path(experiment.out) / 'report.html'}")
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: report.html in the first run.")
+def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
+    """(Re)build the HTML report of one or more run folders."""
+    from canprobe.report import build_report
+
+    click.echo(f"report: {build_report(list(runs), out)}")
+
+
+@main.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("compare.html"), show_default=True)
+def compare_command(runs: tuple[Path, ...], out: Path) -> None:
+    """k* of several runs (models) side by side: a table here and a figure in --out."""
+    from canprobe.report import compare_runs
+
+    table, path = compare_runs(list(runs), out)
+    click.echo(table.to_string(index=False))
+    click.echo(f"figure: {path}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-demo"), show_default=True)
+@click.option("--per-category", type=POSITIVE, default=4, show_default=True, help="Scenes per category.")
+def demo(out: Path, per_category: int) -> None:
+    """The paper's study on toy-llava and toy-instructblip with built-in scenes, ending in report.html."""
+    from canprobe.config import make_config
+    from canprobe.data import write_scenes
+    from canprobe.experiment import Experiment
+    from canprobe.report import build_report
+
+    images = write_scenes(out / "scenes", per_category, seed=11)
+    summaries, runs = [], []
+    for name in ("toy-llava", "toy-instructblip"):
+        click.echo(f"== {name}")
+        config = make_config(
+            {"model": name, "images": str(images), "out": str(out / name), "batch_size": 48, "max_new_tokens": 16}
+        )
+        summaries.append(Experiment(config).run())
+        runs.append(out / name)
+    path = build_report(runs, out / "report.html")
+    _print_summary(summaries)
+    click.echo(f"report: {path}")
+
+
 def run() -> None:
     """Entry point: click's usage errors and canprobe's own errors become one line and exit 2."""
     try:

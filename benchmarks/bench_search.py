@@ -1,0 +1,112 @@
+"""Cost of finding k*: the geometric + bisection search against a step-one sweep, and batched multi-k.
+
+    python benchmarks/bench_search.py                 # toy-llava, language.down_proj, 12 scenes
+    python benchmarks/bench_search.py --images 24 --scope language.gate_proj
+
+In one process, on the same images, CAN ranking, CLIP and settings:
+
+1. search: ``find_k_star`` (baseline, x2 growth, bisection; no grid, no control), evaluations and
+   wall time until k* is known;
+2. sweep: the way published code does it, one evaluation per k = 0, 1, 2, ... adding one neuron
+   at a time until the first collapsed k (``--sweep-limit`` caps it; the time is then
+   extrapolated linearly and marked as such);
+3. batched multi-k: the same k values (the growth grid) evaluated one k per generate call, then
+   all of them in batched calls through per-row masks; throughput ratio of the two.
+
+Timings are single runs of the whole thing (a sweep is long; repeats would not change the ratio
+by much) on whatever CPU runs it; compare ratios, not seconds, across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy-llava")
+    parser.add_argument("--scope", default="language.down_proj")
+    parser.add_argument("--images", type=int, default=12, help="Number of drawn scenes.")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--sweep-limit", type=int, default=1000, help="Most sweep evaluations to run.")
+    parser.add_argument("--clip-model", default=None)
+    args = parser.parse_args()
+
+    from canprobe.data import make_scenes
+    from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+    from canprobe.models import load_model
+    from canprobe.scoring import score_neurons
+    from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, growth_ks, ranked_in_scope
+    from canprobe.sites import SiteRegistry
+
+    lm = load_model(args.model)
+    clip = load_model(args.clip_model or default_clip_model(args.model))
+    images = [im for im, _ in make_scenes(args.images, seed=17)]
+    ranking = score_neurons(lm, images, scope=args.scope).ranking()
+    n = len(images)
+    print(f"{args.model} {args.scope}: {len(ranking)} neurons, {n} images, {torch.get_num_threads()} threads")
+
+    def evaluator(batch_rows: int) -> MaskEvaluator:
+        return MaskEvaluator(lm, images, clip, max_new_tokens=args.max_new_tokens, batch_size=batch_rows)
+
+    # 1. the search
+    config = SearchConfig(scope=args.scope, grid_per_octave=0, max_new_tokens=args.max_new_tokens, batch_size=n)
+    start = time.perf_counter()
+    result = find_k_star(lm, images, ranking, clip, config)
+    search_s = time.perf_counter() - start
+    search_n = result.summary["evaluations"]["search"]
+    print(f"search: k* = {result.k_star}, {search_n} evaluations, {search_s:.1f} s")
+    if result.k_star is None:
+        print("no collapse in this scope: nothing to compare")
+        return
+
+    # 2. the step-one sweep, stopping at the first collapsed k
+    ranked = ranked_in_scope(SiteRegistry(lm.model), ranking, args.scope)
+    criterion = CollapseCriterion()
+    ev = evaluator(n)
+    start = time.perf_counter()
+    baseline = MetricSummary.of(ev.evaluate_baseline())
+    sweep_n, first = 1, None
+    for k in range(1, min(len(ranked), args.sweep_limit) + 1):
+        (metrics,) = ev.evaluate([ranked.prefix(k)])
+        sweep_n += 1
+        if criterion.stage(MetricSummary.of(metrics), baseline) == "collapsed":
+            first = k
+            break
+    sweep_s = time.perf_counter() - start
+    if first is None:
+        projected = result.k_star + 1
+        sweep_s, note = sweep_s * projected / sweep_n, f" (capped at {sweep_n}; time extrapolated to {projected})"
+        sweep_n = projected
+    else:
+        note = f" (first collapse at k = {first})"
+    print(f"sweep:  {sweep_n} evaluations, {sweep_s:.1f} s{note}")
+    print(f"=> search needs {sweep_n / search_n:.1f}x fewer evaluations and {sweep_s / search_s:.1f}x less time")
+    if result.k_star <= 50:
+        print(f"   (k* = {result.k_star} is small: the sweep is short and the ratio is modest)")
+
+    # 3. batched multi-k against one k per generate call
+    ks = growth_ks(min(len(ranked), 2 * result.k_star), 2.0)
+    masks = [ranked.prefix(k) for k in ks]
+    one = evaluator(n)
+    one.set_baseline(ev.baseline_captions())
+    start = time.perf_counter()
+    single = [one.evaluate([m])[0] for m in masks]
+    single_s = time.perf_counter() - start
+    many = evaluator(n * len(ks))
+    many.set_baseline(ev.baseline_captions())
+    start = time.perf_counter()
+    batched = many.evaluate(masks)
+    batched_s = time.perf_counter() - start
+    same = sum(a.caption == b.caption for x, y in zip(single, batched) for a, b in zip(x, y))
+    print(
+        f"multi-k: {len(ks)} k values x {n} images; one k per call {single_s:.2f} s, all in one batch "
+        f"{batched_s:.2f} s => {single_s / batched_s:.1f}x throughput ({same}/{len(ks) * n} captions identical)"
+    )
+
+
+if __name__ == "__main__":
+    main()

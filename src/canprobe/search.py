@@ -1,0 +1,516 @@
+"""The k* search: how few top-ranked neurons, masked together, collapse the model.
+
+k = 0 is the unmasked baseline. k grows geometrically (1, 2, 4, ... by default) until the collapse
+criterion holds or the scope is exhausted, then bisection between the last non-collapsed k and the
+first collapsed one gives k*. A geometric grid of k adds the rest of the curve for plots, and an
+optional random control evaluates random neurons of the same scope at every k of the top curve.
+
+Collapse is not always monotone in k, so every evaluated point is kept: each one is appended to
+``curve.jsonl`` the moment it finishes, and a rerun with the same output folder reads them back and
+evaluates only what is missing, so a killed search resumes where it stopped and ends with the same
+curve. ``summary.json`` (k*, stage 1, baseline, criterion, config, versions) is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+import canprobe
+from canprobe.ablation import ABLATION_KINDS, RankedNeurons
+from canprobe.errors import InputError
+from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
+from canprobe.sites import SiteRegistry
+from canprobe.store import append_jsonl, atomic_write_json, read_jsonl
+
+log = logging.getLogger(__name__)
+
+CURVE_FILE = "curve.jsonl"
+SUMMARY_FILE = "summary.json"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class CollapseCriterion:
+    """Stage thresholds, relative to the unmasked model (METHOD.md, "Progressive masking and k*").
+
+    Stage 1 (degraded): median PPL > stage1_ppl_ratio x baseline OR mean CLIP < stage1_clip_ratio x
+    baseline. Stage 2 (collapsed): median PPL >= collapse_ppl_ratio x baseline AND mean CLIP <
+    collapse_clip_ratio x baseline.
+    """
+
+    stage1_ppl_ratio: float = 2.0
+    stage1_clip_ratio: float = 0.9
+    collapse_ppl_ratio: float = 100.0
+    collapse_clip_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("stage1_ppl_ratio", "collapse_ppl_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 1):
+                raise InputError(f"{name.replace('_', '-')} must be a finite number above 1, got {value}")
+        for name in ("stage1_clip_ratio", "collapse_clip_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise InputError(f"{name.replace('_', '-')} must be between 0 and 1 (exclusive), got {value}")
+        if self.collapse_ppl_ratio < self.stage1_ppl_ratio:
+            raise InputError(
+                f"collapse-ppl-ratio ({self.collapse_ppl_ratio}) must be at least stage1-ppl-ratio "
+                f"({self.stage1_ppl_ratio}): collapse is the later stage"
+            )
+        if self.collapse_clip_ratio > self.stage1_clip_ratio:
+            raise InputError(
+                f"collapse-clip-ratio ({self.collapse_clip_ratio}) must not exceed stage1-clip-ratio "
+                f"({self.stage1_clip_ratio}): collapse is the later stage"
+            )
+
+    def stage(self, point: MetricSummary, baseline: MetricSummary) -> str:
+        """NaN medians compare false, so a point with no scorable caption never counts as collapsed."""
+        ppl, clip, ppl0, clip0 = point.ppl_median, point.clip_mean, baseline.ppl_median, baseline.clip_mean
+        if ppl >= self.collapse_ppl_ratio * ppl0 and clip < self.collapse_clip_ratio * clip0:
+            return "collapsed"
+        if ppl > self.stage1_ppl_ratio * ppl0 or clip < self.stage1_clip_ratio * clip0:
+            return "degraded"
+        return "healthy"
+
+    def describe(self) -> str:
+        return (
+            f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean CLIP < {self.collapse_clip_ratio:.0%} "
+            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%}"
+        )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything that decides which points a search evaluates and what they measure.
+
+    ``growth``: factor of the geometric growth phase. ``k_per_round``: k values evaluated together
+    in one batched generate during growth and bisection (1 = the classic sequential search, fewest
+    evaluations; more = fewer rounds, some speculative points). ``grid_per_octave``: points per
+    doubling of the plotting grid from 1 to ``grid_max`` (default: the whole scope); 0 = no grid.
+    ``control``: "random" adds random neurons of the same counts, drawn with ``seed`` from the scope
+    (one permutation, so the random sets are nested like the top-k sets), at every k of the top
+    curve (``control_at="curve"``) or only at k* and the start of stage 1 (``"k_star"``, cheap).
+    ``batch_size`` counts generation rows (one row = one image under one mask).
+    """
+
+    scope: str = "language.down_proj"
+    criterion: CollapseCriterion = field(default_factory=CollapseCriterion)
+    growth: float = 2.0
+    k_per_round: int = 1
+    grid_per_octave: int = 1
+    grid_max: int | None = None
+    max_k: int | None = None
+    control: str | None = None
+    control_at: str = "curve"
+    seed: int = 0
+    ablation: str = "zero"
+    ppl_scorer: str = "unmasked"
+    clip_model: str = "toy-clip"
+    prompt: str | None = None
+    max_new_tokens: int = 24
+    batch_size: int = 32
+    n_samples: int = 4
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.growth) and self.growth > 1):
+            raise InputError(f"growth must be a finite factor above 1, got {self.growth}")
+        for name in ("k_per_round", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("grid_per_octave", "n_samples"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        for name in ("grid_max", "max_k"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.control not in (None, "random"):
+            raise InputError(f"unknown control {self.control!r}; the control is 'random' (or none)")
+        if self.control_at not in ("curve", "k_star"):
+            raise InputError(f"control-at must be curve or k_star, got {self.control_at!r}")
+        if self.ablation not in ABLATION_KINDS:
+            raise InputError(f"unknown ablation {self.ablation!r}; choose from {', '.join(ABLATION_KINDS)}")
+        if not self.ppl_scorer:
+            raise InputError(f"ppl scorer must be {' or '.join(PPL_SCORERS)} or a causal LM path")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CurvePoint:
+    """One evaluated (control, k): aggregate metrics, stage, sample captions, timing.
+
+    ``captions`` holds ``{image, caption}`` for the first ``n_samples`` images; at k = 0 it holds
+    every image, because a resumed search restores the exact-match reference from it.
+    """
+
+    k: int
+    control: str
+    scope: str
+    phase: str
+    metrics: MetricSummary
+    stage: str
+    captions: list[dict]
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {
+            "k": self.k,
+            "control": self.control,
+            "scope": self.scope,
+            "phase": self.phase,
+            **asdict(self.metrics),
+            "stage": self.stage,
+            "captions": self.captions,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> CurvePoint:
+        metrics = MetricSummary(**{f: d[f] for f in MetricSummary.__dataclass_fields__})
+        return cls(d["k"], d["control"], d["scope"], d["phase"], metrics, d["stage"], d["captions"], d["seconds"])
+
+
+@dataclass
+class SearchResult:
+    """Where the model collapses, and every point that told us so."""
+
+    k_star: int | None
+    stage1_k: int | None
+    baseline: MetricSummary
+    points: list[CurvePoint]
+    summary: dict
+    evaluated: int
+    resumed: int
+
+    def curve(self, control: str = "top") -> list[CurvePoint]:
+        return sorted((p for p in self.points if p.control == control), key=lambda p: p.k)
+
+    def point(self, k: int, control: str = "top") -> CurvePoint | None:
+        return next((p for p in self.points if p.k == k and p.control == control), None)
+
+
+def ranked_in_scope(registry: SiteRegistry, ranking: pd.DataFrame | Sequence[str], scope: str) -> RankedNeurons:
+    """The ranking's neurons that fall in ``scope``, most important first, checked against the model."""
+    sites = {s.name for s in registry.select(scope)}
+    if isinstance(ranking, pd.DataFrame):
+        if "address" not in ranking.columns:
+            raise InputError("the ranking has no 'address' column; write it with `canprobe score`")
+        frame = ranking.sort_values("rank", kind="stable") if "rank" in ranking.columns else ranking
+        addresses = frame["address"].astype(str).tolist()
+    else:
+        addresses = [str(a) for a in ranking]
+    kept = [a for a in addresses if a.rsplit(":", 1)[0] in sites]
+    if not kept:
+        raise InputError(f"the ranking holds no neuron of scope {scope}; score that scope with --scope {scope}")
+    if len(kept) < len(addresses):
+        log.info("ranking: %d of %d neurons are in scope %s", len(kept), len(addresses), scope)
+    return RankedNeurons.from_addresses(registry, kept)
+
+
+def growth_ks(max_k: int, growth: float) -> list[int]:
+    """1, growth, growth^2, ... (rounded, strictly increasing), ending with max_k."""
+    ks, k = [], 1.0
+    while round(k) < max_k:
+        if not ks or round(k) > ks[-1]:
+            ks.append(round(k))
+        k *= growth
+    return ks + [max_k]
+
+
+def grid_ks(grid_max: int, per_octave: int) -> list[int]:
+    """A geometric grid from 1 to grid_max with ``per_octave`` points per doubling."""
+    if per_octave == 0:
+        return []
+    n = math.ceil(math.log2(grid_max) * per_octave) if grid_max > 1 else 0
+    return sorted({min(grid_max, round(2 ** (j / per_octave))) for j in range(n + 1)} | {grid_max})
+
+
+def _fingerprint(values: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
+
+
+class CollapseSearch:
+    """Progressive masking of a ranking's top neurons over one image set; resumable through ``out_dir``."""
+
+    def __init__(
+        self,
+        evaluator: MaskEvaluator,
+        ranking: RankedNeurons,
+        scope_neurons: RankedNeurons,
+        config: SearchConfig,
+        image_names: Sequence[str],
+        out_dir: str | Path | None = None,
+        model_name: str = "",
+        ranking_info: dict | None = None,
+    ):
+        if len(image_names) != len(evaluator.images):
+            raise InputError(f"{len(image_names)} image names for {len(evaluator.images)} images")
+        self.evaluator, self.config = evaluator, config
+        self.top = ranking
+        self.max_k = len(ranking) if config.max_k is None else config.max_k
+        if self.max_k > len(ranking):
+            raise InputError(f"max k {self.max_k} is larger than the {len(ranking)} ranked neurons in {config.scope}")
+        gen = torch.Generator().manual_seed(config.seed)
+        self.random = scope_neurons.subset(torch.randperm(len(scope_neurons), generator=gen))
+        self.image_names = list(image_names)
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.model_name = model_name
+        self.ranking_info = {**(ranking_info or {}), "fingerprint": _fingerprint(ranking.addresses)}
+        self.points: dict[tuple[str, int], CurvePoint] = {}
+        self.evaluated = 0
+        self.resumed = 0
+        self.baseline: MetricSummary | None = None
+
+    # -- persistence -------------------------------------------------------------------------
+    def _run_identity(self) -> dict:
+        return {
+            "model": self.model_name,
+            "config": self.config.to_dict(),
+            "ranking": self.ranking_info,
+            "images": _fingerprint(self.image_names),
+            "n_images": len(self.image_names),
+        }
+
+    def _resume(self) -> None:
+        if self.out is None:
+            return
+        identity = self._run_identity()
+        run_file = self.out / RUN_FILE
+        stored = read_jsonl(self.out / CURVE_FILE, repair=True)
+        if run_file.exists():
+            previous = json.loads(run_file.read_text())
+            if previous != json.loads(json.dumps(identity)):
+                changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k])))
+                raise InputError(
+                    f"{self.out} holds a search with other settings ({', '.join(changed)} differ); "
+                    "use a new --out folder or the same settings to resume"
+                )
+        elif stored:
+            raise InputError(f"{self.out} has a {CURVE_FILE} but no {RUN_FILE}; use a new --out folder")
+        else:
+            atomic_write_json(run_file, identity)
+        for record in stored:
+            point = CurvePoint.from_json(record)
+            self.points[(point.control, point.k)] = point
+        self.resumed = len(self.points)
+        if self.resumed:
+            log.info("resuming %s: %d points already evaluated", self.out, self.resumed)
+
+    def _record(self, point: CurvePoint) -> None:
+        self.points[(point.control, point.k)] = point
+        self.evaluated += 1
+        if self.out is not None:
+            append_jsonl(self.out / CURVE_FILE, point.to_json())
+        log.info(
+            "k=%d %s (%s): PPL %.4g, CLIP %.3g -> %s",
+            point.k,
+            point.control,
+            point.phase,
+            point.metrics.ppl_median,
+            point.metrics.clip_mean,
+            point.stage,
+        )
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _samples(self, metrics: Sequence[CaptionMetrics], n: int) -> list[dict]:
+        return [{"image": name, "caption": m.caption} for name, m in zip(self.image_names[:n], metrics[:n])]
+
+    def _baseline(self) -> MetricSummary:
+        stored = self.points.get(("top", 0))
+        if stored is not None:
+            self.evaluator.set_baseline([c["caption"] for c in stored.captions])  # all images, in order
+            return stored.metrics
+        start = time.perf_counter()
+        metrics = self.evaluator.evaluate_baseline()
+        summary = MetricSummary.of(metrics)
+        point = CurvePoint(
+            0,
+            "top",
+            self.config.scope,
+            "baseline",
+            summary,
+            "healthy",
+            self._samples(metrics, len(metrics)),
+            time.perf_counter() - start,
+        )
+        self._record(point)
+        return summary
+
+    def _neurons(self, control: str) -> RankedNeurons:
+        return self.top if control == "top" else self.random
+
+    def evaluate(self, ks: Sequence[int], control: str, phase: str) -> list[CurvePoint]:
+        """Evaluate the k values not already known, in one batched pass; return all of them."""
+        todo = [k for k in dict.fromkeys(ks) if (control, k) not in self.points]
+        if todo:
+            start = time.perf_counter()
+            neurons = self._neurons(control)
+            results = self.evaluator.evaluate([neurons.prefix(k) for k in todo])
+            seconds = (time.perf_counter() - start) / len(todo)
+            for k, metrics in zip(todo, results):
+                summary = MetricSummary.of(metrics)
+                stage = self.config.criterion.stage(summary, self.baseline)
+                samples = self._samples(metrics, self.config.n_samples)
+                self._record(CurvePoint(k, control, self.config.scope, phase, summary, stage, samples, seconds))
+        return [self.points[(control, k)] for k in ks]
+
+    def _independent(self, ks: Sequence[int], control: str, phase: str) -> None:
+        """Points that do not depend on each other: batch as many as fill a generate batch."""
+        per_round = max(self.config.k_per_round, self.config.batch_size // len(self.image_names))
+        todo = [k for k in ks if (control, k) not in self.points]
+        for i in range(0, len(todo), per_round):
+            self.evaluate(todo[i : i + per_round], control, phase)
+
+    def _grow(self) -> tuple[int, int | None]:
+        """Last non-collapsed k and first collapsed k of the geometric growth (None: no collapse)."""
+        ks = growth_ks(self.max_k, self.config.growth)
+        lo = 0
+        for i in range(0, len(ks), self.config.k_per_round):
+            for point in self.evaluate(ks[i : i + self.config.k_per_round], "top", "grow"):
+                if point.stage == "collapsed":
+                    return lo, point.k
+                lo = point.k
+        return lo, None
+
+    def _bisect(self, lo: int, hi: int) -> tuple[int, int]:
+        """Narrow (lo non-collapsed, hi collapsed) until adjacent; m points per round split it m+1 ways."""
+        m = self.config.k_per_round
+        while hi - lo > 1:
+            width = hi - lo
+            ks = sorted({lo + max(1, min(width - 1, round(width * j / (m + 1)))) for j in range(1, m + 1)})
+            for point in self.evaluate(ks, "top", "bisect"):
+                if point.stage == "collapsed":
+                    hi = point.k
+                    break
+                lo = point.k
+        return lo, hi
+
+    def run(self) -> SearchResult:
+        start = time.perf_counter()
+        self._resume()
+        self.baseline = self._baseline()
+        lo, hi = self._grow()
+        k_star = None
+        if hi is not None:
+            lo, hi = self._bisect(lo, hi)
+            k_star = hi
+        grid_max = min(self.config.grid_max or self.max_k, self.max_k)
+        self._independent(grid_ks(grid_max, self.config.grid_per_octave), "top", "grid")
+        if self.config.control == "random":
+            if self.config.control_at == "curve":
+                ks = sorted(k for c, k in self.points if c == "top" and k > 0)
+            else:
+                ks = sorted({k for k in (k_star, self._stage1()) if k})
+            self._independent(ks, "random", "control")
+        points = list(self.points.values())
+        summary = self._summary(k_star, (lo, hi), time.perf_counter() - start)
+        if self.out is not None:
+            atomic_write_json(self.out / SUMMARY_FILE, summary)
+        return SearchResult(k_star, summary["stage1_k"], self.baseline, points, summary, self.evaluated, self.resumed)
+
+    def _top_curve(self) -> list[CurvePoint]:
+        return sorted((p for p in self.points.values() if p.control == "top"), key=lambda p: p.k)
+
+    def _stage1(self) -> int | None:
+        """Smallest evaluated k that left the unmasked band (degraded or collapsed)."""
+        return next((p.k for p in self._top_curve() if p.stage != "healthy"), None)
+
+    def _summary(self, k_star: int | None, bracket: tuple[int, int | None], seconds: float) -> dict:
+        import transformers
+
+        top = self._top_curve()
+        stage1 = self._stage1()
+        collapsed = [p.k for p in top if p.stage == "collapsed"]
+        monotone = k_star is None or all((p.stage == "collapsed") == (p.k >= k_star) for p in top)
+        random_pts = sorted((p for p in self.points.values() if p.control == "random"), key=lambda p: p.k)
+        at_k_star = self.points.get(("random", k_star)) if k_star is not None else None
+        return {
+            "k_star": k_star,
+            "stage1_k": stage1,
+            "scope": self.config.scope,
+            "max_k": self.max_k,
+            "scope_size": len(self.random),
+            "bracket": list(bracket),
+            "first_collapsed_evaluated": collapsed[0] if collapsed else None,
+            "monotone": monotone,
+            "baseline": asdict(self.baseline),
+            "criterion": {**asdict(self.config.criterion), "text": self.config.criterion.describe()},
+            "evaluations": {
+                "total": len(self.points),
+                "this_run": self.evaluated,
+                "resumed": self.resumed,
+                "search": sum(p.phase in ("baseline", "grow", "bisect") for p in top),
+            },
+            "random": None
+            if self.config.control != "random"
+            else {
+                "seed": self.config.seed,
+                "at_k_star": None if at_k_star is None else at_k_star.to_json(),
+                "first_collapsed": next((p.k for p in random_pts if p.stage == "collapsed"), None),
+            },
+            "model": self.model_name,
+            "ranking": self.ranking_info,
+            "n_images": len(self.image_names),
+            "config": self.config.to_dict(),
+            "seed": self.config.seed,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "canprobe": canprobe.__version__,
+            },
+            "seconds": seconds,
+        }
+
+
+def find_k_star(
+    lm,
+    images: list[Image.Image],
+    ranking: pd.DataFrame | Sequence[str],
+    clip,
+    config: SearchConfig | None = None,
+    out_dir: str | Path | None = None,
+    image_names: Sequence[str] | None = None,
+    means: dict[str, torch.Tensor] | None = None,
+    ppl_lm=None,
+) -> SearchResult:
+    """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
+
+    ``lm``: the LoadedModel to probe; ``clip``: a LoadedModel of kind clip; ``ranking``: a ranking
+    DataFrame (``canprobe score``) or addresses, most important first; ``means`` for mean ablation.
+    """
+    config = config or SearchConfig()
+    registry = SiteRegistry(lm.model)
+    top = ranked_in_scope(registry, ranking, config.scope)
+    everything = RankedNeurons.from_sites(registry.select(config.scope))
+    if config.ablation == "mean" and means is None:
+        from canprobe.ablation import mean_activations
+
+        means = mean_activations(lm, images, config.scope, prompt=config.prompt, batch_size=config.batch_size)
+    evaluator = MaskEvaluator(
+        lm,
+        images,
+        clip,
+        ppl_scorer=config.ppl_scorer,
+        prompt=config.prompt,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        kind=config.ablation,
+        means=means,
+        ppl_lm=ppl_lm,
+    )
+    names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
+    info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}
+    search = CollapseSearch(evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info)
+    return search.run()
