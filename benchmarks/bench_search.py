@@ -33,6 +33,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--sweep-limit", type=int, default=1000, help="Most sweep evaluations to run.")
     parser.add_argument("--clip-model", default=None)
+    parser.add_argument(
+        "--collapse-clip-ratio",
+        type=float,
+        default=0.6,
+        help="toy-clip rates word salad of scene words at 50-57%% of the unmasked score, so 0.5 may never fire",
+    )
     args = parser.parse_args()
 
     from canprobe.data import make_scenes
@@ -53,11 +59,15 @@ def main() -> None:
         return MaskEvaluator(lm, images, clip, max_new_tokens=args.max_new_tokens, batch_size=batch_rows)
 
     # 1. the search
-    config = SearchConfig(scope=args.scope, grid_per_octave=0, max_new_tokens=args.max_new_tokens, batch_size=n)
+    criterion = CollapseCriterion(collapse_clip_ratio=args.collapse_clip_ratio)
+    config = SearchConfig(
+        scope=args.scope, criterion=criterion, grid_per_octave=0, max_new_tokens=args.max_new_tokens, batch_size=n
+    )
     start = time.perf_counter()
     result = find_k_star(lm, images, ranking, clip, config)
     search_s = time.perf_counter() - start
     search_n = result.summary["evaluations"]["search"]
+    print(f"{criterion.describe()}")
     print(f"search: k* = {result.k_star}, {search_n} evaluations, {search_s:.1f} s")
     if result.k_star is None:
         print("no collapse in this scope: nothing to compare")
@@ -65,7 +75,6 @@ def main() -> None:
 
     # 2. the step-one sweep, stopping at the first collapsed k
     ranked = ranked_in_scope(SiteRegistry(lm.model), ranking, args.scope)
-    criterion = CollapseCriterion()
     ev = evaluator(n)
     start = time.perf_counter()
     baseline = MetricSummary.of(ev.evaluate_baseline())

@@ -171,3 +171,26 @@ def test_per_row_masks_give_the_same_captions_and_metrics_as_each_mask_alone(cli
         for a, b in zip(alone, batched):
             assert a.ppl == pytest.approx(b.ppl, rel=1e-4) and a.clip == pytest.approx(b.clip, abs=1e-4)
         assert MetricSummary.of(alone).exact_match == MetricSummary.of(batched).exact_match
+
+
+def test_per_row_evaluation_on_instructblip_matches_each_mask_alone(clip_dir):
+    """The Q-Former path: masks on the language model and on the Q-Former, rows = masks x images."""
+    from canprobe.organisms.build import build_instructblip
+
+    torch.manual_seed(0)
+    model, processor = build_instructblip(TINY)
+    lm = LoadedModel(model.eval().requires_grad_(False), processor, "instructblip", "tiny-instructblip")
+    images = [im for im, _ in make_scenes(3, seed=6)]
+    masks = [
+        [],
+        {"language.layers.0.mlp.down_proj": torch.arange(TINY.text_hidden)},
+        {"qformer.layers.0.output_query": torch.arange(8), "language.layers.1.mlp.gate_proj": torch.arange(30)},
+    ]
+    clip = load_model(str(clip_dir))
+    evaluator = MaskEvaluator(lm, images, clip, ppl_scorer="masked", max_new_tokens=6, batch_size=9)
+    together = evaluator.evaluate(masks)
+    assert together[1][0].ppl != pytest.approx(together[0][0].ppl, rel=1e-3)  # the masked model scores itself
+    for mask, batched in zip(masks, together):
+        (alone,) = evaluator.evaluate([mask])
+        assert [m.caption for m in alone] == [m.caption for m in batched]
+        assert [m.ppl for m in alone] == pytest.approx([m.ppl for m in batched], rel=1e-4)

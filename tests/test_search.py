@@ -182,7 +182,13 @@ def test_stages_follow_the_documented_thresholds():
 
 # ---------------------------------------------------------------- real searches on the organisms
 
-SEARCH = dict(grid_per_octave=0, max_new_tokens=16, batch_size=48, control="random", control_at="k_star")
+# toy-clip still rates word salad made of scene words at 50-57% of the unmasked mean CLIP score (a zeroed
+# MLP in every layer of toy-llava scores 0.50-0.57x), so the paper's 50% collapses only on some image
+# sets; the organism searches use 60%, and the CLI run below passes the same flag.
+TOY_CRITERION = CollapseCriterion(collapse_clip_ratio=0.6)
+SEARCH = dict(
+    criterion=TOY_CRITERION, grid_per_octave=0, max_new_tokens=16, batch_size=48, control="random", control_at="k_star"
+)
 
 
 def _shipped(name: str) -> str:
@@ -240,7 +246,7 @@ def test_search_finds_k_star_and_random_neurons_of_that_count_do_not_collapse(se
     at = result.point(result.k_star)
     assert at.stage == "collapsed" and result.point(result.k_star - 1).stage != "collapsed"
     base = result.baseline
-    assert at.metrics.ppl_median >= 100 * base.ppl_median and at.metrics.clip_mean < 0.5 * base.clip_mean
+    assert at.metrics.ppl_median >= 100 * base.ppl_median and at.metrics.clip_mean < 0.6 * base.clip_mean
     assert result.summary["evaluations"]["search"] < result.k_star / 3 + 3
     random = result.summary["random"]["at_k_star"]
     assert random["k"] == result.k_star and random["stage"] != "collapsed"
@@ -284,6 +290,8 @@ def _cli_args(setup, out: Path) -> list[str]:
         "random",
         "--control-at",
         "k_star",
+        "--collapse-clip-ratio",
+        "0.6",
         "--grid-per-octave",
         "0",
         "--max-new-tokens",

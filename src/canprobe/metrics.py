@@ -218,6 +218,7 @@ class MaskEvaluator:
         self.clip = ClipScorer(clip, batch_size)
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
+        self._ppl_cache: dict[tuple[int, str], float] = {}
 
     @property
     def image_features(self) -> torch.Tensor:
@@ -241,7 +242,7 @@ class MaskEvaluator:
     def evaluate_baseline(self) -> list[CaptionMetrics]:
         """Metrics of the unmasked captions (k = 0): the reference every threshold is relative to."""
         captions = self.baseline_captions()
-        ppl = self._score_ppl(self.images, captions)
+        ppl = self._score_ppl(list(range(len(captions))), captions)
         clip = self.clip.score(self.image_features, captions)
         return self._assemble([(0, i) for i in range(len(captions))], captions, ppl, clip, 1)[0]
 
@@ -258,13 +259,24 @@ class MaskEvaluator:
                 if self.ppl_scorer == "masked":
                     masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, batch_size=len(chunk)))
             captions += caps
-        ppl = torch.cat(masked_ppl) if masked_ppl else self._score_ppl([self.images[i] for _, i in rows], captions)
+        ppl = torch.cat(masked_ppl) if masked_ppl else self._score_ppl([i for _, i in rows], captions)
         clip = self.clip.score(self.image_features[[i for _, i in rows]], captions)
         return self._assemble(rows, captions, ppl, clip, len(masks))
 
-    def _score_ppl(self, images: list[Image.Image], captions: list[str]) -> torch.Tensor:
+    def _score_ppl(self, image_ids: list[int], captions: list[str]) -> torch.Tensor:
+        """PPL under the mask-independent scorer, each distinct (image, caption) scored once per evaluator.
+
+        Most captions at small k repeat the unmasked ones, and collapsed ones repeat each other, so
+        the cache removes most scoring passes.
+        """
         scorer = self.lm if self.ppl_lm is None else self.ppl_lm
-        return caption_ppl(scorer, images, captions, self.prompt if self.ppl_lm is None else None, self.batch_size)
+        todo = [key for key in dict.fromkeys(zip(image_ids, captions)) if key not in self._ppl_cache]
+        if todo:
+            prompt = self.prompt if self.ppl_lm is None else None
+            images = [self.images[i] for i, _ in todo]
+            values = caption_ppl(scorer, images, [c for _, c in todo], prompt, self.batch_size)
+            self._ppl_cache.update(zip(todo, values.tolist()))
+        return torch.tensor([self._ppl_cache[key] for key in zip(image_ids, captions)], dtype=torch.float32)
 
     def _assemble(self, rows, captions, ppl, clip, n_masks) -> list[list[CaptionMetrics]]:
         base = self.baseline_captions()
