@@ -292,8 +292,14 @@ def _image_subset(images: Path, per_category: int | None):
 @click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
 @click.option("--scope", default="language.down_proj", show_default=True, help="Sites whose neurons are masked.")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
-@click.option("--method", type=click.Choice(["can", "activation", "gradient", "random", "wanda"]), default="can")
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(["can", "activation", "gradient", "random", "wanda"]),
+    default="can",
+    show_default=True,
+    help="Scoring method when no --ranking is given (the ranking is then saved in --out).",
+)
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="With --method can.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder; rerun to resume.")
 @click.option("--control", type=click.Choice(["random"]), default=None, help="Add random neurons of the same counts.")
 @click.option(
