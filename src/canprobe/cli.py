@@ -129,23 +129,6 @@ def organisms_eval(name, count, seed) -> None:
         click.echo(f"{name}: exact-match captions on {caption_exact_match(lm, count, seed):.1%} of {count} scenes")
 
 
-@main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-demo"), show_default=True)
-@click.option("--per-category", type=POSITIVE, default=8, show_default=True)
-def demo(out: Path, per_category: int) -> None:
-    """Caption built-in scenes with both organisms and compare with the true captions."""
-    from canprobe.captions import caption_image_set, exact_match_rate, write_captions
-    from canprobe.data import load_image_set, write_scenes
-
-    images = write_scenes(out / "scenes", per_category, seed=11)
-    image_set = load_image_set(images)
-    for name in ("toy-llava", "toy-instructblip"):
-        records = caption_image_set(_load(name, "float32", None), image_set)
-        write_captions(records, out / f"captions-{name}.jsonl")
-        click.echo(f"{name:18s} exact match {exact_match_rate(records):6.1%}   e.g. {records[0].caption!r}")
-    click.echo(f"captions written to {out}")
-
-
 # --- inspect and score: neuron sites and CAN scoring ---
 
 

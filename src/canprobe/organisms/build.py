@@ -176,6 +176,8 @@ def build_instructblip(
             encoder_hidden_size=shape.vision_hidden,
             max_position_embeddings=64,
             pad_token_id=PAD_ID,
+            hidden_dropout_prob=0.0,  # drawn scenes never repeat: dropout only slows learning here
+            attention_probs_dropout_prob=0.0,
         ).to_dict(),
         text_config=_text_config(shape, len(tokenizer)).to_dict(),
         num_query_tokens=shape.num_query_tokens,
@@ -191,7 +193,12 @@ def build_instructblip(
         qformer_tokenizer=qformer_tokenizer,
         num_query_tokens=shape.num_query_tokens,
     )
-    return InstructBlipForConditionalGeneration(config), processor
+    model = InstructBlipForConditionalGeneration(config)
+    # transformers initializes the learned queries to zeros, which leaves them identical forever when
+    # training from scratch (the released checkpoints were trained with BLIP-2's normal init)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)
+    return model, processor
 
 
 def build_clip(shape: OrganismShape = OrganismShape()) -> tuple[CLIPModel, CLIPProcessor]:

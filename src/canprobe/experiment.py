@@ -1,0 +1,316 @@
+"""A whole CAN study from one config: score, search k* per (scope, category), controls, stability, report.
+
+Layout of the output folder (every file can be inspected with ordinary tools)::
+
+    summary.json                          the run: config, versions, seed, timings, one row per search
+    report.html                           figures and tables drawn from the files below
+    scopes/<scope>/<group>/               one search: group = a category or "pooled"
+        scores.safetensors, ranking.parquet   (canprobe score)
+        curve.jsonl, summary.json, run.json   (canprobe search)
+        controls.json                         activation-only ranking and mean ablation at k*
+    scopes/<scope>/split_half/{a,b}/      rankings of two disjoint halves of the pooled images
+
+Every stage skips what its files already hold, so rerunning a killed run resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from canprobe.ablation import mean_activations
+from canprobe.config import ExperimentConfig, check_image_source
+from canprobe.data import ImageSet, load_image_set
+from canprobe.errors import InputError
+from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+from canprobe.models import LoadedModel, load_model
+from canprobe.scoring import ScoreResult, load_ranking, score_neurons
+from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
+from canprobe.sites import SiteRegistry
+from canprobe.store import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+POOLED = "pooled"
+CONTROLS_FILE = "controls.json"
+
+
+@dataclass
+class Group:
+    """The images one search runs on: one category, or all of them pooled."""
+
+    name: str
+    images: list
+    names: list[str]
+    captions: list[str] | None
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, start: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+
+def scope_dir_name(scope: str) -> str:
+    return scope.replace("/", "_")
+
+
+def _groups(config: ExperimentConfig, image_set: ImageSet) -> list[Group]:
+    def group(name: str, idx: list[int]) -> Group:
+        records = [image_set.records[i] for i in idx]
+        captions = [r.caption for r in records] if config.loss_text == "reference" else None
+        if captions is not None and any(c is None for c in captions):
+            raise InputError("config field loss_text: 'reference' needs a caption for every image (captions.jsonl)")
+        return Group(name, [image_set.images[i] for i in idx], [r.name for r in records], captions)
+
+    groups = []
+    if config.per_category:
+        for category in image_set.categories:
+            groups.append(group(category, [i for i, r in enumerate(image_set.records) if r.category == category]))
+    if config.pooled:
+        groups.append(group(POOLED, list(range(len(image_set)))))
+    return groups
+
+
+def _score(
+    lm: LoadedModel, config: ExperimentConfig, scope: str, images, captions, out: Path, method: str, alpha: float
+) -> pd.DataFrame:
+    """The ranking in ``out`` (computed and saved unless already there)."""
+    if (out / "ranking.parquet").exists():
+        return load_ranking(out)
+    result: ScoreResult = score_neurons(
+        lm,
+        images,
+        scope=scope,
+        method=method,
+        alpha=alpha,
+        reduction=config.reduction,
+        captions=captions,
+        prompt=config.prompt,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        max_new_tokens=config.max_new_tokens,
+    )
+    result.save(out)
+    return result.ranking()
+
+
+def _jaccard(a: list[str], b: list[str]) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+class Experiment:
+    """Runs (or resumes) one ExperimentConfig; ``run()`` returns the run summary."""
+
+    def __init__(self, config: ExperimentConfig, progress: bool = True):
+        self.config = config
+        self.out = Path(config.out)
+        self.progress = progress
+        self.timings = Timings()
+        check_image_source(config)
+
+    def _search_config(self, scope: str) -> SearchConfig:
+        c = self.config
+        return SearchConfig(
+            scope=scope,
+            criterion=CollapseCriterion(
+                stage1_ppl_ratio=c.stage1_ppl_ratio,
+                stage1_clip_ratio=c.stage1_clip_ratio,
+                collapse_ppl_ratio=c.collapse_ppl_ratio,
+                collapse_clip_ratio=c.collapse_clip_ratio,
+            ),
+            control="random" if "random" in c.controls else None,
+            seed=c.seed,
+            ablation=c.ablation,
+            ppl_scorer=c.ppl_scorer,
+            clip_model=c.clip_model or default_clip_model(c.model),
+            prompt=c.prompt,
+            max_new_tokens=c.max_new_tokens,
+            batch_size=c.batch_size,
+        )
+
+    def _controls(self, lm, clip, scope: str, group: Group, ranking, k_star: int | None, out: Path, search) -> dict:
+        """Activation-only ranking and mean ablation, each evaluated at k*; cached in controls.json.
+
+        They run on the pooled images (on every category when the run does not pool).
+        """
+        cached = _read_json(out / CONTROLS_FILE)
+        if cached is not None and cached.get("k_star") == k_star:
+            return cached
+        result: dict = {"k_star": k_star, "activation_collapsed": None, "mean_ablation_collapsed": None}
+        wanted = [c for c in ("activation", "mean") if c in self.config.controls]
+        if self.config.pooled and group.name != POOLED:
+            wanted = []  # these controls answer a question about the model, asked once on all images
+        if k_star is None or not wanted:
+            atomic_write_json(out / CONTROLS_FILE, result)
+            return result
+        c = self.config
+        registry = SiteRegistry(lm.model)
+        criterion = search.criterion
+        baseline = MetricSummary(**search_baseline(out))
+        if "activation" in wanted:
+            act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
+            mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
+            ev = MaskEvaluator(lm, group.images, clip, c.ppl_scorer, c.prompt, c.max_new_tokens, c.batch_size)
+            point = MetricSummary.of(ev.evaluate([mask])[0])
+            result["activation"] = dataclasses.asdict(point)
+            result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
+        if "mean" in wanted:
+            means = mean_activations(lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size)
+            mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
+            ev = MaskEvaluator(
+                lm, group.images, clip, c.ppl_scorer, c.prompt, c.max_new_tokens, c.batch_size, kind="mean", means=means
+            )
+            point = MetricSummary.of(ev.evaluate([mask])[0])
+            result["mean_ablation"] = dataclasses.asdict(point)
+            result["mean_ablation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
+        atomic_write_json(out / CONTROLS_FILE, result)
+        return result
+
+    def _split_half(self, lm, scope: str, pooled: Group, k: int) -> dict:
+        """Score two disjoint halves (even / odd images) and compare their top-k sets and score orders."""
+        c = self.config
+        halves = []
+        for name, idx in (("a", range(0, len(pooled.images), 2)), ("b", range(1, len(pooled.images), 2))):
+            images = [pooled.images[i] for i in idx]
+            captions = None if pooled.captions is None else [pooled.captions[i] for i in idx]
+            out = self.out / "scopes" / scope_dir_name(scope) / "split_half" / name
+            halves.append(_score(lm, c, scope, images, captions, out, c.method, c.alpha))
+        a, b = (h.set_index("address")["score"] for h in halves)
+        top_a = halves[0].head(k)["address"].tolist()
+        top_b = halves[1].head(k)["address"].tolist()
+        # Spearman = Pearson correlation of the ranks (pandas' own spearman needs scipy)
+        spearman = float(a.rank().corr(b.loc[a.index].rank()))
+        return {"k": k, "jaccard": _jaccard(top_a, top_b), "spearman": spearman}
+
+    def run(self) -> dict:
+        c = self.config
+        start = time.perf_counter()
+        image_set = load_image_set(
+            c.images, categories=c.categories, limit=c.images_per_category, annotations=c.annotations
+        )
+        if image_set.skipped:
+            log.warning("skipped %d unreadable images", len(image_set.skipped))
+        groups = _groups(c, image_set)
+        self.timings.add("load images", start)
+        start = time.perf_counter()
+        lm = load_model(c.model, dtype=c.dtype, device=c.device)
+        clip = load_model(c.clip_model or default_clip_model(c.model), device=c.device)
+        self.timings.add("load models", start)
+        registry = SiteRegistry(lm.model)
+        for scope in c.scopes:
+            registry.select(scope)  # fail on a bad scope before any work
+        results, overlap, split_half = [], {}, {}
+        tasks = [(scope, g) for scope in c.scopes for g in groups]
+        bar = tqdm(tasks, desc="searches", disable=not self.progress, unit="search")
+        rankings: dict[tuple[str, str], pd.DataFrame] = {}
+        for scope, group in bar:
+            bar.set_postfix_str(f"{scope} / {group.name}")
+            out = self.out / "scopes" / scope_dir_name(scope) / group.name
+            t = time.perf_counter()
+            ranking = _score(lm, c, scope, group.images, group.captions, out, c.method, c.alpha)
+            rankings[(scope, group.name)] = ranking
+            self.timings.add("scoring", t)
+            t = time.perf_counter()
+            search_config = self._search_config(scope)
+            found = find_k_star(lm, group.images, ranking, clip, search_config, out, group.names)
+            self.timings.add("search", t)
+            t = time.perf_counter()
+            controls = self._controls(lm, clip, scope, group, ranking, found.k_star, out, search_config)
+            self.timings.add("controls", t)
+            random = found.summary.get("random") or {}
+            at_k = random.get("at_k_star")
+            results.append(
+                {
+                    "scope": scope,
+                    "category": group.name,
+                    "path": out.relative_to(self.out).as_posix(),
+                    "n_images": len(group.images),
+                    "k_star": found.k_star,
+                    "stage1_k": found.stage1_k,
+                    "n_neurons": found.summary["scope_size"],
+                    "fraction": None if found.k_star is None else found.k_star / found.summary["scope_size"],
+                    "baseline": found.summary["baseline"],
+                    "random_collapsed": None if at_k is None else at_k["stage"] == "collapsed",
+                    "activation_collapsed": controls["activation_collapsed"],
+                    "mean_ablation_collapsed": controls["mean_ablation_collapsed"],
+                    "evaluations": found.summary["evaluations"]["total"],
+                }
+            )
+        t = time.perf_counter()
+        for scope in c.scopes:
+            by_group = {r["category"]: r for r in results if r["scope"] == scope}
+            k = next((r["k_star"] for r in (by_group.get(POOLED),) if r and r["k_star"]), None)
+            k = k or max([r["k_star"] or 0 for r in by_group.values()] + [10])
+            cats = [g.name for g in groups if g.name != POOLED]
+            if len(cats) > 1:
+                tops = {cat: rankings[(scope, cat)].head(k)["address"].tolist() for cat in cats}
+                overlap[scope] = {
+                    "k": k,
+                    "categories": cats,
+                    "jaccard": [[_jaccard(tops[a], tops[b]) for b in cats] for a in cats],
+                }
+            pooled = next((g for g in groups if g.name == POOLED), None)
+            if c.split_half and pooled is not None and len(pooled.images) >= 2:
+                split_half[scope] = self._split_half(lm, scope, pooled, k)
+        self.timings.add("stability", t)
+        summary = {
+            "model": c.model,
+            "config": c.to_dict(),
+            "versions": _versions(),
+            "seed": c.seed,
+            "n_images": len(image_set),
+            "skipped_images": [str(p) for p, _ in image_set.skipped],
+            "results": results,
+            "overlap": overlap,
+            "split_half": split_half,
+            "timings": self.timings.seconds,
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        from canprobe.report import build_report
+
+        build_report([self.out])
+        return summary
+
+
+def search_baseline(search_dir: Path) -> dict:
+    """The unmasked metrics a finished search recorded in its summary.json."""
+    data = _read_json(search_dir / "summary.json")
+    if data is None:
+        raise InputError(f"{search_dir} holds no finished search")
+    return data["baseline"]
+
+
+def _read_json(path: Path):
+    """A JSON file's content, or None when it is absent (files are written atomically, never torn)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import canprobe
+
+    return {"canprobe": canprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
+    return Experiment(config, progress).run()
+
+
+def read_summary(run_dir: Path | str) -> dict:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise InputError(f"{run_dir} is not a canprobe run folder (no summary.json)")
+    return json.loads(path.read_text())

@@ -1,0 +1,324 @@
+"""The HTML report of a run folder: figures and tables drawn only from the run's artifacts.
+
+Everything shown is read back from ``summary.json``, each search's ``curve.jsonl`` and each
+``ranking.parquet``, so the page can be rebuilt at any time and never disagrees with the files.
+Figures are static matplotlib PNGs embedded as base64: one self-contained file, readable offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from canprobe.errors import InputError  # noqa: E402
+from canprobe.store import atomic_write_text, read_jsonl  # noqa: E402
+
+REPORT_FILE = "report.html"
+CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
+SECTIONS = ("examples", "curves", "locations", "kstar", "stability", "config")
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f2f2f2}td.l,th.l{text-align:left}img.fig{max-width:100%}
+.ex{display:inline-block;width:180px;vertical-align:top;margin:4px;font-size:12px}
+.ex img{width:96px;image-rendering:pixelated}section{margin-bottom:2.5em}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumb(path: Path) -> str | None:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((96, 96))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except (OSError, ValueError):
+        return None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if not np.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list], left: int = 1) -> str:
+    head = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(h)}</th>' for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{_fmt(v)}</td>' for i, v in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def load_curve(search_dir: Path) -> pd.DataFrame:
+    """Every evaluated point of one search, as a table (empty when nothing was evaluated)."""
+    rows = read_jsonl(search_dir / "curve.jsonl")
+    return pd.DataFrame(rows)
+
+
+def _headline_results(summary: dict) -> list[dict]:
+    """The searches a figure shows: pooled ones when the run pooled categories, else all."""
+    pooled = [r for r in summary["results"] if r["category"] == "pooled"]
+    return pooled or summary["results"]
+
+
+def _examples_section(run_dir: Path, summary: dict) -> str:
+    parts = []
+    image_root = Path(summary["config"]["images"])
+    for res in _headline_results(summary):
+        curve = load_curve(run_dir / res["path"])
+        if curve.empty:
+            continue
+        top = curve[curve["control"] == "top"]
+        points = [("unmasked (k=0)", 0), ("stage 1 start", res.get("stage1_k")), ("k*", res.get("k_star"))]
+        columns = []
+        for label, k in points:
+            row = top[top["k"] == k] if k is not None else top.iloc[0:0]
+            if row.empty:
+                continue
+            columns.append((f"{label}, k={k}", row.iloc[0]["captions"]))
+        if not columns:
+            continue
+        cells = []
+        for i, sample in enumerate(columns[0][1][:4]):
+            thumb = _thumb(image_root / sample["image"])
+            img = f'<img src="{thumb}" alt="{html.escape(sample["image"])}">' if thumb else ""
+            caps = "".join(
+                f"<div><b>{html.escape(label)}</b>: {html.escape(col[i]['caption'] if i < len(col) else '')}</div>"
+                for label, col in columns
+            )
+            cells.append(f'<div class="ex">{img}{caps}</div>')
+        title = f"{summary['model']}: {res['scope']} ({res['category']})"
+        parts.append(f"<h3>{html.escape(title)}</h3>" + "".join(cells))
+    return "".join(parts)
+
+
+def _curves_section(run_dir: Path, summary: dict) -> str:
+    figs = []
+    for res in _headline_results(summary):
+        curve = load_curve(run_dir / res["path"])
+        if curve.empty:
+            continue
+        base = curve[curve["k"] == 0].iloc[0]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], "clip_mean", "mean CLIP score")):
+            for control, style in (("top", "o-"), ("random", "s--")):
+                pts = curve[(curve["control"] == control) & (curve["k"] > 0)].sort_values("k")
+                if not pts.empty:
+                    values = pts[metric].astype(float).replace([np.inf, -np.inf], np.nan)
+                    ax.plot(pts["k"], values, style, label=f"{control} neurons", ms=4)
+            ax.axhline(float(base[metric]), color="gray", lw=0.8, label="unmasked")
+            ax.set_xscale("log")
+            if metric == "ppl_median":
+                ax.set_yscale("log")
+            if res.get("stage1_k"):
+                end = res.get("k_star") or curve["k"].max()
+                ax.axvspan(res["stage1_k"], end, color="orange", alpha=0.15, label="stage 1")
+            if res.get("k_star"):
+                ax.axvspan(res["k_star"], curve["k"].max() * 1.5, color="red", alpha=0.12, label="stage 2 (collapse)")
+            ax.set_xlabel("k (masked neurons)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{summary['model']} {res['scope']}: {label}", fontsize=9)
+        axes[1].legend(fontsize=7)
+        figs.append(f'<img class="fig" src="{_png(fig)}" alt="curves {html.escape(res["scope"])}">')
+        rows = curve.sort_values(["control", "k"])[CURVE_COLUMNS].values.tolist()
+        figs.append(f"<details><summary>evaluated points</summary>{_table(CURVE_COLUMNS, rows, left=1)}</details>")
+    return "".join(figs)
+
+
+def _locations_section(run_dir: Path, summary: dict, top_n: int = 50) -> str:
+    frames = []
+    for res in _headline_results(summary):
+        ranking = pd.read_parquet(run_dir / res["path"] / "ranking.parquet")
+        n = int(res.get("k_star") or top_n)
+        frames.append(ranking.head(max(n, 1)).assign(scope=res["scope"]))
+    if not frames:
+        return ""
+    top = pd.concat(frames)
+    top["row"] = top["site"].str.replace(r"\.layers\.\d+", "", regex=True)  # e.g. language.mlp.down_proj
+    table = top.groupby(["row", "layer"]).size().unstack(fill_value=0)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * table.shape[1], 0.8 + 0.45 * table.shape[0]))
+    im = ax.imshow(table.values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns)
+    ax.set_yticks(range(table.shape[0]), table.index)
+    ax.set_xlabel("layer")
+    for (i, j), v in np.ndenumerate(table.values):
+        ax.text(j, i, str(v), ha="center", va="center", color="w" if v < table.values.max() / 2 else "k", fontsize=8)
+    fig.colorbar(im, ax=ax, label="critical neurons")
+    ax.set_title(f"{summary['model']}: where the critical neurons (top k* of each scope) live", fontsize=9)
+    return f'<img class="fig" src="{_png(fig)}" alt="layer map">'
+
+
+def _kstar_rows(summary: dict) -> list[list]:
+    return [
+        [
+            summary["model"],
+            r["scope"],
+            r["category"],
+            r.get("k_star"),
+            r["n_neurons"],
+            None if r.get("k_star") is None else r["k_star"] / r["n_neurons"],
+            r.get("stage1_k"),
+            r.get("random_collapsed"),
+            r.get("activation_collapsed"),
+            r.get("mean_ablation_collapsed"),
+        ]
+        for r in summary["results"]
+    ]
+
+
+KSTAR_HEADER = [
+    "model",
+    "scope",
+    "category",
+    "k*",
+    "scope size",
+    "fraction of scope",
+    "stage 1 starts at k",
+    "random k* neurons collapse",
+    "activation-only top k* collapse",
+    "mean ablation of top k* collapses",
+]
+
+
+def _stability_section(summary: dict) -> str:
+    parts = [f"<h3>{html.escape(summary['model'])}</h3>"]
+    for scope, overlap in summary.get("overlap", {}).items():
+        cats = overlap["categories"]
+        matrix = np.array(overlap["jaccard"], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.5 + 0.55 * len(cats), 1.2 + 0.5 * len(cats)))
+        im = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma")
+        ax.set_xticks(range(len(cats)), cats, rotation=45, ha="right")
+        ax.set_yticks(range(len(cats)), cats)
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.5 else "k")
+        fig.colorbar(im, ax=ax, label="Jaccard")
+        ax.set_title(f"{scope}: overlap of top-{overlap['k']} sets across categories")
+        parts.append(f'<img class="fig" src="{_png(fig)}" alt="overlap {html.escape(scope)}">')
+    halves = summary.get("split_half", {})
+    if halves:
+        rows = [[scope, h["k"], h["jaccard"], h["spearman"]] for scope, h in halves.items()]
+        parts.append(
+            "<h3>split-half stability</h3>" + _table(["scope", "top k", "Jaccard", "Spearman of scores"], rows)
+        )
+    return "".join(parts)
+
+
+def _config_section(summary: dict) -> str:
+    """Config, versions, seed and timings of one run."""
+    config_rows = [[k, json.dumps(v)] for k, v in summary["config"].items()]
+    version_rows = [[k, v] for k, v in summary.get("versions", {}).items()]
+    timing_rows = [[k, v] for k, v in summary.get("timings", {}).items()]
+    return (
+        "<h3>config</h3>"
+        + _table(["field", "value"], config_rows, left=2)
+        + "<h3>versions</h3>"
+        + _table(["package", "version"], version_rows, left=2)
+        + f"<p>seed {summary['config'].get('seed')}</p>"
+        + "<h3>timings (s)</h3>"
+        + _table(["stage", "seconds"], timing_rows)
+    )
+
+
+def read_run(run_dir: Path | str) -> dict:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise InputError(f"{run_dir} is not a canprobe run folder (no summary.json)")
+    return json.loads(path.read_text())
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+
+
+def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> Path:
+    """Write one report over one or more run folders (default: ``report.html`` in the first)."""
+    runs = [(Path(d), read_run(d)) for d in run_dirs]
+    kstar = _table(KSTAR_HEADER, [row for _, s in runs for row in _kstar_rows(s)], left=3)
+    if len(runs) > 1:
+        kstar += _kstar_figure(pd.DataFrame(_headline_rows([s for _, s in runs])))
+    bodies = {
+        "examples": ("Collapse examples (paper Fig. 1)", "".join(_examples_section(d, s) for d, s in runs)),
+        "curves": ("PPL and CLIP score against k (paper Figs. 4-5)", "".join(_curves_section(d, s) for d, s in runs)),
+        "locations": ("Where the critical neurons live", "".join(_locations_section(d, s) for d, s in runs)),
+        "kstar": ("k* per model, scope and category", kstar),
+        "stability": ("Stability: category overlap and split halves", "".join(_stability_section(s) for _, s in runs)),
+        "config": ("Runs: config, versions, seed, timings", "".join(_config_section(s) for _, s in runs)),
+    }
+    sections = "".join(
+        f'<section id="{key}"><h2>{html.escape(title)}</h2>{body or "<p>(nothing measured)</p>"}</section>'
+        for key, (title, body) in bodies.items()
+    )
+    models = ", ".join(dict.fromkeys(s["model"] for _, s in runs))
+    path = Path(out) if out is not None else runs[0][0] / REPORT_FILE
+    atomic_write_text(path, _page(f"canprobe report: {models}", sections))
+    return path
+
+
+def _headline_rows(summaries: list[dict]) -> list[dict]:
+    return [
+        {
+            "model": s["model"],
+            "scope": r["scope"],
+            "category": r["category"],
+            "k_star": r.get("k_star"),
+            "n_neurons": r["n_neurons"],
+            "fraction": None if r.get("k_star") is None else r["k_star"] / r["n_neurons"],
+        }
+        for s in summaries
+        for r in _headline_results(s)
+    ]
+
+
+def _kstar_figure(table: pd.DataFrame) -> str:
+    pivot = table.groupby(["scope", "model"])["k_star"].first().unstack("model")
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(pivot), 3.2))
+    width = 0.8 / max(1, pivot.shape[1])
+    for j, model in enumerate(pivot.columns):
+        values = pivot[model].astype(float).to_numpy()
+        ax.bar(np.arange(len(pivot)) + j * width, np.nan_to_num(values), width, label=model)
+    ax.set_xticks(np.arange(len(pivot)) + width * (pivot.shape[1] - 1) / 2, pivot.index)
+    ax.set_yscale("log")
+    ax.set_ylabel("k* (neurons masked at collapse)")
+    ax.legend(fontsize=8)
+    ax.set_title("k* across models and scopes")
+    return f'<img class="fig" src="{_png(fig)}" alt="k* across models">'
+
+
+def compare_runs(run_dirs: list[Path | str], out: Path | str) -> tuple[pd.DataFrame, Path]:
+    """k* across runs (models) side by side: one table and one grouped bar figure, as an HTML page."""
+    table = pd.DataFrame(
+        _headline_rows([read_run(d) for d in run_dirs]),
+        columns=["model", "scope", "category", "k_star", "n_neurons", "fraction"],
+    )
+    body = _table(list(table.columns), table.values.tolist(), left=3) + _kstar_figure(table)
+    out = Path(out)
+    atomic_write_text(out, _page("canprobe: k* across runs", body))
+    return table, out

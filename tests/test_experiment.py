@@ -1,0 +1,201 @@
+"""The whole study: a small real run, its report read back, resume after interruption, config errors."""
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import canprobe.experiment as experiment_module
+from canprobe.config import make_config
+from canprobe.data import write_scenes
+from canprobe.experiment import Experiment
+from canprobe.report import CURVE_COLUMNS, SECTIONS, build_report, compare_runs
+from canprobe.store import read_jsonl
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _small_config(images: Path, out: Path, **changes) -> dict:
+    values = {
+        "model": "toy-llava",
+        "images": str(images),
+        "out": str(out),
+        "categories": ["car", "fish"],
+        "images_per_category": 2,
+        "scopes": ["language.down_proj"],
+        "max_new_tokens": 14,
+        "batch_size": 64,
+    }
+    values.update(changes)
+    return values
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_scenes(tmp_path_factory.mktemp("exp") / "scenes", per_category=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "run"
+    Experiment(make_config(_small_config(images, out)), progress=False).run()
+    return out
+
+
+def _strip_timing(summary: dict) -> dict:
+    summary = json.loads(json.dumps(summary))
+    summary.pop("timings")
+    return summary
+
+
+def test_run_writes_every_artifact(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    groups = {(r["scope"], r["category"]) for r in summary["results"]}
+    assert groups == {("language.down_proj", c) for c in ("car", "fish", "pooled")}
+    for r in summary["results"]:
+        folder = run_dir / r["path"]
+        for name in ("scores.safetensors", "ranking.parquet", "curve.jsonl", "summary.json"):
+            assert (folder / name).is_file(), folder / name
+        assert r["n_neurons"] == 4 * 128
+        assert r["k_star"] is None or 1 <= r["k_star"] <= r["n_neurons"]
+    overlap = summary["overlap"]["language.down_proj"]
+    assert overlap["categories"] == ["car", "fish"]
+    assert overlap["jaccard"][0][0] == 1.0 and 0 <= overlap["jaccard"][0][1] <= 1
+    half = summary["split_half"]["language.down_proj"]
+    assert 0 <= half["jaccard"] <= 1 and -1 <= half["spearman"] <= 1
+    assert set(summary["timings"]) >= {"scoring", "search", "controls", "stability"}
+    assert summary["versions"]["canprobe"]
+
+
+def _cells(table_html: str) -> list[list[str]]:
+    rows = re.findall(r"<tr>(.*?)</tr>", table_html, flags=re.S)
+    return [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, flags=re.S) for row in rows]
+
+
+def _num(text: str):
+    return None if text == "n/a" else float(text)
+
+
+def test_report_numbers_equal_the_artifacts(run_dir):
+    page = (run_dir / "report.html").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    kstar_html = re.search(r'<section id="kstar">(.*?)</section>', page, flags=re.S).group(1)
+    rows = _cells(kstar_html)[1:]
+    assert len(rows) == len(summary["results"])
+    for row, res in zip(rows, summary["results"]):
+        assert row[1] == res["scope"] and row[2] == res["category"]
+        assert _num(row[3]) == res["k_star"]
+        assert _num(row[4]) == res["n_neurons"]
+        assert _num(row[6]) == res["stage1_k"]
+    pooled = next(r for r in summary["results"] if r["category"] == "pooled")
+    curve = read_jsonl(run_dir / pooled["path"] / "curve.jsonl")
+    curves_html = re.search(r'<section id="curves">(.*?)</section>', page, flags=re.S).group(1)
+    table = _cells(re.search(r"<details>(.*?)</details>", curves_html, flags=re.S).group(1))
+    assert table[0] == CURVE_COLUMNS
+    shown = {(r[0], int(float(r[1]))): r for r in table[1:]}
+    assert len(shown) == len(curve)
+    for point in curve:
+        row = shown[(point["control"], point["k"])]
+        assert _num(row[3]) == pytest.approx(point["ppl_median"], rel=1e-3)
+        assert _num(row[5]) == pytest.approx(point["clip_mean"], rel=1e-3)
+        assert row[7] == point["stage"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is installed by .ci/run")
+def test_report_renders_in_headless_chromium(run_dir):
+    probe = (
+        "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+        "const secs=[...document.querySelectorAll('section')];document.body.setAttribute('data-check',"
+        "JSON.stringify({images:imgs.length,broken:imgs.filter(i=>!(i.complete&&i.naturalWidth>0)).length,"
+        "sections:secs.map(s=>[s.id,s.querySelectorAll('img,td').length,s.innerText.includes('nothing measured')])}))"
+        "});</script></body>"
+    )
+    page = (run_dir / "report.html").read_text().replace("</body>", probe)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe_path = Path(tmp) / "probe.html"
+        probe_path.write_text(page)
+        flags = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
+        flags += "--disable-component-update --disable-sync --virtual-time-budget=5000 --dump-dom"
+        dom = subprocess.run(
+            [CHROMIUM, *flags.split(), f"--user-data-dir={tmp}/profile", probe_path.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    check = json.loads(re.search(r'data-check="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert check["images"] >= 5 and check["broken"] == 0, check
+    assert [s[0] for s in check["sections"]] == list(SECTIONS)
+    for name, filled, empty_note in check["sections"]:
+        assert filled > 0 and not empty_note, name
+
+
+def test_interrupted_run_resumes_to_the_same_summary(images, tmp_path, monkeypatch):
+    values = _small_config(
+        images,
+        tmp_path / "a",
+        scopes=["language.down_proj", "projector.linear_2"],
+        per_category=False,
+        controls=["random"],
+        split_half=False,
+    )
+    whole = Experiment(make_config(values), progress=False).run()
+
+    values["out"] = str(tmp_path / "b")
+    real = experiment_module.find_k_star
+
+    def interrupt_second_scope(lm, images, ranking, clip, config, *args, **kwargs):
+        if config.scope == "projector.linear_2":
+            raise KeyboardInterrupt
+        return real(lm, images, ranking, clip, config, *args, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "find_k_star", interrupt_second_scope)
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(make_config(values), progress=False).run()
+    assert not (tmp_path / "b" / "summary.json").exists()
+    monkeypatch.setattr(experiment_module, "find_k_star", real)
+    resumed = Experiment(make_config(values), progress=False).run()
+    whole["config"]["out"] = resumed["config"]["out"]
+    assert _strip_timing(resumed) == _strip_timing(whole)
+
+
+def test_compare_and_multi_run_report(run_dir, tmp_path):
+    table, path = compare_runs([run_dir, run_dir], tmp_path / "compare.html")
+    assert list(table["k_star"]) == [json.loads((run_dir / "summary.json").read_text())["results"][-1]["k_star"]] * 2
+    assert "<img" in path.read_text()
+    report = build_report([run_dir], tmp_path / "r.html")
+    assert report.read_text().count("<section") == len(SECTIONS)
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--alpah", "0.5"], "alpah"),
+        (["--alpha", "x"], "alpha"),
+        (["--images", "/nonexistent/folder"], "images"),
+        (["--categories", "car,dragon"], "categories"),
+        (["--batch-size", "0"], "batch_size"),
+    ],
+)
+def test_bad_configs_fail_before_any_model_loads(cli, scene_dir, monkeypatch, args, field):
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("canprobe.experiment.load_model", no_loading)
+    result = cli("run", "--model", "toy-llava", "--images", scene_dir, *args)
+    assert result.code == 2, (result.out, result.err)
+    lines = [x for x in result.err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("canprobe: error:") and field in lines[0], result.err
+
+
+def test_bad_config_file_names_the_field(cli, scene_dir, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: toy-llava\nimages: {scene_dir}\nscopes: 3\n")
+    result = cli("run", path)
+    assert result.code == 2 and "scopes" in result.err and len(result.err.strip().splitlines()) == 1
+    path.write_text(f"model: toy-llava\nimages: {scene_dir}\nbogus: 1\n")
+    result = cli("run", path)
+    assert result.code == 2 and "bogus" in result.err
