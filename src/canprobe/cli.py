@@ -560,8 +560,17 @@ def demo(out: Path, per_category: int) -> None:
     summaries, runs = [], []
     for name in ("toy-llava", "toy-instructblip"):
         click.echo(f"== {name}")
+        # toy-clip still rates word salad made of scene words at 50-57% of the unmasked CLIP score,
+        # so the organisms need a collapse threshold of 60% where the paper's CLIP uses 50%
         config = make_config(
-            {"model": name, "images": str(images), "out": str(out / name), "batch_size": 48, "max_new_tokens": 16}
+            {
+                "model": name,
+                "images": str(images),
+                "out": str(out / name),
+                "batch_size": 48,
+                "max_new_tokens": 16,
+                "collapse_clip_ratio": 0.6,
+            }
         )
         summaries.append(Experiment(config).run())
         runs.append(out / name)

@@ -121,13 +121,14 @@ def load_model(
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    builtin = name_or_path in BUILTIN_MODELS
-    if builtin:  # the organisms load in milliseconds; a progress bar would only be noise
+    # the organisms load in milliseconds: a progress bar would only be noise (restore the caller's choice)
+    quiet = name_or_path in BUILTIN_MODELS and hf_logging.is_progress_bar_enabled()
+    if quiet:
         hf_logging.disable_progress_bar()
     try:
         model = auto.from_pretrained(path, **kwargs)
     finally:
-        if builtin:
+        if quiet:
             hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         model.to(device)
