@@ -55,7 +55,7 @@ def _thumb(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _fmt(value, digits: int = 3) -> str:
+def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -305,7 +305,8 @@ def _kstar_figure(table: pd.DataFrame) -> str:
         values = pivot[model].astype(float).to_numpy()
         ax.bar(np.arange(len(pivot)) + j * width, np.nan_to_num(values), width, label=model)
     ax.set_xticks(np.arange(len(pivot)) + width * (pivot.shape[1] - 1) / 2, pivot.index)
-    ax.set_yscale("log")
+    if (pivot.astype(float) > 0).any().any():  # no model collapsed: nothing to put on a log axis
+        ax.set_yscale("log")
     ax.set_ylabel("k* (neurons masked at collapse)")
     ax.legend(fontsize=8)
     ax.set_title("k* across models and scopes")
