@@ -315,6 +315,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
     from canprobe.metrics import default_clip_model
     from canprobe.search import CollapseCriterion, SearchConfig, find_k_star
+    from canprobe.store import RunLock
 
     thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
     criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
@@ -332,23 +333,24 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     )
     image_set = _image_subset(images, per_category)
     lm = _load_quiet(model, dtype, device)
-    if ranking is None and (out / "ranking.parquet").exists():
-        ranking = out / "ranking.parquet"
-    if ranking is not None:
-        table = _load_ranking(ranking)
-    else:
-        from canprobe.scoring import score_neurons
+    with RunLock(out):  # from the scoring on, not only while the search appends to the folder
+        if ranking is None and (out / "ranking.parquet").exists():
+            ranking = out / "ranking.parquet"
+        if ranking is not None:
+            table = _load_ranking(ranking)
+        else:
+            from canprobe.scoring import score_neurons
 
-        click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
-        scores = score_neurons(
-            lm, image_set.images, scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed
-        )
-        scores.save(out)
-        table = scores.ranking()
-    clip = _load_quiet(clip_model, "float32", device)
-    ppl_lm = _ppl_model(config.ppl_scorer, device)
-    names = [r.name for r in image_set.records]
-    result = find_k_star(lm, image_set.images, table, clip, config, out_dir=out, image_names=names, ppl_lm=ppl_lm)
+            click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
+            scores = score_neurons(
+                lm, image_set.images, scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed
+            )
+            scores.save(out)
+            table = scores.ranking()
+        clip = _load_quiet(clip_model, "float32", device)
+        ppl_lm = _ppl_model(config.ppl_scorer, device)
+        names = [r.name for r in image_set.records]
+        result = find_k_star(lm, image_set.images, table, clip, config, out, names, ppl_lm=ppl_lm)
     _print_search(result, out)
 
 
@@ -505,8 +507,9 @@ def _print_summary(summaries: list[dict]) -> None:
 
 @main.command("run")
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
+@click.option("--restart", is_flag=True, help="Start over when --out holds a run of another config (moved aside).")
 @_config_flags
-def run_command(config_file: Path | None, **flags) -> None:
+def run_command(config_file: Path | None, restart: bool, **flags) -> None:
     """Run a whole CAN study from CONFIG_FILE (YAML) and/or flags; rerunning resumes."""
     from canprobe.config import config_fields, make_config, read_config_file
     from canprobe.experiment import Experiment
@@ -518,7 +521,7 @@ def run_command(config_file: Path | None, **flags) -> None:
         if "list" in str(config_fields()[name]):
             value = [v.strip() for v in value.split(",") if v.strip()]
         values[name] = value
-    experiment = Experiment(make_config(values))
+    experiment = Experiment(make_config(values), restart=restart)
     summary = experiment.run()
     _print_summary([summary])
     click.echo(f"report: {Path(experiment.out) / 'report.html'}")

@@ -2,6 +2,7 @@
 
 Layout of the output folder (every file can be inspected with ordinary tools)::
 
+    run.json                              the config the folder belongs to (a resume must match it)
     summary.json                          the run: config, versions, seed, timings, one row per search
     report.html                           figures and tables drawn from the files below
     scopes/<scope>/<group>/               one search: group = a category or "pooled"
@@ -10,7 +11,9 @@ Layout of the output folder (every file can be inspected with ordinary tools)::
         controls.json                         activation-only ranking and mean ablation at k*
     scopes/<scope>/split_half/{a,b}/      rankings of two disjoint halves of the pooled images
 
-Every stage skips what its files already hold, so rerunning a killed run resumes it.
+Every stage skips what its files already hold, so rerunning a killed run resumes it. A folder made
+with another config refuses to resume unless ``restart=True`` (``--restart``), which moves its old
+contents to a sibling ``<out>.replaced-*`` folder; a live run holds the folder with a RunLock.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +40,13 @@ from canprobe.models import LoadedModel, load_model
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
 from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
-from canprobe.store import atomic_write_json
+from canprobe.store import LOCK_FILE, RunLock, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 POOLED = "pooled"
 CONTROLS_FILE = "controls.json"
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -111,16 +117,21 @@ def _jaccard(a: list[str], b: list[str]) -> float:
 
 
 class Experiment:
-    """Runs (or resumes) one ExperimentConfig; ``run()`` returns the run summary."""
+    """Runs (or resumes) one ExperimentConfig; ``run()`` returns the run summary.
 
-    def __init__(self, config: ExperimentConfig, progress: bool = True):
+    ``restart``: start over when ``config.out`` holds a run of another config (its files are moved aside).
+    """
+
+    def __init__(self, config: ExperimentConfig, progress: bool = True, restart: bool = False):
         self.config = config
         self.out = Path(config.out)
         self.progress = progress
+        self.restart = restart
         self.timings = Timings()
         check_image_source(config)
 
-    def _search_config(self, scope: str) -> SearchConfig:
+    def _search_config(self, scope: str, group: str) -> SearchConfig:
+        """Per-category searches run the random control only at k* and stage 1; the figures use pooled curves."""
         c = self.config
         return SearchConfig(
             scope=scope,
@@ -131,6 +142,7 @@ class Experiment:
                 collapse_clip_ratio=c.collapse_clip_ratio,
             ),
             control="random" if "random" in c.controls else None,
+            control_at="curve" if group == POOLED or not c.pooled else "k_star",
             seed=c.seed,
             ablation=c.ablation,
             ppl_scorer=c.ppl_scorer,
@@ -194,7 +206,40 @@ class Experiment:
         spearman = float(a.rank().corr(b.loc[a.index].rank()))
         return {"k": k, "jaccard": _jaccard(top_a, top_b), "spearman": spearman}
 
+    def _identity(self) -> dict:
+        """The config that decides the folder's results (its own location may change)."""
+        return json.loads(json.dumps({k: v for k, v in self.config.to_dict().items() if k != "out"}))
+
+    def _claim(self) -> None:
+        """Check that the folder is empty or holds this config's run; restart moves another run aside."""
+        identity = self._identity()
+        previous = _read_json(self.out / RUN_FILE)
+        unlabelled = previous is None and any((self.out / name).exists() for name in ("summary.json", "scopes"))
+        if unlabelled or previous not in (None, identity):
+            if not self.restart:
+                if unlabelled:
+                    changed = "it has no run.json"
+                else:
+                    fields = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
+                    changed = "differs in " + ", ".join(fields)
+                raise InputError(
+                    f"{self.out} holds a run of another config ({changed}); use the same config to resume, "
+                    "another out folder, or --restart to start over"
+                )
+            aside = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.replaced-", dir=self.out.parent))
+            for entry in self.out.iterdir():
+                if entry.name != LOCK_FILE:
+                    shutil.move(entry, aside / entry.name)
+            log.warning("%s: moved the previous run (another config) to %s", self.out, aside)
+        atomic_write_json(self.out / RUN_FILE, identity)
+
     def run(self) -> dict:
+        """Run or resume the study while holding the output folder (RunLock)."""
+        with RunLock(self.out):
+            self._claim()
+            return self._run()
+
+    def _run(self) -> dict:
         c = self.config
         start = time.perf_counter()
         image_set = load_image_set(
@@ -223,7 +268,7 @@ class Experiment:
             rankings[(scope, group.name)] = ranking
             self.timings.add("scoring", t)
             t = time.perf_counter()
-            search_config = self._search_config(scope)
+            search_config = self._search_config(scope, group.name)
             found = find_k_star(lm, group.images, ranking, clip, search_config, out, group.names)
             self.timings.add("search", t)
             t = time.perf_counter()
@@ -305,8 +350,8 @@ def _versions() -> dict[str, str]:
     return {"canprobe": canprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
-    return Experiment(config, progress).run()
+def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> dict:
+    return Experiment(config, progress, restart).run()
 
 
 def read_summary(run_dir: Path | str) -> dict:

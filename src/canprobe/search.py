@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from canprobe.ablation import ABLATION_KINDS, RankedNeurons
 from canprobe.errors import InputError
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
 from canprobe.sites import SiteRegistry
-from canprobe.store import append_jsonl, atomic_write_json, read_jsonl
+from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +399,11 @@ class CollapseSearch:
         return lo, hi
 
     def run(self) -> SearchResult:
+        """Resume from and append to ``out_dir``, which this process holds (RunLock) until the search ends."""
+        with RunLock(self.out) if self.out is not None else nullcontext():
+            return self._run()
+
+    def _run(self) -> SearchResult:
         start = time.perf_counter()
         self._resume()
         self.baseline = self._baseline()

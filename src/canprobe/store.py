@@ -4,6 +4,8 @@ Long runs (scoring, the k* search) must be resumable after ``kill -9`` or a powe
 are written to a temporary file in the same folder, fsynced, then renamed over the target, so a
 reader sees the old file or the new one, never half of one. Logs of results are JSON lines appended
 one at a time with flush + fsync; a kill can tear only the last line, and the reader drops it.
+An output folder is held by one live process at a time through a lock file (``RunLock``): two runs
+appending to the same ``curve.jsonl`` would interleave their points.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,15 @@ from canprobe.errors import CanprobeError
 log = logging.getLogger(__name__)
 
 
+LOCK_FILE = ".canprobe.lock"
+
+
 class StoreError(CanprobeError):
     """A results file that is damaged beyond a torn last line."""
+
+
+class RunLockedError(CanprobeError):
+    """An output folder that another live process is writing to."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -41,6 +51,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -50,6 +61,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _file_mode(path: Path) -> int:
+    """The mode the file would have if opened normally: mkstemp's 0600 would hide reports from other users."""
+    try:
+        return path.stat().st_mode & 0o777  # replacing a file keeps its permissions
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -115,3 +136,92 @@ def _truncate(path: Path, size: int) -> None:
         f.truncate(size)
         f.flush()
         os.fsync(f.fileno())
+
+
+class RunLock:
+    """Hold an output folder for this process: ``with RunLock(out): ...``.
+
+    The lock file holds the holder's pid and host. It is created with ``os.link`` of a complete
+    temporary file, so it never exists half-written and only one process can create it. A lock
+    whose pid is dead on this host (a run killed with SIGKILL leaves one) is taken over with a
+    warning; a live holder makes ``__enter__`` raise RunLockedError. Re-entering in the process that
+    holds it is allowed (the CLI holds the folder while the library's search takes it again), and
+    only the outermost holder removes the file, on exit or exception.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_FILE
+        self.owned = False
+        self._me = {"pid": os.getpid(), "host": socket.gethostname()}
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_FILE}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            while not self._take(tmp):
+                pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return self
+
+    def _take(self, tmp: str) -> bool:
+        """One attempt: True when this process holds the lock; False to retry (the file changed meanwhile)."""
+        try:
+            os.link(tmp, self.path)
+            self.owned = True
+            return True
+        except FileExistsError:
+            pass
+        raw = _read_or_none(self.path)
+        if raw is None:
+            return False  # released between link and read
+        holder = _parse_holder(raw)
+        if holder == self._me:
+            return True  # nested use in the holding process
+        if holder is not None and (holder["host"] != self._me["host"] or _pid_alive(holder["pid"])):
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another canprobe run (pid {holder['pid']} on {holder['host']}); "
+                f"wait for it or use another output folder (delete {self.path} if no such run exists)"
+            )
+        what = "unreadable lock" if holder is None else f"lock of dead process {holder['pid']}"
+        log.warning("%s: taking over the %s", self.path.parent, what)
+        if _read_or_none(self.path) == raw:  # still the stale file (another taker may have replaced it)
+            self.path.unlink(missing_ok=True)
+        return False
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.owned and _parse_holder(_read_or_none(self.path) or b"") == self._me:
+            self.path.unlink(missing_ok=True)
+        self.owned = False
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _parse_holder(raw: bytes) -> dict | None:
+    try:
+        holder = json.loads(raw)
+        return {"pid": int(holder["pid"]), "host": str(holder["host"])}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (signal 0 checks without signalling)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
