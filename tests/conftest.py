@@ -37,6 +37,7 @@ def cli(capsys, monkeypatch):
     from canprobe.cli import run
 
     def invoke(*args: str) -> CliResult:
+        capsys.readouterr()  # only what the command itself prints
         monkeypatch.setattr(sys, "argv", ["canprobe", *map(str, args)])
         code = 0
         try:

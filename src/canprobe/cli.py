@@ -39,6 +39,10 @@ device_option = click.option("--device", default=None, help="torch device, e.g. 
 def main(verbose: bool) -> None:
     """canprobe: find the neurons whose removal collapses a vision-language model (CAN)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not verbose:  # stderr is for errors (one line each); --verbose brings transformers' progress bars back
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @main.command()
