@@ -136,13 +136,6 @@ def organisms_eval(name, count, seed) -> None:
 # --- inspect and score: neuron sites and CAN scoring ---
 
 
-def _quiet_loading() -> None:
-    """Keep stderr for errors: transformers' weight-loading progress bar would add lines to it."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 @main.command("inspect")
 @click.argument("model")
 @dtype_option
@@ -155,7 +148,6 @@ def inspect_command(model: str, dtype: str, device: str | None) -> None:
     """
     from canprobe.inventory import format_inventory, inspect_model
 
-    _quiet_loading()
     for line in format_inventory(inspect_model(model, dtype=dtype, device=device)):
         click.echo(line)
 
@@ -215,7 +207,6 @@ def score_command(
         if missing:
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
         captions = [r.caption for r in image_set.records]
-    _quiet_loading()
     lm = _load(model, dtype, device, trust_remote_code)
     result = score_neurons(
         lm,
@@ -247,17 +238,11 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _load_quiet(model: str, dtype: str, device: str | None):
-    """Load with transformers' progress bars off (load_model turns them back on after a built-in model)."""
-    _quiet_loading()
-    return _load(model, dtype, device)
-
-
 def _ppl_model(ppl_scorer: str, device: str | None):
     """The separate causal LM that scores captions, when --ppl-scorer names one."""
     from canprobe.metrics import PPL_SCORERS
 
-    return None if ppl_scorer in PPL_SCORERS else _load_quiet(ppl_scorer, "float32", device)
+    return None if ppl_scorer in PPL_SCORERS else _load(ppl_scorer, "float32", device)
 
 
 def _load_ranking(path: Path):
@@ -336,7 +321,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         **options,
     )
     image_set = _image_subset(images, per_category)
-    lm = _load_quiet(model, dtype, device)
+    lm = _load(model, dtype, device)
     with RunLock(out):  # from the scoring on, not only while the search appends to the folder
         if ranking is None and (out / "ranking.parquet").exists():
             ranking = out / "ranking.parquet"
@@ -351,7 +336,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             )
             scores.save(out)
             table = scores.ranking()
-        clip = _load_quiet(clip_model, "float32", device)
+        clip = _load(clip_model, "float32", device)
         ppl_lm = _ppl_model(config.ppl_scorer, device)
         names = [r.name for r in image_set.records]
         result = find_k_star(lm, image_set.images, table, clip, config, out, names, ppl_lm=ppl_lm)
@@ -427,7 +412,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     for address in addresses:
         parse_address(address)
     image_set = _image_subset(images, rest["per_category"])
-    lm = _load_quiet(model, rest["dtype"], rest["device"])
+    lm = _load(model, rest["dtype"], rest["device"])
     registry = SiteRegistry(lm.model)
     if top_k is not None:
         from canprobe.search import ranked_in_scope
@@ -445,7 +430,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     means = None
     if ablation == "mean" and mask:
         means = mean_activations(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
-    clip = _load_quiet(clip_model or default_clip_model(model), "float32", rest["device"])
+    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
     evaluator = MaskEvaluator(
         lm,
         image_set.images,

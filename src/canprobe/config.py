@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from canprobe.ablation import ABLATION_KINDS
 from canprobe.errors import InputError
+from canprobe.scoring import SCORE_METHODS
 
-SCORE_METHODS = ("can", "activation", "gradient", "random", "wanda")
 CONTROLS = ("random", "activation", "mean")
 
 
@@ -60,7 +61,7 @@ class ExperimentConfig:
             "method": SCORE_METHODS,
             "reduction": ("loss", "all"),
             "loss_text": ("self", "reference"),
-            "ablation": ("zero", "mean"),
+            "ablation": ABLATION_KINDS,
             "dtype": ("float32", "bfloat16", "float16"),
         }
         for name, allowed in choices.items():
