@@ -1,27 +1,20 @@
 """Cost of CAN scoring against a bare forward+backward with frozen weights, and against Captum.
 
-    python benchmarks/bench_scoring.py                      # toy-llava, everything in this process
-    python benchmarks/bench_scoring.py --arch llava-1.5-7b  # 7B LLaVA, random bf16 weights, one image
+    python benchmarks/bench_scoring.py     # toy-llava, everything in this process
+
+(The 7B architectures, with peak RSS per mode: benchmarks/bench_scale.py.)
 
 The toy run times, in one process and interleaved over repeats (median reported): building the
 inputs; a bare forward+backward (pixel values require grad, so the backward runs through the
 whole model; weights frozen); ``score_inputs`` on every language and vision site; and Captum's
 LayerGradientXActivation on the same sites (two calls: output sites, then ``down_proj`` input
 sites, since Captum takes one ``attribute_to_layer_input`` per call), reduced the same way.
-
-The 7B run measures the bare pass and scoring each in a fresh subprocess so that peak RSS is
-clean; it needs about 20 GB of RAM. The prompt is 1 BOS + 576 image tokens + 39 text tokens
-(the last 20 are the caption), like LLaVA-1.5 with a 336 px image.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -113,89 +106,12 @@ def bench_toy(batch_size: int, repeats: int) -> None:
     print(f"  scoring / Captum on the same sites         {t['score'] / t['captum']:.2f}x  (aim <= 1x)")
 
 
-def _seven_b_model():
-    from transformers import AutoModelForImageTextToText
-
-    from canprobe.inventory import build_shipped
-
-    config = build_shipped("llava-1.5-7b").config
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    return model.eval().requires_grad_(False)
-
-
-def _seven_b_inputs(model) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(3, 32000, (39,), generator=g)
-    ids = torch.cat(
-        [torch.tensor([1]), text[:10], torch.full((cfg.image_seq_length,), cfg.image_token_index), text[10:]]
-    )
-    labels = torch.full_like(ids, -100)
-    labels[-20:] = ids[-20:]
-    size = cfg.vision_config.image_size
-    return {
-        "input_ids": ids[None],
-        "attention_mask": torch.ones_like(ids)[None],
-        "labels": labels[None],
-        "pixel_values": torch.randn(1, 3, size, size, generator=g).to(torch.bfloat16),
-    }
-
-
-def seven_b_child(mode: str) -> None:
-    from canprobe.models import LoadedModel
-    from canprobe.scoring import score_inputs
-
-    model = _seven_b_model()
-    enc = _seven_b_inputs(model)
-    lm = LoadedModel(model, None, "llava", "llava-1.5-7b (random bf16)")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    if mode == "bare":
-        _bare(lm, enc)
-    else:
-        score_inputs(lm, [enc], scope=SCOPE)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps({"mode": mode, "seconds": seconds, "peak_gb": peak * 1024 / 1e9, "before_gb": before * 1024 / 1e9})
-    )
-
-
-def bench_seven_b() -> None:
-    results = {}
-    for mode in ("bare", "score"):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--arch", "llava-1.5-7b", "--child", mode],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    bare, score = results["bare"], results["score"]
-    print(f"llava-1.5-7b architecture, random bf16 weights, CPU, one image + 40 text tokens, {SCOPE} sites")
-    for r in (bare, score):
-        print(
-            f"  {r['mode']:5s} {r['seconds']:7.1f} s/image   peak RSS {r['peak_gb']:5.1f} GB "
-            f"(after building the model: {r['before_gb']:.1f})"
-        )
-    print(f"  time ratio scoring / bare forward+backward {score['seconds'] / bare['seconds']:.2f}x  (aim <= 1.3x)")
-    print(f"  peak RSS ratio                             {score['peak_gb'] / bare['peak_gb']:.2f}x  (aim <= 1.1x)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["toy-llava", "llava-1.5-7b"], default="toy-llava")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--child", choices=["bare", "score"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        seven_b_child(args.child)
-    elif args.arch == "toy-llava":
-        bench_toy(args.batch_size, args.repeats)
-    else:
-        bench_seven_b()
+    bench_toy(args.batch_size, args.repeats)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ In one process, on the same images, CAN ranking, CLIP and settings:
    at a time until the first collapsed k (``--sweep-limit`` caps it; the time is then
    extrapolated linearly and marked as such);
 3. batched multi-k: the same k values (the growth grid) evaluated one k per generate call, then
-   all of them in batched calls through per-row masks; throughput ratio of the two.
+   all of them in batched calls through per-row masks; throughput ratio of the two;
+4. vision-feature reuse: search 1 (which encodes each image once and reuses the encoding under
+   every language mask) against the same search re-encoding the image for every mask and every
+   perplexity pass: time, and whether k* and every caption agree.
 
 Timings are single runs of the whole thing (a sweep is long; repeats would not change the ratio
 by much) on whatever CPU runs it; compare ratios, not seconds, across machines.
@@ -69,6 +72,19 @@ def main() -> None:
     search_n = result.summary["evaluations"]["search"]
     print(f"{criterion.describe()}")
     print(f"search: k* = {result.k_star}, {search_n} evaluations, {search_s:.1f} s")
+
+    # 4. the same search without reusing the image encoding
+    start = time.perf_counter()
+    plain = find_k_star(lm, images, ranking, clip, config, reuse_features=False)
+    plain_s = time.perf_counter() - start
+    pairs = [(p, plain.point(p.k, p.control)) for p in result.points]
+    same = all(
+        q is not None and [c["caption"] for c in p.captions] == [c["caption"] for c in q.captions] for p, q in pairs
+    )
+    print(
+        f"feature reuse: {search_s:.1f} s with, {plain_s:.1f} s without => {plain_s / search_s:.2f}x faster; "
+        f"k* {result.k_star} vs {plain.k_star}; every point's captions identical: {same}"
+    )
     if result.k_star is None:
         print("no collapse in this scope: nothing to compare")
         return

@@ -33,6 +33,7 @@ class FakeEvaluator:
 
     def __init__(self, collapsed, degraded=lambda k: False, n_images=3, fail_after=None):
         self.images = [None] * n_images
+        self.n_images = n_images
         self.collapsed, self.degraded, self.fail_after = collapsed, degraded, fail_after
         self.calls: list[list[int]] = []
         self.baseline_set = None

@@ -34,9 +34,14 @@ def _model_of(lm_or_model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
 
 
 def to_model_inputs(enc: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Inputs on the model's device, floating ones in its dtype."""
+    """Inputs on the model's device, floating ones in its dtype (anything but a tensor passes through)."""
     p = next(model.parameters())
-    return {k: v.to(p.device, dtype=p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in enc.items()}
+    return {
+        k: (v.to(p.device, dtype=p.dtype) if v.is_floating_point() else v.to(p.device))
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in enc.items()
+    }
 
 
 def group_by_site(registry: SiteRegistry, neurons: NeuronSpec) -> dict[str, torch.Tensor]:

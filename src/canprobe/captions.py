@@ -7,7 +7,7 @@ This is the generation path that masking wraps: anything active on the model whi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,17 +83,26 @@ def generate_captions(
     prompt: str | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    features: Sequence[torch.Tensor] | None = None,
 ) -> list[str]:
-    """Greedy captions, one per image, in order."""
+    """Greedy captions, one per image, in order.
+
+    ``features``: one cached image encoding per image (``canprobe.features``); the image encoder is
+    then skipped and the images only shape the prompt.
+    """
     if max_new_tokens <= 0 or batch_size <= 0:
         raise InputError("max new tokens and batch size must be positive")
     tok = lm.tokenizer
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
     captions: list[str] = []
-    for batch in _batches(images, batch_size):
-        enc = caption_inputs(lm, batch, prompt)
-        out = lm.model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id
-        )
+    for start in range(0, len(images), batch_size):
+        enc = caption_inputs(lm, images[start : start + batch_size], prompt)
+        if features is None:
+            out = lm.model.generate(**enc, **options)
+        else:
+            from canprobe import features as cached
+
+            out = cached.generate(lm, enc, features[start : start + batch_size], **options)
         prompt_len = enc["input_ids"].shape[1]
         # decoder-style generate returns prompt + continuation; keep only the continuation
         if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len], enc["input_ids"]):

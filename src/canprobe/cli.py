@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -16,10 +17,23 @@ from canprobe.errors import CanprobeError
 POSITIVE = click.IntRange(min=1)
 
 
-def _load(model: str, dtype: str, device: str | None, trust_remote_code: bool = False):
+def _load(model: str, dtype: str, device: str | None, trust_remote_code: bool = False, device_map: str | None = None):
     from canprobe.models import load_model
 
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load_model(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+
+
+def _join_world(device: str | None):
+    """Under torchrun / accelerate launch: join the process group; (world, device to use)."""
+    from canprobe.distributed import init_from_env
+
+    return init_from_env(device)
+
+
+def _print_plan(plan) -> None:
+    for line in plan.lines:
+        click.echo(line)
+    click.echo("dry run: nothing was loaded or written")
 
 
 def _report_skipped(image_set) -> None:
@@ -32,6 +46,19 @@ def _report_skipped(image_set) -> None:
 model_option = click.option("--model", required=True, help="Built-in name (toy-llava, ...), local folder or hub id.")
 dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
 device_option = click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
+device_map_option = click.option(
+    "--device-map", default=None, help="accelerate placement for models larger than one GPU, e.g. auto."
+)
+checkpointing_option = click.option(
+    "--gradient-checkpointing", is_flag=True, help="Recompute layer activations in the backward pass (less memory)."
+)
+reuse_option = click.option(
+    "--reuse-features/--no-reuse-features",
+    default=True,
+    show_default=True,
+    help="Encode each image once for all masks that leave the image encoder alone.",
+)
+dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -175,6 +202,10 @@ def inspect_command(model: str, dtype: str, device: str | None) -> None:
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the ranking to print.")
 @dtype_option
 @device_option
+@device_map_option
+@checkpointing_option
+@reuse_option
+@dry_run_option
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
 def score_command(
     model,
@@ -192,22 +223,48 @@ def score_command(
     top,
     dtype,
     device,
+    device_map,
+    gradient_checkpointing,
+    reuse_features,
+    dry_run,
     trust_remote_code,
 ) -> None:
-    """Score every neuron in SCOPE over an image set; write scores.safetensors and ranking.parquet."""
+    """Score every neuron in SCOPE over an image set; write scores.safetensors and ranking.parquet.
+
+    Under torchrun each process scores its shard of the images; rank 0 writes the files.
+    """
     from canprobe.data import load_image_set
     from canprobe.errors import InputError
     from canprobe.scoring import score_neurons
 
+    world, device = _join_world(device)
     image_set = load_image_set(images)
-    _report_skipped(image_set)
+    if dry_run:
+        from canprobe.plan import make_plan
+
+        _print_plan(
+            make_plan(
+                model,
+                len(image_set),
+                scope,
+                dtype,
+                batch_size,
+                batch_size,
+                max_new_tokens,
+                world.size,
+                gradient_checkpointing,
+            )
+        )
+        return
+    if world.main:
+        _report_skipped(image_set)
     captions = None
     if caption_source == "reference":
         missing = [r.name for r in image_set.records if r.caption is None]
         if missing:
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
         captions = [r.caption for r in image_set.records]
-    lm = _load(model, dtype, device, trust_remote_code)
+    lm = _load(model, dtype, device, trust_remote_code, device_map)
     result = score_neurons(
         lm,
         image_set.images,
@@ -220,14 +277,18 @@ def score_command(
         batch_size=batch_size,
         seed=seed,
         max_new_tokens=max_new_tokens,
+        gradient_checkpointing=gradient_checkpointing,
+        reuse_features=reuse_features,
     )
+    if not world.main:
+        return
     result.save(out)
     ranking = result.ranking()
     for row in ranking.head(top).itertuples():
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
     click.echo(
         f"scored {len(ranking):,} neurons in {len(result.sites)} sites over {len(image_set)} images "
-        f"({method}, reduction {reduction}, {caption_source} captions); wrote {out}"
+        f"({method}, reduction {reduction}, {caption_source} captions, {world.size} process(es)); wrote {out}"
     )
 
 
@@ -251,11 +312,12 @@ def _load_ranking(path: Path):
     return load_ranking(path)
 
 
-def _image_subset(images: Path, per_category: int | None):
+def _image_subset(images: Path, per_category: int | None, report: bool = True):
     from canprobe.data import load_image_set
 
     image_set = load_image_set(images, limit=per_category)
-    _report_skipped(image_set)
+    if report:
+        _report_skipped(image_set)
     return image_set
 
 
@@ -300,6 +362,10 @@ def _image_subset(images: Path, per_category: int | None):
 @click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
 @dtype_option
 @device_option
+@device_map_option
+@checkpointing_option
+@reuse_option
+@dry_run_option
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
     from canprobe.metrics import default_clip_model
@@ -309,6 +375,8 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
     criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
     per_category, dtype, device = options.pop("per_category"), options.pop("dtype"), options.pop("device")
+    device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
+    checkpointed, reuse = options.pop("gradient_checkpointing"), options.pop("reuse_features")
     clip_model = options.pop("clip_model") or default_clip_model(model)
     config = SearchConfig(
         scope=scope,
@@ -320,9 +388,29 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         n_samples=options.pop("samples"),
         **options,
     )
-    image_set = _image_subset(images, per_category)
-    lm = _load(model, dtype, device)
-    with RunLock(out):  # from the scoring on, not only while the search appends to the folder
+    world, device = _join_world(device)
+    image_set = _image_subset(images, per_category, report=world.main)
+    if dry_run:
+        from canprobe.plan import make_plan
+
+        plan = make_plan(
+            model,
+            len(image_set),
+            scope,
+            dtype,
+            8,
+            config.batch_size,
+            config.max_new_tokens,
+            world.size,
+            checkpointed,
+            searches=1,
+            growth=config.growth,
+        )
+        _print_plan(plan)
+        return
+    lm = _load(model, dtype, device, device_map=device_map)
+    # rank 0 holds the folder from the scoring on, not only while the search appends to it
+    with RunLock(out) if world.main else nullcontext():
         if ranking is None and (out / "ranking.parquet").exists():
             ranking = out / "ranking.parquet"
         if ranking is not None:
@@ -330,17 +418,28 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         else:
             from canprobe.scoring import score_neurons
 
-            click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
+            if world.main:
+                click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
             scores = score_neurons(
-                lm, image_set.images, scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed
+                lm,
+                image_set.images,
+                scope=scope,
+                method=method,
+                alpha=alpha,
+                prompt=config.prompt,
+                seed=seed,
+                gradient_checkpointing=checkpointed,
+                reuse_features=reuse,
             )
-            scores.save(out)
+            if world.main:
+                scores.save(out)
             table = scores.ranking()
         clip = _load(clip_model, "float32", device)
         ppl_lm = _ppl_model(config.ppl_scorer, device)
         names = [r.name for r in image_set.records]
-        result = find_k_star(lm, image_set.images, table, clip, config, out, names, ppl_lm=ppl_lm)
-    _print_search(result, out)
+        result = find_k_star(lm, image_set.images, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
+    if world.main:
+        _print_search(result, out)
 
 
 def _print_search(result, out: Path) -> None:
@@ -497,11 +596,21 @@ def _print_summary(summaries: list[dict]) -> None:
 @main.command("run")
 @click.argument("config_file", required=False, type=click.Path(path_type=Path))
 @click.option("--restart", is_flag=True, help="Start over when --out holds a run of another config (moved aside).")
+@dry_run_option
 @_config_flags
-def run_command(config_file: Path | None, restart: bool, **flags) -> None:
+def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags) -> None:
     """Run a whole CAN study from CONFIG_FILE (YAML) and/or flags; rerunning resumes."""
+    import os
+
     from canprobe.config import config_fields, make_config, read_config_file
+    from canprobe.errors import InputError
     from canprobe.experiment import Experiment
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(
+            "canprobe run is one process per study (its stages resume from files); launch "
+            "`canprobe score` and `canprobe search` under torchrun for data parallelism, or one run per GPU"
+        )
 
     values = read_config_file(config_file) if config_file else {}
     for name, value in flags.items():
@@ -511,6 +620,11 @@ def run_command(config_file: Path | None, restart: bool, **flags) -> None:
             value = [v.strip() for v in value.split(",") if v.strip()]
         values[name] = value
     experiment = Experiment(make_config(values), restart=restart)
+    if dry_run:
+        for line in experiment.plan():
+            click.echo(line)
+        click.echo("dry run: nothing was loaded or written")
+        return
     summary = experiment.run()
     _print_summary([summary])
     click.echo(f"report: {Path(experiment.out) / 'report.html'}")

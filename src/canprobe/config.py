@@ -54,6 +54,9 @@ class ExperimentConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str | None = None
+    device_map: str | None = None
+    gradient_checkpointing: bool = False
+    reuse_features: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -106,6 +106,8 @@ def _score(
         batch_size=config.batch_size,
         seed=config.seed,
         max_new_tokens=config.max_new_tokens,
+        gradient_checkpointing=config.gradient_checkpointing,
+        reuse_features=config.reuse_features,
     )
     result.save(out)
     return result.ranking()
@@ -174,7 +176,16 @@ class Experiment:
         if "activation" in wanted:
             act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
-            ev = MaskEvaluator(lm, group.images, clip, c.ppl_scorer, c.prompt, c.max_new_tokens, c.batch_size)
+            ev = MaskEvaluator(
+                lm,
+                group.images,
+                clip,
+                c.ppl_scorer,
+                c.prompt,
+                c.max_new_tokens,
+                c.batch_size,
+                reuse_features=c.reuse_features,
+            )
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
@@ -233,6 +244,31 @@ class Experiment:
             log.warning("%s: moved the previous run (another config) to %s", self.out, aside)
         atomic_write_json(self.out / RUN_FILE, identity)
 
+    def plan(self) -> list[str]:
+        """What ``run`` would do and the memory it needs, from the model config alone (``--dry-run``)."""
+        from canprobe.plan import make_plan
+
+        c = self.config
+        image_set = load_image_set(
+            c.images, categories=c.categories, limit=c.images_per_category, annotations=c.annotations
+        )
+        groups = _groups(c, image_set)
+        lines = [f"{len(groups)} image group(s): " + ", ".join(f"{g.name} ({len(g.images)})" for g in groups)]
+        for scope in c.scopes:
+            plan = make_plan(
+                c.model,
+                max(len(g.images) for g in groups),
+                scope,
+                c.dtype,
+                batch_size=c.batch_size,
+                generation_rows=c.batch_size,
+                max_new_tokens=c.max_new_tokens,
+                gradient_checkpointing=c.gradient_checkpointing,
+                searches=len(groups),
+            )
+            lines += [f"== scope {scope} (largest group)", *plan.lines]
+        return lines
+
     def run(self) -> dict:
         """Run or resume the study while holding the output folder (RunLock)."""
         with RunLock(self.out):
@@ -250,7 +286,7 @@ class Experiment:
         groups = _groups(c, image_set)
         self.timings.add("load images", start)
         start = time.perf_counter()
-        lm = load_model(c.model, dtype=c.dtype, device=c.device)
+        lm = load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map)
         clip = load_model(c.clip_model or default_clip_model(c.model), device=c.device)
         self.timings.add("load models", start)
         registry = SiteRegistry(lm.model)
@@ -269,7 +305,9 @@ class Experiment:
             self.timings.add("scoring", t)
             t = time.perf_counter()
             search_config = self._search_config(scope, group.name)
-            found = find_k_star(lm, group.images, ranking, clip, search_config, out, group.names)
+            found = find_k_star(
+                lm, group.images, ranking, clip, search_config, out, group.names, reuse_features=c.reuse_features
+            )
             self.timings.add("search", t)
             t = time.perf_counter()
             controls = self._controls(lm, clip, scope, group, ranking, found.k_star, out, search_config)

@@ -8,7 +8,9 @@ dtype; infinite or NaN perplexities are recorded as data and never raise.
 
 ``MaskEvaluator`` ties masking, captioning and metrics together: it evaluates several neuron sets
 in one batched generate (rows = masks x images) and caches what does not depend on the mask
-(unmasked captions, CLIP image features).
+(unmasked captions, CLIP image features, and the model's own image features while the masks stay
+in the language model). Under ``torch.distributed`` each process evaluates its shard of the images
+and every process receives all images' metrics, in order.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from canprobe.ablation import NeuronSpec, ablate_rows, to_model_inputs
+from canprobe import distributed, features
+from canprobe.ablation import NeuronSpec, ablate_rows, group_by_site, to_model_inputs
 from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
+from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +63,12 @@ def caption_ppl(
     captions: list[str],
     prompt: str | None = None,
     batch_size: int = 16,
+    image_features: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Perplexity of each caption as a continuation of the prompt (and image), float32; may hold inf/NaN.
 
     ``lm`` may be a vision-language model (images required) or a text-only causal LM (images ignored).
+    ``image_features``: cached encodings of the images (``canprobe.features``), one per caption.
     """
     if lm.kind not in ("llava", "instructblip", "decoder"):
         raise InputError(f"{lm.source} is a {lm.kind} model; perplexity needs a language model")
@@ -70,7 +76,10 @@ def caption_ppl(
     for start in range(0, len(captions), batch_size):
         caps = list(captions[start : start + batch_size])
         ims = None if lm.kind == "decoder" else list(images[start : start + batch_size])
-        out.append(caption_nll(lm.model, teacher_forcing_inputs(lm.processor, lm.kind, ims, caps, prompt)))
+        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.kind, ims, caps, prompt), lm.model)
+        if image_features is not None:
+            enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
+        out.append(caption_nll(lm.model, enc))
     return torch.cat(out).exp() if out else torch.zeros(0)
 
 
@@ -187,7 +196,10 @@ class MaskEvaluator:
     ``ppl_scorer``: ``"unmasked"`` (the model without the mask scores the masked model's caption on
     the same image and prompt; the default, as in the paper), ``"masked"`` (the masked model scores
     its own caption), or a path/name of a separate causal LM that scores the caption text alone.
-    ``batch_size`` counts generation rows; one row is one (mask, image) pair.
+    ``batch_size`` counts generation rows; one row is one (mask, image) pair. ``reuse_features``:
+    encode each image once and reuse the encoding under every mask that leaves the image encoder
+    alone (see ``canprobe.features``); results are the same either way, only the cost differs.
+    ``images`` are all the images; under ``torch.distributed`` this process works on its shard.
     """
 
     def __init__(
@@ -202,6 +214,7 @@ class MaskEvaluator:
         kind: str = "zero",
         means: Mapping[str, torch.Tensor] | None = None,
         ppl_lm: LoadedModel | None = None,
+        reuse_features: bool = True,
     ):
         if not images:
             raise InputError("no images to evaluate")
@@ -211,7 +224,10 @@ class MaskEvaluator:
             ppl_lm = load_model(ppl_scorer)
             if ppl_lm.kind != "decoder":
                 raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
-        self.lm, self.images, self.prompt = lm, list(images), prompt
+        self.world = distributed.world()
+        self.n_images = len(images)
+        self.shard = self.world.shard(len(images))
+        self.lm, self.images, self.prompt = lm, [images[i] for i in self.shard], prompt
         self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.kind, self.means = kind, means
@@ -219,6 +235,15 @@ class MaskEvaluator:
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
+        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse_features else None
+        self._registry = SiteRegistry(lm.model)
+
+    def _features(self, image_ids: Sequence[int], masks: Sequence[NeuronSpec] = ()) -> list[torch.Tensor] | None:
+        """Cached encodings of these (local) images when every mask leaves the image encoder alone."""
+        if self.features is None:
+            return None
+        sites = {name for m in masks for name in group_by_site(self._registry, m)}
+        return self.features.rows(image_ids) if features.reusable(self.lm, sites) else None
 
     @property
     def image_features(self) -> torch.Tensor:
@@ -227,41 +252,46 @@ class MaskEvaluator:
         return self._image_features
 
     def baseline_captions(self) -> list[str]:
-        """The unmasked model's captions (computed once; ``set_baseline`` restores them on resume)."""
+        """The unmasked model's captions of this process's images (computed once; see ``set_baseline``)."""
         if self._baseline is None:
+            ids = list(range(len(self.images)))
             self._baseline = generate_captions(
-                self.lm, self.images, self.prompt, self.max_new_tokens, batch_size=self.batch_size
+                self.lm, self.images, self.prompt, self.max_new_tokens, self.batch_size, self._features(ids)
             )
         return self._baseline
 
     def set_baseline(self, captions: list[str]) -> None:
-        if len(captions) != len(self.images):
-            raise InputError(f"{len(captions)} stored baseline captions for {len(self.images)} images")
-        self._baseline = list(captions)
+        """Restore the unmasked captions of all images (a resumed search stores them at k = 0)."""
+        if len(captions) != self.n_images:
+            raise InputError(f"{len(captions)} stored baseline captions for {self.n_images} images")
+        self._baseline = [captions[i] for i in self.shard]
 
     def evaluate_baseline(self) -> list[CaptionMetrics]:
-        """Metrics of the unmasked captions (k = 0): the reference every threshold is relative to."""
+        """Metrics of the unmasked captions (k = 0) of all images: the reference every threshold is relative to."""
         captions = self.baseline_captions()
         ppl = self._score_ppl(list(range(len(captions))), captions)
         clip = self.clip.score(self.image_features, captions)
-        return self._assemble([(0, i) for i in range(len(captions))], captions, ppl, clip, 1)[0]
+        return distributed.gather(self._assemble([(0, i) for i in range(len(captions))], captions, ppl, clip, 1)[0])
 
     def evaluate(self, masks: Sequence[NeuronSpec]) -> list[list[CaptionMetrics]]:
-        """Per mask, per image metrics; all masks share batched generate calls through per-row masks."""
+        """Per mask, metrics of all images in order; all masks share batched generates through per-row masks."""
         n = len(self.images)
         rows = [(m, i) for m in range(len(masks)) for i in range(n)]
         captions: list[str] = []
         masked_ppl: list[torch.Tensor] = []
         for chunk in _batches(rows, self.batch_size):
             ims = [self.images[i] for _, i in chunk]
-            with ablate_rows(self.lm, [masks[m] for m, _ in chunk], kind=self.kind, means=self.means):
-                caps = generate_captions(self.lm, ims, self.prompt, self.max_new_tokens, batch_size=len(chunk))
+            chunk_masks = [masks[m] for m, _ in chunk]
+            feats = self._features([i for _, i in chunk], chunk_masks)
+            with ablate_rows(self.lm, chunk_masks, kind=self.kind, means=self.means):
+                caps = generate_captions(self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats)
                 if self.ppl_scorer == "masked":
-                    masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, batch_size=len(chunk)))
+                    masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))
             captions += caps
         ppl = torch.cat(masked_ppl) if masked_ppl else self._score_ppl([i for _, i in rows], captions)
         clip = self.clip.score(self.image_features[[i for _, i in rows]], captions)
-        return self._assemble(rows, captions, ppl, clip, len(masks))
+        local = self._assemble(rows, captions, ppl, clip, len(masks))
+        return [distributed.gather(per_mask) for per_mask in local]
 
     def _score_ppl(self, image_ids: list[int], captions: list[str]) -> torch.Tensor:
         """PPL under the mask-independent scorer, each distinct (image, caption) scored once per evaluator.
@@ -274,7 +304,8 @@ class MaskEvaluator:
         if todo:
             prompt = self.prompt if self.ppl_lm is None else None
             images = [self.images[i] for i, _ in todo]
-            values = caption_ppl(scorer, images, [c for _, c in todo], prompt, self.batch_size)
+            feats = self._features([i for i, _ in todo]) if self.ppl_lm is None else None
+            values = caption_ppl(scorer, images, [c for _, c in todo], prompt, self.batch_size, feats)
             self._ppl_cache.update(zip(todo, values.tolist()))
         return torch.tensor([self._ppl_cache[key] for key in zip(image_ids, captions)], dtype=torch.float32)
 

@@ -15,6 +15,12 @@ over. Which positions those are depends on where the site lives:
 - ``qformer`` query-branch sites (``*_query``): every query token; text-branch sites
   (``intermediate``, ``output``): the non-pad instruction tokens.
 
+Under ``torch.distributed`` each process scores its shard of the images and the per-neuron sums
+are all-reduced, so every process ends with the scores of all images. With language-only scopes
+each image is encoded once (``canprobe.features``) for its caption and its loss pass.
+``gradient_checkpointing`` recomputes each layer in the backward pass instead of keeping its
+activations; the hooks count the recomputed forward once.
+
 The batch loss is the *sum* of per-sample losses, so the gradient that reaches sample i's
 activations is exactly dL_i/da (samples never interact in these models). Weights stay frozen: the
 first hooked activation is made to require grad so that the graph starts there; hooks reduce each
@@ -35,7 +41,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +51,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from canprobe import distributed, features
 from canprobe.captions import generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
@@ -197,6 +205,9 @@ class _Accumulator:
         self.score = torch.zeros(site.size, dtype=torch.float32)
         self.signed = torch.zeros(site.size, dtype=torch.float32)
         self.input_sq = None  # wanda: position-weighted mean square of the weight's input features
+        # the batch whose forward was hooked: gradient checkpointing recomputes it and must not count twice
+        self._last: _Batch | None = None
+        self._last_input: _Batch | None = None
 
     def _positions(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(score weights, non-pad mask), each [rows, T], for an activation of shape [rows, T, N]."""
@@ -221,12 +232,16 @@ class _Accumulator:
 
     def forward(self, a: torch.Tensor) -> None:
         """Called with the site's activation [rows, T, N]; hooks the gradient for the backward pass."""
+        if not a.requires_grad:
+            a.requires_grad_(True)
+        batch = self.batch()
+        if batch is self._last:
+            return
+        self._last = batch
         w, m = self._positions(a)
         if self.method == "activation" or (self.method == "can" and self.alpha == 0):
             with torch.no_grad():
                 self.score += torch.einsum("rt,rtn->n", w, a.detach().float().abs()).cpu()
-        if not a.requires_grad:
-            a.requires_grad_(True)
         version = a._version
 
         def on_grad(g: torch.Tensor) -> None:
@@ -246,6 +261,10 @@ class _Accumulator:
 
     def weight_input(self, x: torch.Tensor) -> None:
         """Wanda: accumulate the mean square of each input feature of the site's linear layer."""
+        batch = self.batch()
+        if batch is self._last_input:
+            return
+        self._last_input = batch
         w, _ = self._positions(x)
         with torch.no_grad():
             sq = torch.einsum("rt,rtd->d", w, x.detach().float().square()).cpu()
@@ -278,6 +297,38 @@ def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
     return _Batch(weights, masks, _vision_rows(lm, enc))
+
+
+FEATURES_KEY = "image_features"
+
+
+@contextmanager
+def _no_checkpointing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def checkpointing(model: torch.nn.Module) -> Iterator[None]:
+    """Gradient checkpointing of every transformer layer for the duration of the block.
+
+    transformers checkpoints a layer only while the layer is in training mode; only the layers'
+    own flags are set, so dropout and every other submodule stay in eval mode.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers or not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    modes = [m.training for m in layers]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+        model.gradient_checkpointing_disable()
 
 
 def per_sample_loss(model: torch.nn.Module, enc: dict) -> torch.Tensor:
@@ -339,10 +390,13 @@ def score_inputs(
     alpha: float = 1.0,
     reduction: str = "loss",
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> ScoreResult:
     """Score the sites in ``scope`` over ready-made teacher-forcing batches (``labels`` included).
 
-    The engine behind ``score_neurons``; use it directly for inputs built without a processor.
+    The engine behind ``score_neurons``; use it directly for inputs built without a processor. A
+    batch may carry ``image_features`` (cached encodings, ``canprobe.features``) instead of pixels.
+    Under ``torch.distributed`` each process passes its own batches and gets the scores of all.
     """
     _check_options(method, alpha, reduction)
     registry = SiteRegistry(lm.model)
@@ -361,20 +415,29 @@ def score_inputs(
             if method == "wanda":
                 linear = registry.weight(acc.site)
                 handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
-        for enc in batches:
-            enc = _move(enc, lm)
-            current[:] = [_batch_positions(lm, enc, reduction)]
-            with torch.enable_grad():
-                loss = per_sample_loss(lm.model, enc).sum()
-                if loss.requires_grad:
-                    loss.backward()
-            n += enc["input_ids"].shape[0]
-            log.info("scored %d samples", n)
+        with checkpointing(lm.model) if gradient_checkpointing else _no_checkpointing():
+            for enc in batches:
+                cached = enc.pop(FEATURES_KEY, None)
+                enc = _move(enc, lm)
+                current[:] = [_batch_positions(lm, enc, reduction)]
+                inputs = enc if cached is None else features.model_inputs(lm, enc, cached)
+                with torch.enable_grad():
+                    loss = per_sample_loss(lm.model, inputs).sum()
+                    if loss.requires_grad:
+                        loss.backward()
+                n += enc["input_ids"].shape[0]
+                log.info("scored %d samples", n)
     finally:
         for h in handles:
             h.remove()
+    n = int(distributed.all_reduce_sum(torch.tensor(n, dtype=torch.float64)))
     if n == 0:
         raise InputError("no samples to score")
+    for acc in accs:
+        acc.score = distributed.all_reduce_sum(acc.score)
+        acc.signed = distributed.all_reduce_sum(acc.signed)
+        if acc.input_sq is not None:
+            acc.input_sq = distributed.all_reduce_sum(acc.input_sq)
     scores, signed = {}, {}
     gen = torch.Generator().manual_seed(seed)
     for acc in accs:
@@ -400,6 +463,8 @@ def score_inputs(
         "seed": seed,
         "model": lm.source,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "processes": distributed.world().size,
+        "gradient_checkpointing": gradient_checkpointing,
     }
     return ScoreResult(scores, signed, sites, config)
 
@@ -416,37 +481,47 @@ def score_neurons(
     batch_size: int = 8,
     seed: int = 0,
     max_new_tokens: int = 24,
+    gradient_checkpointing: bool = False,
+    reuse_features: bool = True,
 ) -> ScoreResult:
     """Score every neuron of the sites in ``scope`` over the images (see the module docstring).
 
     Loss text: ``captions`` when given (reference captions, or the texts of a text-only model),
     otherwise the unmasked model's own greedy caption of each image. Images stream through in
-    batches of ``batch_size``; scores do not depend on it.
+    batches of ``batch_size``; scores do not depend on it. Under ``torch.distributed`` pass all
+    the images to every process: each takes its shard.
     """
     _check_options(method, alpha, reduction)
     images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
-    SiteRegistry(lm.model).select(scope)  # fail on a bad scope before generating captions
+    sites = SiteRegistry(lm.model).select(scope)  # fail on a bad scope before generating captions
+    n_images = len(images)
+    shard = distributed.world().shard(n_images)
+    images = [images[i] for i in shard]
+    captions = None if captions is None else [captions[i] for i in shard]
+    cache = None
+    if reuse_features and lm.kind != "decoder" and features.reusable(lm, [s.name for s in sites]):
+        cache = features.FeatureCache(lm, images, prompt, batch_size)
     if lm.kind == "decoder":
         source = "text"
     elif captions is None:
         source = "self"
-        captions = generate_captions(lm, images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        feats = None if cache is None else cache.rows(range(len(images)))
+        captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size, feats)
     else:
         source = "reference"
-    batches = (
-        teacher_forcing_inputs(
-            lm.processor,
-            lm.kind,
-            None if lm.kind == "decoder" else images[i : i + batch_size],
-            captions[i : i + batch_size],
-            prompt,
-        )
-        for i in range(0, len(captions), batch_size)
-    )
-    result = score_inputs(lm, batches, scope, method, alpha, reduction, seed)
+
+    def batches() -> Iterator[dict]:
+        for i in range(0, len(captions), batch_size):
+            ims = None if lm.kind == "decoder" else images[i : i + batch_size]
+            enc = teacher_forcing_inputs(lm.processor, lm.kind, ims, captions[i : i + batch_size], prompt)
+            if cache is not None:
+                enc[FEATURES_KEY] = cache.rows(range(i, min(i + batch_size, len(captions))))
+            yield enc
+
+    result = score_inputs(lm, batches(), scope, method, alpha, reduction, seed, gradient_checkpointing)
     result.config.update(
         loss_text=source,
-        n_images=0 if lm.kind == "decoder" else len(images),
+        n_images=0 if lm.kind == "decoder" else n_images,
         batch_size=batch_size,
         prompt=prompt,
         max_new_tokens=max_new_tokens if source == "self" else None,

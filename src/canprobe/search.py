@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 import canprobe
+from canprobe import distributed
 from canprobe.ablation import ABLATION_KINDS, RankedNeurons
 from canprobe.errors import InputError
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
@@ -256,8 +257,8 @@ class CollapseSearch:
         model_name: str = "",
         ranking_info: dict | None = None,
     ):
-        if len(image_names) != len(evaluator.images):
-            raise InputError(f"{len(image_names)} image names for {len(evaluator.images)} images")
+        if len(image_names) != evaluator.n_images:
+            raise InputError(f"{len(image_names)} image names for {evaluator.n_images} images")
         self.evaluator, self.config = evaluator, config
         self.top = ranking
         self.max_k = len(ranking) if config.max_k is None else config.max_k
@@ -267,6 +268,8 @@ class CollapseSearch:
         self.random = scope_neurons.subset(torch.randperm(len(scope_neurons), generator=gen))
         self.image_names = list(image_names)
         self.out = Path(out_dir) if out_dir is not None else None
+        self.world = distributed.world()
+        self.writes = self.out is not None and self.world.main  # under torch.distributed, rank 0 writes
         self.model_name = model_name
         self.ranking_info = {**(ranking_info or {}), "fingerprint": _fingerprint(ranking.addresses)}
         self.points: dict[tuple[str, int], CurvePoint] = {}
@@ -284,9 +287,8 @@ class CollapseSearch:
             "n_images": len(self.image_names),
         }
 
-    def _resume(self) -> None:
-        if self.out is None:
-            return
+    def _stored(self) -> tuple[str | None, list[dict]]:
+        """(why the folder cannot be resumed, or None; the points it holds), read by the writing process."""
         identity = self._run_identity()
         run_file = self.out / RUN_FILE
         stored = read_jsonl(self.out / CURVE_FILE, repair=True)
@@ -294,14 +296,22 @@ class CollapseSearch:
             previous = json.loads(run_file.read_text())
             if previous != json.loads(json.dumps(identity)):
                 changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k])))
-                raise InputError(
+                return (
                     f"{self.out} holds a search with other settings ({', '.join(changed)} differ); "
                     "use a new --out folder or the same settings to resume"
-                )
+                ), []
         elif stored:
-            raise InputError(f"{self.out} has a {CURVE_FILE} but no {RUN_FILE}; use a new --out folder")
+            return f"{self.out} has a {CURVE_FILE} but no {RUN_FILE}; use a new --out folder", []
         else:
             atomic_write_json(run_file, identity)
+        return None, stored
+
+    def _resume(self) -> None:
+        if self.out is None:
+            return
+        error, stored = distributed.broadcast(self._stored() if self.writes else None)
+        if error:
+            raise InputError(error)
         for record in stored:
             point = CurvePoint.from_json(record)
             self.points[(point.control, point.k)] = point
@@ -312,7 +322,7 @@ class CollapseSearch:
     def _record(self, point: CurvePoint) -> None:
         self.points[(point.control, point.k)] = point
         self.evaluated += 1
-        if self.out is not None:
+        if self.writes:
             append_jsonl(self.out / CURVE_FILE, point.to_json())
         log.info(
             "k=%d %s (%s): PPL %.4g, CLIP %.3g -> %s",
@@ -400,7 +410,7 @@ class CollapseSearch:
 
     def run(self) -> SearchResult:
         """Resume from and append to ``out_dir``, which this process holds (RunLock) until the search ends."""
-        with RunLock(self.out) if self.out is not None else nullcontext():
+        with RunLock(self.out) if self.writes else nullcontext():
             return self._run()
 
     def _run(self) -> SearchResult:
@@ -422,7 +432,7 @@ class CollapseSearch:
             self._independent(ks, "random", "control")
         points = list(self.points.values())
         summary = self._summary(k_star, (lo, hi), time.perf_counter() - start)
-        if self.out is not None:
+        if self.writes:
             atomic_write_json(self.out / SUMMARY_FILE, summary)
         return SearchResult(k_star, summary["stage1_k"], self.baseline, points, summary, self.evaluated, self.resumed)
 
@@ -490,11 +500,14 @@ def find_k_star(
     image_names: Sequence[str] | None = None,
     means: dict[str, torch.Tensor] | None = None,
     ppl_lm=None,
+    reuse_features: bool = True,
 ) -> SearchResult:
     """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
 
     ``lm``: the LoadedModel to probe; ``clip``: a LoadedModel of kind clip; ``ranking``: a ranking
     DataFrame (``canprobe score``) or addresses, most important first; ``means`` for mean ablation.
+    ``reuse_features``: encode each image once for all masks of a language scope (same results).
+    Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
     config = config or SearchConfig()
     registry = SiteRegistry(lm.model)
@@ -515,6 +528,7 @@ def find_k_star(
         kind=config.ablation,
         means=means,
         ppl_lm=ppl_lm,
+        reuse_features=reuse_features,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
     info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}

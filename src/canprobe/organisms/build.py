@@ -165,6 +165,8 @@ def build_instructblip(
             num_attention_heads=shape.heads,
             image_size=shape.image_size,
             patch_size=shape.patch_size,
+            # the default (1e-10) suits loading EVA-CLIP weights; from scratch it leaves the ViT silent
+            initializer_range=0.02,
         ).to_dict(),
         qformer_config=InstructBlipQFormerConfig(
             vocab_size=len(qformer_tokenizer),

@@ -1,0 +1,128 @@
+"""``--dry-run``: what a command would run and the memory it needs, from the model's config alone.
+
+The model is built on the meta device (shapes, no weights), so a plan for a 7B checkpoint takes
+seconds and no GPU. Memory figures are estimates per process: weights, plus the activations kept
+for one scoring batch (``canprobe.inventory``; with gradient checkpointing, each layer's input
+plus one layer's activations), plus the key/value cache of one generation batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from canprobe.errors import ModelLoadError
+from canprobe.inventory import SHIPPED_CONFIGS, TEXT_TOKENS, Inventory, build_shipped, inventory
+from canprobe.sites import SiteRegistry
+
+GIB = 1024**3
+
+
+def meta_model(name: str) -> torch.nn.Module:
+    """The architecture of a shipped config, built-in organism, local folder or hub id, without weights."""
+    if name in SHIPPED_CONFIGS:
+        return build_shipped(name)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from canprobe.models import model_family, resolve_model_path
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the config of {name!r}: {str(exc).splitlines()[0]}") from None
+    family = model_family(config.model_type)
+    auto = {"llava": AutoModelForImageTextToText, "instructblip": AutoModelForImageTextToText, "clip": AutoModel}
+    with torch.device("meta"):
+        return auto.get(family, AutoModelForCausalLM).from_config(config)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    dtype: str
+    processes: int
+    images: int
+    scope: str
+    neurons: int
+    sites: int
+    weight_bytes: int
+    scoring_bytes: int  # activations of one scoring batch
+    generation_bytes: int  # key/value cache of one generation batch
+    lines: tuple[str, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weight_bytes + max(self.scoring_bytes, self.generation_bytes)
+
+
+def _language_config(model: torch.nn.Module):
+    cfg = model.config
+    return getattr(cfg, "text_config", cfg)
+
+
+def _checkpointed_activation_bytes(model: torch.nn.Module, inv: Inventory) -> int:
+    """Per image: each language layer's input kept, plus one layer's activations during its recompute."""
+    itemsize = torch.empty((), dtype=getattr(torch, inv.dtype)).element_size()
+    hidden = _language_config(model).hidden_size
+    total = inv.activation_bytes
+    for c in inv.components:
+        if c.component == "language" and c.layers:
+            total += c.layers * c.tokens * hidden * itemsize + c.activation_bytes // c.layers - c.activation_bytes
+    return total
+
+
+def _kv_bytes(model: torch.nn.Module, inv: Inventory, rows: int, new_tokens: int) -> int:
+    cfg = _language_config(model)
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_width = getattr(cfg, "num_key_value_heads", heads) * (cfg.hidden_size // heads)
+    tokens = next((c.tokens for c in inv.components if c.component == "language"), TEXT_TOKENS) + new_tokens
+    itemsize = torch.empty((), dtype=getattr(torch, inv.dtype)).element_size()
+    return 2 * cfg.num_hidden_layers * tokens * kv_width * itemsize * rows
+
+
+def make_plan(
+    model: str,
+    n_images: int,
+    scope: str,
+    dtype: str = "float32",
+    batch_size: int = 8,
+    generation_rows: int = 32,
+    max_new_tokens: int = 24,
+    processes: int = 1,
+    gradient_checkpointing: bool = False,
+    searches: int = 0,
+    growth: float = 2.0,
+) -> Plan:
+    """The plan of scoring ``scope`` over ``n_images`` (and ``searches`` k* searches over it)."""
+    net = meta_model(model)
+    inv = inventory(net, model, dtype)
+    sites = SiteRegistry(net).select(scope)
+    neurons = sum(s.size for s in sites)
+    per_process = math.ceil(n_images / processes)
+    batch = min(batch_size, max(per_process, 1))
+    per_image = _checkpointed_activation_bytes(net, inv) if gradient_checkpointing else inv.activation_bytes
+    scoring = per_image * batch
+    generation = _kv_bytes(net, inv, min(generation_rows, max(per_process, 1)), max_new_tokens)
+    lines = [
+        f"model {model}: {inv.parameters:,} parameters, {inv.dtype}",
+        f"scope {scope}: {len(sites)} sites, {neurons:,} neurons",
+        f"images: {n_images} over {processes} process(es), {per_process} per process",
+        f"scoring: {math.ceil(per_process / batch)} forward+backward pass(es) of batch {batch} per process"
+        + (" with gradient checkpointing" if gradient_checkpointing else ""),
+    ]
+    if searches:
+        # growth to the scope size, then bisection of the last interval, plus the baseline
+        steps = 1 + math.ceil(math.log(max(neurons, 2), growth)) + math.ceil(math.log2(max(neurons, 2)))
+        lines.append(f"search: {searches} k* search(es), at most about {steps} evaluations each (plus curve points)")
+    plan = Plan(
+        model, dtype, processes, n_images, scope, neurons, len(sites), inv.weight_bytes, scoring, generation, ()
+    )
+    lines += [
+        f"memory per process: weights {plan.weight_bytes / GIB:.2f} GiB + scoring activations "
+        f"{scoring / GIB:.2f} GiB (batch {batch}) or generation cache {generation / GIB:.2f} GiB "
+        f"-> about {plan.peak_bytes / GIB:.2f} GiB",
+    ]
+    return Plan(**{**plan.__dict__, "lines": tuple(lines)})

@@ -1,0 +1,107 @@
+"""Data parallelism: 2 processes under torchrun (gloo, CPU) give what 1 process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from canprobe.distributed import World, all_reduce_sum, broadcast, gather
+
+
+def test_shards_are_contiguous_and_cover_every_item_once():
+    for n in (0, 1, 5, 12):
+        for size in (1, 2, 3, 5):
+            blocks = [list(World(r, size).shard(n)) for r in range(size)]
+            assert [i for b in blocks for i in b] == list(range(n))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_without_a_process_group_the_collectives_are_identities():
+    t = torch.arange(3.0)
+    assert all_reduce_sum(t) is t
+    assert gather([1, 2]) == [1, 2]
+    assert broadcast({"a": 1}) == {"a": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _canprobe(*args, processes: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "canprobe.cli", *map(str, args)]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={processes}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_free_port()}",
+            "-m",
+            "canprobe.cli",
+            *map(str, args),
+        ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """toy-llava CAN scores of 10 scenes (5 per process), from 1 process and from 2."""
+    from canprobe.data import write_scenes
+
+    root = tmp_path_factory.mktemp("dist")
+    images = write_scenes(root / "scenes", per_category=2, seed=5)
+    (root / "scenes" / "flower").rename(root / "flower-aside")  # 5 categories x 2: 5 images per process
+    common = ["score", "--model", "toy-llava", "--images", images, "--scope", "language", "--batch-size", "3"]
+    one = _canprobe(*common, "--out", root / "one")
+    two = _canprobe(*common, "--out", root / "two", processes=2)
+    return root, images, one, two
+
+
+def test_two_processes_score_like_one(scored):
+    root, _, one, two = scored
+    a, b = load_file(root / "one" / "scores.safetensors"), load_file(root / "two" / "scores.safetensors")
+    assert a.keys() == b.keys() and len(a) == 4 * 4 * 2  # 4 site kinds x 4 layers, scores and signed
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8)
+    assert "1 process(es)" in one.stdout and "2 process(es)" in two.stdout
+    assert two.stdout.count("scored ") == 1  # only rank 0 prints
+
+
+def test_two_processes_search_to_the_same_k_star(scored):
+    root, images, _, _ = scored
+    common = [
+        "search", "--model", "toy-llava", "--images", images, "--ranking", root / "one",
+        "--collapse-clip-ratio", "0.7", "--grid-per-octave", "0", "--max-new-tokens", "16",
+        "--control", "random", "--control-at", "k_star",
+    ]  # fmt: skip
+    _canprobe(*common, "--out", root / "search-one")
+    _canprobe(*common, "--out", root / "search-two", processes=2)
+    one = json.loads((root / "search-one" / "summary.json").read_text())
+    two = json.loads((root / "search-two" / "summary.json").read_text())
+    assert one["k_star"] is not None and two["k_star"] == one["k_star"]
+    assert two["stage1_k"] == one["stage1_k"] and two["n_images"] == one["n_images"] == 10
+
+    def curve(folder):
+        lines = (root / folder / "curve.jsonl").read_text().splitlines()
+        return {(p["control"], p["k"]): p for p in map(json.loads, lines)}
+
+    c1, c2 = curve("search-one"), curve("search-two")
+    assert c1.keys() == c2.keys()  # every point once: rank 1 wrote nothing
+    for key, p in c1.items():
+        assert c2[key]["stage"] == p["stage"] and c2[key]["n_images"] == 10
+        assert c2[key]["clip_mean"] == pytest.approx(p["clip_mean"], rel=1e-4)
+        assert c2[key]["exact_match"] == p["exact_match"]

@@ -1,0 +1,69 @@
+"""Reusing the image encoding across masks changes no caption and no metric, and encodes each image once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canprobe import features
+from canprobe.captions import generate_captions
+from canprobe.data import make_scenes
+from canprobe.metrics import MaskEvaluator
+from canprobe.models import load_model
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_model("toy-clip")
+
+
+@pytest.fixture(scope="module", params=["toy-llava", "toy-instructblip"])
+def lm(request):
+    return load_model(request.param)
+
+
+IMAGES = [im for im, _ in make_scenes(6, seed=17)]
+
+
+def test_captions_from_cached_features_equal_captions_from_pixels(lm):
+    cache = features.FeatureCache(lm, IMAGES, None, batch_size=4)
+    plain = generate_captions(lm, IMAGES, batch_size=4)
+    cached = generate_captions(lm, IMAGES, batch_size=4, features=cache.rows(range(len(IMAGES))))
+    assert cached == plain
+    assert all(c.split()[0] == "a" for c in plain)  # real captions, not empty strings that match trivially
+
+
+def test_only_language_masks_may_reuse_the_encoding(lm):
+    assert features.reusable(lm, ["language.layers.0.mlp.down_proj", "language.layers.3.mlp.gate_proj"])
+    encoder_site = "vision.layers.0.mlp.fc1" if lm.kind == "llava" else "qformer.layers.0.intermediate_query"
+    assert not features.reusable(lm, ["language.layers.0.mlp.down_proj", encoder_site])
+
+
+def _masks(lm):
+    from canprobe.sites import SiteRegistry
+
+    registry = SiteRegistry(lm.model)
+    down = registry.select("language.down_proj")
+    vision = registry.select("vision.fc1")
+    gen = torch.Generator().manual_seed(0)
+    # language masks of growing size (up to every down_proj channel), and one on the vision tower
+    return [{s.name: torch.randperm(s.size, generator=gen)[: s.size * j // 4] for s in down} for j in (1, 2, 4)] + [
+        {vision[0].name: torch.arange(vision[0].size)}
+    ]
+
+
+def test_mask_metrics_are_the_same_with_and_without_reuse(lm, clip):
+    masks = _masks(lm)
+    on = MaskEvaluator(lm, IMAGES, clip, batch_size=8, max_new_tokens=16)
+    off = MaskEvaluator(lm, IMAGES, clip, batch_size=8, max_new_tokens=16, reuse_features=False)
+    for a, b in zip([on.evaluate_baseline()] + on.evaluate(masks), [off.evaluate_baseline()] + off.evaluate(masks)):
+        assert [m.caption for m in a] == [m.caption for m in b]
+        torch.testing.assert_close(
+            torch.tensor([m.ppl for m in a]), torch.tensor([m.ppl for m in b]), rtol=1e-4, atol=0
+        )
+        torch.testing.assert_close(torch.tensor([m.clip for m in a]), torch.tensor([m.clip for m in b]))
+    # the masks did something: the full down_proj mask and the vision mask change captions
+    base = [m.caption for m in on.evaluate_baseline()]
+    assert [m.caption for m in on.evaluate(masks[2:3])[0]] != base
+    assert on.features.encoded == len(IMAGES)  # once per image, for every mask and the PPL passes
+    assert off.features is None

@@ -1,0 +1,53 @@
+"""``--dry-run``: the plan and memory estimate come from the config alone and nothing is written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from canprobe.plan import GIB, make_plan
+
+
+def test_plan_of_the_7b_llava_counts_neurons_and_memory():
+    plan = make_plan("llava-1.5-7b", n_images=100, scope="language.down_proj", dtype="bfloat16", batch_size=1)
+    assert (plan.sites, plan.neurons) == (32, 131_072)
+    assert plan.weight_bytes == 7_063_427_072 * 2
+    # one image of 616 language tokens: several GiB of activations kept for backward, less than the weights
+    assert 1 * GIB < plan.scoring_bytes < plan.weight_bytes
+    checkpointed = make_plan(
+        "llava-1.5-7b", 100, "language.down_proj", "bfloat16", batch_size=1, gradient_checkpointing=True
+    )
+    assert checkpointed.scoring_bytes < 0.5 * plan.scoring_bytes
+    two = make_plan("llava-1.5-7b", 100, "language.down_proj", "bfloat16", batch_size=64, processes=2)
+    assert "50 per process" in "\n".join(two.lines)
+    assert two.scoring_bytes == pytest.approx(50 * plan.scoring_bytes, rel=1e-6)  # batch capped at the shard
+
+
+def test_plan_of_an_organism_and_of_a_search():
+    plan = make_plan("toy-instructblip", 12, "language", searches=1)
+    assert plan.neurons == 4 * (512 + 512 + 128 + 512)
+    assert any(line.startswith("search: 1 k* search") for line in plan.lines)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(cli, scene_dir, tmp_path):
+    out = tmp_path / "never"
+    result = cli(
+        "score", "--model", "llava-1.5-7b", "--images", scene_dir, "--dtype", "bfloat16", "--out", out, "--dry-run"
+    )
+    assert result.code == 0, result.err
+    assert "131,072 neurons" in result.out and "12 per process" in result.out
+    assert float(re.search(r"about ([\d.]+) GiB", result.out).group(1)) > 13
+    search = cli("search", "--model", "toy-llava", "--images", scene_dir, "--out", out, "--dry-run")
+    assert search.code == 0, search.err
+    assert "k* search" in search.out and "dry run" in search.out
+    assert not out.exists()
+
+
+def test_run_dry_run_plans_every_scope_and_group(cli, scene_dir, tmp_path):
+    out = tmp_path / "never"
+    result = cli("run", "--model", "toy-instructblip", "--images", scene_dir, "--out", out, "--dry-run")
+    assert result.code == 0, result.err
+    assert "7 image group(s)" in result.out  # 6 categories + pooled
+    assert result.out.count("== scope") == 2 and "search: 7 k* search(es)" in result.out
+    assert not out.exists()
