@@ -319,7 +319,14 @@ def checkpointing(model: torch.nn.Module) -> Iterator[None]:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers or not getattr(model, "supports_gradient_checkpointing", False):
         raise InputError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes every input embedding require grad (for adapter training), which would
+    # run the backward pass through encoders that hold no scored site; the scores need gradients
+    # only from the first hooked activation on, so drop that
+    model.disable_input_require_grads()
     modes = [m.training for m in layers]
     for layer in layers:
         layer.training = True
@@ -328,7 +335,10 @@ def checkpointing(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for layer, mode in zip(layers, modes):
             layer.training = mode
-        model.gradient_checkpointing_disable()
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
 
 
 def per_sample_loss(model: torch.nn.Module, enc: dict) -> torch.Tensor:
