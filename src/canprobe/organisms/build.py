@@ -200,6 +200,10 @@ def build_instructblip(
     # training from scratch (the released checkpoints were trained with BLIP-2's normal init)
     with torch.no_grad():
         model.query_tokens.normal_(std=0.02)
+        # the Q-Former pools patches by content, so "left / middle / right" reaches the language
+        # model only through the ViT's position embeddings: at std 0.02 they drown in the patch
+        # content and position stays at chance (136 of 200 wrong); at 0.5 it is learned (76 of 200)
+        model.vision_model.embeddings.position_embedding.normal_(std=0.5)
     return model, processor
 
 
