@@ -42,7 +42,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -303,11 +303,6 @@ FEATURES_KEY = "image_features"
 
 
 @contextmanager
-def _no_checkpointing() -> Iterator[None]:
-    yield
-
-
-@contextmanager
 def checkpointing(model: torch.nn.Module) -> Iterator[None]:
     """Gradient checkpointing of every transformer layer for the duration of the block.
 
@@ -425,7 +420,7 @@ def score_inputs(
             if method == "wanda":
                 linear = registry.weight(acc.site)
                 handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
-        with checkpointing(lm.model) if gradient_checkpointing else _no_checkpointing():
+        with checkpointing(lm.model) if gradient_checkpointing else nullcontext():
             for enc in batches:
                 cached = enc.pop(FEATURES_KEY, None)
                 enc = _move(enc, lm)
