@@ -39,7 +39,7 @@ class TrainConfig:
 DEFAULT_CONFIGS = {
     "toy-llava": TrainConfig(),
     # the Q-Former is post-LayerNorm (BERT-style): at 2e-3 it stalls at the language prior
-    "toy-instructblip": TrainConfig(steps=2500, lr=1e-3),
+    "toy-instructblip": TrainConfig(steps=3000, lr=1e-3),
     "toy-clip": TrainConfig(steps=800, batch_size=128),
 }
 
