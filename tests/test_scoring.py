@@ -174,6 +174,36 @@ def test_gradient_checkpointing_recomputes_the_layers(tiny_llava, images):
     assert (replayed, len(calls)) == (2, 1)
 
 
+def test_checkpointing_keeps_no_site_activation_through_the_forward(tiny_llava, images, monkeypatch):
+    """Under checkpointing the scored activations are freed after the forward and recomputed in backward.
+
+    All but the first: that one is made to require grad to start the graph, and autograd holds it.
+    """
+    import weakref
+
+    from canprobe import scoring
+
+    tapped, alive = [], []
+    tap_forward = scoring._Tap.forward
+
+    def recording_tap(ctx, a, acc):
+        tapped.append(weakref.ref(a))
+        return tap_forward(ctx, a, acc)
+
+    def loss_then_count(model, enc):
+        loss = per_sample_loss(model, enc)
+        alive.append([ref() is not None for ref in tapped])
+        tapped.clear()
+        return loss
+
+    monkeypatch.setattr(scoring._Tap, "forward", staticmethod(recording_tap))
+    monkeypatch.setattr(scoring, "per_sample_loss", loss_then_count)
+    sites = len(SiteRegistry(tiny_llava.model).select("language.down_proj"))
+    for checkpointed in (False, True):
+        score_neurons(tiny_llava, images[:2], captions=CAPTIONS[:2], gradient_checkpointing=checkpointed)
+    assert alive == [[True] * sites, [True] + [False] * (sites - 1)]
+
+
 def test_padded_rows_lose_the_same_as_alone(tiny_llava, images):
     enc = teacher_forcing_inputs(tiny_llava.processor, "llava", images, CAPTIONS)
     together = per_sample_loss(tiny_llava.model, enc)

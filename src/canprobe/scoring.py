@@ -23,9 +23,11 @@ activations; the hooks count the recomputed forward once.
 
 The batch loss is the *sum* of per-sample losses, so the gradient that reaches sample i's
 activations is exactly dL_i/da (samples never interact in these models). Weights stay frozen: the
-first hooked activation is made to require grad so that the graph starts there; hooks reduce each
-activation and its gradient to float32 per-neuron sums as soon as the gradient exists and keep no
-copies. Sites whose output never reaches the loss (e.g. LLaVA's last vision layer, which
+first hooked activation is made to require grad so that the graph starts there; each hooked
+activation passes through an identity autograd function (``_Tap``) whose backward reduces the
+activation and its gradient to float32 per-neuron sums, so no copies are kept, and under gradient
+checkpointing the activation is recomputed with its layer rather than held through the forward.
+Sites whose output never reaches the loss (e.g. LLaVA's last vision layer, which
 ``vision_feature_layer=-2`` skips) get a zero gradient.
 
 The other methods share the call shape: ``activation`` = CAN with alpha 0, ``gradient`` = mean
@@ -197,6 +199,25 @@ def _row_weights(mask: torch.Tensor) -> torch.Tensor:
     return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
 
+class _Tap(torch.autograd.Function):
+    """Identity whose backward hands (activation, gradient) to an accumulator.
+
+    Autograd checks that the saved activation was not modified in place before the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, acc: _Accumulator) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        ctx.acc = acc
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (a,) = ctx.saved_tensors
+        ctx.acc.backward(a, g)
+        return g, None
+
+
 class _Accumulator:
     """Float32 per-neuron sums for one site, filled by module hooks during forward and backward."""
 
@@ -230,34 +251,35 @@ class _Accumulator:
             raise InputError(f"{self.site.name}: activation positions {tuple(a.shape[:2])} != inputs {tuple(w.shape)}")
         return w, m
 
-    def forward(self, a: torch.Tensor) -> None:
-        """Called with the site's activation [rows, T, N]; hooks the gradient for the backward pass."""
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """Called with the site's activation [rows, T, N]; returns it tapped for the backward pass.
+
+        The tap saves ``a`` as an autograd tensor, so under gradient checkpointing it is dropped
+        after the forward and recomputed with its layer, instead of being held until the backward.
+        """
         if not a.requires_grad:
             a.requires_grad_(True)
         batch = self.batch()
-        if batch is self._last:
-            return
-        self._last = batch
+        if batch is not self._last:  # a recomputed forward (checkpointing) is counted once
+            self._last = batch
+            if self.method == "activation" or (self.method == "can" and self.alpha == 0):
+                w, _ = self._positions(a)
+                with torch.no_grad():
+                    self.score += torch.einsum("rt,rtn->n", w, a.detach().float().abs()).cpu()
+        return _Tap.apply(a, self)
+
+    def backward(self, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Accumulate the gradient-dependent sums from the activation and its gradient."""
         w, m = self._positions(a)
-        if self.method == "activation" or (self.method == "can" and self.alpha == 0):
-            with torch.no_grad():
-                self.score += torch.einsum("rt,rtn->n", w, a.detach().float().abs()).cpu()
-        version = a._version
-
-        def on_grad(g: torch.Tensor) -> None:
-            if a._version != version:
-                raise RuntimeError(f"{self.site.name}: the activation was modified in place after the hook read it")
-            with torch.no_grad():
-                af, gf = a.detach().float(), g.float()
-                prod = af * gf
-                self.signed -= torch.einsum("rt,rtn->n", m, prod).cpu()
-                if self.method == "can" and self.alpha > 0:
-                    value = prod.abs_() if self.alpha == 1 else gf.abs().pow_(self.alpha).mul_(af.abs())
-                    self.score += torch.einsum("rt,rtn->n", w, value).cpu()
-                elif self.method == "gradient":
-                    self.score += torch.einsum("rt,rtn->n", w, gf.abs()).cpu()
-
-        a.register_hook(on_grad)
+        with torch.no_grad():
+            af, gf = a.float(), g.float()
+            prod = af * gf
+            self.signed -= torch.einsum("rt,rtn->n", m, prod).cpu()
+            if self.method == "can" and self.alpha > 0:
+                value = prod.abs_() if self.alpha == 1 else gf.abs().pow_(self.alpha).mul_(af.abs())
+                self.score += torch.einsum("rt,rtn->n", w, value).cpu()
+            elif self.method == "gradient":
+                self.score += torch.einsum("rt,rtn->n", w, gf.abs()).cpu()
 
     def weight_input(self, x: torch.Tensor) -> None:
         """Wanda: accumulate the mean square of each input feature of the site's linear layer."""
@@ -416,7 +438,9 @@ def score_inputs(
             if acc.site.hook == "output":
                 handles.append(module.register_forward_hook(lambda _m, _i, out, acc=acc: acc.forward(out)))
             else:
-                handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.forward(args[0])))
+                handles.append(
+                    module.register_forward_pre_hook(lambda _m, args, acc=acc: (acc.forward(args[0]), *args[1:]))
+                )
             if method == "wanda":
                 linear = registry.weight(acc.site)
                 handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
