@@ -3,11 +3,13 @@
     python benchmarks/bench_scale.py                                   # llava-1.5-7b, all modes
     python benchmarks/bench_scale.py --arch instructblip-vicuna-7b
     python benchmarks/bench_scale.py --layers 4                        # a quick run on 4 language layers
+    python benchmarks/bench_scale.py --images 3 --modes score,score_ckpt  # checkpointing on a batch
 
 The model is the shipped config with random bf16 weights (no download; ``--dtype float32`` on CPUs
-without a fast bf16 matmul, with ``--layers`` halved to keep the same bytes), fed one image: LLaVA-1.5
-gets 1 BOS + 576 image tokens + 39 text tokens, InstructBLIP 32 query tokens + 40 text tokens and
-a 10-token Q-Former instruction; the last 20 text tokens are the caption that carries the loss.
+without a fast bf16 matmul, with ``--layers`` halved to keep the same bytes), fed one image
+(``--images N``: a batch of N copies): LLaVA-1.5 gets 1 BOS + 576 image tokens + 39 text tokens,
+InstructBLIP 32 query tokens + 40 text tokens and a 10-token Q-Former instruction; the last 20 text
+tokens are the caption that carries the loss.
 Every mode runs in a fresh subprocess so that its peak RSS is its own:
 
 - ``bare``: forward + backward of the caption loss, weights frozen, the graph starting at the
@@ -58,7 +60,7 @@ def build(arch: str, layers: int | None, dtype: str):
     return model.eval().requires_grad_(False)
 
 
-def inputs(model) -> dict[str, torch.Tensor]:
+def inputs(model, images: int) -> dict[str, torch.Tensor]:
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     vocab = cfg.text_config.vocab_size
@@ -76,7 +78,7 @@ def inputs(model) -> dict[str, torch.Tensor]:
     labels = torch.full_like(ids, -100)
     labels[-NEW_TOKENS:] = ids[-NEW_TOKENS:]
     enc.update(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], labels=labels[None])
-    return enc
+    return {k: v.repeat(images, *[1] * (v.dim() - 1)) for k, v in enc.items()}
 
 
 def _bare(model, enc) -> None:
@@ -103,13 +105,13 @@ def _generate(model, enc, mask: list[str] | None) -> None:
             model.generate(**prompt, **kwargs)
 
 
-def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dtype: str) -> None:
+def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dtype: str, images: int) -> None:
     from canprobe.models import LoadedModel
     from canprobe.scoring import score_inputs
     from canprobe.sites import SiteRegistry
 
     model = build(arch, layers, dtype)
-    enc = inputs(model)
+    enc = inputs(model, images)
     kind = "llava" if model.config.model_type == "llava" else "instructblip"
     lm = LoadedModel(model, None, kind, f"{arch} (random {dtype})")
     mask = [s.address(i) for s in SiteRegistry(model).select(scope) for i in range(s.size)][:n_mask]
@@ -138,12 +140,13 @@ def main() -> None:
         help="float32 where the CPU has no fast bf16 matmul (no AVX512-BF16/AMX): same bytes at half the layers",
     )
     parser.add_argument("--mask", type=int, default=5, help="Neurons masked in generate_masked.")
+    parser.add_argument("--images", type=int, default=1, help="Images per batch (copies of the one image).")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--glibc-default", action="store_true", help="Keep glibc's dynamic mmap threshold.")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.arch, args.child, args.layers, args.scope, args.mask, args.dtype)
+        child(args.arch, args.child, args.layers, args.scope, args.mask, args.dtype, args.images)
         return
     results = {}
     env = dict(os.environ) if args.glibc_default else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -160,7 +163,8 @@ def main() -> None:
             "--dtype",
             args.dtype,
         ]
-        cmd += ["--mask", str(args.mask)] + (["--layers", str(args.layers)] if args.layers else [])
+        cmd += ["--mask", str(args.mask), "--images", str(args.images)]
+        cmd += ["--layers", str(args.layers)] if args.layers else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"{mode} failed:\n{proc.stderr[-2000:]}")
@@ -171,7 +175,10 @@ def main() -> None:
             flush=True,
         )
     layers = args.layers or "all"
-    print(f"{args.arch}, random {args.dtype} weights, CPU, {torch.get_num_threads()} threads, {layers} language layers")
+    print(
+        f"{args.arch}, random {args.dtype} weights, CPU, {torch.get_num_threads()} threads, "
+        f"{layers} language layers, {args.images} image(s)"
+    )
 
     def ratio(a: str, b: str, key: str) -> str:
         return f"{results[a][key] / results[b][key]:.2f}x" if a in results and b in results else "n/a"

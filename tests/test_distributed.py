@@ -105,3 +105,43 @@ def test_two_processes_search_to_the_same_k_star(scored):
         assert c2[key]["stage"] == p["stage"] and c2[key]["n_images"] == 10
         assert c2[key]["clip_mean"] == pytest.approx(p["clip_mean"], rel=1e-4)
         assert c2[key]["exact_match"] == p["exact_match"]
+
+
+CAPTIONS = ["a small red car", "a big blue boat", "a tree", "a green fish", "a white flower"]
+
+
+def _mean_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from canprobe.ablation import mean_activations
+    from canprobe.data import make_scenes
+    from canprobe.models import load_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        images = [image for image, _ in make_scenes(5, seed=3)]
+        lm = load_model("toy-llava")
+        rows = []
+        lm.model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
+        means = mean_activations(lm, images, "language.down_proj", captions=CAPTIONS, batch_size=2)
+        torch.save({"means": means, "rows": sum(rows)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mean_activations_are_sharded_and_all_reduced(tmp_path):
+    """Each process reads half the images; both end with the means over all of them."""
+    from canprobe.ablation import mean_activations
+    from canprobe.data import make_scenes
+    from canprobe.models import load_model
+
+    torch.multiprocessing.spawn(_mean_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    images = [image for image, _ in make_scenes(5, seed=3)]
+    alone = mean_activations(load_model("toy-llava"), images, "language.down_proj", captions=CAPTIONS)
+    for rank, rows in ((0, 2), (1, 3)):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        means = saved["means"]
+        assert saved["rows"] == rows and means.keys() == alone.keys()
+        for name, value in alone.items():
+            torch.testing.assert_close(means[name], value, rtol=1e-5, atol=1e-7)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from canprobe import distributed
 from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
@@ -254,12 +255,18 @@ def mean_activations(
 
     The model reads prompt + caption, as during captioning; captions default to its own unmasked
     greedy captions. Language sites average over the attended token positions; vision, projector and
-    Q-Former sites over all positions.
+    Q-Former sites over all positions. Under ``torch.distributed`` each process reads its shard of
+    the images and the sums are all-reduced, so every process gets the means over all of them.
     """
     registry = SiteRegistry(lm.model)
     chosen = registry.select(sites) if isinstance(sites, str) else list(sites)
     if not images:
         raise InputError("mean ablation needs at least one reference image")
+    if captions is not None and len(captions) != len(images):
+        raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
+    shard = distributed.world().shard(len(images))
+    images = [images[i] for i in shard]
+    captions = None if captions is None else [captions[i] for i in shard]
     if captions is None:
         captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size)
     sums = {s.name: torch.zeros(s.size, dtype=torch.float64) for s in chosen}
@@ -296,4 +303,8 @@ def mean_activations(
     finally:
         for h in handles:
             h.remove()
-    return {name: (sums[name] / max(counts[name], 1.0)).to(torch.float32) for name in sums}
+    means = {}
+    for name in sums:
+        total = distributed.all_reduce_sum(torch.cat([sums[name], torch.tensor([counts[name]], dtype=torch.float64)]))
+        means[name] = (total[:-1] / max(float(total[-1]), 1.0)).to(torch.float32)
+    return means

@@ -54,6 +54,7 @@ import torch
 from PIL import Image
 
 from canprobe import distributed, features
+from canprobe.ablation import to_model_inputs
 from canprobe.captions import generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
@@ -400,15 +401,6 @@ def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> 
     return images, None if captions is None else list(captions)
 
 
-def _move(enc: dict, lm: LoadedModel) -> dict:
-    dtype = next(lm.model.parameters()).dtype
-    return {
-        k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device)
-        for k, v in enc.items()
-        if isinstance(v, torch.Tensor)
-    }
-
-
 def score_inputs(
     lm: LoadedModel,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -447,7 +439,7 @@ def score_inputs(
         with checkpointing(lm.model) if gradient_checkpointing else nullcontext():
             for enc in batches:
                 cached = enc.pop(FEATURES_KEY, None)
-                enc = _move(enc, lm)
+                enc = to_model_inputs(enc, lm.model)
                 current[:] = [_batch_positions(lm, enc, reduction)]
                 inputs = enc if cached is None else features.model_inputs(lm, enc, cached)
                 with torch.enable_grad():
