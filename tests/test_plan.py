@@ -24,6 +24,18 @@ def test_plan_of_the_7b_llava_counts_neurons_and_memory():
     assert two.scoring_bytes == pytest.approx(50 * plan.scoring_bytes, rel=1e-6)  # batch capped at the shard
 
 
+def test_the_backward_of_a_language_scope_keeps_no_vision_activations():
+    """Scoring the language model never builds a graph through the vision tower; scoring the ViT does."""
+    kwargs = {"n_images": 1, "dtype": "bfloat16", "batch_size": 1}
+    language = make_plan("llava-1.5-7b", scope="language", **kwargs)
+    everything = make_plan("llava-1.5-7b", scope="all", **kwargs)
+    # LLaVA-1.5's ViT-L: 24 layers x 577 tokens x (8 x 1024 + 4 x 4096) bf16 elements, SDPA attention
+    vision = 24 * 577 * (8 * 1024 + 4 * 4096) * 2
+    assert everything.scoring_bytes - language.scoring_bytes == pytest.approx(vision, rel=0.05)
+    # language: 32 layers x 616 tokens x (8 x 4096 + 4 x 11008) elements, no attention probabilities
+    assert language.scoring_bytes == pytest.approx(32 * 616 * (8 * 4096 + 4 * 11008) * 2, rel=0.01)
+
+
 def test_plan_of_an_organism_and_of_a_search():
     plan = make_plan("toy-instructblip", 12, "language", searches=1)
     assert plan.neurons == 4 * (512 + 512 + 128 + 512)

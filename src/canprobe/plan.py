@@ -2,8 +2,9 @@
 
 The model is built on the meta device (shapes, no weights), so a plan for a 7B checkpoint takes
 seconds and no GPU. Memory figures are estimates per process: weights, plus the activations kept
-for one scoring batch (``canprobe.inventory``; with gradient checkpointing, each layer's input
-plus one layer's activations), plus the key/value cache of one generation batch.
+for one scoring batch from the scope's first scored component on (``canprobe.inventory``; with
+gradient checkpointing, each layer's input plus one layer's activations), or the key/value cache
+of one generation batch, whichever is larger.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from canprobe.errors import ModelLoadError
-from canprobe.inventory import SHIPPED_CONFIGS, TEXT_TOKENS, Inventory, build_shipped, inventory
+from canprobe.inventory import (
+    SHIPPED_CONFIGS,
+    TEXT_TOKENS,
+    Inventory,
+    build_shipped,
+    component_modules,
+    inventory,
+)
 from canprobe.sites import SiteRegistry
 
 GIB = 1024**3
@@ -63,14 +71,29 @@ def _language_config(model: torch.nn.Module):
     return getattr(cfg, "text_config", cfg)
 
 
-def _checkpointed_activation_bytes(model: torch.nn.Module, inv: Inventory) -> int:
-    """Per image: each language layer's input kept, plus one layer's activations during its recompute."""
+# the order a forward pass runs the components in; the backward of a score starts at the first scored one
+PIPELINE = ("vision", "projector", "qformer", "language")
+
+
+def _scoring_activation_bytes(model: torch.nn.Module, inv: Inventory, sites, checkpointed: bool) -> int:
+    """Per image: what the backward of a scope keeps, from its first scored component on.
+
+    Components before it run without a graph (their weights are frozen and nothing upstream requires
+    grad). With checkpointing, each layer keeps its input plus one layer's activations during its
+    recompute.
+    """
+    first = min(PIPELINE.index(s.component) for s in sites)
+    owners = component_modules(SiteRegistry(model))
     itemsize = torch.empty((), dtype=getattr(torch, inv.dtype)).element_size()
-    hidden = _language_config(model).hidden_size
-    total = inv.activation_bytes
+    total = 8 * sum(s.size for s in sites)  # float32 score and signed accumulators
     for c in inv.components:
-        if c.component == "language" and c.layers:
-            total += c.layers * c.tokens * hidden * itemsize + c.activation_bytes // c.layers - c.activation_bytes
+        if PIPELINE.index(c.component) < first:
+            continue
+        hidden = getattr(getattr(owners[c.component][0], "config", None), "hidden_size", None)
+        if checkpointed and hidden and c.layers > 1:
+            total += c.layers * c.tokens * hidden * itemsize + c.activation_bytes // c.layers
+        else:
+            total += c.activation_bytes
     return total
 
 
@@ -103,7 +126,7 @@ def make_plan(
     neurons = sum(s.size for s in sites)
     per_process = math.ceil(n_images / processes)
     batch = min(batch_size, max(per_process, 1))
-    per_image = _checkpointed_activation_bytes(net, inv) if gradient_checkpointing else inv.activation_bytes
+    per_image = _scoring_activation_bytes(net, inv, sites, gradient_checkpointing)
     scoring = per_image * batch
     generation = _kv_bytes(net, inv, min(generation_rows, max(per_process, 1)), max_new_tokens)
     lines = [
