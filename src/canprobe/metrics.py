@@ -226,8 +226,7 @@ class MaskEvaluator:
                 raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
         self.world = distributed.world()
         self.n_images = len(images)
-        self.shard = self.world.shard(len(images))
-        self.lm, self.images, self.prompt = lm, [images[i] for i in self.shard], prompt
+        self.lm, self.images, self.prompt = lm, self.world.take(images), prompt
         self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.kind, self.means = kind, means
@@ -238,12 +237,9 @@ class MaskEvaluator:
         self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse_features else None
         self._registry = SiteRegistry(lm.model)
 
-    def _features(self, image_ids: Sequence[int], masks: Sequence[NeuronSpec] = ()) -> list[torch.Tensor] | None:
-        """Cached encodings of these (local) images when every mask leaves the image encoder alone."""
-        if self.features is None:
-            return None
-        sites = {name for m in masks for name in group_by_site(self._registry, m)}
-        return self.features.rows(image_ids) if features.reusable(self.lm, sites) else None
+    def _features(self, image_ids: Sequence[int], reusable: bool = True) -> list[torch.Tensor] | None:
+        """Cached encodings of these (local) images, or None: no cache, or a mask touches the encoder."""
+        return self.features.rows(image_ids) if self.features is not None and reusable else None
 
     @property
     def image_features(self) -> torch.Tensor:
@@ -264,7 +260,7 @@ class MaskEvaluator:
         """Restore the unmasked captions of all images (a resumed search stores them at k = 0)."""
         if len(captions) != self.n_images:
             raise InputError(f"{len(captions)} stored baseline captions for {self.n_images} images")
-        self._baseline = [captions[i] for i in self.shard]
+        self._baseline = self.world.take(captions)
 
     def evaluate_baseline(self) -> list[CaptionMetrics]:
         """Metrics of the unmasked captions (k = 0) of all images: the reference every threshold is relative to."""
@@ -277,12 +273,14 @@ class MaskEvaluator:
         """Per mask, metrics of all images in order; all masks share batched generates through per-row masks."""
         n = len(self.images)
         rows = [(m, i) for m in range(len(masks)) for i in range(n)]
+        # per mask, once: whether it leaves the image encoder alone (then the cached features hold)
+        reusable = [features.reusable(self.lm, group_by_site(self._registry, mask)) for mask in masks]
         captions: list[str] = []
         masked_ppl: list[torch.Tensor] = []
         for chunk in _batches(rows, self.batch_size):
             ims = [self.images[i] for _, i in chunk]
             chunk_masks = [masks[m] for m, _ in chunk]
-            feats = self._features([i for _, i in chunk], chunk_masks)
+            feats = self._features([i for _, i in chunk], all(reusable[m] for m, _ in chunk))
             with ablate_rows(self.lm, chunk_masks, kind=self.kind, means=self.means):
                 caps = generate_captions(self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats)
                 if self.ppl_scorer == "masked":
