@@ -21,6 +21,9 @@ def test_shards_are_contiguous_and_cover_every_item_once():
             blocks = [list(World(r, size).shard(n)) for r in range(size)]
             assert [i for b in blocks for i in b] == list(range(n))
             assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+            items = [f"image{i}" for i in range(n)]
+            assert [x for r in range(size) for x in World(r, size).take(items)] == items
+    assert World(1, 2).take(None) is None
 
 
 def test_without_a_process_group_the_collectives_are_identities():

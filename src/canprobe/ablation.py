@@ -264,9 +264,8 @@ def mean_activations(
         raise InputError("mean ablation needs at least one reference image")
     if captions is not None and len(captions) != len(images):
         raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
-    shard = distributed.world().shard(len(images))
-    images = [images[i] for i in shard]
-    captions = None if captions is None else [captions[i] for i in shard]
+    world = distributed.world()
+    images, captions = world.take(images), world.take(captions)
     if captions is None:
         captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size)
     sums = {s.name: torch.zeros(s.size, dtype=torch.float64) for s in chosen}

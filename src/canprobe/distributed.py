@@ -36,6 +36,10 @@ class World:
         """This rank's contiguous block of ``n`` items (blocks in rank order give 0..n-1)."""
         return range(n * self.rank // self.size, n * (self.rank + 1) // self.size)
 
+    def take(self, items: Sequence | None) -> list | None:
+        """This rank's shard of ``items`` (None stays None)."""
+        return None if items is None else [items[i] for i in self.shard(len(items))]
+
 
 def world() -> World:
     if dist.is_available() and dist.is_initialized():

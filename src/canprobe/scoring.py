@@ -516,9 +516,8 @@ def score_neurons(
     images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
     sites = SiteRegistry(lm.model).select(scope)  # fail on a bad scope before generating captions
     n_images = len(images)
-    shard = distributed.world().shard(n_images)
-    images = [images[i] for i in shard]
-    captions = None if captions is None else [captions[i] for i in shard]
+    world = distributed.world()
+    images, captions = world.take(images), world.take(captions)
     cache = None
     if reuse_features and lm.kind != "decoder" and features.reusable(lm, [s.name for s in sites]):
         cache = features.FeatureCache(lm, images, prompt, batch_size)
