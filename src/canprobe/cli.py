@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,8 +31,8 @@ def _join_world(device: str | None):
     return init_from_env(device)
 
 
-def _print_plan(plan) -> None:
-    for line in plan.lines:
+def _print_plan(lines: Iterable[str]) -> None:
+    for line in lines:
         click.echo(line)
     click.echo("dry run: nothing was loaded or written")
 
@@ -253,7 +254,7 @@ def score_command(
                 max_new_tokens,
                 world.size,
                 gradient_checkpointing,
-            )
+            ).lines
         )
         return
     if world.main:
@@ -406,7 +407,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             searches=1,
             growth=config.growth,
         )
-        _print_plan(plan)
+        _print_plan(plan.lines)
         return
     lm = _load(model, dtype, device, device_map=device_map)
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
@@ -621,9 +622,7 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
         values[name] = value
     experiment = Experiment(make_config(values), restart=restart)
     if dry_run:
-        for line in experiment.plan():
-            click.echo(line)
-        click.echo("dry run: nothing was loaded or written")
+        _print_plan(experiment.plan())
         return
     summary = experiment.run()
     _print_summary([summary])

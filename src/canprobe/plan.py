@@ -75,7 +75,7 @@ def _language_config(model: torch.nn.Module):
 PIPELINE = ("vision", "projector", "qformer", "language")
 
 
-def _scoring_activation_bytes(model: torch.nn.Module, inv: Inventory, sites, checkpointed: bool) -> int:
+def _scoring_activation_bytes(registry: SiteRegistry, inv: Inventory, sites, checkpointed: bool) -> int:
     """Per image: what the backward of a scope keeps, from its first scored component on.
 
     Components before it run without a graph (their weights are frozen and nothing upstream requires
@@ -83,7 +83,7 @@ def _scoring_activation_bytes(model: torch.nn.Module, inv: Inventory, sites, che
     recompute.
     """
     first = min(PIPELINE.index(s.component) for s in sites)
-    owners = component_modules(SiteRegistry(model))
+    owners = component_modules(registry)
     itemsize = torch.empty((), dtype=getattr(torch, inv.dtype)).element_size()
     total = 8 * sum(s.size for s in sites)  # float32 score and signed accumulators
     for c in inv.components:
@@ -122,11 +122,12 @@ def make_plan(
     """The plan of scoring ``scope`` over ``n_images`` (and ``searches`` k* searches over it)."""
     net = meta_model(model)
     inv = inventory(net, model, dtype)
-    sites = SiteRegistry(net).select(scope)
+    registry = SiteRegistry(net)
+    sites = registry.select(scope)
     neurons = sum(s.size for s in sites)
     per_process = math.ceil(n_images / processes)
     batch = min(batch_size, max(per_process, 1))
-    per_image = _scoring_activation_bytes(net, inv, sites, gradient_checkpointing)
+    per_image = _scoring_activation_bytes(registry, inv, sites, gradient_checkpointing)
     scoring = per_image * batch
     generation = _kv_bytes(net, inv, min(generation_rows, max(per_process, 1)), max_new_tokens)
     lines = [
