@@ -153,7 +153,7 @@ def organisms_eval(name, count, seed) -> None:
     from canprobe.organisms.evaluate import caption_exact_match, clip_category_accuracy
 
     lm = _load(name, "float32", None)
-    if lm.kind == "clip":
+    if not lm.family.generates:
         click.echo(
             f"{name}: true caption beats other-category caption on {clip_category_accuracy(lm, count, seed):.1%}"
         )
