@@ -117,7 +117,41 @@ def _decoder(config_name: str, model_name: str) -> Callable[[Path], None]:
     return build
 
 
-# family checkpoint name -> builder writing a tiny random checkpoint folder
+# a model with no adapter, probed through a site file written beside it (--sites)
+NEOX_SITES = """\
+loader: causal-lm
+sites:
+  - {component: language, module: gpt_neox.layers.*.mlp.act, weight: gpt_neox.layers.*.mlp.dense_h_to_4h, kind: up_proj}
+  - {component: language, module: gpt_neox.layers.*.mlp.dense_4h_to_h, kind: down_proj}
+  - {component: language, module: gpt_neox.layers.*.mlp.dense_4h_to_h, kind: down_proj.input, reading: input}
+"""
+
+
+def _gpt_neox_with_site_file(out: Path) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from canprobe.organisms.build import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+    tok = build_tokenizer(image_token_attribute=False)
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / SITE_FILE).write_text(NEOX_SITES)
+
+
+SITE_FILE = "sites.yaml"
+
+# family checkpoint name -> builder writing a tiny random checkpoint folder (and a site file, if it needs one)
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -125,10 +159,11 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "llama": _decoder("LlamaConfig", "LlamaForCausalLM"),
     "mistral": _decoder("MistralConfig", "MistralForCausalLM"),
     "qwen2": _decoder("Qwen2Config", "Qwen2ForCausalLM"),
+    "gpt_neox-sites": _gpt_neox_with_site_file,
 }
 
 
-DECODERS = ("llama", "mistral", "qwen2")
+DECODERS = ("llama", "mistral", "qwen2", "gpt_neox-sites")
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -139,9 +174,15 @@ def checkpoint(request, tmp_path_factory) -> Path:
     return out
 
 
+def _sites(checkpoint: Path) -> list:
+    """The --sites option for a checkpoint that came with a site file."""
+    return ["--sites", checkpoint / SITE_FILE] if (checkpoint / SITE_FILE).exists() else []
+
+
 @pytest.fixture(scope="module")
 def lm(checkpoint) -> LoadedModel:
-    return load_model(str(checkpoint))
+    sites = _sites(checkpoint)
+    return load_model(str(checkpoint), sites=sites[1] if sites else None)
 
 
 IMAGES = [im for im, _ in make_scenes(len(TEXTS), seed=5)]
@@ -162,10 +203,21 @@ def test_family_is_found_by_model_type(lm):
 
 
 def test_cli_inspect_and_score(cli, checkpoint, lm, scene_dir, tmp_path):
-    out = cli("inspect", checkpoint)
+    out = cli("inspect", checkpoint, *_sites(checkpoint))
     assert out.code == 0, out.err
     assert "language.down_proj" in out.out
-    args = ["score", "--model", checkpoint, "--images", scene_dir, "--out", tmp_path / "s", "--max-new-tokens", "4"]
+    args = [
+        "score",
+        "--model",
+        checkpoint,
+        *_sites(checkpoint),
+        "--images",
+        scene_dir,
+        "--out",
+        tmp_path / "s",
+        "--max-new-tokens",
+        "4",
+    ]
     if not lm.family.takes_images:
         args += ["--captions", "reference"]  # a text-only model scores the texts themselves
     out = cli(*args, "--scope", "language")
@@ -277,7 +329,7 @@ def test_masking_all_down_proj_channels_equals_zeroing_the_mlp_output(lm):
 def test_per_row_masks_equal_each_mask_alone(lm):
     registry = SiteRegistry(lm.model)
     a = [s.address(1) for s in registry.select("language.down_proj")]
-    b = [registry.select("language.gate_proj")[-1].address(0), registry.select("language.up_proj")[0].address(2)]
+    b = [registry.select("language.down_proj.input")[-1].address(0), registry.select("language.up_proj")[0].address(2)]
     masks = [a, b, []]
     enc = _inputs(lm)
     enc.pop("labels")

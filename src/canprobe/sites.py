@@ -97,7 +97,11 @@ def _get(model: torch.nn.Module, path: str):
     return obj
 
 
-def _linear_size(linear: torch.nn.Module, axis: str) -> int:
+def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
+    if not isinstance(linear, torch.nn.Linear):
+        raise UnsupportedModelError(
+            f"{path} is a {type(linear).__name__}, not a linear layer: its neurons cannot be sized"
+        )
     return linear.out_features if axis == "out" else linear.in_features
 
 
@@ -135,9 +139,16 @@ class SiteRegistry:
                             spec.reading,
                             f"{layer_path}.{spec.weight}",
                             spec.axis,
-                            _linear_size(linear, spec.axis),
+                            _linear_size(linear, spec.axis, f"{layer_path}.{spec.weight}"),
                         )
                     )
+            if not any(s.component == component for s in self.sites):
+                inner = ", ".join(
+                    f"{spec.module} ({spec.weight})" for spec in self.family.site_kinds[component].values()
+                )
+                raise UnsupportedModelError(
+                    f"no {component} site of {self.family.name} under {root_path}: looked for {inner}"
+                )
 
         seen: dict[tuple[int, str], str] = {}
         for site in self.sites:
