@@ -33,13 +33,26 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
-def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | None = None) -> dict[str, torch.Tensor]:
-    """Processor outputs for ``images`` with the family's prompt, on the model's device."""
+def is_texts(items) -> bool:
+    """Whether generation inputs are texts to continue (a text-only model's) rather than images."""
+    return bool(items) and all(isinstance(x, str) for x in items)
+
+
+def caption_inputs(lm: LoadedModel, images: list[Image.Image] | list[str], prompt: str | None = None) -> dict:
+    """Processor outputs for ``images`` with the family's prompt, on the model's device.
+
+    A text-only model continues texts instead: ``images`` then holds the texts, left-padded.
+    """
     family = lm.family
-    if not (family.takes_images and family.generates):
-        raise InputError(f"{lm.source} is a {family.name} model; captioning needs a vision-language model")
-    text = family.prompts(lm.processor, [prompt or family.default_prompt])
-    enc = family.inputs(lm.processor, images, text * len(images))
+    if not family.generates or family.takes_images == is_texts(images):
+        what = "a text-only model: it continues texts" if not family.takes_images else f"a {family.name} model"
+        raise InputError(f"{lm.source} is {what}; captioning images needs a vision-language model")
+    if family.takes_images:
+        enc = family.inputs(
+            lm.processor, images, family.prompts(lm.processor, [prompt or family.default_prompt]) * len(images)
+        )
+    else:
+        enc = family.inputs(lm.processor, None, list(images))
     dtype = next(lm.model.parameters()).dtype
     return {k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()}
 
@@ -47,7 +60,7 @@ def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | Non
 def teacher_forcing_inputs(
     processor,
     family: Family | str,
-    images: list[Image.Image] | None,
+    images: list[Image.Image] | list[str] | None,
     captions: list[str],
     prompt: str | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -56,11 +69,17 @@ def teacher_forcing_inputs(
     Each row is ``prompt tokens + caption tokens + end token``, right-padded; ``labels`` holds the
     caption and end tokens and -100 elsewhere, so ``model(**inputs).loss`` is the caption NLL and
     ``labels != -100`` marks the positions that carry the loss (shifted by one inside the model).
+    For a text-only family, ``images`` may hold one text per row that replaces the prompt (the
+    text a continuation continues); texts of different lengths are left-padded and get
+    ``position_ids`` that count from each row's first token.
     """
     family = named(family)
-    text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
     tok = getattr(processor, "tokenizer", processor)
-    enc = family.inputs(processor, images, text)
+    if not family.takes_images and is_texts(images):
+        enc = family.inputs(processor, None, list(images))
+    else:
+        text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
+        enc = family.inputs(processor, images if family.takes_images else None, text)
     caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
     prompt_ids = enc["input_ids"]
     n, p = prompt_ids.shape
@@ -76,6 +95,8 @@ def teacher_forcing_inputs(
         labels[i, p : p + len(seq)] = seq
         mask[i, p : p + len(seq)] = 1
     enc.update(input_ids=ids, attention_mask=mask, labels=labels)
+    if not bool(enc["attention_mask"][:, 0].all()):  # left-padded prompts
+        enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return enc
 
 

@@ -379,7 +379,7 @@ def score_command(
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     result = score_neurons(
         lm,
-        image_set.images,
+        _generation_inputs(lm, image_set),
         scope=scope,
         method=method,
         alpha=alpha,
@@ -422,6 +422,21 @@ def _load_ranking(path: Path):
     from canprobe.scoring import load_ranking
 
     return load_ranking(path)
+
+
+def _generation_inputs(lm, image_set) -> list:
+    """What the model generates from: the images, or, for a text-only model, the texts of the set's captions.jsonl."""
+    from canprobe.errors import InputError
+
+    if lm.family.takes_images:
+        return image_set.images
+    missing = [r.name for r in image_set.records if r.caption is None]
+    if missing:
+        raise InputError(
+            f"{lm.source} is a text-only model: it continues the texts of captions.jsonl, "
+            f"and {len(missing)} record(s) have none, e.g. {missing[0]}"
+        )
+    return [r.caption for r in image_set.records]
 
 
 def _image_subset(images: Path, per_category: int | None, report: bool = True):
@@ -526,6 +541,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         _print_plan(plan.lines)
         return
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+    inputs = _generation_inputs(lm, image_set)
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
         if ranking is None and (out / "ranking.parquet").exists():
@@ -539,7 +555,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
                 click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
             scores = score_neurons(
                 lm,
-                image_set.images,
+                inputs,
                 scope=scope,
                 method=method,
                 alpha=alpha,
@@ -551,10 +567,10 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             if world.main:
                 scores.save(out)
             table = scores.ranking()
-        clip = _load(clip_model, "float32", device)
+        clip = _load(clip_model, "float32", device) if lm.family.takes_images else None
         ppl_lm = _ppl_model(config.ppl_scorer, device)
         names = [r.name for r in image_set.records]
-        result = find_k_star(lm, image_set.images, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
+        result = find_k_star(lm, inputs, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
     if world.main:
         _print_search(result, out)
 
@@ -633,6 +649,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         parse_address(address)
     image_set = _image_subset(images, rest["per_category"])
     lm = _load(model, rest["dtype"], rest["device"], rest["trust_remote_code"], sites=rest["sites"])
+    inputs = _generation_inputs(lm, image_set)
     registry = SiteRegistry(lm.model)
     if top_k is not None:
         from canprobe.search import ranked_in_scope
@@ -649,11 +666,11 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         label = f"{len(addresses)} neuron(s)"
     stats = None
     if fault.needs and mask:
-        stats = activation_stats(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
-    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
+        stats = activation_stats(lm, inputs, [registry.by_name[n] for n in mask], prompt=prompt)
+    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"]) if lm.family.takes_images else None
     evaluator = MaskEvaluator(
         lm,
-        image_set.images,
+        inputs,
         clip,
         ppl_scorer=ppl_scorer,
         prompt=prompt,

@@ -74,13 +74,17 @@ def scope_dir_name(scope: str) -> str:
     return scope.replace("/", "_")
 
 
-def _groups(config: ExperimentConfig, image_set: ImageSet) -> list[Group]:
+def _groups(config: ExperimentConfig, image_set: ImageSet, texts: bool = False) -> list[Group]:
+    """Per category and/or pooled; ``texts``: a text-only model continues the captions instead of seeing images."""
+
     def group(name: str, idx: list[int]) -> Group:
         records = [image_set.records[i] for i in idx]
-        captions = [r.caption for r in records] if config.loss_text == "reference" else None
+        captions = [r.caption for r in records] if config.loss_text == "reference" or texts else None
         if captions is not None and any(c is None for c in captions):
-            raise InputError("config field loss_text: 'reference' needs a caption for every image (captions.jsonl)")
-        return Group(name, [image_set.images[i] for i in idx], [r.name for r in records], captions)
+            need = "a text-only model continues the texts of" if texts else "loss_text: 'reference' needs"
+            raise InputError(f"{need} a caption for every image (captions.jsonl)")
+        inputs = list(captions) if texts else [image_set.images[i] for i in idx]
+        return Group(name, inputs, [r.name for r in records], captions)
 
     groups = []
     if config.per_category:
@@ -362,7 +366,11 @@ class Experiment:
         self.timings.add("load images", start)
         start = time.perf_counter()
         lm = load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map)
-        clip = load_model(c.clip_model or default_clip_model(c.model), device=c.device)
+        if not lm.family.takes_images:
+            groups = _groups(c, image_set, texts=True)
+        clip = (
+            load_model(c.clip_model or default_clip_model(c.model), device=c.device) if lm.family.takes_images else None
+        )
         self.timings.add("load models", start)
         registry = SiteRegistry(lm.model)
         for scope in c.scopes:

@@ -55,7 +55,7 @@ from PIL import Image
 
 from canprobe import distributed, features
 from canprobe.ablation import to_model_inputs
-from canprobe.captions import generate_captions, teacher_forcing_inputs
+from canprobe.captions import generate_captions, is_texts, teacher_forcing_inputs
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
 from canprobe.sites import Site, SiteRegistry
@@ -375,6 +375,7 @@ def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> 
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch size and max new tokens must be positive")
     if not lm.family.takes_images:
+        captions = captions or (list(images) if is_texts(images) else None)
         if not captions:
             raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
         return [None] * len(captions), list(captions)

@@ -49,7 +49,10 @@ class CollapseCriterion:
 
     Stage 1 (degraded): median PPL > stage1_ppl_ratio x baseline OR mean CLIP < stage1_clip_ratio x
     baseline. Stage 2 (collapsed): median PPL >= collapse_ppl_ratio x baseline AND mean CLIP <
-    collapse_clip_ratio x baseline.
+    collapse_clip_ratio x baseline. Text-only models have no CLIP score (the baseline's is NaN):
+    the mean distinct-word ratio of their continuations takes its place, with the same ratios, so
+    collapse = PPL up 100x AND a continuation at most half as varied as the unmasked one (repeated
+    tokens, empty output).
     """
 
     stage1_ppl_ratio: float = 2.0
@@ -80,6 +83,8 @@ class CollapseCriterion:
     def stage(self, point: MetricSummary, baseline: MetricSummary) -> str:
         """NaN medians compare false, so a point with no scorable caption never counts as collapsed."""
         ppl, clip, ppl0, clip0 = point.ppl_median, point.clip_mean, baseline.ppl_median, baseline.clip_mean
+        if math.isnan(clip0):  # a text-only model: text statistics in place of CLIP
+            clip, clip0 = point.distinct_mean, baseline.distinct_mean
         if ppl >= self.collapse_ppl_ratio * ppl0 and clip < self.collapse_clip_ratio * clip0:
             return "collapsed"
         if ppl > self.stage1_ppl_ratio * ppl0 or clip < self.stage1_clip_ratio * clip0:
@@ -89,7 +94,8 @@ class CollapseCriterion:
     def describe(self) -> str:
         return (
             f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean CLIP < {self.collapse_clip_ratio:.0%} "
-            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%}"
+            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%} "
+            "(text-only models: the mean distinct-word ratio in place of CLIP)"
         )
 
 
@@ -505,7 +511,8 @@ def find_k_star(
 ) -> SearchResult:
     """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
 
-    ``lm``: the LoadedModel to probe; ``clip``: a LoadedModel of kind clip; ``ranking``: a ranking
+    ``lm``: the LoadedModel to probe; ``clip``: a CLIP LoadedModel (None for a text-only model, whose
+    ``images`` are then the texts it continues under each mask); ``ranking``: a ranking
     DataFrame (``canprobe score``) or addresses, most important first; ``config.ablation``: the fault
     (``canprobe.faults`` spec); ``means`` or ``stats`` (``activation_stats``) for faults that need clean
     statistics, computed on ``images`` when not given.
