@@ -60,3 +60,16 @@ def test_text_collapse_is_judged_on_ppl_and_distinct_words():
     # with a CLIP score the distinct ratio plays no part
     assert criterion.stage(_summary(1000.0, 0.1, clip=30.0), _summary(10.0, 0.9, clip=31.0)) == "degraded"
     assert "distinct-word ratio" in criterion.describe()
+
+
+def test_a_whole_run_on_a_text_only_model(cli, lm, scene_dir, tmp_path):
+    """`canprobe run` on a decoder: it continues the set's captions; the report reads NaN CLIP as data."""
+    import json
+
+    args = ["--model", lm.source, "--images", scene_dir, "--out", tmp_path / "run", "--categories", "car,fish"]
+    args += ["--images-per-category", "2", "--max-new-tokens", "4", "--batch-size", "16", "--scopes", "language"]
+    result = cli("run", *args)
+    assert result.code == 0, result.err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {r["category"] for r in summary["results"]} == {"car", "fish", "pooled"}
+    assert (tmp_path / "run" / "report.html").exists()
