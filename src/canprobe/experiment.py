@@ -32,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from canprobe.ablation import mean_activations
+from canprobe.captions import check_context
+from canprobe.checks import check_device, check_output_dir, printable
 from canprobe.config import ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
@@ -40,7 +42,7 @@ from canprobe.models import LoadedModel, load_model
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
 from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
-from canprobe.store import LOCK_FILE, RunLock, atomic_write_json
+from canprobe.store import LOCK_FILE, RunLock, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,20 @@ class Timings:
 
     def add(self, stage: str, start: float) -> None:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+
+def _check_categories(config: ExperimentConfig, image_set: ImageSet) -> None:
+    """Every category the study searches has at least one readable image (none is dropped unseen)."""
+    wanted = check_image_source(config)
+    readable = set(image_set.categories)
+    for category in wanted:
+        if category not in readable:
+            bad = [printable(p) for p, _ in image_set.skipped if Path(p).parent.name == category]
+            why = f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""
+            raise InputError(
+                f"category {category!r} has no readable image in {config.images}{why}; "
+                "fix its images or leave it out with the categories field"
+            )
 
 
 def scope_dir_name(scope: str) -> str:
@@ -131,6 +147,8 @@ class Experiment:
         self.restart = restart
         self.timings = Timings()
         check_image_source(config)
+        check_device(config.device, "config field device")
+        check_output_dir(self.out, "config field out")
 
     def _search_config(self, scope: str, group: str) -> SearchConfig:
         """Per-category searches run the random control only at k* and stage 1; the figures use pooled curves."""
@@ -159,7 +177,7 @@ class Experiment:
 
         They run on the pooled images (on every category when the run does not pool).
         """
-        cached = _read_json(out / CONTROLS_FILE)
+        cached = read_json(out / CONTROLS_FILE)
         if cached is not None and cached.get("k_star") == k_star:
             return cached
         result: dict = {"k_star": k_star, "activation_collapsed": None, "mean_ablation_collapsed": None}
@@ -224,7 +242,7 @@ class Experiment:
     def _claim(self) -> None:
         """Check that the folder is empty or holds this config's run; restart moves another run aside."""
         identity = self._identity()
-        previous = _read_json(self.out / RUN_FILE)
+        previous = read_json(self.out / RUN_FILE)
         unlabelled = previous is None and any((self.out / name).exists() for name in ("summary.json", "scopes"))
         if unlabelled or previous not in (None, identity):
             if not self.restart:
@@ -270,12 +288,17 @@ class Experiment:
         return lines
 
     def run(self) -> dict:
-        """Run or resume the study while holding the output folder (RunLock)."""
+        """Validate everything, then run or resume the study while holding the output folder (RunLock).
+
+        Nothing is written before the images, models, scopes and prompt have passed their checks, so
+        a study that fails validation does not claim its folder.
+        """
+        image_set, groups, lm, clip = self._prepare()
         with RunLock(self.out):
             self._claim()
-            return self._run()
+            return self._run(image_set, groups, lm, clip)
 
-    def _run(self) -> dict:
+    def _prepare(self) -> tuple[ImageSet, list[Group], LoadedModel, LoadedModel]:
         c = self.config
         start = time.perf_counter()
         image_set = load_image_set(
@@ -283,6 +306,9 @@ class Experiment:
         )
         if image_set.skipped:
             log.warning("skipped %d unreadable images", len(image_set.skipped))
+        if image_set.unmatched_captions:
+            log.warning("ignored %d captions naming no image file", len(image_set.unmatched_captions))
+        _check_categories(c, image_set)
         groups = _groups(c, image_set)
         self.timings.add("load images", start)
         start = time.perf_counter()
@@ -292,6 +318,11 @@ class Experiment:
         registry = SiteRegistry(lm.model)
         for scope in c.scopes:
             registry.select(scope)  # fail on a bad scope before any work
+        check_context(lm, image_set.images[0], c.prompt, c.max_new_tokens)
+        return image_set, groups, lm, clip
+
+    def _run(self, image_set: ImageSet, groups: list[Group], lm: LoadedModel, clip: LoadedModel) -> dict:
+        c = self.config
         results, overlap, split_half = [], {}, {}
         tasks = [(scope, g) for scope in c.scopes for g in groups]
         bar = tqdm(tasks, desc="searches", disable=not self.progress, unit="search")
@@ -369,15 +400,10 @@ class Experiment:
 
 def search_baseline(search_dir: Path) -> dict:
     """The unmasked metrics a finished search recorded in its summary.json."""
-    data = _read_json(search_dir / "summary.json")
+    data = read_json(search_dir / "summary.json")
     if data is None:
         raise InputError(f"{search_dir} holds no finished search")
     return data["baseline"]
-
-
-def _read_json(path: Path):
-    """A JSON file's content, or None when it is absent (files are written atomically, never torn)."""
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _versions() -> dict[str, str]:
@@ -390,10 +416,3 @@ def _versions() -> dict[str, str]:
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> dict:
     return Experiment(config, progress, restart).run()
-
-
-def read_summary(run_dir: Path | str) -> dict:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise InputError(f"{run_dir} is not a canprobe run folder (no summary.json)")
-    return json.loads(path.read_text())

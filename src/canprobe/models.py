@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -82,6 +83,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def model_family(model_type: str) -> str:
     if model_type not in MODEL_FAMILIES:
         raise UnsupportedModelError(
@@ -127,13 +133,15 @@ def load_model(
         hf_logging.disable_progress_bar()
     try:
         model = auto.from_pretrained(path, **kwargs)
+        loader = AutoTokenizer if kind == "decoder" else AutoProcessor
+        processor = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelLoadError(f"cannot load {name_or_path!r}: {_first_line(exc)}") from None
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
-    loader = AutoTokenizer if kind == "decoder" else AutoProcessor
-    processor = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
     log.info("loaded %s (%s, %s)", name_or_path, config.model_type, dtype)
     return LoadedModel(model, processor, kind, name_or_path)

@@ -56,9 +56,10 @@ from PIL import Image
 from canprobe import distributed, features
 from canprobe.ablation import to_model_inputs
 from canprobe.captions import generate_captions, teacher_forcing_inputs
+from canprobe.checks import printable
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
-from canprobe.sites import Site, SiteRegistry
+from canprobe.sites import Site, SiteRegistry, is_address
 
 log = logging.getLogger(__name__)
 
@@ -160,29 +161,72 @@ def _resolve_file(path: str | Path, name: str) -> Path:
 
 
 def load_ranking(path: str | Path) -> pd.DataFrame:
-    """Read ranking.parquet (a file or the folder holding it); the scoring config is in ``df.attrs``."""
+    """Read ranking.parquet (a file or the folder holding it), checked to be a canprobe ranking.
+
+    The scoring config is in ``df.attrs["config"]`` and the file in ``df.attrs["path"]``. Damaged,
+    empty and foreign files raise InputError naming the file; every address must parse.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(_resolve_file(path, RANKING_FILE))
-    df = table.to_pandas()
+    file = _resolve_file(path, RANKING_FILE)
+    where = printable(file)
+    try:
+        table = pq.read_table(file)
+        df = table.to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        why = _first_line(exc)
+        raise InputError(f"{where} is not a readable parquet file ({why}); write it with `canprobe score`") from None
+    missing = [c for c in RANKING_COLUMNS if c not in df.columns]
     raw = (table.schema.metadata or {}).get(b"canprobe")
-    df.attrs["config"] = json.loads(raw) if raw else {}
+    if missing or raw is None:
+        what = f"missing columns {', '.join(missing)}" if missing else "no canprobe metadata"
+        raise InputError(f"{where} is not a canprobe ranking ({what}); write one with `canprobe score`")
+    try:
+        config = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{where}: its canprobe metadata is not valid JSON; the file is damaged") from None
+    if df.empty:
+        raise InputError(f"{where} holds no neuron; rewrite it with `canprobe score`")
+    addresses = df["address"]
+    bad = ~addresses.map(is_address).astype(bool)
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise InputError(
+            f"{where}: row {row + 1} holds {addresses.iloc[row]!r}, not a neuron address "
+            f"({int(bad.sum())} such row(s)); the file is damaged, rewrite it with `canprobe score`"
+        )
+    if addresses.duplicated().any():
+        twice = addresses[addresses.duplicated()].iloc[0]
+        raise InputError(f"{where}: neuron {twice} is ranked twice; the file is damaged")
+    df.attrs["config"] = config if isinstance(config, dict) else {}
+    df.attrs["path"] = where
     return df
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_scores(path: str | Path) -> ScoreResult:
     """Read scores.safetensors (a file or the folder holding it) back into a ScoreResult."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = _resolve_file(path, SCORES_FILE)
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "sites" not in meta:
-            raise InputError(f"{file} is not a canprobe scores file (no site metadata)")
-        sites = [Site(**d) for d in json.loads(meta["sites"])]
-        scores = {s.name: f.get_tensor(s.name) for s in sites}
-        signed = {s.name: f.get_tensor(f"{s.name}/signed") for s in sites}
-    return ScoreResult(scores, signed, sites, json.loads(meta.get("config", "{}")))
+    where = printable(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "sites" not in meta:
+                raise InputError(f"{where} is not a canprobe scores file (no site metadata)")
+            sites = [Site(**d) for d in json.loads(meta["sites"])]
+            scores = {s.name: f.get_tensor(s.name) for s in sites}
+            signed = {s.name: f.get_tensor(f"{s.name}/signed") for s in sites}
+            config = json.loads(meta.get("config", "{}"))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{where} is not a readable canprobe scores file ({_first_line(exc)})") from None
+    return ScoreResult(scores, signed, sites, config)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from canprobe.ablation import ABLATION_KINDS, RankedNeurons
 from canprobe.errors import InputError
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
 from canprobe.sites import SiteRegistry
-from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_jsonl
+from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -206,19 +206,30 @@ class SearchResult:
 def ranked_in_scope(registry: SiteRegistry, ranking: pd.DataFrame | Sequence[str], scope: str) -> RankedNeurons:
     """The ranking's neurons that fall in ``scope``, most important first, checked against the model."""
     sites = {s.name for s in registry.select(scope)}
+    where = "the ranking"
     if isinstance(ranking, pd.DataFrame):
         if "address" not in ranking.columns:
             raise InputError("the ranking has no 'address' column; write it with `canprobe score`")
+        where = ranking.attrs.get("path", where)
         frame = ranking.sort_values("rank", kind="stable") if "rank" in ranking.columns else ranking
         addresses = frame["address"].astype(str).tolist()
     else:
         addresses = [str(a) for a in ranking]
+    foreign = [a for a in addresses if a.rsplit(":", 1)[0] not in registry.by_name]
+    if foreign:
+        raise InputError(
+            f"{where}: {len(foreign)} ranked neuron(s) are not in this model, e.g. {foreign[0]}; "
+            "it was scored on another model: score this one"
+        )
     kept = [a for a in addresses if a.rsplit(":", 1)[0] in sites]
     if not kept:
-        raise InputError(f"the ranking holds no neuron of scope {scope}; score that scope with --scope {scope}")
+        raise InputError(f"{where} holds no neuron of scope {scope}; score that scope with --scope {scope}")
     if len(kept) < len(addresses):
         log.info("ranking: %d of %d neurons are in scope %s", len(kept), len(addresses), scope)
-    return RankedNeurons.from_addresses(registry, kept)
+    try:
+        return RankedNeurons.from_addresses(registry, kept)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}; it was scored on another model: score this one") from None
 
 
 def growth_ks(max_k: int, growth: float) -> list[int]:
@@ -293,7 +304,7 @@ class CollapseSearch:
         run_file = self.out / RUN_FILE
         stored = read_jsonl(self.out / CURVE_FILE, repair=True)
         if run_file.exists():
-            previous = json.loads(run_file.read_text())
+            previous = read_json(run_file)
             if previous != json.loads(json.dumps(identity)):
                 changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k])))
                 return (

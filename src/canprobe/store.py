@@ -82,6 +82,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or None when it is absent; a damaged file raises StoreError naming it.
+
+    canprobe writes its JSON files atomically, so a file that does not parse was damaged or
+    replaced by something else: it is never silently treated as missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path} is not valid JSON ({exc}); the file is damaged, move it away") from None
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON object as one line and force it to disk before returning."""
     path = Path(path)
