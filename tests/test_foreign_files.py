@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canprobe.data import CATEGORIES, load_image_set
+from canprobe.data import load_image_set
 
 NOT_WRITABLE = Path("/proc/canprobe-cannot-write-here/out")  # even root cannot create files under /proc
 NOISE = np.random.default_rng(0).bytes(4096)
@@ -62,28 +62,43 @@ def held(tmp_path):
 # --- rankings -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rankings(tmp_path_factory):
-    """A genuine toy-llava ranking, and foreign ones: another model, another scope, not canprobe's."""
-    import pandas as pd
+def fake_scores(lm, images, scope: str, seed: int = 0, **identity):
+    """A ScoreResult with random scores but the identity real scoring would record (no scoring cost)."""
     import torch
 
-    from canprobe.models import load_model
-    from canprobe.scoring import ScoreResult
+    from canprobe.scoring import ScoreResult, score_identity
     from canprobe.sites import SiteRegistry
 
+    sites = SiteRegistry(lm.model).select(scope)
+    gen = torch.Generator().manual_seed(seed)
+    scores = {s.name: torch.rand(s.size, generator=gen) for s in sites}
+    config = {"model": lm.source, **score_identity(lm, images, scope, **identity)}
+    return ScoreResult(scores, {k: -v for k, v in scores.items()}, sites, config)
+
+
+@pytest.fixture(scope="module")
+def few_images(scene_dir):
+    """The images of ``--per-category 1``: what the commands below see."""
+    return load_image_set(scene_dir, limit=1).images
+
+
+@pytest.fixture(scope="module")
+def rankings(tmp_path_factory, few_images):
+    """Genuine toy-llava rankings, and foreign ones: another model (two ways), another scope, not canprobe's."""
+    import pandas as pd
+
+    from canprobe.models import load_model
+
     root = tmp_path_factory.mktemp("rankings")
+    llava, blip = load_model("toy-llava"), load_model("toy-instructblip")
     made = {}
-    for name, model, scope in (
-        ("good", "toy-llava", "language.down_proj"),
-        ("vision", "toy-llava", "vision.fc1"),
-        ("other_model", "toy-instructblip", "qformer"),
+    for name, lm, scope in (
+        ("good", llava, "language.down_proj"),
+        ("vision", llava, "vision.fc1"),
+        ("other_model", blip, "qformer"),
+        ("same_shape_model", blip, "language.down_proj"),  # the addresses exist in toy-llava too
     ):
-        sites = SiteRegistry(load_model(model).model).select(scope)
-        gen = torch.Generator().manual_seed(0)
-        scores = {s.name: torch.rand(s.size, generator=gen) for s in sites}
-        signed = {k: -v for k, v in scores.items()}
-        ScoreResult(scores, signed, sites, {"model": model, "scope": scope}).save(root / name)
+        fake_scores(lm, few_images, scope).save(root / name)
         made[name] = root / name / "ranking.parquet"
     pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}).to_parquet(root / "plain.parquet")
     made["plain"] = root / "plain.parquet"
@@ -148,7 +163,10 @@ def test_damaged_ranking_is_refused_by_search_and_ablate(cli, scene_dir, ranking
     refused(cli("ablate", "--model", "toy-llava", "--images", scene_dir, "--ranking", path, "--top", 2), path)
 
 
-@pytest.mark.parametrize("kind, needle", [("other_model", "another model"), ("vision", "no neuron of scope")])
+@pytest.mark.parametrize(
+    "kind, needle",
+    [("other_model", "another model"), ("same_shape_model", "another model"), ("vision", "no neuron of scope")],
+)
 def test_ranking_of_another_model_or_scope_is_refused(cli, scene_dir, rankings, held, kind, needle):
     args = ("--model", "toy-llava", "--images", scene_dir, "--per-category", 1, "--ranking", rankings[kind])
     refused(cli("search", *args, "--out", held), rankings[kind], needle)
@@ -339,6 +357,16 @@ def images(scene_dir, tmp_path) -> Path:
     return root
 
 
+@pytest.fixture
+def one_image(scene_dir, tmp_path) -> Path:
+    """An image set of one scene: for the checks that need a command to run to its end."""
+    root = tmp_path / "one"
+    (root / "car").mkdir(parents=True)
+    shutil.copy(scene_dir / "car" / "0000.png", root / "car" / "0000.png")
+    (root / "captions.jsonl").write_text(json.dumps({"file": "car/0000.png", "caption": "a car"}) + "\n")
+    return root
+
+
 def test_captions_file_that_is_not_utf8(cli, images, no_model):
     (images / "captions.jsonl").write_bytes('{"file": "car/0000.png", "caption": "caf\xe9"}\n'.encode("latin-1"))
     for command in ("caption", "score", "ablate"):
@@ -372,23 +400,26 @@ def test_null_caption_means_no_caption_and_unknown_files_are_reported(images):
     assert image_set.unmatched_captions == ["car/9999.png"]
 
 
-def test_unknown_caption_files_are_reported_by_the_commands(cli, images):
-    with (images / "captions.jsonl").open("a") as f:
+def test_unknown_caption_files_are_reported_by_the_commands(cli, one_image, tmp_path):
+    with (one_image / "captions.jsonl").open("a") as f:
         f.write(json.dumps({"file": "car/9999.png", "caption": "a ghost"}) + "\n")
-    result = cli("caption", "--model", "toy-llava", "--images", images, "--max-new-tokens", 2)
+    out = tmp_path / "c.jsonl"
+    result = cli("caption", "--model", "toy-llava", "--images", one_image, "--max-new-tokens", 2, "--out", out)
     assert result.code == 0, result.err
     assert "ignored 1 caption(s)" in result.err and "car/9999.png" in result.err
 
 
-def test_non_utf8_file_names_are_skipped_and_reported(cli, images, tmp_path):
+def test_non_utf8_file_names_are_skipped_and_reported(cli, one_image, tmp_path):
     import os
 
-    bad = os.fsencode(images / "car") + b"/caf\xe9.png"
-    shutil.copy(images / "car" / "0000.png", bad)
-    image_set = load_image_set(images)
-    assert len(image_set) == 2 * len(CATEGORIES)
+    bad = os.fsencode(one_image / "car") + b"/caf\xe9.png"
+    shutil.copy(one_image / "car" / "0000.png", bad)
+    image_set = load_image_set(one_image)
+    assert [r.name for r in image_set.records] == ["car/0000.png"]
     assert [why for _, why in image_set.skipped] == ["the file name is not valid UTF-8; rename the file"]
-    result = cli("caption", "--model", "toy-llava", "--images", images, "--max-new-tokens", 2, "--out", tmp_path / "c")
+    result = cli(
+        "caption", "--model", "toy-llava", "--images", one_image, "--max-new-tokens", 2, "--out", tmp_path / "c"
+    )
     assert result.code == 0, result.err
     assert "caf\\xe9.png" in result.err and "not valid UTF-8" in result.err
 
@@ -463,12 +494,130 @@ def test_neuron_lists_that_repeat_or_name_nothing(cli, scene_dir, no_model):
     refused(cli("ablate", "--model", "toy-llava", "--images", scene_dir, "--neurons", " , "), "names no neuron")
 
 
-def test_a_neuron_named_twice_counts_once(cli, scene_dir):
+def test_a_neuron_named_twice_counts_once(cli, one_image):
     twice = "language.layers.0.mlp.down_proj:1, language.layers.0.mlp.down_proj:1"
-    result = cli(
-        "ablate", "--model", "toy-llava", "--images", scene_dir, "--neurons", twice, "--per-category", 1,
-        "--max-new-tokens", 2,
-    )  # fmt: skip
+    result = cli("ablate", "--model", "toy-llava", "--images", one_image, "--neurons", twice, "--max-new-tokens", 2)
     assert result.code == 0, result.err
     assert "1 distinct neuron(s) in 2 addresses" in result.out
     assert "masked (1 neuron(s), zero)" in result.out
+
+
+# --- identity: nothing reused across identities ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, few_images) -> Path:
+    """A search folder after its scoring (``search --per-category 1`` on the scenes, method can)."""
+    from canprobe.models import load_model
+
+    folder = tmp_path_factory.mktemp("scored") / "search"
+    fake_scores(load_model("toy-llava"), few_images, "language.down_proj").save(folder)
+    return folder
+
+
+@pytest.fixture
+def search_folder(scored, tmp_path) -> Path:
+    folder = tmp_path / "search"
+    shutil.copytree(scored, folder)
+    return folder
+
+
+def _search(cli, images, out, *args):
+    return cli("search", "--model", "toy-llava", "--images", images, "--per-category", 1, "--out", out, *args)
+
+
+def test_search_resumed_with_another_method_or_alpha_is_refused(cli, scene_dir, search_folder):
+    before = snapshot(search_folder)
+    result = _search(cli, scene_dir, search_folder, "--method", "activation", "--alpha", "0.3")
+    refused(
+        result, search_folder / "ranking.parquet", "alpha (was 1.0, now 0.0)", 'method (was "can", now "activation")'
+    )
+    assert "new --out folder" in result.err
+    refused(_search(cli, scene_dir, search_folder, "--alpha", "0.5"), "alpha (was 1.0, now 0.5)")
+    assert snapshot(search_folder) == before
+
+
+def test_search_resumed_on_other_images_with_the_same_names_is_refused(cli, images, search_folder):
+    Image.new("RGB", (96, 96), (200, 0, 0)).save(images / "car" / "0000.png")  # same name, other pixels
+    before = snapshot(search_folder)
+    refused(_search(cli, images, search_folder), "images (was")
+    assert snapshot(search_folder) == before
+
+
+def test_the_same_identity_is_reused(scene_dir, scored, few_images):
+    from canprobe.models import load_model
+    from canprobe.scoring import check_ranking_identity, load_folder_ranking, score_identity
+
+    lm = load_model("toy-llava")
+    ranking = load_folder_ranking(scored)
+    check_ranking_identity(ranking, score_identity(lm, few_images, "language.down_proj", seed=5), "unused")
+    with pytest.raises(Exception, match="scope"):
+        check_ranking_identity(ranking, score_identity(lm, few_images, "language.gate_proj"), "start over")
+
+
+def test_study_resumes_on_another_device_and_batch_size_but_not_another_alpha(cli, scene_dir, tmp_path, monkeypatch):
+    from canprobe.experiment import Experiment
+
+    ran = []
+    monkeypatch.setattr(Experiment, "_run", lambda self, *prepared: ran.append(self.config.device) or {"results": []})
+    base = ["run", "--model", "toy-llava", "--images", scene_dir, "--out", tmp_path / "run", "--categories", "car"]
+    assert cli(*base).code == 0
+    assert cli(*base, "--device", "cpu", "--batch-size", 3).code == 0
+    refused(cli(*base, "--alpha", "0.5"), "config.alpha (was 1.0, now 0.5)", "--restart")
+    assert ran == [None, "cpu"]
+
+
+# --- pairs written together: scores.safetensors + ranking.parquet ---------------------------
+
+
+def test_sigkill_between_the_two_writes_of_a_pair(cli, scene_dir, tmp_path, few_images):
+    import os
+    import signal
+
+    import canprobe.scoring as scoring
+    from canprobe.models import load_model
+    from canprobe.scoring import load_folder_ranking, load_ranking
+
+    lm = load_model("toy-llava")
+    folder = tmp_path / "pair"
+    old, new = (fake_scores(lm, few_images, "language.down_proj", seed=s) for s in (1, 2))
+    old.save(folder)
+    pid = os.fork()
+    if pid == 0:  # the child writes the new pair and is killed between its two files
+        try:
+            signal.alarm(60)
+            real = scoring.atomic_write_bytes
+
+            def write_then_die(path, data):
+                real(path, data)
+                if path.name == "scores.safetensors":
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            scoring.atomic_write_bytes = write_then_die
+            new.save(folder)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert load_ranking(folder, check_pair=False)["address"].tolist() == old.ranking()["address"].tolist()
+    # given as an input, the mixed pair is refused with one line
+    refused(
+        cli("ablate", "--model", "toy-llava", "--images", scene_dir, "--ranking", folder, "--top", 2),
+        "different writes",
+    )
+    # read as the run folder's own ranking, it is rebuilt from the newer scores: a consistent new pair
+    assert load_folder_ranking(folder)["address"].tolist() == new.ranking()["address"].tolist()
+    assert load_ranking(folder)["address"].tolist() == new.ranking()["address"].tolist()
+
+
+def test_stray_temporaries_of_killed_writes_are_removed_by_the_next_run(tmp_path):
+    from canprobe.store import RunLock
+
+    stray = [tmp_path / ".scores.safetensors.k3j2.tmp", tmp_path / "scopes" / "x" / ".curve.jsonl.abc.tmp"]
+    kept = [tmp_path / ".canprobe.lock.q1.tmp", tmp_path / ".someone-else.tmp", tmp_path / "notes.tmp"]
+    for path in stray + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    with RunLock(tmp_path):
+        pass
+    assert [p.exists() for p in stray + kept] == [False, False, True, True, True]

@@ -311,7 +311,10 @@ def score_command(
     )
     if not world.main:
         return
-    result.save(out)
+    from canprobe.store import RunLock
+
+    with RunLock(out):
+        result.save(out)
     ranking = result.ranking()
     for row in ranking.head(top).itertuples():
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
@@ -441,25 +444,30 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before the model loads
     lm = _load(model, dtype, device, device_map=device_map)
     _check_context(lm, image_set, config.prompt, config.max_new_tokens)
+    from canprobe.scoring import (
+        RANKING_FILE,
+        check_ranking_identity,
+        check_ranking_model,
+        load_folder_ranking,
+        score_identity,
+    )
+
+    if table is not None:
+        check_ranking_model(table, lm)
+    scoring = dict(scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed)
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
-        if table is None and (out / "ranking.parquet").exists():
-            table = _load_ranking(out / "ranking.parquet")
+        if table is None and (out / RANKING_FILE).exists():
+            table = load_folder_ranking(out)
+            remedy = "resume with the same --method, --alpha, --scope and images, or use a new --out folder"
+            check_ranking_identity(table, score_identity(lm, image_set.images, **scoring), remedy)
         if table is None:
             from canprobe.scoring import score_neurons
 
             if world.main:
                 click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
             scores = score_neurons(
-                lm,
-                image_set.images,
-                scope=scope,
-                method=method,
-                alpha=alpha,
-                prompt=config.prompt,
-                seed=seed,
-                gradient_checkpointing=checkpointed,
-                reuse_features=reuse,
+                lm, image_set.images, **scoring, gradient_checkpointing=checkpointed, reuse_features=reuse
             )
             if world.main:
                 scores.save(out)
@@ -550,8 +558,10 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     _check_context(lm, image_set, prompt, rest["max_new_tokens"])
     registry = SiteRegistry(lm.model)
     if top_k is not None:
+        from canprobe.scoring import check_ranking_model
         from canprobe.search import ranked_in_scope
 
+        check_ranking_model(table, lm)
         ranked = ranked_in_scope(registry, table, scope or "all")
         if top_k > len(ranked):
             where = f"scope {scope}" if scope else "the ranking"

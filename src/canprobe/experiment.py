@@ -19,7 +19,6 @@ contents to a sibling ``<out>.replaced-*`` folder; a live run holds the folder w
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import tempfile
@@ -37,9 +36,16 @@ from canprobe.checks import check_device, check_output_dir, printable
 from canprobe.config import ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
+from canprobe.identity import differences, images_fingerprint, texts_fingerprint
 from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
 from canprobe.models import LoadedModel, load_model
-from canprobe.scoring import ScoreResult, load_ranking, score_neurons
+from canprobe.scoring import (
+    ScoreResult,
+    check_ranking_identity,
+    load_folder_ranking,
+    score_identity,
+    score_neurons,
+)
 from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
 from canprobe.store import LOCK_FILE, RunLock, atomic_write_json, read_json
@@ -107,21 +113,27 @@ def _groups(config: ExperimentConfig, image_set: ImageSet) -> list[Group]:
 def _score(
     lm: LoadedModel, config: ExperimentConfig, scope: str, images, captions, out: Path, method: str, alpha: float
 ) -> pd.DataFrame:
-    """The ranking in ``out`` (computed and saved unless already there)."""
-    if (out / "ranking.parquet").exists():
-        return load_ranking(out)
-    result: ScoreResult = score_neurons(
-        lm,
-        images,
+    """The ranking in ``out`` (computed and saved unless already there with the same identity)."""
+    scoring = dict(
         scope=scope,
         method=method,
         alpha=alpha,
         reduction=config.reduction,
         captions=captions,
         prompt=config.prompt,
-        batch_size=config.batch_size,
         seed=config.seed,
         max_new_tokens=config.max_new_tokens,
+    )
+    if (out / "ranking.parquet").exists():
+        ranking = load_folder_ranking(out)
+        remedy = "the study folder was changed by hand: rerun with --restart or a new out folder"
+        check_ranking_identity(ranking, score_identity(lm, images, **scoring), remedy)
+        return ranking
+    result: ScoreResult = score_neurons(
+        lm,
+        images,
+        **scoring,
+        batch_size=config.batch_size,
         gradient_checkpointing=config.gradient_checkpointing,
         reuse_features=config.reuse_features,
     )
@@ -235,25 +247,30 @@ class Experiment:
         spearman = float(a.rank().corr(b.loc[a.index].rank()))
         return {"k": k, "jaccard": _jaccard(top_a, top_b), "spearman": spearman}
 
-    def _identity(self) -> dict:
-        """The config that decides the folder's results (its own location may change)."""
-        return json.loads(json.dumps({k: v for k, v in self.config.to_dict().items() if k != "out"}))
+    def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel) -> dict:
+        """What decides the folder's results (``canprobe.identity``): the config without the locations of
+        the output and the images, plus the weights and the images' content, names, categories and captions."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in ("out", "images", "annotations")}
+        records = [f"{r.name}\t{r.category}\t{r.caption}" for r in image_set.records]
+        return {
+            "config": config,
+            "weights": lm.fingerprint,
+            "clip_weights": clip.fingerprint,
+            "images": images_fingerprint(image_set.images),
+            "records": texts_fingerprint(records),
+        }
 
-    def _claim(self) -> None:
-        """Check that the folder is empty or holds this config's run; restart moves another run aside."""
-        identity = self._identity()
+    def _claim(self, identity: dict) -> None:
+        """Check that the folder is empty or holds this identity's run; restart moves another run aside."""
         previous = read_json(self.out / RUN_FILE)
         unlabelled = previous is None and any((self.out / name).exists() for name in ("summary.json", "scopes"))
-        if unlabelled or previous not in (None, identity):
+        changed = ["it has no run.json"] if unlabelled else [] if previous is None else differences(previous, identity)
+        if changed:
             if not self.restart:
-                if unlabelled:
-                    changed = "it has no run.json"
-                else:
-                    fields = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-                    changed = "differs in " + ", ".join(fields)
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
                 raise InputError(
-                    f"{self.out} holds a run of another config ({changed}); use the same config to resume, "
-                    "another out folder, or --restart to start over"
+                    f"{self.out} holds a run of another config ({'; '.join(changed[:3])}{more}); use the same "
+                    "config to resume, another out folder, or --restart to start over"
                 )
             aside = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.replaced-", dir=self.out.parent))
             for entry in self.out.iterdir():
@@ -294,8 +311,9 @@ class Experiment:
         a study that fails validation does not claim its folder.
         """
         image_set, groups, lm, clip = self._prepare()
+        identity = self._identity(image_set, lm, clip)
         with RunLock(self.out):
-            self._claim()
+            self._claim(identity)
             return self._run(image_set, groups, lm, clip)
 
     def _prepare(self) -> tuple[ImageSet, list[Group], LoadedModel, LoadedModel]:

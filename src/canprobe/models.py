@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -59,6 +60,13 @@ class LoadedModel:
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The weights' fingerprint, part of every artifact's identity (``canprobe.identity``)."""
+        from canprobe.identity import weights_fingerprint
+
+        return weights_fingerprint(self.model)
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -14,7 +14,6 @@ curve. ``summary.json`` (k*, stage 1, baseline, criterion, config, versions) is 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -31,12 +30,14 @@ import canprobe
 from canprobe import distributed
 from canprobe.ablation import ABLATION_KINDS, RankedNeurons
 from canprobe.errors import InputError
+from canprobe.identity import differences, images_fingerprint
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
 from canprobe.sites import SiteRegistry
 from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
+RANKING_IDENTITY = ("method", "alpha", "reduction", "loss_text", "weights", "images")  # recorded by scoring
 CURVE_FILE = "curve.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_FILE = "run.json"
@@ -267,6 +268,7 @@ class CollapseSearch:
         out_dir: str | Path | None = None,
         model_name: str = "",
         ranking_info: dict | None = None,
+        identity: dict | None = None,
     ):
         if len(image_names) != evaluator.n_images:
             raise InputError(f"{len(image_names)} image names for {evaluator.n_images} images")
@@ -282,6 +284,7 @@ class CollapseSearch:
         self.world = distributed.world()
         self.writes = self.out is not None and self.world.main  # under torch.distributed, rank 0 writes
         self.model_name = model_name
+        self.identity = identity or {}
         self.ranking_info = {**(ranking_info or {}), "fingerprint": _fingerprint(ranking.addresses)}
         self.points: dict[tuple[str, int], CurvePoint] = {}
         self.evaluated = 0
@@ -290,8 +293,9 @@ class CollapseSearch:
 
     # -- persistence -------------------------------------------------------------------------
     def _run_identity(self) -> dict:
+        """What decides the folder's points (``canprobe.identity``): the model's name is not, its weights are."""
         return {
-            "model": self.model_name,
+            **self.identity,
             "config": self.config.to_dict(),
             "ranking": self.ranking_info,
             "images": _fingerprint(self.image_names),
@@ -305,11 +309,14 @@ class CollapseSearch:
         stored = read_jsonl(self.out / CURVE_FILE, repair=True)
         if run_file.exists():
             previous = read_json(run_file)
-            if previous != json.loads(json.dumps(identity)):
-                changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k])))
+            if not isinstance(previous, dict):
+                return f"{run_file} is not a search's identity (damaged or foreign); use a new --out folder", []
+            changed = differences(previous, identity)
+            if changed:
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
                 return (
-                    f"{self.out} holds a search with other settings ({', '.join(changed)} differ); "
-                    "use a new --out folder or the same settings to resume"
+                    f"{self.out} holds a search whose {'; '.join(changed[:3])}{more} differ; resume with the "
+                    f"same settings, or start over in a new --out folder (or delete {self.out})"
                 ), []
         elif stored:
             return f"{self.out} has a {CURVE_FILE} but no {RUN_FILE}; use a new --out folder", []
@@ -542,6 +549,16 @@ def find_k_star(
         reuse_features=reuse_features,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
-    info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}
-    search = CollapseSearch(evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info)
+    scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}
+    info = {k: scored.get(k) for k in RANKING_IDENTITY}
+    identity = {
+        "weights": lm.fingerprint,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "clip_weights": clip.fingerprint,
+        "ppl_weights": None if ppl_lm is None else ppl_lm.fingerprint,
+        "pixels": images_fingerprint(images),
+    }
+    search = CollapseSearch(
+        evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info, identity
+    )
     return search.run()

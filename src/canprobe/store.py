@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 
 
 LOCK_FILE = ".canprobe.lock"
+ARTIFACT_FILES = (
+    "run.json",
+    "scores.safetensors",
+    "ranking.parquet",
+    "curve.jsonl",
+    "summary.json",
+    "controls.json",
+    "report.html",
+    "captions.jsonl",
+)
 
 
 class StoreError(CanprobeError):
@@ -155,6 +165,19 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def remove_stray_temporaries(folder: Path) -> None:
+    """Delete the temporary files that killed atomic writes of canprobe's files left in ``folder`` and below.
+
+    Called by the process that holds the folder, so no live write of another process owns them.
+    Only ``.<canprobe file name>.*.tmp`` is touched: the lock's own temporaries (another process may
+    be about to link one) and other programs' files are left alone.
+    """
+    for tmp in folder.rglob(".*.tmp"):
+        if tmp.is_file() and any(tmp.name.startswith(f".{name}.") for name in ARTIFACT_FILES):
+            log.warning("removing %s, left by an interrupted write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 class RunLock:
     """Hold an output folder for this process: ``with RunLock(out): ...``.
 
@@ -183,6 +206,7 @@ class RunLock:
                 pass
         finally:
             Path(tmp).unlink(missing_ok=True)
+        remove_stray_temporaries(self.path.parent)
         return self
 
     def _take(self, tmp: str) -> bool:
