@@ -621,3 +621,67 @@ def test_stray_temporaries_of_killed_writes_are_removed_by_the_next_run(tmp_path
     with RunLock(tmp_path):
         pass
     assert [p.exists() for p in stray + kept] == [False, False, True, True, True]
+
+
+SCORES_DAMAGE = {
+    "truncated": lambda good, folder: good[: len(good) // 2],
+    "empty": lambda good, folder: b"",
+    "random bytes": lambda good, folder: NOISE,
+    "a ranking": lambda good, folder: (folder / "ranking.parquet").read_bytes(),
+}
+
+
+@pytest.mark.parametrize("damage", list(SCORES_DAMAGE))
+def test_damaged_scores_beside_a_ranking_are_refused(cli, scene_dir, search_folder, damage):
+    scores = search_folder / "scores.safetensors"
+    scores.write_bytes(SCORES_DAMAGE[damage](scores.read_bytes(), search_folder))
+    before = snapshot(search_folder)
+    refused(_search(cli, scene_dir, search_folder), scores)
+    ablate = cli("ablate", "--model", "toy-llava", "--images", scene_dir, "--ranking", search_folder, "--top", 1)
+    refused(ablate, scores)
+    assert snapshot(search_folder) == before
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "a JSON list", "bad middle line", "foreign lines"])
+def test_damaged_search_files_are_refused_on_resume(cli, scene_dir, search_folder, damage):
+    if damage == "random bytes":
+        (search_folder / "run.json").write_bytes(NOISE)
+    elif damage == "a JSON list":
+        (search_folder / "run.json").write_text("[1, 2]\n")
+    elif damage == "bad middle line":
+        (search_folder / "curve.jsonl").write_text('{"k": 0}\nnot json\n{"k": 1}\n')
+    else:
+        (search_folder / "curve.jsonl").write_text('{"k": 0}\n[1, 2]\n')
+    before = snapshot(search_folder)
+    refused(_search(cli, scene_dir, search_folder), search_folder)
+    assert snapshot(search_folder) == before
+
+
+CURVE_DAMAGE = {
+    "random bytes": NOISE.replace(b"\n", b" ") + b"\n",
+    "bad middle line": b'{"k": 0}\n{oops\n{}\n',
+    "foreign lines": b'{"k": 0}\n{"file": "car/0000.png", "caption": "a car"}\n',
+}
+
+
+@pytest.mark.parametrize("damage", list(CURVE_DAMAGE))
+def test_report_on_a_run_with_a_damaged_curve(cli, fake_run, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    curve = run / "scopes" / "x" / "pooled" / "curve.jsonl"
+    curve.parent.mkdir(parents=True)
+    curve.write_bytes(CURVE_DAMAGE[damage])
+    before = snapshot(run)
+    refused(cli("report", run), curve)
+    assert snapshot(run) == before
+
+
+def test_study_with_a_damaged_run_json(cli, scene_dir, tmp_path, monkeypatch, no_model):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_bytes(NOISE)
+    before = snapshot(out)
+    monkeypatch.setattr("canprobe.experiment.Experiment._prepare", lambda self: (None, [], _FakeLm(), _FakeLm()))
+    monkeypatch.setattr("canprobe.experiment.Experiment._identity", lambda self, *prepared: {"config": {}})
+    refused(cli("run", "--model", "toy-llava", "--images", scene_dir, "--out", out), out / "run.json")
+    assert snapshot(out) == before

@@ -190,7 +190,7 @@ class Experiment:
         They run on the pooled images (on every category when the run does not pool).
         """
         cached = read_json(out / CONTROLS_FILE)
-        if cached is not None and cached.get("k_star") == k_star:
+        if isinstance(cached, dict) and cached.get("k_star") == k_star:
             return cached
         result: dict = {"k_star": k_star, "activation_collapsed": None, "mean_ablation_collapsed": None}
         wanted = [c for c in ("activation", "mean") if c in self.config.controls]
@@ -421,6 +421,8 @@ def search_baseline(search_dir: Path) -> dict:
     data = read_json(search_dir / "summary.json")
     if data is None:
         raise InputError(f"{search_dir} holds no finished search")
+    if not isinstance(data, dict) or not isinstance(data.get("baseline"), dict):
+        raise InputError(f"{search_dir / 'summary.json'} is not a search summary (damaged); rerun with --restart")
     return data["baseline"]
 
 

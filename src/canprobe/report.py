@@ -76,7 +76,10 @@ def _table(header: list[str], rows: list[list], left: int = 1) -> str:
 
 def load_curve(search_dir: Path) -> pd.DataFrame:
     """Every evaluated point of one search, as a table (empty when nothing was evaluated)."""
-    rows = read_jsonl(search_dir / "curve.jsonl")
+    path = search_dir / "curve.jsonl"
+    rows = read_jsonl(path)
+    if any(not isinstance(r, dict) or any(c not in r for c in CURVE_COLUMNS) for r in rows):
+        raise InputError(f"{path} holds lines that are not curve points (damaged or foreign); rerun the study")
     return pd.DataFrame(rows)
 
 

@@ -330,8 +330,12 @@ class CollapseSearch:
         error, stored = distributed.broadcast(self._stored() if self.writes else None)
         if error:
             raise InputError(error)
-        for record in stored:
-            point = CurvePoint.from_json(record)
+        for n, record in enumerate(stored, 1):
+            try:
+                point = CurvePoint.from_json(record)
+            except (KeyError, TypeError, AttributeError):
+                where = self.out / CURVE_FILE
+                raise InputError(f"{where}: point {n} is not a curve point (damaged); use a new --out folder") from None
             self.points[(point.control, point.k)] = point
         self.resumed = len(self.points)
         if self.resumed:
