@@ -82,6 +82,13 @@ reuse_option = click.option(
     show_default=True,
     help="Encode each image once for all masks that leave the image encoder alone.",
 )
+fault_option = click.option(
+    "--ablation",
+    default="zero",
+    show_default=True,
+    help="What masking does to a neuron: zero, mean, sign, stuck:value=V, stuck:at=max:factor=F, noise:sigma=S, "
+    "bitflip:bit=exponent|sign|mantissa|N, weight_bitflip:bit=...:weights=largest|all.",
+)
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
 
 
@@ -426,7 +433,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @click.option("--k-per-round", type=int, default=1, show_default=True, help="k values per batched round.")
 @click.option("--grid-per-octave", type=int, default=1, show_default=True, help="Curve points per doubling; 0: none.")
 @click.option("--max-k", type=int, default=None, help="Largest k to try (default: every neuron of the scope).")
-@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
+@fault_option
 @click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
 @click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
 @click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
@@ -442,10 +449,12 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @dry_run_option
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
+    from canprobe.faults import check_fault
     from canprobe.metrics import default_clip_model
     from canprobe.search import CollapseCriterion, SearchConfig, find_k_star
     from canprobe.store import RunLock
 
+    check_fault(options["ablation"], options["dtype"])
     thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
     criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
     per_category, dtype, device = options.pop("per_category"), options.pop("dtype"), options.pop("device")
@@ -567,7 +576,7 @@ def _print_search(result, out: Path) -> None:
 @click.option("--top", "top_k", type=click.IntRange(min=0), default=None, help="Mask the top K of --ranking.")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
 @click.option("--scope", default=None, help="With --top: count only the ranking's neurons in this scope.")
-@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
+@fault_option
 @click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
 @click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
 @click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
@@ -578,11 +587,13 @@ def _print_search(result, out: Path) -> None:
 @device_option
 def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
     """Captions and metrics with one mask, side by side with the unmasked model."""
-    from canprobe.ablation import group_by_site, mean_activations
+    from canprobe.ablation import activation_stats, group_by_site
     from canprobe.errors import InputError
+    from canprobe.faults import check_fault
     from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
     from canprobe.sites import SiteRegistry, parse_address
 
+    fault = check_fault(ablation, rest["dtype"])
     if (neurons is None) == (top_k is None):
         raise InputError("give exactly one of --neurons ADDR,ADDR,... and --top K (with --ranking)")
     if top_k is not None and ranking is None:
@@ -613,9 +624,9 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     else:
         mask = group_by_site(registry, addresses)
         label = f"{len(addresses)} neuron(s)"
-    means = None
-    if ablation == "mean" and mask:
-        means = mean_activations(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
+    stats = None
+    if fault.needs and mask:
+        stats = activation_stats(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
     clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
     evaluator = MaskEvaluator(
         lm,
@@ -625,8 +636,8 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         prompt=prompt,
         max_new_tokens=rest["max_new_tokens"],
         batch_size=rest["batch_size"],
-        kind=ablation,
-        means=means,
+        kind=fault,
+        stats=stats,
         ppl_lm=_ppl_model(ppl_scorer, rest["device"]),
     )
     unmasked = evaluator.evaluate_baseline()
@@ -678,6 +689,10 @@ def _print_summary(summaries: list[dict]) -> None:
                 f"{summary['model']:18s} {r['scope']:22s} {r['category']:10s} {k_star:>6s} {r['n_neurons']:>7d} "
                 f"{stage1:>8s} {random:>8s}"
             )
+        for entry in summary.get("robustness", []):
+            from canprobe.report import fault_headline
+
+            click.echo(f"{summary['model']} {entry['scope']} ({entry['category']}): {fault_headline(entry)}")
 
 
 @main.command("run")
@@ -703,8 +718,13 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
     for name, value in flags.items():
         if value is None:
             continue
-        if "list" in str(config_fields()[name]):
+        annotation = str(config_fields()[name])
+        if "list" in annotation:
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if "list[int]" in annotation:
+                if not all(v.lstrip("-").isdigit() for v in value):
+                    raise InputError(f"--{name.replace('_', '-')}: give comma-separated whole numbers")
+                value = [int(v) for v in value]
         values[name] = value
     experiment = Experiment(make_config(values), restart=restart)
     if dry_run:
