@@ -118,7 +118,7 @@ def test_run_folder_of_another_config_refuses_to_resume_unless_restarted(cli, sc
     assert json.loads((out / RUN_FILE).read_text())["config"]["seed"] == 2
     assert sorted(p.name for p in out.iterdir()) == [RUN_FILE]
     (aside,) = tmp_path.glob("run.replaced-*")
-    assert json.loads((aside / RUN_FILE).read_text())["seed"] == 1 and (aside / "summary.json").exists()
+    assert json.loads((aside / RUN_FILE).read_text())["config"]["seed"] == 1 and (aside / "summary.json").exists()
 
 
 # ---------------------------------------------------------------- atomic writes keep normal permissions
