@@ -383,21 +383,6 @@ class _Accumulator:
         self.input_sq = sq if self.input_sq is None else self.input_sq + sq
 
 
-def _vision_rows(lm: LoadedModel, enc: dict) -> torch.Tensor:
-    """Per crop row of the vision tower: 1 / crops of its sample (LLaVA-NeXT tiles images into crops)."""
-    n = enc["input_ids"].shape[0]
-    if "image_sizes" not in enc or lm.kind != "llava":
-        return torch.ones(n)
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    cfg = lm.model.config
-    counts = [
-        image_size_to_num_patches(size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        for size in enc["image_sizes"]
-    ]
-    return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
-
-
 def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     labels, attn = enc["labels"], enc["attention_mask"]
     loss_pos = torch.zeros_like(attn)
@@ -408,7 +393,7 @@ def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
-    return _Batch(weights, masks, _vision_rows(lm, enc))
+    return _Batch(weights, masks, lm.family.vision_rows(lm.model, enc))
 
 
 FEATURES_KEY = "image_features"
@@ -478,7 +463,7 @@ def _check_options(method: str, alpha: float, reduction: str) -> None:
 def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> tuple[list, list | None]:
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch size and max new tokens must be positive")
-    if lm.kind == "decoder":
+    if not lm.family.takes_images:
         if not captions:
             raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
         return [None] * len(captions), list(captions)
@@ -609,7 +594,7 @@ def score_neurons(
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
     cache = None
-    if reuse_features and lm.kind != "decoder" and features.reusable(lm, [s.name for s in sites]):
+    if reuse_features and features.reusable(lm, [s.name for s in sites]):
         cache = features.FeatureCache(lm, images, prompt, batch_size)
     if identity["loss_text"] == "self":
         feats = None if cache is None else cache.rows(range(len(images)))
@@ -617,14 +602,14 @@ def score_neurons(
 
     def batches() -> Iterator[dict]:
         for i in range(0, len(captions), batch_size):
-            ims = None if lm.kind == "decoder" else images[i : i + batch_size]
-            enc = teacher_forcing_inputs(lm.processor, lm.kind, ims, captions[i : i + batch_size], prompt)
+            ims = images[i : i + batch_size] if lm.family.takes_images else None
+            enc = teacher_forcing_inputs(lm.processor, lm.family, ims, captions[i : i + batch_size], prompt)
             if cache is not None:
                 enc[FEATURES_KEY] = cache.rows(range(i, min(i + batch_size, len(captions))))
             yield enc
 
     result = score_inputs(lm, batches(), scope, method, alpha, reduction, seed, gradient_checkpointing)
-    result.config.update(n_images=0 if lm.kind == "decoder" else n_images, batch_size=batch_size)
+    result.config.update(n_images=n_images if lm.family.takes_images else 0, batch_size=batch_size)
     result.config.update(identity)
     return result
 
@@ -646,11 +631,11 @@ def score_identity(
     Same arguments and defaults as ``score_neurons``, so a folder's ranking can be checked against
     the scoring a command would do before it is reused.
     """
-    source = "text" if lm.kind == "decoder" else ("self" if captions is None else "reference")
+    source = "text" if not lm.family.takes_images else ("self" if captions is None else "reference")
     return {
         "weights": lm.fingerprint,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "images": None if lm.kind == "decoder" else images_fingerprint(list(images)),
+        "images": images_fingerprint(list(images)) if lm.family.takes_images else None,
         "scope": scope,
         "method": method,
         "alpha": _alpha(method, alpha),
