@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -187,6 +188,7 @@ class _FakeLm:
     """Stands in for a loaded model where the check under test comes before any use of it."""
 
     kind = "clip"
+    family = SimpleNamespace(takes_images=False)
 
 
 # --- output locations -----------------------------------------------------------------------
