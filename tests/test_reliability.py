@@ -179,13 +179,13 @@ def write_json(path, obj, **kwargs):
         half_temp(path)
     store.atomic_write_json(path, obj, **kwargs)
 
-def write_parquet(df, path, config):
-    if mode == "mid_ranking":
+def write_bytes(path, data):
+    if mode == "mid_ranking" and Path(path).name == "ranking.parquet":
         half_temp(path)
-    real_parquet(df, path, config)
+    real_bytes(path, data)
 
-real_parquet = scoring._write_parquet
-search.append_jsonl, search.atomic_write_json, scoring._write_parquet = append, write_json, write_parquet
+real_bytes = scoring.atomic_write_bytes
+search.append_jsonl, search.atomic_write_json, scoring.atomic_write_bytes = append, write_json, write_bytes
 sys.argv = ["canprobe", *sys.argv[1:]]
 from canprobe.cli import run
 run()
