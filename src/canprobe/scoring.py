@@ -41,8 +41,8 @@ every position, -sum_t a_t dL_i/da_t over non-pad positions, averaged over sampl
 from __future__ import annotations
 
 import json
+import hashlib
 import logging
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -127,7 +127,8 @@ class ScoreResult:
         return [self.sites[j].address(int(i - starts[j])) for i, j in zip(chosen, site_of[chosen])]
 
     def save(self, out_dir: str | Path) -> None:
-        """Write scores.safetensors, then ranking.parquet, each atomically, both marked with one pair id.
+        """Write scores.safetensors, then ranking.parquet, each atomically, both marked with one pair id
+        (a digest of the scores and their metadata).
 
         A crash between the two leaves the new scores beside the old ranking; their pair ids then
         differ, and readers rebuild the ranking from the scores (``load_folder_ranking``) or refuse.
@@ -139,8 +140,11 @@ class ScoreResult:
         for s in self.sites:
             tensors[s.name] = self.scores[s.name].float().contiguous()
             tensors[f"{s.name}/signed"] = self.signed[s.name].float().contiguous()
-        self.pair = uuid.uuid4().hex
         meta = {"config": json.dumps(self.config), "sites": json.dumps([asdict(s) for s in self.sites])}
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        for name in sorted(tensors):
+            digest.update(tensors[name].numpy().tobytes())
+        self.pair = digest.hexdigest()[:16]  # same content, same id (and same bytes on disk)
         atomic_write_bytes(out / SCORES_FILE, save(tensors, metadata={**meta, PAIR_KEY: self.pair}))
         atomic_write_bytes(out / RANKING_FILE, _parquet_bytes(self.ranking(), self.config, self.pair))
 
