@@ -40,8 +40,8 @@ every position, -sum_t a_t dL_i/da_t over non-pad positions, averaged over sampl
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
