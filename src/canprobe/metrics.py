@@ -71,13 +71,13 @@ def caption_ppl(
     ``lm`` may be a vision-language model (images required) or a text-only causal LM (images ignored).
     ``image_features``: cached encodings of the images (``canprobe.features``), one per caption.
     """
-    if lm.kind not in ("llava", "instructblip", "decoder"):
+    if not lm.family.generates:
         raise InputError(f"{lm.source} is a {lm.kind} model; perplexity needs a language model")
     out = []
     for start in range(0, len(captions), batch_size):
         caps = list(captions[start : start + batch_size])
-        ims = None if lm.kind == "decoder" else list(images[start : start + batch_size])
-        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.kind, ims, caps, prompt), lm.model)
+        ims = list(images[start : start + batch_size]) if lm.family.takes_images else None
+        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.family, ims, caps, prompt), lm.model)
         if image_features is not None:
             enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
         out.append(caption_nll(lm.model, enc))
@@ -93,7 +93,7 @@ class ClipScorer:
     """CLIP score ``100 * max(cos, 0)`` (torchmetrics' CLIPScore per pair), with image features cached."""
 
     def __init__(self, clip: LoadedModel, batch_size: int = 32):
-        if clip.kind != "clip":
+        if clip.family.generates:
             raise InputError(f"{clip.source} is a {clip.kind} model, not a CLIP model")
         self.clip = clip
         self.batch_size = batch_size
@@ -225,7 +225,7 @@ class MaskEvaluator:
             raise InputError("max new tokens and batch size must be positive")
         if ppl_scorer not in PPL_SCORERS and ppl_lm is None:
             ppl_lm = load_model(ppl_scorer)
-            if ppl_lm.kind != "decoder":
+            if ppl_lm.family.takes_images or not ppl_lm.family.generates:
                 raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
         self.world = distributed.world()
         self.n_images = len(images)
@@ -237,7 +237,8 @@ class MaskEvaluator:
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
-        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse_features else None
+        reuse = reuse_features and features.supported(lm)
+        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
         self._registry = SiteRegistry(lm.model)
 
     def _features(self, image_ids: Sequence[int], reusable: bool = True) -> list[torch.Tensor] | None:
