@@ -9,6 +9,7 @@ Layout of the output folder (every file can be inspected with ordinary tools)::
         scores.safetensors, ranking.parquet   (canprobe score)
         curve.jsonl, summary.json, run.json   (canprobe search)
         controls.json                         activation-only ranking and mean ablation at k*
+    activations.json                      the language model's massive activations (canprobe.massive)
     scopes/<scope>/split_half/{a,b}/      rankings of two disjoint halves of the pooled images
 
 Every stage skips what its files already hold, so rerunning a killed run resumes it. A folder made
@@ -35,6 +36,7 @@ from canprobe.ablation import mean_activations
 from canprobe.config import ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
+from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
 from canprobe.models import LoadedModel, load_model
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
@@ -217,6 +219,20 @@ class Experiment:
         spearman = float(a.rank().corr(b.loc[a.index].rank()))
         return {"k": k, "jaccard": _jaccard(top_a, top_b), "spearman": spearman}
 
+    def _activations(self, lm: LoadedModel, images: list) -> ActivationReport:
+        """Massive activations of the language model on the study's first images; cached in activations.json."""
+        from canprobe.report import ACTIVATIONS_FILE
+
+        cached = _read_json(self.out / ACTIVATIONS_FILE)
+        if cached is not None:
+            return ActivationReport.from_dict(cached)
+        c = self.config
+        report = massive_activations(
+            lm, images, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+        )
+        atomic_write_json(self.out / ACTIVATIONS_FILE, report.to_dict())
+        return report
+
     def _identity(self) -> dict:
         """The config that decides the folder's results (its own location may change)."""
         return json.loads(json.dumps({k: v for k, v in self.config.to_dict().items() if k != "out"}))
@@ -348,6 +364,10 @@ class Experiment:
             if c.split_half and pooled is not None and len(pooled.images) >= 2:
                 split_half[scope] = self._split_half(lm, scope, pooled, k)
         self.timings.add("stability", t)
+        t = time.perf_counter()
+        activations = self._activations(lm, image_set.images[:STUDY_IMAGES])
+        self.timings.add("activations", t)
+        peak = activations.peak
         summary = {
             "model": c.model,
             "config": c.to_dict(),
@@ -358,6 +378,11 @@ class Experiment:
             "results": results,
             "overlap": overlap,
             "split_half": split_half,
+            "activations": {
+                "images": activations.n_images,
+                "massive": len(activations.massive),
+                "peak": None if peak is None else dataclasses.asdict(peak),
+            },
             "timings": self.timings.seconds,
         }
         atomic_write_json(self.out / "summary.json", summary)
