@@ -27,6 +27,7 @@ from canprobe import distributed, features
 from canprobe.ablation import NeuronSpec, ablate_rows, group_by_site, to_model_inputs
 from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
+from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
 from canprobe.sites import SiteRegistry
 
@@ -70,13 +71,13 @@ def caption_ppl(
     ``lm`` may be a vision-language model (images required) or a text-only causal LM (images ignored).
     ``image_features``: cached encodings of the images (``canprobe.features``), one per caption.
     """
-    if lm.kind not in ("llava", "instructblip", "decoder"):
+    if not lm.family.generates:
         raise InputError(f"{lm.source} is a {lm.kind} model; perplexity needs a language model")
     out = []
     for start in range(0, len(captions), batch_size):
         caps = list(captions[start : start + batch_size])
-        ims = None if lm.kind == "decoder" else list(images[start : start + batch_size])
-        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.kind, ims, caps, prompt), lm.model)
+        ims = list(images[start : start + batch_size]) if lm.family.takes_images else None
+        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.family, ims, caps, prompt), lm.model)
         if image_features is not None:
             enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
         out.append(caption_nll(lm.model, enc))
@@ -92,7 +93,7 @@ class ClipScorer:
     """CLIP score ``100 * max(cos, 0)`` (torchmetrics' CLIPScore per pair), with image features cached."""
 
     def __init__(self, clip: LoadedModel, batch_size: int = 32):
-        if clip.kind != "clip":
+        if clip.family.generates:
             raise InputError(f"{clip.source} is a {clip.kind} model, not a CLIP model")
         self.clip = clip
         self.batch_size = batch_size
@@ -215,6 +216,8 @@ class MaskEvaluator:
         means: Mapping[str, torch.Tensor] | None = None,
         ppl_lm: LoadedModel | None = None,
         reuse_features: bool = True,
+        stats: Mapping[str, ChannelStats] | None = None,
+        protections: Sequence[ProtectedSet | RangeRestriction] = (),
     ):
         if not images:
             raise InputError("no images to evaluate")
@@ -222,19 +225,20 @@ class MaskEvaluator:
             raise InputError("max new tokens and batch size must be positive")
         if ppl_scorer not in PPL_SCORERS and ppl_lm is None:
             ppl_lm = load_model(ppl_scorer)
-            if ppl_lm.kind != "decoder":
+            if ppl_lm.family.takes_images or not ppl_lm.family.generates:
                 raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
         self.world = distributed.world()
         self.n_images = len(images)
         self.lm, self.images, self.prompt = lm, self.world.take(images), prompt
         self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.kind, self.means = kind, means
+        self.kind, self.means, self.stats, self.protections = kind, means, stats, tuple(protections)
         self.clip = ClipScorer(clip, batch_size)
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
-        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse_features else None
+        reuse = reuse_features and features.supported(lm)
+        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
         self._registry = SiteRegistry(lm.model)
 
     def _features(self, image_ids: Sequence[int], reusable: bool = True) -> list[torch.Tensor] | None:
@@ -269,19 +273,26 @@ class MaskEvaluator:
         clip = self.clip.score(self.image_features, captions)
         return distributed.gather(self._assemble([(0, i) for i in range(len(captions))], captions, ppl, clip, 1)[0])
 
-    def evaluate(self, masks: Sequence[NeuronSpec]) -> list[list[CaptionMetrics]]:
-        """Per mask, metrics of all images in order; all masks share batched generates through per-row masks."""
+    def evaluate(
+        self, masks: Sequence[NeuronSpec], protections: Sequence[ProtectedSet | RangeRestriction] | None = None
+    ) -> list[list[CaptionMetrics]]:
+        """Per mask, metrics of all images in order; all masks share batched generates through per-row masks.
+
+        ``kind`` (the fault) applies to every mask, with ``protections`` (default: the evaluator's) in place.
+        """
+        protections = self.protections if protections is None else tuple(protections)
         n = len(self.images)
         rows = [(m, i) for m in range(len(masks)) for i in range(n)]
         # per mask, once: whether it leaves the image encoder alone (then the cached features hold)
-        reusable = [features.reusable(self.lm, group_by_site(self._registry, mask)) for mask in masks]
+        clamped = [name for p in protections if isinstance(p, RangeRestriction) for name in p.stats]
+        reusable = [features.reusable(self.lm, [*group_by_site(self._registry, mask), *clamped]) for mask in masks]
         captions: list[str] = []
         masked_ppl: list[torch.Tensor] = []
         for chunk in _batches(rows, self.batch_size):
             ims = [self.images[i] for _, i in chunk]
             chunk_masks = [masks[m] for m, _ in chunk]
             feats = self._features([i for _, i in chunk], all(reusable[m] for m, _ in chunk))
-            with ablate_rows(self.lm, chunk_masks, kind=self.kind, means=self.means):
+            with ablate_rows(self.lm, chunk_masks, self.kind, self.means, self.stats, protections):
                 caps = generate_captions(self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats)
                 if self.ppl_scorer == "masked":
                     masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))

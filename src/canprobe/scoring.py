@@ -294,21 +294,6 @@ class _Accumulator:
         self.input_sq = sq if self.input_sq is None else self.input_sq + sq
 
 
-def _vision_rows(lm: LoadedModel, enc: dict) -> torch.Tensor:
-    """Per crop row of the vision tower: 1 / crops of its sample (LLaVA-NeXT tiles images into crops)."""
-    n = enc["input_ids"].shape[0]
-    if "image_sizes" not in enc or lm.kind != "llava":
-        return torch.ones(n)
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    cfg = lm.model.config
-    counts = [
-        image_size_to_num_patches(size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        for size in enc["image_sizes"]
-    ]
-    return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
-
-
 def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     labels, attn = enc["labels"], enc["attention_mask"]
     loss_pos = torch.zeros_like(attn)
@@ -319,7 +304,7 @@ def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
-    return _Batch(weights, masks, _vision_rows(lm, enc))
+    return _Batch(weights, masks, lm.family.vision_rows(lm.model, enc))
 
 
 FEATURES_KEY = "image_features"
@@ -389,7 +374,7 @@ def _check_options(method: str, alpha: float, reduction: str) -> None:
 def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> tuple[list, list | None]:
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch size and max new tokens must be positive")
-    if lm.kind == "decoder":
+    if not lm.family.takes_images:
         if not captions:
             raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
         return [None] * len(captions), list(captions)
@@ -519,9 +504,9 @@ def score_neurons(
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
     cache = None
-    if reuse_features and lm.kind != "decoder" and features.reusable(lm, [s.name for s in sites]):
+    if reuse_features and features.reusable(lm, [s.name for s in sites]):
         cache = features.FeatureCache(lm, images, prompt, batch_size)
-    if lm.kind == "decoder":
+    if not lm.family.takes_images:
         source = "text"
     elif captions is None:
         source = "self"
@@ -532,8 +517,8 @@ def score_neurons(
 
     def batches() -> Iterator[dict]:
         for i in range(0, len(captions), batch_size):
-            ims = None if lm.kind == "decoder" else images[i : i + batch_size]
-            enc = teacher_forcing_inputs(lm.processor, lm.kind, ims, captions[i : i + batch_size], prompt)
+            ims = images[i : i + batch_size] if lm.family.takes_images else None
+            enc = teacher_forcing_inputs(lm.processor, lm.family, ims, captions[i : i + batch_size], prompt)
             if cache is not None:
                 enc[FEATURES_KEY] = cache.rows(range(i, min(i + batch_size, len(captions))))
             yield enc
@@ -541,7 +526,7 @@ def score_neurons(
     result = score_inputs(lm, batches(), scope, method, alpha, reduction, seed, gradient_checkpointing)
     result.config.update(
         loss_text=source,
-        n_images=0 if lm.kind == "decoder" else n_images,
+        n_images=n_images if lm.family.takes_images else 0,
         batch_size=batch_size,
         prompt=prompt,
         max_new_tokens=max_new_tokens if source == "self" else None,
