@@ -63,6 +63,7 @@ def study_configs(name: str, images: Path, out: Path) -> tuple[dict, dict]:
         "scopes": POOLED_SCOPES[name],
         "per_category": False,
         "split_half": False,
+        "controls": ["random", "mean"],  # the controls the paper's story needs; activation-only runs above
     }
     return by_category, pooled
 
