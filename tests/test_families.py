@@ -343,3 +343,44 @@ def test_cli_search_and_ablate(cli, checkpoint, lm, scene_dir, tmp_path):
     out = cli("ablate", *common, "--neurons", neurons)
     assert out.code == 0, out.err
     assert f"masked ({neurons.count(',') + 1} neuron(s), zero)" in out.out
+
+
+@pytest.mark.parametrize("checkpoint", ["phi3"], indirect=True)
+def test_fused_gate_up_sites_read_mask_and_flip_their_own_half(lm):
+    """Phi-3's gate_up_proj: up units are the second half of its output and of its weight rows."""
+    registry = SiteRegistry(lm.model)
+    gate, up = (registry.by_name[f"language.layers.0.mlp.{k}"] for k in ("gate_proj", "up_proj"))
+    linear = registry.weight(up)
+    assert linear is registry.weight(gate) and gate.size == up.size == linear.out_features // 2
+    enc = _inputs(lm)
+    enc.pop("labels")
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        registry.hook(up, lambda x: seen.__setitem__("up", x.clone())),
+        linear.register_forward_hook(lambda _m, _a, out: seen.__setitem__("fused", out.clone())),
+    ]
+    try:
+        lm.model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(seen["up"], seen["fused"][..., up.size :])
+    with ablate(lm, [up.address(3)]):
+        masked = lm.model(**enc).logits
+
+    def zero_column(_m, _a, out):
+        out = out.clone()
+        out[..., up.size + 3] = 0
+        return out
+
+    handle = linear.register_forward_hook(zero_column)
+    try:
+        by_hand = lm.model(**enc).logits
+    finally:
+        handle.remove()
+    assert torch.equal(masked, by_hand)
+    before = linear.weight.detach().clone()
+    with ablate(lm, [up.address(3), gate.address(5)], kind="weight_bitflip:bit=sign:weights=all"):
+        changed = (linear.weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [5, up.size + 3]
+    assert torch.equal(linear.weight, before)
