@@ -117,7 +117,41 @@ def _decoder(config_name: str, model_name: str) -> Callable[[Path], None]:
     return build
 
 
-# family checkpoint name -> builder writing a tiny random checkpoint folder
+# a model with no adapter, probed through a site file written beside it (--sites)
+NEOX_SITES = """\
+loader: causal-lm
+sites:
+  - {component: language, module: gpt_neox.layers.*.mlp.act, weight: gpt_neox.layers.*.mlp.dense_h_to_4h, kind: up_proj}
+  - {component: language, module: gpt_neox.layers.*.mlp.dense_4h_to_h, kind: down_proj}
+  - {component: language, module: gpt_neox.layers.*.mlp.dense_4h_to_h, kind: down_proj.input, reading: input}
+"""
+
+
+def _gpt_neox_with_site_file(out: Path) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from canprobe.organisms.build import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+    tok = build_tokenizer(image_token_attribute=False)
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / SITE_FILE).write_text(NEOX_SITES)
+
+
+SITE_FILE = "sites.yaml"
+
+# family checkpoint name -> builder writing a tiny random checkpoint folder (and a site file, if it needs one)
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -125,6 +159,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "llama": _decoder("LlamaConfig", "LlamaForCausalLM"),
     "mistral": _decoder("MistralConfig", "MistralForCausalLM"),
     "qwen2": _decoder("Qwen2Config", "Qwen2ForCausalLM"),
+    "gpt_neox-sites": _gpt_neox_with_site_file,
 }
 
 
@@ -143,7 +178,7 @@ NEW_DECODERS = ("qwen3", "gemma2", "gemma3_text", "phi3")
 NEW_VLMS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "gemma3", "idefics3", "mllama")
 NEW_VLMS += ("blip2_opt", "blip2_flan_t5", "blip2_t5", "instructblip_flan_t5")
 BUILDERS.update({name: _new_family(name) for name in NEW_DECODERS + NEW_VLMS})
-DECODERS = ("llama", "mistral", "qwen2", *NEW_DECODERS)
+DECODERS = ("llama", "mistral", "qwen2", "gpt_neox-sites", *NEW_DECODERS)
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -154,9 +189,15 @@ def checkpoint(request, tmp_path_factory) -> Path:
     return out
 
 
+def _sites(checkpoint: Path) -> list:
+    """The --sites option for a checkpoint that came with a site file."""
+    return ["--sites", checkpoint / SITE_FILE] if (checkpoint / SITE_FILE).exists() else []
+
+
 @pytest.fixture(scope="module")
 def lm(checkpoint) -> LoadedModel:
-    return load_model(str(checkpoint))
+    sites = _sites(checkpoint)
+    return load_model(str(checkpoint), sites=sites[1] if sites else None)
 
 
 IMAGES = [im for im, _ in make_scenes(len(TEXTS), seed=5)]
@@ -177,10 +218,21 @@ def test_family_is_found_by_model_type(lm):
 
 
 def test_cli_inspect_and_score(cli, checkpoint, lm, scene_dir, tmp_path):
-    out = cli("inspect", checkpoint)
+    out = cli("inspect", checkpoint, *_sites(checkpoint))
     assert out.code == 0, out.err
     assert "language.down_proj" in out.out
-    args = ["score", "--model", checkpoint, "--images", scene_dir, "--out", tmp_path / "s", "--max-new-tokens", "4"]
+    args = [
+        "score",
+        "--model",
+        checkpoint,
+        *_sites(checkpoint),
+        "--images",
+        scene_dir,
+        "--out",
+        tmp_path / "s",
+        "--max-new-tokens",
+        "4",
+    ]
     if not lm.family.takes_images:
         args += ["--captions", "reference"]  # a text-only model scores the texts themselves
     out = cli(*args, "--scope", "language")
@@ -303,8 +355,7 @@ def test_masking_all_down_proj_channels_equals_zeroing_the_mlp_output(lm):
 def test_per_row_masks_equal_each_mask_alone(lm):
     registry = SiteRegistry(lm.model)
     a = [s.address(1) for s in registry.select("language.down_proj")]
-    hidden = [s for s in registry.select("language") if s.kind in ("gate_proj", "up_proj")]
-    b = [hidden[-1].address(0), hidden[0].address(2)]
+    b = [registry.select("language.down_proj.input")[-1].address(0), registry.select("language.up_proj")[0].address(2)]
     masks = [a, b, []]
     enc = _inputs(lm)
     enc.pop("labels")

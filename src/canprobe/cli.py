@@ -18,10 +18,19 @@ from canprobe.errors import CanprobeError
 POSITIVE = click.IntRange(min=1)
 
 
-def _load(model: str, dtype: str, device: str | None, trust_remote_code: bool = False, device_map: str | None = None):
+def _load(
+    model: str,
+    dtype: str,
+    device: str | None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    sites: Path | None = None,
+):
     from canprobe.models import load_model
 
-    return load_model(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    return load_model(
+        model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code, sites=sites
+    )
 
 
 def _join_world(device: str | None):
@@ -59,11 +68,57 @@ reuse_option = click.option(
     show_default=True,
     help="Encode each image once for all masks that leave the image encoder alone.",
 )
+sites_option = click.option(
+    "--sites",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="YAML site file for a model with no adapter (see README: models without an adapter).",
+)
+fault_option = click.option(
+    "--ablation",
+    default="zero",
+    show_default=True,
+    help="What masking does to a neuron: zero, mean, sign, stuck:value=V, stuck:at=max:factor=F, noise:sigma=S, "
+    "bitflip:bit=exponent|sign|mantissa|N, weight_bitflip:bit=...:weights=largest|all.",
+)
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
+
+
+def _versions() -> list[str]:
+    """canprobe, torch and transformers versions, and the devices torch sees."""
+    import torch
+    import transformers
+
+    from canprobe import __version__
+
+    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return [
+        f"canprobe {__version__}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+        f"devices: {', '.join(devices)}",
+    ]
+
+
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        for line in _versions():
+            click.echo(line)
+        ctx.exit()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress of the library.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print canprobe, torch and transformers versions and the devices seen; exit.",
+)
 def main(verbose: bool) -> None:
     """canprobe: find the neurons whose removal collapses a vision-language model (CAN)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -71,6 +126,13 @@ def main(verbose: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+@main.command("env")
+def env_command() -> None:
+    """canprobe, torch and transformers versions, and the devices torch sees (for bug reports)."""
+    for line in _versions():
+        click.echo(line)
 
 
 @main.command()
@@ -184,6 +246,8 @@ def organisms_eval(name, count, seed) -> None:
 )
 @click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@sites_option
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
 def inspect_command(
     model: str,
     dtype: str,
@@ -194,6 +258,8 @@ def inspect_command(
     ratio: float,
     prompt: str | None,
     batch_size: int,
+    sites: Path | None,
+    trust_remote_code: bool,
 ) -> None:
     """Neuron sites of MODEL per component and kind, and the memory scoring needs.
 
@@ -208,13 +274,14 @@ def inspect_command(
     if activations != (images is not None):
         raise InputError("--activations and --images go together: --activations --images DIR")
     if not activations:
-        for line in format_inventory(inspect_model(model, dtype=dtype, device=device)):
+        inv = inspect_model(model, dtype=dtype, device=device, sites=sites, trust_remote_code=trust_remote_code)
+        for line in format_inventory(inv):
             click.echo(line)
         return
     from canprobe.massive import format_activations, massive_activations
 
     image_set = _image_subset(images, per_category)
-    lm = _load(model, dtype, device)
+    lm = _load(model, dtype, device, trust_remote_code, sites=sites)
     for line in format_inventory(inventory(lm.model, model, dtype)):
         click.echo(line)
     report = massive_activations(lm, image_set.images, prompt=prompt, ratio=ratio, batch_size=batch_size)
@@ -249,6 +316,7 @@ def inspect_command(
 @checkpointing_option
 @reuse_option
 @dry_run_option
+@sites_option
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
 def score_command(
     model,
@@ -270,6 +338,7 @@ def score_command(
     gradient_checkpointing,
     reuse_features,
     dry_run,
+    sites,
     trust_remote_code,
 ) -> None:
     """Score every neuron in SCOPE over an image set; write scores.safetensors and ranking.parquet.
@@ -307,7 +376,7 @@ def score_command(
         if missing:
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
         captions = [r.caption for r in image_set.records]
-    lm = _load(model, dtype, device, trust_remote_code, device_map)
+    lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     result = score_neurons(
         lm,
         image_set.images,
@@ -395,7 +464,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @click.option("--k-per-round", type=int, default=1, show_default=True, help="k values per batched round.")
 @click.option("--grid-per-octave", type=int, default=1, show_default=True, help="Curve points per doubling; 0: none.")
 @click.option("--max-k", type=int, default=None, help="Largest k to try (default: every neuron of the scope).")
-@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
+@fault_option
 @click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
 @click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
 @click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
@@ -409,16 +478,21 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @checkpointing_option
 @reuse_option
 @dry_run_option
+@sites_option
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
+    from canprobe.faults import check_fault
     from canprobe.metrics import default_clip_model
     from canprobe.search import CollapseCriterion, SearchConfig, find_k_star
     from canprobe.store import RunLock
 
+    check_fault(options["ablation"], options["dtype"])
     thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
     criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
     per_category, dtype, device = options.pop("per_category"), options.pop("dtype"), options.pop("device")
     device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
+    sites, trust_remote_code = options.pop("sites"), options.pop("trust_remote_code")
     checkpointed, reuse = options.pop("gradient_checkpointing"), options.pop("reuse_features")
     clip_model = options.pop("clip_model") or default_clip_model(model)
     config = SearchConfig(
@@ -451,7 +525,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         )
         _print_plan(plan.lines)
         return
-    lm = _load(model, dtype, device, device_map=device_map)
+    lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
         if ranking is None and (out / "ranking.parquet").exists():
@@ -530,7 +604,7 @@ def _print_search(result, out: Path) -> None:
 @click.option("--top", "top_k", type=click.IntRange(min=0), default=None, help="Mask the top K of --ranking.")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
 @click.option("--scope", default=None, help="With --top: count only the ranking's neurons in this scope.")
-@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
+@fault_option
 @click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
 @click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
 @click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
@@ -539,13 +613,17 @@ def _print_search(result, out: Path) -> None:
 @click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
 @dtype_option
 @device_option
+@sites_option
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
 def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
     """Captions and metrics with one mask, side by side with the unmasked model."""
-    from canprobe.ablation import group_by_site, mean_activations
+    from canprobe.ablation import activation_stats, group_by_site
     from canprobe.errors import InputError
+    from canprobe.faults import check_fault
     from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
     from canprobe.sites import SiteRegistry, parse_address
 
+    fault = check_fault(ablation, rest["dtype"])
     if (neurons is None) == (top_k is None):
         raise InputError("give exactly one of --neurons ADDR,ADDR,... and --top K (with --ranking)")
     if top_k is not None and ranking is None:
@@ -554,7 +632,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     for address in addresses:
         parse_address(address)
     image_set = _image_subset(images, rest["per_category"])
-    lm = _load(model, rest["dtype"], rest["device"])
+    lm = _load(model, rest["dtype"], rest["device"], rest["trust_remote_code"], sites=rest["sites"])
     registry = SiteRegistry(lm.model)
     if top_k is not None:
         from canprobe.search import ranked_in_scope
@@ -569,9 +647,9 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     else:
         mask = group_by_site(registry, addresses)
         label = f"{len(addresses)} neuron(s)"
-    means = None
-    if ablation == "mean" and mask:
-        means = mean_activations(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
+    stats = None
+    if fault.needs and mask:
+        stats = activation_stats(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
     clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
     evaluator = MaskEvaluator(
         lm,
@@ -581,8 +659,8 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         prompt=prompt,
         max_new_tokens=rest["max_new_tokens"],
         batch_size=rest["batch_size"],
-        kind=ablation,
-        means=means,
+        kind=fault,
+        stats=stats,
         ppl_lm=_ppl_model(ppl_scorer, rest["device"]),
     )
     unmasked = evaluator.evaluate_baseline()
@@ -634,6 +712,10 @@ def _print_summary(summaries: list[dict]) -> None:
                 f"{summary['model']:18s} {r['scope']:22s} {r['category']:10s} {k_star:>6s} {r['n_neurons']:>7d} "
                 f"{stage1:>8s} {random:>8s}"
             )
+        for entry in summary.get("robustness", []):
+            from canprobe.report import fault_headline
+
+            click.echo(f"{summary['model']} {entry['scope']} ({entry['category']}): {fault_headline(entry)}")
 
 
 @main.command("run")
@@ -659,8 +741,13 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
     for name, value in flags.items():
         if value is None:
             continue
-        if "list" in str(config_fields()[name]):
+        annotation = str(config_fields()[name])
+        if "list" in annotation:
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if "list[int]" in annotation:
+                if not all(v.lstrip("-").isdigit() for v in value):
+                    raise InputError(f"--{name.replace('_', '-')}: give comma-separated whole numbers")
+                value = [int(v) for v in value]
         values[name] = value
     experiment = Experiment(make_config(values), restart=restart)
     if dry_run:

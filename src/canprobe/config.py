@@ -17,6 +17,7 @@ import yaml
 
 from canprobe.ablation import ABLATION_KINDS
 from canprobe.errors import InputError
+from canprobe.faults import PROTECTIONS, check_fault
 from canprobe.scoring import SCORE_METHODS
 
 CONTROLS = ("random", "activation", "mean")
@@ -24,7 +25,12 @@ CONTROLS = ("random", "activation", "mean")
 
 @dataclass
 class ExperimentConfig:
-    """A whole CAN study on one model: score, search k* per (scope, category), controls, stability."""
+    """A whole CAN study on one model: score, search k* per (scope, category), controls, stability.
+
+    Robustness (``canprobe.robustness``, on the pooled images): ``faults`` (fault specs) each get k*
+    with the CAN, activation-only and random rankings; ``protections`` (protect_top, range) each get
+    the collapse rate under ``fault_trials`` random draws of ``fault_counts`` neurons with ``random_fault``.
+    """
 
     model: str
     images: str
@@ -41,6 +47,11 @@ class ExperimentConfig:
     per_category: bool = True
     pooled: bool = True
     ablation: str = "zero"
+    faults: list[str] = field(default_factory=list)
+    protections: list[str] = field(default_factory=list)
+    random_fault: str = "bitflip"
+    fault_counts: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    fault_trials: int = 4
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     split_half: bool = True
     ppl_scorer: str = "unmasked"
@@ -73,6 +84,13 @@ class ExperimentConfig:
         for control in self.controls:
             if control not in CONTROLS:
                 raise InputError(f"config field controls: {control!r} is not one of {', '.join(CONTROLS)}")
+        for spec in [*self.faults, self.random_fault]:
+            check_fault(spec, self.dtype)
+        for protection in self.protections:
+            if protection not in PROTECTIONS:
+                raise InputError(f"config field protections: {protection!r} is not one of {', '.join(PROTECTIONS)}")
+        if not self.fault_counts or any(n <= 0 for n in self.fault_counts) or self.fault_trials <= 0:
+            raise InputError("config fields fault_counts and fault_trials: give positive counts and trials")
         if not 0.0 <= self.alpha <= 1.0:
             raise InputError(f"config field alpha: {self.alpha} is outside [0, 1]")
         for name in ("max_new_tokens", "batch_size", "images_per_category"):

@@ -134,8 +134,14 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
     return Inventory(name, dtype, rows, components, total, total * itemsize, activation)
 
 
-def inspect_model(name: str, dtype: str = "float32", device: str | None = None) -> Inventory:
-    """Inventory of a shipped config (meta device, no weights) or of any loadable model."""
+def inspect_model(
+    name: str,
+    dtype: str = "float32",
+    device: str | None = None,
+    sites: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> Inventory:
+    """Inventory of a shipped config (meta device, no weights) or of any loadable model (``sites``: a site file)."""
     if name in SHIPPED_CONFIGS:
         return inventory(build_shipped(name), name, dtype)
     from canprobe.models import BUILTIN_MODELS, load_model
@@ -145,7 +151,7 @@ def inspect_model(name: str, dtype: str = "float32", device: str | None = None) 
             f"unknown model {name!r}: shipped configs are {', '.join(SHIPPED_CONFIGS)}; built-in models are "
             f"{', '.join(BUILTIN_MODELS)}; otherwise give a local checkpoint folder or a hub id"
         )
-    lm: LoadedModel = load_model(name, dtype=dtype, device=device)
+    lm: LoadedModel = load_model(name, dtype=dtype, device=device, sites=sites, trust_remote_code=trust_remote_code)
     return inventory(lm.model, name, dtype)
 
 

@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from canprobe.errors import ModelLoadError
-from canprobe.families import Family, family_for, named
+from canprobe.families import Family, attach, family_for, named
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,13 @@ def load_model(
     device: str | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    sites: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a model and its processor in eval mode with frozen weights."""
+    """Load a model and its processor in eval mode with frozen weights.
+
+    ``sites``: a site file (``canprobe.families.sitefile``) for a model with no adapter; its
+    family is attached to the model.
+    """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     path = resolve_model_path(name_or_path)
@@ -101,7 +106,12 @@ def load_model(
                 f"{name_or_path} needs custom code from its repository; rerun with --trust-remote-code if you trust it"
             ) from None
         raise ModelLoadError(f"cannot read the config of {name_or_path!r}: {exc}") from None
-    family = family_for(config)
+    if sites is not None:
+        from canprobe.families.sitefile import read_site_file
+
+        family = read_site_file(sites)
+    else:
+        family = family_for(config)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -117,6 +127,8 @@ def load_model(
     if device_map is None and device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
+    if sites is not None:
+        attach(model, family)
     processor = family.load_processor(path, trust_remote_code=trust_remote_code)
     log.info("loaded %s (%s, %s family, %s)", name_or_path, config.model_type, family.name, dtype)
     return LoadedModel(model, processor, family, name_or_path)

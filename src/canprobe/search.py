@@ -29,8 +29,9 @@ from PIL import Image
 
 import canprobe
 from canprobe import distributed
-from canprobe.ablation import ABLATION_KINDS, RankedNeurons
+from canprobe.ablation import RankedNeurons
 from canprobe.errors import InputError
+from canprobe.faults import parse_fault
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
 from canprobe.sites import SiteRegistry
 from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_jsonl
@@ -140,8 +141,7 @@ class SearchConfig:
             raise InputError(f"unknown control {self.control!r}; the control is 'random' (or none)")
         if self.control_at not in ("curve", "k_star"):
             raise InputError(f"control-at must be curve or k_star, got {self.control_at!r}")
-        if self.ablation not in ABLATION_KINDS:
-            raise InputError(f"unknown ablation {self.ablation!r}; choose from {', '.join(ABLATION_KINDS)}")
+        parse_fault(self.ablation)
         if not self.ppl_scorer:
             raise InputError(f"ppl scorer must be {' or '.join(PPL_SCORERS)} or a causal LM path")
 
@@ -501,11 +501,14 @@ def find_k_star(
     means: dict[str, torch.Tensor] | None = None,
     ppl_lm=None,
     reuse_features: bool = True,
+    stats: dict | None = None,
 ) -> SearchResult:
     """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
 
     ``lm``: the LoadedModel to probe; ``clip``: a LoadedModel of kind clip; ``ranking``: a ranking
-    DataFrame (``canprobe score``) or addresses, most important first; ``means`` for mean ablation.
+    DataFrame (``canprobe score``) or addresses, most important first; ``config.ablation``: the fault
+    (``canprobe.faults`` spec); ``means`` or ``stats`` (``activation_stats``) for faults that need clean
+    statistics, computed on ``images`` when not given.
     ``reuse_features``: encode each image once for all masks of a language scope (same results).
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
@@ -513,10 +516,10 @@ def find_k_star(
     registry = SiteRegistry(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
-    if config.ablation == "mean" and means is None:
-        from canprobe.ablation import mean_activations
+    if parse_fault(config.ablation).needs and means is None and stats is None:
+        from canprobe.ablation import activation_stats
 
-        means = mean_activations(lm, images, config.scope, prompt=config.prompt, batch_size=config.batch_size)
+        stats = activation_stats(lm, images, config.scope, prompt=config.prompt, batch_size=config.batch_size)
     evaluator = MaskEvaluator(
         lm,
         images,
@@ -529,6 +532,7 @@ def find_k_star(
         means=means,
         ppl_lm=ppl_lm,
         reuse_features=reuse_features,
+        stats=stats,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
     info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}

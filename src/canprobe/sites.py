@@ -96,7 +96,11 @@ def parse_address(text: str) -> Neuron:
     return Neuron(f"{comp}.layers.{int(layer)}.{mid}{kind}", int(m["index"]))
 
 
-def _linear_size(linear: torch.nn.Module, axis: str) -> int:
+def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
+    if not isinstance(linear, torch.nn.Linear):
+        raise UnsupportedModelError(
+            f"{path} is a {type(linear).__name__}, not a linear layer: its neurons cannot be sized"
+        )
     return linear.out_features if axis == "out" else linear.in_features
 
 
@@ -131,11 +135,19 @@ class SiteRegistry:
                             spec.reading,
                             f"{layer_path}.{spec.weight}",
                             spec.axis,
-                            _linear_size(linear, spec.axis) // spec.parts,
+                            _linear_size(linear, spec.axis, f"{layer_path}.{spec.weight}") // spec.parts,
                             spec.part,
                             spec.parts,
                         )
                     )
+            if not any(s.component == component for s in self.sites):
+                inner = ", ".join(
+                    f"{spec.module} ({spec.weight})" for spec in self.family.kinds(model, component).values()
+                )
+                raise UnsupportedModelError(
+                    f"no {component} site of {self.family.name} under {paths[0] if paths else candidates[0]}: "
+                    f"looked for {inner}"
+                )
 
         seen: dict[tuple[int, str], str] = {}
         for site in self.sites:
