@@ -26,8 +26,9 @@ from canprobe.store import atomic_write_text, read_jsonl  # noqa: E402
 
 REPORT_FILE = "report.html"
 CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
-SECTIONS = ("examples", "curves", "locations", "kstar", "faults", "stability", "config")
+SECTIONS = ("examples", "curves", "locations", "kstar", "activations", "faults", "stability", "config")
 OPTIONAL_SECTIONS = ("faults",)  # only in reports of runs that measured them
+ACTIVATIONS_FILE = "activations.json"  # written by canprobe.experiment
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -344,6 +345,38 @@ def _config_section(summary: dict) -> str:
     )
 
 
+def _activations_section(run_dir: Path, summary: dict, top_n: int = 12) -> str:
+    """Per-layer peaks of the residual stream and the massive activations with their down_proj writers."""
+    path = run_dir / ACTIVATIONS_FILE
+    if not path.is_file():
+        return ""
+    data = json.loads(path.read_text())
+    peaks = [
+        [p["layer"], p["value"], p["median"], p["ratio"], p["position"], p["token"], p["dim"]] for p in data["layers"]
+    ]
+    parts = [
+        f"<h3>{html.escape(summary['model'])}</h3><p>language model residual stream after each layer, "
+        f"{data['n_images']} image(s); ratio = |h| / median |h| of the same sequence</p>",
+        _table(["layer", "max |h|", "median", "ratio", "position", "token", "dim"], peaks, left=0),
+    ]
+    massive = data["massive"]
+    threshold = f"{data['ratio_threshold']:g}x"
+    if not massive:
+        parts.append(f"<p>no massive activation: no |h| reaches {threshold} its sequence median</p>")
+        return "".join(parts)
+    rows = []
+    for m in massive[:top_n]:
+        layers = (
+            str(m["first_layer"]) if m["first_layer"] == m["last_layer"] else f"{m['first_layer']}-{m['last_layer']}"
+        )
+        writers = ", ".join(f"{w['address']} ({w['share']:.0%})" for w in m["writers"]) or "-"
+        rows.append([m["dim"], m["position"], m["token"], layers, m["value"], m["ratio"], m["images"], writers])
+    header = ["dim", "position", "token", "layers", "value", "ratio", "images", "written by (share)"]
+    parts.append(f"<p>{len(massive)} massive activation(s) (at least {threshold} the median), largest first</p>")
+    parts.append(_table(header, rows, left=0))
+    return "".join(parts)
+
+
 def read_run(run_dir: Path | str) -> dict:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
@@ -369,6 +402,10 @@ def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> P
         "curves": ("PPL and CLIP score against k (paper Figs. 4-5)", "".join(_curves_section(d, s) for d, s in runs)),
         "locations": ("Where the critical neurons live", "".join(_locations_section(d, s) for d, s in runs)),
         "kstar": ("k* per model, scope and category", kstar),
+        "activations": (
+            "Massive activations in the language model (Sun et al. 2024)",
+            "".join(_activations_section(d, s) for d, s in runs),
+        ),
         "faults": ("Fault models and protections", "".join(_faults_section(s) for _, s in runs)),
         "stability": ("Stability: category overlap and split halves", "".join(_stability_section(s) for _, s in runs)),
         "config": ("Runs: config, versions, seed, timings", "".join(_config_section(s) for _, s in runs)),
