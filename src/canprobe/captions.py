@@ -78,12 +78,17 @@ def teacher_forcing_inputs(
     Each row is ``prompt tokens + caption tokens + end token``, right-padded; ``labels`` holds the
     caption and end tokens and -100 elsewhere, so ``model(**inputs).loss`` is the caption NLL and
     ``labels != -100`` marks the positions that carry the loss (shifted by one inside the model).
+    For an encoder-decoder language model (T5) the prompt stays the encoder's input, and the decoder
+    reads ``decoder_input_ids`` (the pad token, T5's start token, then the caption) and predicts
+    ``labels`` at the same positions (no shift).
     """
     family = named(family)
     text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
     tok = getattr(processor, "tokenizer", processor)
     enc = family.inputs(processor, images, text)
     caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
+    if family.encoder_decoder:
+        return {**enc, **_decoder_inputs(caption_ids, tok.pad_token_id, tok.eos_token_id)}
     prompt_ids = enc["input_ids"]
     n, p = prompt_ids.shape
     width = p + max(len(c) for c in caption_ids) + 1
@@ -97,8 +102,24 @@ def teacher_forcing_inputs(
         ids[i, p : p + len(seq)] = seq
         labels[i, p : p + len(seq)] = seq
         mask[i, p : p + len(seq)] = 1
+    for key, value in enc.items():  # per-token inputs besides the ids (token types, cross-attention masks)
+        if key not in ("input_ids", "attention_mask") and value.shape[:2] == (n, p):
+            enc[key] = family.continue_tokens(key, value, width)
     enc.update(input_ids=ids, attention_mask=mask, labels=labels)
     return enc
+
+
+def _decoder_inputs(caption_ids: list[list[int]], pad: int, eos: int) -> dict[str, torch.Tensor]:
+    n, width = len(caption_ids), max(len(c) for c in caption_ids) + 1
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(caption_ids):
+        seq = torch.tensor(c + [eos], dtype=torch.long)
+        labels[i, : len(seq)] = seq
+        ids[i, 1 : len(seq)] = seq[:-1]
+        mask[i, : len(seq)] = 1
+    return {"decoder_input_ids": ids, "decoder_attention_mask": mask, "labels": labels}
 
 
 @torch.no_grad()

@@ -315,8 +315,9 @@ class _Tap(torch.autograd.Function):
 class _Accumulator:
     """Float32 per-neuron sums for one site, filled by module hooks during forward and backward."""
 
-    def __init__(self, site: Site, method: str, alpha: float, batch: Callable[[], _Batch]):
+    def __init__(self, site: Site, method: str, alpha: float, batch: Callable[[], _Batch], encoder: bool = False):
         self.site, self.method, self.alpha, self.batch = site, method, alpha, batch
+        self.encoder = encoder  # a language site in an encoder (T5's): it reads the prompt, not the caption
         self.score = torch.zeros(site.size, dtype=torch.float32)
         self.signed = torch.zeros(site.size, dtype=torch.float32)
         self.input_sq = None  # wanda: position-weighted mean square of the weight's input features
@@ -328,19 +329,29 @@ class _Accumulator:
         """(score weights, non-pad mask), each [rows, T], for an activation of shape [rows, T, N]."""
         b = self.batch()
         comp = self.site.component
+        if comp in ("vision", "projector") and a.dim() == 2:
+            # one sequence of every image's patches (Qwen-VL): per-patch weights, summed over each
+            # group of patches that the merger folds into one position
+            w = b.vision_rows.to(a.device)
+            if w.numel() % a.shape[0]:
+                raise InputError(f"{self.site.name}: {a.shape[0]} positions for {w.numel()} image patches")
+            w = w.view(a.shape[0], -1).sum(dim=1)
+            return w, torch.ones_like(w)
         if comp in ("vision", "projector"):
             rows, t = a.shape[:2]
             if rows != b.vision_rows.numel():
                 raise InputError(f"{self.site.name}: {rows} image rows for a batch of {b.vision_rows.numel()} crops")
             mask = torch.ones(rows, t, device=a.device)
             return b.vision_rows.to(a.device)[:, None] / t * mask, mask
-        key = comp
+        key = "language_encoder" if self.encoder else comp
         if comp == "qformer":
             key = "qformer_text" if self.site.kind in QFORMER_TEXT_KINDS else "qformer_query"
             if key == "qformer_query":
                 mask = torch.ones(a.shape[:2], device=a.device)
                 return _row_weights(mask), mask
         w, m = b.weights[key].to(a.device), b.masks[key].to(a.device)
+        if a.dim() == 2 and a.shape[0] == w.numel():  # rows and positions flattened into one (OPT's MLP)
+            return w.reshape(-1), m.reshape(-1)
         if w.shape != a.shape[:2]:
             raise InputError(f"{self.site.name}: activation positions {tuple(a.shape[:2])} != inputs {tuple(w.shape)}")
         return w, m
@@ -359,7 +370,7 @@ class _Accumulator:
             if self.method == "activation" or (self.method == "can" and self.alpha == 0):
                 w, _ = self._positions(a)
                 with torch.no_grad():
-                    self.score += torch.einsum("rt,rtn->n", w, a.detach().float().abs()).cpu()
+                    self.score += torch.einsum("...,...n->n", w, a.detach().float().abs()).cpu()
         return _Tap.apply(a, self)
 
     def backward(self, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -368,12 +379,12 @@ class _Accumulator:
         with torch.no_grad():
             af, gf = a.float(), g.float()
             prod = af * gf
-            self.signed -= torch.einsum("rt,rtn->n", m, prod).cpu()
+            self.signed -= torch.einsum("...,...n->n", m, prod).cpu()
             if self.method == "can" and self.alpha > 0:
                 value = prod.abs_() if self.alpha == 1 else gf.abs().pow_(self.alpha).mul_(af.abs())
-                self.score += torch.einsum("rt,rtn->n", w, value).cpu()
+                self.score += torch.einsum("...,...n->n", w, value).cpu()
             elif self.method == "gradient":
-                self.score += torch.einsum("rt,rtn->n", w, gf.abs()).cpu()
+                self.score += torch.einsum("...,...n->n", w, gf.abs()).cpu()
 
     def weight_input(self, x: torch.Tensor) -> None:
         """Wanda: accumulate the mean square of each input feature of the site's linear layer."""
@@ -383,17 +394,23 @@ class _Accumulator:
         self._last_input = batch
         w, _ = self._positions(x)
         with torch.no_grad():
-            sq = torch.einsum("rt,rtd->d", w, x.detach().float().square()).cpu()
+            sq = torch.einsum("...,...d->d", w, x.detach().float().square()).cpu()
         self.input_sq = sq if self.input_sq is None else self.input_sq + sq
 
 
 def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     labels, attn = enc["labels"], enc["attention_mask"]
-    loss_pos = torch.zeros_like(attn)
-    loss_pos[:, :-1] = (labels[:, 1:] != -100).long()
-    lang = loss_pos if reduction == "loss" else attn
-    weights = {"language": _row_weights(lang)}
-    masks = {"language": attn.float()}
+    if "decoder_input_ids" in enc:  # T5: the decoder predicts labels in place; the encoder reads the prompt
+        dec = enc["decoder_attention_mask"]
+        lang = (labels != -100).long() if reduction == "loss" else dec
+        weights = {"language": _row_weights(lang), "language_encoder": _row_weights(attn)}
+        masks = {"language": dec.float(), "language_encoder": attn.float()}
+    else:
+        loss_pos = torch.zeros_like(attn)
+        loss_pos[:, :-1] = (labels[:, 1:] != -100).long()
+        lang = loss_pos if reduction == "loss" else attn
+        weights = {"language": _row_weights(lang)}
+        masks = {"language": attn.float()}
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
@@ -445,6 +462,11 @@ def per_sample_loss(model: torch.nn.Module, enc: dict) -> torch.Tensor:
     """
     labels = enc["labels"]
     inputs = {k: v for k, v in enc.items() if k != "labels"}
+    if "decoder_input_ids" in inputs:  # an encoder-decoder predicts the labels in place
+        logits = model(**inputs, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        mask = (labels != -100).to(nll.dtype)
+        return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     valid = labels[:, 1:] != -100
     first = int(valid.any(dim=0).nonzero()[0])
     keep = labels.shape[1] - first
@@ -499,18 +521,14 @@ def score_inputs(
     registry = SiteRegistry(lm.model)
     sites = registry.select(scope)
     current: list[_Batch] = []
-    accs = [_Accumulator(s, method, float(alpha), lambda: current[0]) for s in sites]
+    accs = [
+        _Accumulator(s, method, float(alpha), lambda: current[0], lm.family.encoder_site(s.module_path)) for s in sites
+    ]
     handles = []
     n = 0
     try:
         for acc in accs:
-            module = registry.module(acc.site)
-            if acc.site.hook == "output":
-                handles.append(module.register_forward_hook(lambda _m, _i, out, acc=acc: acc.forward(out)))
-            else:
-                handles.append(
-                    module.register_forward_pre_hook(lambda _m, args, acc=acc: (acc.forward(args[0]), *args[1:]))
-                )
+            handles.append(registry.hook(acc.site, acc.forward))
             if method == "wanda":
                 linear = registry.weight(acc.site)
                 handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
@@ -546,7 +564,7 @@ def score_inputs(
             scores[name] = torch.rand(acc.site.size, generator=gen)
         elif method == "wanda":
             norm = (acc.input_sq / n).sqrt()
-            weight = registry.weight(acc.site).weight.detach().float().abs().cpu()
+            weight = registry.weights(acc.site).detach().float().abs().cpu()
             scores[name] = weight @ norm if acc.site.weight_axis == "out" else weight.sum(dim=0) * norm
         else:
             scores[name] = acc.score / n
