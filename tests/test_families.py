@@ -435,3 +435,19 @@ def test_fused_gate_up_sites_read_mask_and_flip_their_own_half(lm):
         changed = (linear.weight != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [5, up.size + 3]
     assert torch.equal(linear.weight, before)
+
+
+@pytest.mark.parametrize("checkpoint", [n for n in BUILDERS if n not in DECODERS], indirect=True)
+def test_massive_activations_cover_every_layer_reading_the_prompt(lm):
+    """inspect --activations: one peak per language layer that reads prompt and caption (a T5's encoder)."""
+    from canprobe.massive import massive_activations
+
+    report = massive_activations(lm, IMAGES, captions=TEXTS, ratio=2.0)
+    family = lm.family
+    layers = [
+        s.layer
+        for s in SiteRegistry(lm.model).select("language.down_proj")
+        if not family.encoder_decoder or family.encoder_site(s.module_path)
+    ]
+    assert [p.layer for p in report.layers] == layers
+    assert all(p.ratio >= 1 for p in report.layers)
