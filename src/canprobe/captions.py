@@ -44,6 +44,28 @@ def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | Non
     return {k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()}
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """How many positions the language model was trained on (None when its config does not say)."""
+    config = lm.model.config
+    return getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+
+
+def check_prompt_fits(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Prompt (image tokens included) plus the caption to generate must fit the model's context."""
+    limit = context_length(lm)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise InputError(
+            f"the prompt takes {prompt_tokens} tokens (image tokens included) and max new tokens adds "
+            f"{max_new_tokens}: {prompt_tokens + max_new_tokens} exceed the {limit}-token context of {lm.source}; "
+            "shorten the prompt or lower max new tokens"
+        )
+
+
+def check_context(lm: LoadedModel, image: Image.Image, prompt: str | None, max_new_tokens: int) -> None:
+    """``check_prompt_fits`` for one image, before any work (captions of longer prompts would be garbage)."""
+    check_prompt_fits(lm, caption_inputs(lm, [image], prompt)["input_ids"].shape[1], max_new_tokens)
+
+
 def teacher_forcing_inputs(
     processor,
     family: Family | str,
@@ -121,6 +143,7 @@ def generate_captions(
     captions: list[str] = []
     for start in range(0, len(images), batch_size):
         enc = caption_inputs(lm, images[start : start + batch_size], prompt)
+        check_prompt_fits(lm, enc["input_ids"].shape[1], max_new_tokens)
         if features is None:
             out = lm.model.generate(**enc, **options)
         else:

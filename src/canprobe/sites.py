@@ -76,6 +76,11 @@ class Neuron:
         return f"{self.site}:{self.index}"
 
 
+def is_address(text: object) -> bool:
+    """Whether ``text`` has the syntax of a neuron address (cheap: no site-kind check)."""
+    return isinstance(text, str) and _ADDRESS.fullmatch(text) is not None
+
+
 def parse_address(text: str) -> Neuron:
     """Parse a printed address (``language.layers.L.mlp.kind:i``, ``qformer.layers.L.kind:i``,
     ``projector.kind:i``) back into a Neuron; checks syntax and site kinds, not a model's sizes."""
