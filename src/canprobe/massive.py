@@ -19,6 +19,7 @@ after every decoder layer while the model reads prompt + caption:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATIO = 100.0  # Sun et al.'s rule of thumb is |h| > 100 and about 1,000x the median
 DEFAULT_MIN_SHARE = 0.1
+STUDY_IMAGES = 32  # a study measures its first this many images (Sun et al. read a few dozen sequences)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,16 @@ class ActivationReport:
         """The layer peak with the highest ratio to its median."""
         return max(self.layers, key=lambda p: p.ratio, default=None)
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ActivationReport:
+        massive = [
+            MassiveActivation(**{**m, "writers": tuple(Writer(**w) for w in m["writers"])}) for m in data["massive"]
+        ]
+        return cls(data["n_images"], data["ratio_threshold"], [LayerPeak(**p) for p in data["layers"]], massive)
+
 
 @dataclass
 class _Entry:
@@ -100,9 +112,15 @@ class _Entry:
 
 
 def _decoder_layers(registry: SiteRegistry) -> list[tuple[Site, torch.nn.Module]]:
-    """(down_proj site, the decoder layer holding it) for every layer of the language model, in order."""
-    sites = registry.select("language.down_proj")
-    inside = "." + registry.family.site_kinds["language"]["down_proj"].module  # the site's path inside its layer
+    """(down_proj site, the layer holding it) for every layer of the language model that reads the prompt
+    and the caption together, in order (of an encoder-decoder, the encoder: its decoder reads the caption alone)."""
+    family = registry.family
+    sites = [
+        s
+        for s in registry.select("language.down_proj")
+        if not family.encoder_decoder or family.encoder_site(s.module_path)
+    ]
+    inside = "." + family.kinds(registry.model, "language")["down_proj"].module  # the site's path inside its layer
     return [(s, registry.model.get_submodule(s.module_path.removesuffix(inside))) for s in sites]
 
 
@@ -163,7 +181,8 @@ def massive_activations(
             mask = enc["attention_mask"].bool()
             positions = mask.long().cumsum(1) - 1
             ids = enc["input_ids"]
-            writes = torch.stack([written[s.layer] for s, _ in layers])  # (layers, batch, tokens, dims)
+            # (layers, batch, tokens, dims); OPT's MLP writes rows and positions flattened into one
+            writes = torch.stack([written[s.layer].reshape(residual[s.layer].shape) for s, _ in layers])
             for site, _ in layers:
                 _collect(
                     site.layer, residual[site.layer], mask, positions, ids, writes, ratio, tokenizer, best, entries
