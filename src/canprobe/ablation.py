@@ -223,6 +223,9 @@ class Ablation:
         return mask if self.rows is None else mask.view(self.rows, *([1] * (x.dim() - 2)), size)
 
     def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor:
+        if self.rows is not None and site.component == "language" and x.dim() == 2 and x.shape[0] % self.rows == 0:
+            # rows and positions flattened into one (OPT's MLP): each row's positions get its mask
+            return self._replace(x.view(self.rows, -1, x.shape[-1]), site).view_as(x)
         self._check(x, site)
         mask = self._masks.get(site.name) if self.fault.acts_on == "activation" else None
         if mask is not None:
@@ -241,8 +244,11 @@ class Ablation:
             if idx.numel():
                 groups.setdefault(tuple(idx.tolist()), []).append(row)
         weights = [
-            (torch.tensor(rows, device=linear.weight.device), self.fault.flipped(linear.weight, site.weight_axis, idx))
-            for idx, rows in ((torch.tensor(k), v) for k, v in groups.items())
+            (
+                torch.tensor(rows, device=linear.weight.device),
+                self.fault.flipped(linear.weight, site.weight_axis, torch.tensor(idx) + site.offset),
+            )
+            for idx, rows in groups.items()
         ]
 
         def hook(_module, args, output):
@@ -262,7 +268,7 @@ class Ablation:
         for name, neurons in self._neurons.items():
             site = self.registry.by_name[name]
             weight = self.registry.weight(site).weight
-            positions = self.fault.positions(weight, site.weight_axis, neurons[0].to(weight.device))
+            positions = self.fault.positions(weight, site.weight_axis, neurons[0].to(weight.device) + site.offset)
             with torch.no_grad():
                 original = weight[positions].clone()
                 self._saved.append((weight, positions, original))
@@ -282,19 +288,7 @@ class Ablation:
             order = [s.name for s in self.registry.sites]
             for name in sorted(set(hooked) | set(self._bounds), key=order.index):
                 site = self.registry.by_name[name]
-                module = self.registry.module(site)
-                if site.hook == "output":
-
-                    def hook(_module, _args, output, site=site):
-                        return self._replace(output, site)
-
-                    self._handles.append(module.register_forward_hook(hook))
-                else:
-
-                    def pre_hook(_module, args, site=site):
-                        return (self._replace(args[0], site), *args[1:])
-
-                    self._handles.append(module.register_forward_pre_hook(pre_hook))
+                self._handles.append(self.registry.hook(site, lambda x, site=site: self._replace(x, site)))
         except BaseException:
             self._remove()
             raise
@@ -411,7 +405,7 @@ def activation_stats(
             x = x.detach().to(torch.float64)
             flat = x.reshape(-1, site.size)
             w = weights.get("language") if site.component == "language" else None
-            if w is not None and x.shape[:2] == w.shape:
+            if w is not None and (x.shape[:2] == w.shape or x.shape[:-1].numel() == w.numel()):
                 w = w.reshape(-1, 1)
             else:
                 w = torch.ones(flat.shape[0], 1, dtype=torch.float64, device=flat.device)
@@ -424,16 +418,12 @@ def activation_stats(
                     [w.sum().expand(site.size), (flat * w).sum(dim=0), (flat * flat * w).sum(dim=0)]
                 ).cpu()
 
-        if site.hook == "output":
-            return lambda _m, _a, out: record(out)
-        return lambda _m, args: record(args[0])
+        return record
 
     handles = []
     try:
         for site in chosen:
-            module = registry.module(site)
-            register = module.register_forward_hook if site.hook == "output" else module.register_forward_pre_hook
-            handles.append(register(make_hook(site)))
+            handles.append(registry.hook(site, make_hook(site)))
         if captions is None:
             captions = generate_captions(
                 lm, images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size

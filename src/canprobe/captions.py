@@ -44,6 +44,28 @@ def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | Non
     return {k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()}
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """How many positions the language model was trained on (None when its config does not say)."""
+    config = lm.model.config
+    return getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+
+
+def check_prompt_fits(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Prompt (image tokens included) plus the caption to generate must fit the model's context."""
+    limit = context_length(lm)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise InputError(
+            f"the prompt takes {prompt_tokens} tokens (image tokens included) and max new tokens adds "
+            f"{max_new_tokens}: {prompt_tokens + max_new_tokens} exceed the {limit}-token context of {lm.source}; "
+            "shorten the prompt or lower max new tokens"
+        )
+
+
+def check_context(lm: LoadedModel, image: Image.Image, prompt: str | None, max_new_tokens: int) -> None:
+    """``check_prompt_fits`` for one image, before any work (captions of longer prompts would be garbage)."""
+    check_prompt_fits(lm, caption_inputs(lm, [image], prompt)["input_ids"].shape[1], max_new_tokens)
+
+
 def teacher_forcing_inputs(
     processor,
     family: Family | str,
@@ -56,12 +78,17 @@ def teacher_forcing_inputs(
     Each row is ``prompt tokens + caption tokens + end token``, right-padded; ``labels`` holds the
     caption and end tokens and -100 elsewhere, so ``model(**inputs).loss`` is the caption NLL and
     ``labels != -100`` marks the positions that carry the loss (shifted by one inside the model).
+    For an encoder-decoder language model (T5) the prompt stays the encoder's input, and the decoder
+    reads ``decoder_input_ids`` (the pad token, T5's start token, then the caption) and predicts
+    ``labels`` at the same positions (no shift).
     """
     family = named(family)
     text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
     tok = getattr(processor, "tokenizer", processor)
     enc = family.inputs(processor, images, text)
     caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
+    if family.encoder_decoder:
+        return {**enc, **_decoder_inputs(caption_ids, tok.pad_token_id, tok.eos_token_id)}
     prompt_ids = enc["input_ids"]
     n, p = prompt_ids.shape
     width = p + max(len(c) for c in caption_ids) + 1
@@ -75,8 +102,24 @@ def teacher_forcing_inputs(
         ids[i, p : p + len(seq)] = seq
         labels[i, p : p + len(seq)] = seq
         mask[i, p : p + len(seq)] = 1
+    for key, value in enc.items():  # per-token inputs besides the ids (token types, cross-attention masks)
+        if key not in ("input_ids", "attention_mask") and value.shape[:2] == (n, p):
+            enc[key] = family.continue_tokens(key, value, width)
     enc.update(input_ids=ids, attention_mask=mask, labels=labels)
     return enc
+
+
+def _decoder_inputs(caption_ids: list[list[int]], pad: int, eos: int) -> dict[str, torch.Tensor]:
+    n, width = len(caption_ids), max(len(c) for c in caption_ids) + 1
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(caption_ids):
+        seq = torch.tensor(c + [eos], dtype=torch.long)
+        labels[i, : len(seq)] = seq
+        ids[i, 1 : len(seq)] = seq[:-1]
+        mask[i, : len(seq)] = 1
+    return {"decoder_input_ids": ids, "decoder_attention_mask": mask, "labels": labels}
 
 
 @torch.no_grad()
@@ -100,6 +143,7 @@ def generate_captions(
     captions: list[str] = []
     for start in range(0, len(images), batch_size):
         enc = caption_inputs(lm, images[start : start + batch_size], prompt)
+        check_prompt_fits(lm, enc["input_ids"].shape[1], max_new_tokens)
         if features is None:
             out = lm.model.generate(**enc, **options)
         else:

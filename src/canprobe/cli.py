@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from canprobe.checks import check_device, check_output_dir, check_output_file
 from canprobe.errors import CanprobeError
 
 POSITIVE = click.IntRange(min=1)
@@ -40,6 +41,14 @@ def _join_world(device: str | None):
     return init_from_env(device)
 
 
+def _check_context(lm, image_set, prompt: str | None, max_new_tokens: int) -> None:
+    """Refuse a prompt that leaves no room for the caption in the model's context, before any work."""
+    if lm.family.takes_images:
+        from canprobe.captions import check_context
+
+        check_context(lm, image_set.images[0], prompt, max_new_tokens)
+
+
 def _print_plan(lines: Iterable[str]) -> None:
     for line in lines:
         click.echo(line)
@@ -47,15 +56,29 @@ def _print_plan(lines: Iterable[str]) -> None:
 
 
 def _report_skipped(image_set) -> None:
+    from canprobe.checks import printable
+    from canprobe.data import CAPTIONS_FILE
+
     if image_set.skipped:
         click.echo(f"skipped {len(image_set.skipped)} unreadable image(s):", err=True)
         for path, why in image_set.skipped:
-            click.echo(f"  {path}: {why}", err=True)
+            click.echo(f"  {printable(path)}: {why}", err=True)
+    if image_set.unmatched_captions:
+        names = image_set.unmatched_captions
+        click.echo(
+            f"ignored {len(names)} caption(s) of {CAPTIONS_FILE} naming no image file of the set, e.g. {names[0]}",
+            err=True,
+        )
 
 
 model_option = click.option("--model", required=True, help="Built-in name (toy-llava, ...), local folder or hub id.")
 dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
-device_option = click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
+device_option = click.option(
+    "--device",
+    default=None,
+    help="torch device, e.g. cpu or cuda:0.",
+    callback=lambda _ctx, _param, value: check_device(value),
+)
 device_map_option = click.option(
     "--device-map", default=None, help="accelerate placement for models larger than one GPU, e.g. auto."
 )
@@ -144,6 +167,7 @@ def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
     """Draw synthetic scenes: one folder per category plus captions.jsonl."""
     from canprobe.data import CATEGORIES, write_scenes
 
+    check_output_dir(out)
     write_scenes(out, per_category, seed, resolution)
     click.echo(f"wrote {per_category * len(CATEGORIES)} scenes ({len(CATEGORIES)} categories) to {out}")
 
@@ -163,9 +187,11 @@ def caption(model, images, out, prompt, max_new_tokens, batch_size, dtype, devic
     from canprobe.captions import caption_image_set, exact_match_rate, write_captions
     from canprobe.data import load_image_set
 
+    check_output_file(out)
     image_set = load_image_set(images)
     _report_skipped(image_set)
     lm = _load(model, dtype, device, trust_remote_code)
+    _check_context(lm, image_set, prompt, max_new_tokens)
     records = caption_image_set(lm, image_set, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
     write_captions(records, out)
     for r in records[:5]:
@@ -197,7 +223,7 @@ def organisms_train(name, out, steps, batch_size, seed, device) -> None:
     config = DEFAULT_CONFIGS[name]
     changes = {k: v for k, v in dict(steps=steps, batch_size=batch_size, seed=seed).items() if v is not None}
     config = dataclasses.replace(config, **changes)
-    out = out or ORGANISM_DIR / name
+    out = check_output_dir(out or ORGANISM_DIR / name)
     logging.getLogger("canprobe").setLevel(logging.INFO)
     result = train_organism(name, out, config, device=device or "cpu")
     click.echo(
@@ -349,6 +375,7 @@ def score_command(
     from canprobe.errors import InputError
     from canprobe.scoring import score_neurons
 
+    check_output_dir(out)
     world, device = _join_world(device)
     image_set = load_image_set(images)
     if dry_run:
@@ -377,6 +404,7 @@ def score_command(
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
         captions = [r.caption for r in image_set.records]
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+    _check_context(lm, image_set, prompt, max_new_tokens)
     result = score_neurons(
         lm,
         image_set.images,
@@ -394,7 +422,10 @@ def score_command(
     )
     if not world.main:
         return
-    result.save(out)
+    from canprobe.store import RunLock
+
+    with RunLock(out):
+        result.save(out)
     ranking = result.ranking()
     for row in ranking.head(top).itertuples():
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
@@ -505,6 +536,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         n_samples=options.pop("samples"),
         **options,
     )
+    check_output_dir(out)
     world, device = _join_world(device)
     image_set = _image_subset(images, per_category, report=world.main)
     if dry_run:
@@ -525,28 +557,33 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         )
         _print_plan(plan.lines)
         return
+    table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before the model loads
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+    _check_context(lm, image_set, config.prompt, config.max_new_tokens)
+    from canprobe.scoring import (
+        RANKING_FILE,
+        check_ranking_identity,
+        check_ranking_model,
+        load_folder_ranking,
+        score_identity,
+    )
+
+    if table is not None:
+        check_ranking_model(table, lm)
+    scoring = dict(scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed)
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
-        if ranking is None and (out / "ranking.parquet").exists():
-            ranking = out / "ranking.parquet"
-        if ranking is not None:
-            table = _load_ranking(ranking)
-        else:
+        if table is None and (out / RANKING_FILE).exists():
+            table = load_folder_ranking(out)
+            remedy = "resume with the same --method, --alpha, --scope and images, or use a new --out folder"
+            check_ranking_identity(table, score_identity(lm, image_set.images, **scoring), remedy)
+        if table is None:
             from canprobe.scoring import score_neurons
 
             if world.main:
                 click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
             scores = score_neurons(
-                lm,
-                image_set.images,
-                scope=scope,
-                method=method,
-                alpha=alpha,
-                prompt=config.prompt,
-                seed=seed,
-                gradient_checkpointing=checkpointed,
-                reuse_features=reuse,
+                lm, image_set.images, **scoring, gradient_checkpointing=checkpointed, reuse_features=reuse
             )
             if world.main:
                 scores.save(out)
@@ -629,15 +666,22 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     if top_k is not None and ranking is None:
         raise InputError("--top K needs --ranking ranking.parquet from `canprobe score`")
     addresses = [a.strip() for a in neurons.split(",") if a.strip()] if neurons is not None else []
-    for address in addresses:
-        parse_address(address)
+    if neurons is not None and not addresses:
+        raise InputError(f"--neurons {neurons!r} names no neuron; give e.g. language.layers.1.mlp.down_proj:7")
+    unique = list(dict.fromkeys(str(parse_address(a)) for a in addresses))
+    if len(unique) < len(addresses):
+        click.echo(f"note: --neurons names {len(unique)} distinct neuron(s) in {len(addresses)} addresses")
+    addresses = unique
+    table = _load_ranking(ranking) if top_k is not None else None  # a bad file fails before the model loads
     image_set = _image_subset(images, rest["per_category"])
     lm = _load(model, rest["dtype"], rest["device"], rest["trust_remote_code"], sites=rest["sites"])
+    _check_context(lm, image_set, prompt, rest["max_new_tokens"])
     registry = SiteRegistry(lm.model)
     if top_k is not None:
+        from canprobe.scoring import check_ranking_model
         from canprobe.search import ranked_in_scope
 
-        table = _load_ranking(ranking)
+        check_ranking_model(table, lm)
         ranked = ranked_in_scope(registry, table, scope or "all")
         if top_k > len(ranked):
             where = f"scope {scope}" if scope else "the ranking"
@@ -766,8 +810,9 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: report.html in the first run.")
 def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
     """(Re)build the HTML report of one or more run folders."""
-    from canprobe.report import build_report
+    from canprobe.report import REPORT_FILE, build_report
 
+    check_output_file(out if out is not None else runs[0] / REPORT_FILE)
     click.echo(f"report: {build_report(list(runs), out)}")
 
 
@@ -778,6 +823,7 @@ def compare_command(runs: tuple[Path, ...], out: Path) -> None:
     """k* of several runs (models) side by side: a table here and a figure in --out."""
     from canprobe.report import compare_runs
 
+    check_output_file(out)
     table, path = compare_runs(list(runs), out)
     click.echo(table.to_string(index=False))
     click.echo(f"figure: {path}")
@@ -797,6 +843,7 @@ def demo(out: Path, per_category: int) -> None:
     from canprobe.massive import format_activations
     from canprobe.report import build_report
 
+    check_output_dir(out)
     images = write_scenes(out / "scenes", per_category, seed=11)
     stories = []
     for name in ORGANISMS:

@@ -22,7 +22,6 @@ contents to a sibling ``<out>.replaced-*`` folder; a live run holds the folder w
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import tempfile
@@ -35,17 +34,26 @@ import torch
 from tqdm.auto import tqdm
 
 from canprobe.ablation import RankedNeurons, activation_stats, mean_activations
+from canprobe.captions import check_context
+from canprobe.checks import check_device, check_output_dir, printable
 from canprobe.config import ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
+from canprobe.identity import differences, images_fingerprint, texts_fingerprint
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
 from canprobe.models import LoadedModel, load_model
 from canprobe.robustness import fault_kstars, protection_study, random_order
-from canprobe.scoring import ScoreResult, load_ranking, score_neurons
+from canprobe.scoring import (
+    ScoreResult,
+    check_ranking_identity,
+    load_folder_ranking,
+    score_identity,
+    score_neurons,
+)
 from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
-from canprobe.store import LOCK_FILE, RunLock, atomic_write_json
+from canprobe.store import LOCK_FILE, RunLock, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,20 @@ class Timings:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
 
 
+def _check_categories(config: ExperimentConfig, image_set: ImageSet) -> None:
+    """Every category the study searches has at least one readable image (none is dropped unseen)."""
+    wanted = check_image_source(config)
+    readable = set(image_set.categories)
+    for category in wanted:
+        if category not in readable:
+            bad = [printable(p) for p, _ in image_set.skipped if Path(p).parent.name == category]
+            why = f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""
+            raise InputError(
+                f"category {category!r} has no readable image in {config.images}{why}; "
+                "fix its images or leave it out with the categories field"
+            )
+
+
 def scope_dir_name(scope: str) -> str:
     return scope.replace("/", "_")
 
@@ -96,21 +118,27 @@ def _groups(config: ExperimentConfig, image_set: ImageSet) -> list[Group]:
 def _score(
     lm: LoadedModel, config: ExperimentConfig, scope: str, images, captions, out: Path, method: str, alpha: float
 ) -> pd.DataFrame:
-    """The ranking in ``out`` (computed and saved unless already there)."""
-    if (out / "ranking.parquet").exists():
-        return load_ranking(out)
-    result: ScoreResult = score_neurons(
-        lm,
-        images,
+    """The ranking in ``out`` (computed and saved unless already there with the same identity)."""
+    scoring = dict(
         scope=scope,
         method=method,
         alpha=alpha,
         reduction=config.reduction,
         captions=captions,
         prompt=config.prompt,
-        batch_size=config.batch_size,
         seed=config.seed,
         max_new_tokens=config.max_new_tokens,
+    )
+    if (out / "ranking.parquet").exists():
+        ranking = load_folder_ranking(out)
+        remedy = "the study folder was changed by hand: rerun with --restart or a new out folder"
+        check_ranking_identity(ranking, score_identity(lm, images, **scoring), remedy)
+        return ranking
+    result: ScoreResult = score_neurons(
+        lm,
+        images,
+        **scoring,
+        batch_size=config.batch_size,
         gradient_checkpointing=config.gradient_checkpointing,
         reuse_features=config.reuse_features,
     )
@@ -136,6 +164,8 @@ class Experiment:
         self.restart = restart
         self.timings = Timings()
         check_image_source(config)
+        check_device(config.device, "config field device")
+        check_output_dir(self.out, "config field out")
 
     def _search_config(self, scope: str, group: str) -> SearchConfig:
         """Per-category searches run the random control only at k* and stage 1; the figures use pooled curves."""
@@ -164,8 +194,8 @@ class Experiment:
 
         They run on the pooled images (on every category when the run does not pool).
         """
-        cached = _read_json(out / CONTROLS_FILE)
-        if cached is not None and cached.get("k_star") == k_star:
+        cached = read_json(out / CONTROLS_FILE)
+        if isinstance(cached, dict) and cached.get("k_star") == k_star:
             return cached
         result: dict = {"k_star": k_star, "activation_collapsed": None, "mean_ablation_collapsed": None}
         wanted = [c for c in ("activation", "mean") if c in self.config.controls]
@@ -298,9 +328,12 @@ class Experiment:
         """Massive activations of the language model on the study's first images; cached in activations.json."""
         from canprobe.report import ACTIVATIONS_FILE
 
-        cached = _read_json(self.out / ACTIVATIONS_FILE)
-        if cached is not None:
-            return ActivationReport.from_dict(cached)
+        cached = read_json(self.out / ACTIVATIONS_FILE)
+        if isinstance(cached, dict):
+            try:
+                return ActivationReport.from_dict(cached)
+            except (KeyError, TypeError):
+                log.warning("%s: damaged, measured again", self.out / ACTIVATIONS_FILE)
         c = self.config
         report = massive_activations(
             lm, images, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
@@ -308,25 +341,30 @@ class Experiment:
         atomic_write_json(self.out / ACTIVATIONS_FILE, report.to_dict())
         return report
 
-    def _identity(self) -> dict:
-        """The config that decides the folder's results (its own location may change)."""
-        return json.loads(json.dumps({k: v for k, v in self.config.to_dict().items() if k != "out"}))
+    def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel) -> dict:
+        """What decides the folder's results (``canprobe.identity``): the config without the locations of
+        the output and the images, plus the weights and the images' content, names, categories and captions."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in ("out", "images", "annotations")}
+        records = [f"{r.name}\t{r.category}\t{r.caption}" for r in image_set.records]
+        return {
+            "config": config,
+            "weights": lm.fingerprint,
+            "clip_weights": clip.fingerprint,
+            "images": images_fingerprint(image_set.images),
+            "records": texts_fingerprint(records),
+        }
 
-    def _claim(self) -> None:
-        """Check that the folder is empty or holds this config's run; restart moves another run aside."""
-        identity = self._identity()
-        previous = _read_json(self.out / RUN_FILE)
+    def _claim(self, identity: dict) -> None:
+        """Check that the folder is empty or holds this identity's run; restart moves another run aside."""
+        previous = read_json(self.out / RUN_FILE)
         unlabelled = previous is None and any((self.out / name).exists() for name in ("summary.json", "scopes"))
-        if unlabelled or previous not in (None, identity):
+        changed = ["it has no run.json"] if unlabelled else [] if previous is None else differences(previous, identity)
+        if changed:
             if not self.restart:
-                if unlabelled:
-                    changed = "it has no run.json"
-                else:
-                    fields = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-                    changed = "differs in " + ", ".join(fields)
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
                 raise InputError(
-                    f"{self.out} holds a run of another config ({changed}); use the same config to resume, "
-                    "another out folder, or --restart to start over"
+                    f"{self.out} holds a run of another config ({'; '.join(changed[:3])}{more}); use the same "
+                    "config to resume, another out folder, or --restart to start over"
                 )
             aside = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.replaced-", dir=self.out.parent))
             for entry in self.out.iterdir():
@@ -361,12 +399,18 @@ class Experiment:
         return lines
 
     def run(self) -> dict:
-        """Run or resume the study while holding the output folder (RunLock)."""
-        with RunLock(self.out):
-            self._claim()
-            return self._run()
+        """Validate everything, then run or resume the study while holding the output folder (RunLock).
 
-    def _run(self) -> dict:
+        Nothing is written before the images, models, scopes and prompt have passed their checks, so
+        a study that fails validation does not claim its folder.
+        """
+        image_set, groups, lm, clip = self._prepare()
+        identity = self._identity(image_set, lm, clip)
+        with RunLock(self.out):
+            self._claim(identity)
+            return self._run(image_set, groups, lm, clip)
+
+    def _prepare(self) -> tuple[ImageSet, list[Group], LoadedModel, LoadedModel]:
         c = self.config
         start = time.perf_counter()
         image_set = load_image_set(
@@ -374,6 +418,9 @@ class Experiment:
         )
         if image_set.skipped:
             log.warning("skipped %d unreadable images", len(image_set.skipped))
+        if image_set.unmatched_captions:
+            log.warning("ignored %d captions naming no image file", len(image_set.unmatched_captions))
+        _check_categories(c, image_set)
         groups = _groups(c, image_set)
         self.timings.add("load images", start)
         start = time.perf_counter()
@@ -383,6 +430,11 @@ class Experiment:
         registry = SiteRegistry(lm.model)
         for scope in c.scopes:
             registry.select(scope)  # fail on a bad scope before any work
+        check_context(lm, image_set.images[0], c.prompt, c.max_new_tokens)
+        return image_set, groups, lm, clip
+
+    def _run(self, image_set: ImageSet, groups: list[Group], lm: LoadedModel, clip: LoadedModel) -> dict:
+        c = self.config
         results, overlap, split_half, robustness = [], {}, {}, []
         tasks = [(scope, g) for scope in c.scopes for g in groups]
         bar = tqdm(tasks, desc="searches", disable=not self.progress, unit="search")
@@ -474,15 +526,12 @@ class Experiment:
 
 def search_baseline(search_dir: Path) -> dict:
     """The unmasked metrics a finished search recorded in its summary.json."""
-    data = _read_json(search_dir / "summary.json")
+    data = read_json(search_dir / "summary.json")
     if data is None:
         raise InputError(f"{search_dir} holds no finished search")
+    if not isinstance(data, dict) or not isinstance(data.get("baseline"), dict):
+        raise InputError(f"{search_dir / 'summary.json'} is not a search summary (damaged); rerun with --restart")
     return data["baseline"]
-
-
-def _read_json(path: Path):
-    """A JSON file's content, or None when it is absent (files are written atomically, never torn)."""
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _versions() -> dict[str, str]:
@@ -495,10 +544,3 @@ def _versions() -> dict[str, str]:
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> dict:
     return Experiment(config, progress, restart).run()
-
-
-def read_summary(run_dir: Path | str) -> dict:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise InputError(f"{run_dir} is not a canprobe run folder (no summary.json)")
-    return json.loads(path.read_text())

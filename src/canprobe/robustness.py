@@ -29,7 +29,7 @@ from canprobe.ablation import RankedNeurons
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
 from canprobe.metrics import MaskEvaluator, MetricSummary
 from canprobe.search import SearchConfig, find_k_star
-from canprobe.store import atomic_write_json
+from canprobe.store import atomic_write_json, read_json
 
 FAULTS_DIR = "faults"
 PROTECTION_FILE = "protection.json"
@@ -106,10 +106,9 @@ def protection_study(
 ) -> dict:
     """Collapse rates under random faults per protection, and each protection's clean cost (see module doc)."""
     path = out / PROTECTION_FILE
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("identity") == json.loads(json.dumps(identity)):
-            return cached
+    cached = read_json(path)
+    if isinstance(cached, dict) and cached.get("identity") == json.loads(json.dumps(identity)):
+        return cached
     variants: dict[str, tuple] = {"none": ()}
     guard = ProtectedSet(top.prefix(min(k_protect, len(top))))
     ranger = RangeRestriction({name: stats[name] for name in scope_neurons.site_names})

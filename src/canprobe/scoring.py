@@ -40,9 +40,9 @@ every position, -sum_t a_t dL_i/da_t over non-pad positions, averaged over sampl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -56,15 +56,19 @@ from PIL import Image
 from canprobe import distributed, features
 from canprobe.ablation import to_model_inputs
 from canprobe.captions import generate_captions, teacher_forcing_inputs
+from canprobe.checks import printable
 from canprobe.errors import InputError
+from canprobe.identity import check_same, images_fingerprint, texts_fingerprint
 from canprobe.models import LoadedModel
-from canprobe.sites import Site, SiteRegistry
+from canprobe.sites import Site, SiteRegistry, is_address
+from canprobe.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 SCORE_METHODS = ("can", "activation", "gradient", "random", "wanda")
 REDUCTIONS = ("loss", "all")
 SCORES_FILE = "scores.safetensors"
+PAIR_KEY = "canprobe_pair"  # metadata key: the id of the write that made a scores/ranking pair
 RANKING_FILE = "ranking.parquet"
 RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
 POSITIONS = {
@@ -84,6 +88,7 @@ class ScoreResult:
     signed: dict[str, torch.Tensor]
     sites: list[Site]
     config: dict = field(default_factory=dict)
+    pair: str | None = None  # the id shared with the ranking.parquet of the same write (set by save and load)
 
     def _order(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores in model order, descending stable order, site number of each neuron in model order)."""
@@ -122,33 +127,70 @@ class ScoreResult:
         return [self.sites[j].address(int(i - starts[j])) for i, j in zip(chosen, site_of[chosen])]
 
     def save(self, out_dir: str | Path) -> None:
-        """Write scores.safetensors and ranking.parquet atomically (temp file, then os.replace)."""
-        from safetensors.torch import save_file
+        """Write scores.safetensors, then ranking.parquet, each atomically, both marked with one pair id
+        (a digest of the scores and their metadata).
+
+        A crash between the two leaves the new scores beside the old ranking; their pair ids then
+        differ, and readers rebuild the ranking from the scores (``load_folder_ranking``) or refuse.
+        """
+        from safetensors.torch import save
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for s in self.sites:
             tensors[s.name] = self.scores[s.name].float().contiguous()
             tensors[f"{s.name}/signed"] = self.signed[s.name].float().contiguous()
         meta = {"config": json.dumps(self.config), "sites": json.dumps([asdict(s) for s in self.sites])}
-        tmp = out / f".{SCORES_FILE}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, out / SCORES_FILE)
-        _write_parquet(self.ranking(), out / RANKING_FILE, self.config)
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+        for name in sorted(tensors):
+            digest.update(tensors[name].numpy().tobytes())
+        self.pair = digest.hexdigest()[:16]  # same content, same id (and same bytes on disk)
+        atomic_write_bytes(out / SCORES_FILE, save(tensors, metadata={**meta, PAIR_KEY: self.pair}))
+        atomic_write_bytes(out / RANKING_FILE, _parquet_bytes(self.ranking(), self.config, self.pair))
 
 
-def _write_parquet(df: pd.DataFrame, path: Path, config: dict) -> None:
+def _parquet_bytes(df: pd.DataFrame, config: dict, pair: str) -> bytes:
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     df = df.copy()
     df.attrs = {}
     table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"canprobe": json.dumps(config).encode()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    extra = {b"canprobe": json.dumps(config).encode(), PAIR_KEY.encode(): pair.encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def _scores_pair(file: Path) -> str | None:
+    """The pair id in a scores file's header (cheap: the tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get(PAIR_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{printable(file)} is not a readable canprobe scores file ({_first_line(exc)})") from None
+
+
+def load_folder_ranking(folder: str | Path) -> pd.DataFrame:
+    """A run folder's own ranking, consistent with its scores.
+
+    When the two files come from different writes (a crash between them), the scores are the
+    newer: the ranking is rebuilt from them and rewritten, with a warning.
+    """
+    folder = Path(folder)
+    ranking = load_ranking(folder / RANKING_FILE, check_pair=False)
+    scores_file = folder / SCORES_FILE
+    if scores_file.exists() and _scores_pair(scores_file) != ranking.attrs["pair"]:
+        log.warning("%s: ranking.parquet was older than scores.safetensors (an interrupted write); rebuilt", folder)
+        result = load_scores(scores_file)
+        atomic_write_bytes(folder / RANKING_FILE, _parquet_bytes(result.ranking(), result.config, result.pair))
+        ranking = load_ranking(folder / RANKING_FILE)
+    return ranking
 
 
 def _resolve_file(path: str | Path, name: str) -> Path:
@@ -159,30 +201,81 @@ def _resolve_file(path: str | Path, name: str) -> Path:
     return path
 
 
-def load_ranking(path: str | Path) -> pd.DataFrame:
-    """Read ranking.parquet (a file or the folder holding it); the scoring config is in ``df.attrs``."""
+def load_ranking(path: str | Path, check_pair: bool = True) -> pd.DataFrame:
+    """Read ranking.parquet (a file or the folder holding it), checked to be a canprobe ranking.
+
+    The scoring config is in ``df.attrs["config"]`` and the file in ``df.attrs["path"]``. Damaged,
+    empty and foreign files raise InputError naming the file; every address must parse; with
+    ``check_pair``, a scores.safetensors beside it must come from the same write.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(_resolve_file(path, RANKING_FILE))
-    df = table.to_pandas()
+    file = _resolve_file(path, RANKING_FILE)
+    where = printable(file)
+    try:
+        table = pq.read_table(file)
+        df = table.to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        why = _first_line(exc)
+        raise InputError(f"{where} is not a readable parquet file ({why}); write it with `canprobe score`") from None
+    missing = [c for c in RANKING_COLUMNS if c not in df.columns]
     raw = (table.schema.metadata or {}).get(b"canprobe")
-    df.attrs["config"] = json.loads(raw) if raw else {}
+    if missing or raw is None:
+        what = f"missing columns {', '.join(missing)}" if missing else "no canprobe metadata"
+        raise InputError(f"{where} is not a canprobe ranking ({what}); write one with `canprobe score`")
+    try:
+        config = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{where}: its canprobe metadata is not valid JSON; the file is damaged") from None
+    if df.empty:
+        raise InputError(f"{where} holds no neuron; rewrite it with `canprobe score`")
+    addresses = df["address"]
+    bad = ~addresses.map(is_address).astype(bool)
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise InputError(
+            f"{where}: row {row + 1} holds {addresses.iloc[row]!r}, not a neuron address "
+            f"({int(bad.sum())} such row(s)); the file is damaged, rewrite it with `canprobe score`"
+        )
+    if addresses.duplicated().any():
+        twice = addresses[addresses.duplicated()].iloc[0]
+        raise InputError(f"{where}: neuron {twice} is ranked twice; the file is damaged")
+    df.attrs["config"] = config if isinstance(config, dict) else {}
+    df.attrs["path"] = where
+    df.attrs["pair"] = ((table.schema.metadata or {}).get(PAIR_KEY.encode()) or b"").decode() or None
+    scores_file = file.with_name(SCORES_FILE)
+    if check_pair and scores_file.exists() and _scores_pair(scores_file) != df.attrs["pair"]:
+        raise InputError(
+            f"{where} and the {SCORES_FILE} beside it come from different writes (an interrupted `canprobe score`?); "
+            "rerun canprobe score"
+        )
     return df
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_scores(path: str | Path) -> ScoreResult:
     """Read scores.safetensors (a file or the folder holding it) back into a ScoreResult."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = _resolve_file(path, SCORES_FILE)
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "sites" not in meta:
-            raise InputError(f"{file} is not a canprobe scores file (no site metadata)")
-        sites = [Site(**d) for d in json.loads(meta["sites"])]
-        scores = {s.name: f.get_tensor(s.name) for s in sites}
-        signed = {s.name: f.get_tensor(f"{s.name}/signed") for s in sites}
-    return ScoreResult(scores, signed, sites, json.loads(meta.get("config", "{}")))
+    where = printable(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "sites" not in meta:
+                raise InputError(f"{where} is not a canprobe scores file (no site metadata)")
+            sites = [Site(**d) for d in json.loads(meta["sites"])]
+            scores = {s.name: f.get_tensor(s.name) for s in sites}
+            signed = {s.name: f.get_tensor(f"{s.name}/signed") for s in sites}
+            config = json.loads(meta.get("config", "{}"))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{where} is not a readable canprobe scores file ({_first_line(exc)})") from None
+    return ScoreResult(scores, signed, sites, config, meta.get(PAIR_KEY))
 
 
 @dataclass
@@ -222,8 +315,9 @@ class _Tap(torch.autograd.Function):
 class _Accumulator:
     """Float32 per-neuron sums for one site, filled by module hooks during forward and backward."""
 
-    def __init__(self, site: Site, method: str, alpha: float, batch: Callable[[], _Batch]):
+    def __init__(self, site: Site, method: str, alpha: float, batch: Callable[[], _Batch], encoder: bool = False):
         self.site, self.method, self.alpha, self.batch = site, method, alpha, batch
+        self.encoder = encoder  # a language site in an encoder (T5's): it reads the prompt, not the caption
         self.score = torch.zeros(site.size, dtype=torch.float32)
         self.signed = torch.zeros(site.size, dtype=torch.float32)
         self.input_sq = None  # wanda: position-weighted mean square of the weight's input features
@@ -235,19 +329,29 @@ class _Accumulator:
         """(score weights, non-pad mask), each [rows, T], for an activation of shape [rows, T, N]."""
         b = self.batch()
         comp = self.site.component
+        if comp in ("vision", "projector") and a.dim() == 2:
+            # one sequence of every image's patches (Qwen-VL): per-patch weights, summed over each
+            # group of patches that the merger folds into one position
+            w = b.vision_rows.to(a.device)
+            if w.numel() % a.shape[0]:
+                raise InputError(f"{self.site.name}: {a.shape[0]} positions for {w.numel()} image patches")
+            w = w.view(a.shape[0], -1).sum(dim=1)
+            return w, torch.ones_like(w)
         if comp in ("vision", "projector"):
             rows, t = a.shape[:2]
             if rows != b.vision_rows.numel():
                 raise InputError(f"{self.site.name}: {rows} image rows for a batch of {b.vision_rows.numel()} crops")
             mask = torch.ones(rows, t, device=a.device)
             return b.vision_rows.to(a.device)[:, None] / t * mask, mask
-        key = comp
+        key = "language_encoder" if self.encoder else comp
         if comp == "qformer":
             key = "qformer_text" if self.site.kind in QFORMER_TEXT_KINDS else "qformer_query"
             if key == "qformer_query":
                 mask = torch.ones(a.shape[:2], device=a.device)
                 return _row_weights(mask), mask
         w, m = b.weights[key].to(a.device), b.masks[key].to(a.device)
+        if a.dim() == 2 and a.shape[0] == w.numel():  # rows and positions flattened into one (OPT's MLP)
+            return w.reshape(-1), m.reshape(-1)
         if w.shape != a.shape[:2]:
             raise InputError(f"{self.site.name}: activation positions {tuple(a.shape[:2])} != inputs {tuple(w.shape)}")
         return w, m
@@ -266,7 +370,7 @@ class _Accumulator:
             if self.method == "activation" or (self.method == "can" and self.alpha == 0):
                 w, _ = self._positions(a)
                 with torch.no_grad():
-                    self.score += torch.einsum("rt,rtn->n", w, a.detach().float().abs()).cpu()
+                    self.score += torch.einsum("...,...n->n", w, a.detach().float().abs()).cpu()
         return _Tap.apply(a, self)
 
     def backward(self, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -275,12 +379,12 @@ class _Accumulator:
         with torch.no_grad():
             af, gf = a.float(), g.float()
             prod = af * gf
-            self.signed -= torch.einsum("rt,rtn->n", m, prod).cpu()
+            self.signed -= torch.einsum("...,...n->n", m, prod).cpu()
             if self.method == "can" and self.alpha > 0:
                 value = prod.abs_() if self.alpha == 1 else gf.abs().pow_(self.alpha).mul_(af.abs())
-                self.score += torch.einsum("rt,rtn->n", w, value).cpu()
+                self.score += torch.einsum("...,...n->n", w, value).cpu()
             elif self.method == "gradient":
-                self.score += torch.einsum("rt,rtn->n", w, gf.abs()).cpu()
+                self.score += torch.einsum("...,...n->n", w, gf.abs()).cpu()
 
     def weight_input(self, x: torch.Tensor) -> None:
         """Wanda: accumulate the mean square of each input feature of the site's linear layer."""
@@ -290,17 +394,23 @@ class _Accumulator:
         self._last_input = batch
         w, _ = self._positions(x)
         with torch.no_grad():
-            sq = torch.einsum("rt,rtd->d", w, x.detach().float().square()).cpu()
+            sq = torch.einsum("...,...d->d", w, x.detach().float().square()).cpu()
         self.input_sq = sq if self.input_sq is None else self.input_sq + sq
 
 
 def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     labels, attn = enc["labels"], enc["attention_mask"]
-    loss_pos = torch.zeros_like(attn)
-    loss_pos[:, :-1] = (labels[:, 1:] != -100).long()
-    lang = loss_pos if reduction == "loss" else attn
-    weights = {"language": _row_weights(lang)}
-    masks = {"language": attn.float()}
+    if "decoder_input_ids" in enc:  # T5: the decoder predicts labels in place; the encoder reads the prompt
+        dec = enc["decoder_attention_mask"]
+        lang = (labels != -100).long() if reduction == "loss" else dec
+        weights = {"language": _row_weights(lang), "language_encoder": _row_weights(attn)}
+        masks = {"language": dec.float(), "language_encoder": attn.float()}
+    else:
+        loss_pos = torch.zeros_like(attn)
+        loss_pos[:, :-1] = (labels[:, 1:] != -100).long()
+        lang = loss_pos if reduction == "loss" else attn
+        weights = {"language": _row_weights(lang)}
+        masks = {"language": attn.float()}
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
@@ -352,6 +462,11 @@ def per_sample_loss(model: torch.nn.Module, enc: dict) -> torch.Tensor:
     """
     labels = enc["labels"]
     inputs = {k: v for k, v in enc.items() if k != "labels"}
+    if "decoder_input_ids" in inputs:  # an encoder-decoder predicts the labels in place
+        logits = model(**inputs, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        mask = (labels != -100).to(nll.dtype)
+        return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     valid = labels[:, 1:] != -100
     first = int(valid.any(dim=0).nonzero()[0])
     keep = labels.shape[1] - first
@@ -406,18 +521,14 @@ def score_inputs(
     registry = SiteRegistry(lm.model)
     sites = registry.select(scope)
     current: list[_Batch] = []
-    accs = [_Accumulator(s, method, float(alpha), lambda: current[0]) for s in sites]
+    accs = [
+        _Accumulator(s, method, float(alpha), lambda: current[0], lm.family.encoder_site(s.module_path)) for s in sites
+    ]
     handles = []
     n = 0
     try:
         for acc in accs:
-            module = registry.module(acc.site)
-            if acc.site.hook == "output":
-                handles.append(module.register_forward_hook(lambda _m, _i, out, acc=acc: acc.forward(out)))
-            else:
-                handles.append(
-                    module.register_forward_pre_hook(lambda _m, args, acc=acc: (acc.forward(args[0]), *args[1:]))
-                )
+            handles.append(registry.hook(acc.site, acc.forward))
             if method == "wanda":
                 linear = registry.weight(acc.site)
                 handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
@@ -453,13 +564,13 @@ def score_inputs(
             scores[name] = torch.rand(acc.site.size, generator=gen)
         elif method == "wanda":
             norm = (acc.input_sq / n).sqrt()
-            weight = registry.weight(acc.site).weight.detach().float().abs().cpu()
+            weight = registry.weights(acc.site).detach().float().abs().cpu()
             scores[name] = weight @ norm if acc.site.weight_axis == "out" else weight.sum(dim=0) * norm
         else:
             scores[name] = acc.score / n
     config = {
         "method": method,
-        "alpha": float(alpha) if method == "can" else (0.0 if method == "activation" else None),
+        "alpha": _alpha(method, alpha),
         "reduction": reduction,
         "positions": {**POSITIONS, "language": POSITIONS["language"][reduction]},
         "loss": "mean caption-token NLL per sample",
@@ -500,20 +611,16 @@ def score_neurons(
     _check_options(method, alpha, reduction)
     images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
     sites = SiteRegistry(lm.model).select(scope)  # fail on a bad scope before generating captions
+    identity = score_identity(lm, images, scope, method, alpha, reduction, captions, prompt, seed, max_new_tokens)
     n_images = len(images)
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
     cache = None
     if reuse_features and features.reusable(lm, [s.name for s in sites]):
         cache = features.FeatureCache(lm, images, prompt, batch_size)
-    if not lm.family.takes_images:
-        source = "text"
-    elif captions is None:
-        source = "self"
+    if identity["loss_text"] == "self":
         feats = None if cache is None else cache.rows(range(len(images)))
         captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size, feats)
-    else:
-        source = "reference"
 
     def batches() -> Iterator[dict]:
         for i in range(0, len(captions), batch_size):
@@ -524,11 +631,64 @@ def score_neurons(
             yield enc
 
     result = score_inputs(lm, batches(), scope, method, alpha, reduction, seed, gradient_checkpointing)
-    result.config.update(
-        loss_text=source,
-        n_images=n_images if lm.family.takes_images else 0,
-        batch_size=batch_size,
-        prompt=prompt,
-        max_new_tokens=max_new_tokens if source == "self" else None,
-    )
+    result.config.update(n_images=n_images if lm.family.takes_images else 0, batch_size=batch_size)
+    result.config.update(identity)
     return result
+
+
+def score_identity(
+    lm: LoadedModel,
+    images: list[Image.Image] | None,
+    scope: str = "language.down_proj",
+    method: str = "can",
+    alpha: float = 1.0,
+    reduction: str = "loss",
+    captions: list[str] | None = None,
+    prompt: str | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 24,
+) -> dict:
+    """What decides a ranking's numbers (``canprobe.identity``); recorded in both score files.
+
+    Same arguments and defaults as ``score_neurons``, so a folder's ranking can be checked against
+    the scoring a command would do before it is reused.
+    """
+    source = "text" if not lm.family.takes_images else ("self" if captions is None else "reference")
+    return {
+        "weights": lm.fingerprint,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "images": images_fingerprint(list(images)) if lm.family.takes_images else None,
+        "scope": scope,
+        "method": method,
+        "alpha": _alpha(method, alpha),
+        "reduction": reduction,
+        "seed": seed if method == "random" else None,
+        "loss_text": source,
+        "captions": texts_fingerprint(captions),
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens if source == "self" else None,
+    }
+
+
+def check_ranking_identity(ranking: pd.DataFrame, expected: dict, remedy: str) -> None:
+    """A ranking about to be reused was scored the way ``expected`` says (``score_identity``)."""
+    stored = ranking.attrs.get("config", {})
+    where = ranking.attrs.get("path", "the ranking")
+    check_same(f"{where} was scored differently: it", {k: stored.get(k) for k in expected}, expected, remedy)
+
+
+def check_ranking_model(ranking: pd.DataFrame, lm: LoadedModel) -> None:
+    """A ranking given to probe ``lm`` was scored on ``lm``'s weights, not on another model."""
+    stored = ranking.attrs.get("config", {})
+    where = ranking.attrs.get("path", "the ranking")
+    if stored.get("weights") != lm.fingerprint:
+        was = f"{stored.get('model')} (weights {stored.get('weights')})" if stored.get("weights") else "no model"
+        raise InputError(
+            f"{where} was scored on another model: it records {was}, this is {lm.source} (weights "
+            f"{lm.fingerprint}); score this model with `canprobe score --model {lm.source}`"
+        )
+
+
+def _alpha(method: str, alpha: float) -> float | None:
+    """The alpha a method uses: CAN's own, 0 for activation-only, none for the others."""
+    return float(alpha) if method == "can" else (0.0 if method == "activation" else None)

@@ -14,7 +14,6 @@ curve. ``summary.json`` (k*, stage 1, baseline, criterion, config, versions) is 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -32,12 +31,14 @@ from canprobe import distributed
 from canprobe.ablation import RankedNeurons
 from canprobe.errors import InputError
 from canprobe.faults import parse_fault
+from canprobe.identity import differences, images_fingerprint
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
 from canprobe.sites import SiteRegistry
-from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_jsonl
+from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
+RANKING_IDENTITY = ("method", "alpha", "reduction", "loss_text", "weights", "images")  # recorded by scoring
 CURVE_FILE = "curve.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_FILE = "run.json"
@@ -206,19 +207,30 @@ class SearchResult:
 def ranked_in_scope(registry: SiteRegistry, ranking: pd.DataFrame | Sequence[str], scope: str) -> RankedNeurons:
     """The ranking's neurons that fall in ``scope``, most important first, checked against the model."""
     sites = {s.name for s in registry.select(scope)}
+    where = "the ranking"
     if isinstance(ranking, pd.DataFrame):
         if "address" not in ranking.columns:
             raise InputError("the ranking has no 'address' column; write it with `canprobe score`")
+        where = ranking.attrs.get("path", where)
         frame = ranking.sort_values("rank", kind="stable") if "rank" in ranking.columns else ranking
         addresses = frame["address"].astype(str).tolist()
     else:
         addresses = [str(a) for a in ranking]
+    foreign = [a for a in addresses if a.rsplit(":", 1)[0] not in registry.by_name]
+    if foreign:
+        raise InputError(
+            f"{where}: {len(foreign)} ranked neuron(s) are not in this model, e.g. {foreign[0]}; "
+            "it was scored on another model: score this one"
+        )
     kept = [a for a in addresses if a.rsplit(":", 1)[0] in sites]
     if not kept:
-        raise InputError(f"the ranking holds no neuron of scope {scope}; score that scope with --scope {scope}")
+        raise InputError(f"{where} holds no neuron of scope {scope}; score that scope with --scope {scope}")
     if len(kept) < len(addresses):
         log.info("ranking: %d of %d neurons are in scope %s", len(kept), len(addresses), scope)
-    return RankedNeurons.from_addresses(registry, kept)
+    try:
+        return RankedNeurons.from_addresses(registry, kept)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}; it was scored on another model: score this one") from None
 
 
 def growth_ks(max_k: int, growth: float) -> list[int]:
@@ -256,6 +268,7 @@ class CollapseSearch:
         out_dir: str | Path | None = None,
         model_name: str = "",
         ranking_info: dict | None = None,
+        identity: dict | None = None,
     ):
         if len(image_names) != evaluator.n_images:
             raise InputError(f"{len(image_names)} image names for {evaluator.n_images} images")
@@ -271,6 +284,7 @@ class CollapseSearch:
         self.world = distributed.world()
         self.writes = self.out is not None and self.world.main  # under torch.distributed, rank 0 writes
         self.model_name = model_name
+        self.identity = identity or {}
         self.ranking_info = {**(ranking_info or {}), "fingerprint": _fingerprint(ranking.addresses)}
         self.points: dict[tuple[str, int], CurvePoint] = {}
         self.evaluated = 0
@@ -279,8 +293,9 @@ class CollapseSearch:
 
     # -- persistence -------------------------------------------------------------------------
     def _run_identity(self) -> dict:
+        """What decides the folder's points (``canprobe.identity``): the model's name is not, its weights are."""
         return {
-            "model": self.model_name,
+            **self.identity,
             "config": self.config.to_dict(),
             "ranking": self.ranking_info,
             "images": _fingerprint(self.image_names),
@@ -293,12 +308,15 @@ class CollapseSearch:
         run_file = self.out / RUN_FILE
         stored = read_jsonl(self.out / CURVE_FILE, repair=True)
         if run_file.exists():
-            previous = json.loads(run_file.read_text())
-            if previous != json.loads(json.dumps(identity)):
-                changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k])))
+            previous = read_json(run_file)
+            if not isinstance(previous, dict):
+                return f"{run_file} is not a search's identity (damaged or foreign); use a new --out folder", []
+            changed = differences(previous, identity)
+            if changed:
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
                 return (
-                    f"{self.out} holds a search with other settings ({', '.join(changed)} differ); "
-                    "use a new --out folder or the same settings to resume"
+                    f"{self.out} holds a search whose {'; '.join(changed[:3])}{more} differ; resume with the "
+                    f"same settings, or start over in a new --out folder (or delete {self.out})"
                 ), []
         elif stored:
             return f"{self.out} has a {CURVE_FILE} but no {RUN_FILE}; use a new --out folder", []
@@ -312,8 +330,12 @@ class CollapseSearch:
         error, stored = distributed.broadcast(self._stored() if self.writes else None)
         if error:
             raise InputError(error)
-        for record in stored:
-            point = CurvePoint.from_json(record)
+        for n, record in enumerate(stored, 1):
+            try:
+                point = CurvePoint.from_json(record)
+            except (KeyError, TypeError, AttributeError):
+                where = self.out / CURVE_FILE
+                raise InputError(f"{where}: point {n} is not a curve point (damaged); use a new --out folder") from None
             self.points[(point.control, point.k)] = point
         self.resumed = len(self.points)
         if self.resumed:
@@ -535,6 +557,16 @@ def find_k_star(
         stats=stats,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
-    info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}
-    search = CollapseSearch(evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info)
+    scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}
+    info = {k: scored.get(k) for k in RANKING_IDENTITY}
+    identity = {
+        "weights": lm.fingerprint,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "clip_weights": clip.fingerprint,
+        "ppl_weights": None if ppl_lm is None else ppl_lm.fingerprint,
+        "pixels": images_fingerprint(images),
+    }
+    search = CollapseSearch(
+        evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info, identity
+    )
     return search.run()

@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 
 
 LOCK_FILE = ".canprobe.lock"
+ARTIFACT_FILES = (
+    "run.json",
+    "scores.safetensors",
+    "ranking.parquet",
+    "curve.jsonl",
+    "summary.json",
+    "controls.json",
+    "report.html",
+    "captions.jsonl",
+)
 
 
 class StoreError(CanprobeError):
@@ -82,6 +92,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or None when it is absent; a damaged file raises StoreError naming it.
+
+    canprobe writes its JSON files atomically, so a file that does not parse was damaged or
+    replaced by something else: it is never silently treated as missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path} is not valid JSON ({exc}); the file is damaged, move it away") from None
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON object as one line and force it to disk before returning."""
     path = Path(path)
@@ -138,6 +165,19 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def remove_stray_temporaries(folder: Path) -> None:
+    """Delete the temporary files that killed atomic writes of canprobe's files left in ``folder`` and below.
+
+    Called by the process that holds the folder, so no live write of another process owns them.
+    Only ``.<canprobe file name>.*.tmp`` is touched: the lock's own temporaries (another process may
+    be about to link one) and other programs' files are left alone.
+    """
+    for tmp in folder.rglob(".*.tmp"):
+        if tmp.is_file() and any(tmp.name.startswith(f".{name}.") for name in ARTIFACT_FILES):
+            log.warning("removing %s, left by an interrupted write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 class RunLock:
     """Hold an output folder for this process: ``with RunLock(out): ...``.
 
@@ -166,6 +206,7 @@ class RunLock:
                 pass
         finally:
             Path(tmp).unlink(missing_ok=True)
+        remove_stray_temporaries(self.path.parent)
         return self
 
     def _take(self, tmp: str) -> bool:
