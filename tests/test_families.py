@@ -453,3 +453,24 @@ def test_massive_activations_cover_every_layer_reading_the_prompt(lm):
     ]
     assert [p.layer for p in report.layers] == layers
     assert all(p.ratio >= 1 for p in report.layers)
+
+
+@pytest.mark.parametrize("checkpoint", ["qwen2_vl"], indirect=True)
+def test_a_torchvision_that_does_not_load_leaves_the_image_processor(checkpoint, lm, monkeypatch, caplog):
+    """Where torchvision is installed but does not import against this torch, the processor is built
+    without its video processor (one log line) and captions as the torchvision-free one does."""
+    import transformers
+    import transformers.utils
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    with caplog.at_level("INFO", logger="canprobe.families.base"):
+        processor = lm.family.load_processor(str(checkpoint))
+    assert "torchvision does not load (operator torchvision::nms does not exist)" in caplog.text
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.chat_template == lm.processor.chat_template
+    prompts = lm.family.prompts(processor, ["describe"]) * len(IMAGES)
+    ours, theirs = (lm.family.inputs(p, IMAGES, prompts) for p in (processor, lm.processor))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -235,27 +235,44 @@ def image_only_processor(cls: type) -> type:
 
 
 class ImagesOnly:
-    """Mixin for families whose processor holds a video processor: without torchvision, build it without one."""
+    """Mixin for families whose processor holds a video processor, which transformers builds on torchvision.
+
+    Where torchvision is not installed, or does not import against this torch (a CUDA build beside a
+    CPU torch), the processor is built from its image processor, tokenizer and chat template, with
+    the settings of processor_config.json, and one log line says so.
+    """
+
+    processor_class: str = ""  # the transformers processor class
 
     def load_processor(self, path: str, trust_remote_code: bool = False):
         import json
         from pathlib import Path
 
         import transformers
-        from transformers.utils import is_torchvision_available
+        from transformers.utils import cached_file, is_torchvision_available
 
         if is_torchvision_available():
-            return super().load_processor(path, trust_remote_code)
-        folder = Path(path)
-        settings = json.loads((folder / "processor_config.json").read_text())
-        cls = getattr(transformers, settings.pop("processor_class"))
-        log.info("torchvision is not available: %s is built without its video processor", cls.__name__)
-        kwargs = {k: v for k, v in settings.items() if k not in ("image_processor", "video_processor")}
-        template = folder / "chat_template.jinja"
-        return image_only_processor(cls)(
+            try:
+                return super().load_processor(path, trust_remote_code)
+            except (ImportError, RuntimeError) as exc:
+                reason = f"torchvision does not load ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+        else:
+            reason = "torchvision is not installed"
+        log.info("%s: the %s is built without its video processor", reason, self.processor_class)
+
+        def read(name: str) -> str | None:
+            file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+            return Path(file).read_text() if file else None
+
+        settings = json.loads(read("processor_config.json") or "{}")
+        parts = ("processor_class", "image_processor", "video_processor")
+        kwargs = {k: v for k, v in settings.items() if k not in parts}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        template = read("chat_template.jinja") or json.loads(read("chat_template.json") or "{}").get("chat_template")
+        return image_only_processor(getattr(transformers, self.processor_class))(
             transformers.AutoImageProcessor.from_pretrained(path),
-            transformers.AutoTokenizer.from_pretrained(path),
-            chat_template=template.read_text() if template.exists() else None,
+            tokenizer,
+            chat_template=template or getattr(tokenizer, "chat_template", None),
             **kwargs,
         )
 

@@ -11,6 +11,7 @@ class LlavaOnevision(ImagesOnly, Llava):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     encoder_inputs = ("pixel_values", "image_sizes", "batch_num_images")
+    processor_class = "LlavaOnevisionProcessor"
 
     def cached_features(self, model):
         return False  # its image encoding takes more than LLaVA's (batch_num_images, the aspect-ratio rule)

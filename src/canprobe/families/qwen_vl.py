@@ -22,6 +22,7 @@ MERGER_ROOTS = ("model.visual.merger", "visual.merger")
 class Qwen2VL(ImagesOnly, Family):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    processor_class = "Qwen2VLProcessor"
     layer_roots = {"language": LANGUAGE_ROOTS, "vision": VISION_ROOTS, "projector": MERGER_ROOTS}
     site_kinds = {
         "language": SWIGLU,
@@ -56,12 +57,14 @@ class Qwen2VL(ImagesOnly, Family):
 class Qwen25VL(Qwen2VL):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    processor_class = "Qwen2_5_VLProcessor"
     site_kinds = {**Qwen2VL.site_kinds, "vision": SWIGLU}
 
 
 class Qwen3VL(Qwen2VL):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
+    processor_class = "Qwen3VLProcessor"
     site_kinds = {
         "language": SWIGLU,
         "vision": {
