@@ -542,9 +542,10 @@ def find_k_star(
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
     config = config or SearchConfig()
-    if config.clip_model not in (None, clip.source):
+    if clip is not None and config.clip_model not in (None, clip.source):
         raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
-    config = replace(config, clip_model=clip.source)  # the summary records the CLIP that scored the captions
+    # the summary records the CLIP that scored the captions (none for a text-only model)
+    config = replace(config, clip_model=None if clip is None else clip.source)
     registry = SiteRegistry(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
