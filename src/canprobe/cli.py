@@ -570,7 +570,10 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
 
     if table is not None:
         check_ranking_model(table, lm)
-    scoring = dict(scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed)
+    # the loss captions are generated like the captions the search evaluates: same length limit
+    scoring = dict(
+        scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed, max_new_tokens=config.max_new_tokens
+    )
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
         if table is None and (out / RANKING_FILE).exists():
@@ -583,7 +586,12 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             if world.main:
                 click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
             scores = score_neurons(
-                lm, image_set.images, **scoring, gradient_checkpointing=checkpointed, reuse_features=reuse
+                lm,
+                image_set.images,
+                **scoring,
+                batch_size=config.batch_size,
+                gradient_checkpointing=checkpointed,
+                reuse_features=reuse,
             )
             if world.main:
                 scores.save(out)

@@ -41,7 +41,7 @@ from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
 from canprobe.identity import differences, images_fingerprint, texts_fingerprint
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
-from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+from canprobe.metrics import PPL_SCORERS, MaskEvaluator, MetricSummary, default_clip_model
 from canprobe.models import LoadedModel, load_model
 from canprobe.robustness import fault_kstars, protection_study, random_order
 from canprobe.scoring import (
@@ -163,6 +163,7 @@ class Experiment:
         self.progress = progress
         self.restart = restart
         self.timings = Timings()
+        self.ppl_lm: LoadedModel | None = None  # a PPL model named by path: loaded once, shared by every evaluator
         check_image_source(config)
         check_device(config.device, "config field device")
         check_output_dir(self.out, "config field out")
@@ -211,30 +212,34 @@ class Experiment:
         if "activation" in wanted:
             act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
-            ev = MaskEvaluator(
-                lm,
-                group.images,
-                clip,
-                c.ppl_scorer,
-                c.prompt,
-                c.max_new_tokens,
-                c.batch_size,
-                reuse_features=c.reuse_features,
-            )
+            ev = self._evaluator(lm, clip, group.images)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
             means = mean_activations(lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size)
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
-            ev = MaskEvaluator(
-                lm, group.images, clip, c.ppl_scorer, c.prompt, c.max_new_tokens, c.batch_size, kind="mean", means=means
-            )
+            ev = self._evaluator(lm, clip, group.images, kind="mean", means=means)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["mean_ablation"] = dataclasses.asdict(point)
             result["mean_ablation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         atomic_write_json(out / CONTROLS_FILE, result)
         return result
+
+    def _evaluator(self, lm, clip, images, **kwargs) -> MaskEvaluator:
+        c = self.config
+        return MaskEvaluator(
+            lm,
+            images,
+            clip,
+            c.ppl_scorer,
+            c.prompt,
+            c.max_new_tokens,
+            c.batch_size,
+            ppl_lm=self.ppl_lm,
+            reuse_features=c.reuse_features,
+            **kwargs,
+        )
 
     def _robustness(self, lm, clip, scope: str, group: Group, ranking, k_star, out: Path, search) -> dict:
         """k* per fault and ranking, and collapse under random faults per protection (``canprobe.robustness``)."""
@@ -251,7 +256,7 @@ class Experiment:
             "random": random_order(everything, c.seed),
         }
         rows = fault_kstars(
-            lm, clip, group.images, group.names, rankings, c.faults, search, stats, out, c.reuse_features
+            lm, clip, group.images, group.names, rankings, c.faults, search, stats, out, c.reuse_features, self.ppl_lm
         )
         protection = None
         if c.protections:
@@ -264,18 +269,7 @@ class Experiment:
                 k_protect, source = k_star, f"k* of the CAN ranking under {c.ablation}"
             else:
                 k_protect, source = max(c.fault_counts), "no k* found: the largest fault count"
-            evaluator = MaskEvaluator(
-                lm,
-                group.images,
-                clip,
-                c.ppl_scorer,
-                c.prompt,
-                c.max_new_tokens,
-                c.batch_size,
-                kind=c.random_fault,
-                stats=stats,
-                reuse_features=c.reuse_features,
-            )
+            evaluator = self._evaluator(lm, clip, group.images, kind=c.random_fault, stats=stats)
             identity = {
                 "scope": scope,
                 "fault": c.random_fault,
@@ -426,6 +420,8 @@ class Experiment:
         start = time.perf_counter()
         lm = load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map)
         clip = load_model(c.clip_model or default_clip_model(c.model), device=c.device)
+        if c.ppl_scorer not in PPL_SCORERS:
+            self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
         self.timings.add("load models", start)
         registry = SiteRegistry(lm.model)
         for scope in c.scopes:
@@ -449,7 +445,15 @@ class Experiment:
             t = time.perf_counter()
             search_config = self._search_config(scope, group.name)
             found = find_k_star(
-                lm, group.images, ranking, clip, search_config, out, group.names, reuse_features=c.reuse_features
+                lm,
+                group.images,
+                ranking,
+                clip,
+                search_config,
+                out,
+                group.names,
+                ppl_lm=self.ppl_lm,
+                reuse_features=c.reuse_features,
             )
             self.timings.add("search", t)
             t = time.perf_counter()

@@ -51,6 +51,7 @@ def fault_kstars(
     stats: dict[str, ChannelStats],
     out: Path,
     reuse_features: bool = True,
+    ppl_lm=None,
 ) -> list[dict]:
     """One k* search per (fault, ranking); a row each with k* and the start of stage 1."""
     rows = []
@@ -59,7 +60,16 @@ def fault_kstars(
             search_config = dataclasses.replace(config, ablation=spec, control=None, grid_per_octave=0)
             folder = out / FAULTS_DIR / fault_dir_name(spec) / name
             found = find_k_star(
-                lm, images, ranking, clip, search_config, folder, names, reuse_features=reuse_features, stats=stats
+                lm,
+                images,
+                ranking,
+                clip,
+                search_config,
+                folder,
+                names,
+                ppl_lm=ppl_lm,
+                reuse_features=reuse_features,
+                stats=stats,
             )
             rows.append(
                 {

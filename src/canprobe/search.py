@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -120,7 +120,7 @@ class SearchConfig:
     seed: int = 0
     ablation: str = "zero"
     ppl_scorer: str = "unmasked"
-    clip_model: str = "toy-clip"
+    clip_model: str | None = None  # find_k_star records the CLIP it is given
     prompt: str | None = None
     max_new_tokens: int = 24
     batch_size: int = 32
@@ -535,6 +535,9 @@ def find_k_star(
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
     config = config or SearchConfig()
+    if config.clip_model not in (None, clip.source):
+        raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
+    config = replace(config, clip_model=clip.source)  # the summary records the CLIP that scored the captions
     registry = SiteRegistry(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
