@@ -269,8 +269,15 @@ class ImagesOnly:
         kwargs = {k: v for k, v in settings.items() if k not in parts}
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         template = read("chat_template.jinja") or json.loads(read("chat_template.json") or "{}").get("chat_template")
+        try:
+            images = transformers.AutoImageProcessor.from_pretrained(path)
+        except ImportError:  # releases (5.6) whose Auto class insists on torchvision: the PIL twin of the saved class
+            saved = settings.get("image_processor") or json.loads(read("preprocessor_config.json") or "{}")
+            images = getattr(transformers, f"{saved['image_processor_type'].removesuffix('Fast')}Pil").from_pretrained(
+                path
+            )
         return image_only_processor(getattr(transformers, self.processor_class))(
-            transformers.AutoImageProcessor.from_pretrained(path),
+            images,
             tokenizer,
             chat_template=template or getattr(tokenizer, "chat_template", None),
             **kwargs,
