@@ -69,7 +69,8 @@ def caption_ppl(
 ) -> torch.Tensor:
     """Perplexity of each caption as a continuation of the prompt (and image), float32; may hold inf/NaN.
 
-    ``lm`` may be a vision-language model (images required) or a text-only causal LM (images ignored).
+    ``lm`` may be a vision-language model (images required) or a text-only causal LM (images
+    ignored; or, given texts in their place, each caption is scored as the continuation of its text).
     ``image_features``: cached encodings of the images (``canprobe.features``), one per caption.
     """
     if not lm.family.generates:
@@ -77,7 +78,7 @@ def caption_ppl(
     out = []
     for start in range(0, len(captions), batch_size):
         caps = list(captions[start : start + batch_size])
-        ims = list(images[start : start + batch_size]) if lm.family.takes_images else None
+        ims = list(images[start : start + batch_size]) if images is not None else None
         enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.family, ims, caps, prompt), lm.model)
         if image_features is not None:
             enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
@@ -299,7 +300,7 @@ class MaskEvaluator:
         self,
         lm: LoadedModel,
         images: list[Image.Image],
-        clip: LoadedModel,
+        clip: LoadedModel | None,
         ppl_scorer: str = "unmasked",
         prompt: str | None = None,
         max_new_tokens: int = 24,
@@ -326,7 +327,10 @@ class MaskEvaluator:
         self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.kind, self.means, self.stats, self.protections = kind, means, stats, tuple(protections)
-        self.clip = ClipScorer(clip, batch_size)
+        if lm.family.takes_images and clip is None:
+            raise InputError("evaluating a vision-language model needs a CLIP model for the CLIP score")
+        # a text-only model continues texts (``images`` holds them): no CLIP score, NaN
+        self.clip = ClipScorer(clip, batch_size) if lm.family.takes_images else None
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
@@ -365,7 +369,7 @@ class MaskEvaluator:
         """Metrics of the unmasked captions (k = 0) of all images: the reference every threshold is relative to."""
         captions = self.baseline_captions()
         ppl = self._score_ppl(list(range(len(captions))), captions)
-        clip = self.clip.score(self.image_features, captions)
+        clip = self._clip_scores(list(range(len(captions))), captions)
         return distributed.gather(self._assemble([(0, i) for i in range(len(captions))], captions, ppl, clip, 1)[0])
 
     def evaluate(
@@ -393,7 +397,7 @@ class MaskEvaluator:
                     masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))
             captions += caps
         ppl = torch.cat(masked_ppl) if masked_ppl else self._score_ppl([i for _, i in rows], captions)
-        clip = self.clip.score(self.image_features[[i for _, i in rows]], captions)
+        clip = self._clip_scores([i for _, i in rows], captions)
         local = self._assemble(rows, captions, ppl, clip, len(masks))
         return [distributed.gather(per_mask) for per_mask in local]
 
@@ -415,6 +419,11 @@ class MaskEvaluator:
                 values = caption_ppl(scorer, [self.images[i] for i in ids], caps, prompt, self.batch_size, feats)
             self._ppl_cache.update(zip(todo, values.tolist()))
         return torch.tensor([self._ppl_cache[key] for key in zip(image_ids, captions)], dtype=torch.float32)
+
+    def _clip_scores(self, image_ids: list[int], captions: list[str]) -> torch.Tensor:
+        if self.clip is None:
+            return torch.full((len(captions),), math.nan)
+        return self.clip.score(self.image_features[image_ids], captions)
 
     def _assemble(self, rows, captions, ppl, clip, n_masks) -> list[list[CaptionMetrics]]:
         base = self.baseline_captions()

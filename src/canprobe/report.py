@@ -130,7 +130,11 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
             continue
         base = curve[curve["k"] == 0].iloc[0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], "clip_mean", "mean CLIP score")):
+        # text-only models have no CLIP score: their collapse criterion reads the distinct-word ratio
+        quality = ("clip_mean", "mean CLIP score")
+        if np.isnan(float(base["clip_mean"])):
+            quality = ("distinct_mean", "mean distinct-word ratio")
+        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], *quality)):
             for control, style in (("top", "o-"), ("random", "s--")):
                 pts = curve[(curve["control"] == control) & (curve["k"] > 0)].sort_values("k")
                 if not pts.empty:
@@ -276,8 +280,10 @@ def _faults_section(summary: dict) -> str:
                 )
             )
             fig, ax = plt.subplots(figsize=(5, 3.2))
-            for name in names:
-                ax.plot(table.index, table[name], "o-", label=name)
+            # equal rates overlap: each curve its own line style and a smaller marker than the one before
+            for i, name in enumerate(names):
+                style = ("o-", "s--", "^:", "d-.")[i % 4]
+                ax.plot(table.index, table[name], style, label=name, markersize=10 - 2 * (i % 4), alpha=0.8)
             ax.set_xscale("log", base=2)
             ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel("randomly faulted neurons")
@@ -302,6 +308,7 @@ def _fault_kstar_figure(entry: dict, faults: list[str]) -> str:
                 bar.set_hatch("//")
                 bar.set_alpha(0.4)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)  # k* = 1 is a visible bar
     ax.axhline(size, color="gray", lw=0.8, ls=":")
     ax.set_xticks(np.arange(len(faults)) + width, faults, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("k* (hatched: no collapse in scope)")
