@@ -33,7 +33,7 @@ import torch
 
 def prefix_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
     """Section 5: per evaluated k, the cached-prefix PPL pass against the full pass, on that k's captions."""
-    from canprobe.features import FeatureCache
+    from canprobe.captions import FeatureCache
     from canprobe.metrics import MaskEvaluator, PrefixCache, caption_ppl
 
     n = len(images)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from canprobe import distributed, features
 from canprobe.ablation import NeuronSpec, ablate_rows, group_by_site, to_model_inputs
-from canprobe.captions import _batches, caption_inputs, generate_captions, teacher_forcing_inputs
+from canprobe.captions import FeatureCache, _batches, caption_inputs, generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
@@ -335,7 +335,7 @@ class MaskEvaluator:
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
         reuse = reuse_features and features.supported(lm)
-        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
+        self.features = FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
         use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.family.takes_images
         self.prefix = PrefixCache(lm, self.images, prompt, batch_size) if use_prefix else None
         self._registry = SiteRegistry(lm.model)
