@@ -382,10 +382,10 @@ def test_an_empty_mask_leaves_outputs_bit_identical(lm):
     assert plain == masked
 
 
-@pytest.mark.parametrize("checkpoint", [n for n in BUILDERS if n not in DECODERS], indirect=True)
 def test_cli_search_and_ablate(cli, checkpoint, lm, scene_dir, tmp_path):
-    common = ["--model", checkpoint, "--images", scene_dir, "--per-category", "1", "--clip-model", "toy-clip"]
-    common += ["--max-new-tokens", "4", "--batch-size", "16"]
+    """Vision-language models caption the images; text-only models continue the texts of captions.jsonl."""
+    common = ["--model", checkpoint, *_sites(checkpoint), "--images", scene_dir, "--per-category", "1"]
+    common += ["--max-new-tokens", "4", "--batch-size", "16", "--clip-model", "toy-clip"]
     out = cli("search", *common, "--out", tmp_path / "run", "--max-k", "8", "--grid-per-octave", "0")
     assert out.code == 0, out.err
     assert "k* = " in out.out
@@ -394,6 +394,8 @@ def test_cli_search_and_ablate(cli, checkpoint, lm, scene_dir, tmp_path):
     out = cli("ablate", *common, "--neurons", neurons)
     assert out.code == 0, out.err
     assert f"masked ({neurons.count(',') + 1} neuron(s), zero)" in out.out
+    if not lm.family.takes_images:
+        assert "CLIP    nan" in out.out  # no CLIP score for text
 
 
 @pytest.mark.parametrize("checkpoint", ["phi3"], indirect=True)

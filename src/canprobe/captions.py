@@ -33,13 +33,26 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
-def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | None = None) -> dict[str, torch.Tensor]:
-    """Processor outputs for ``images`` with the family's prompt, on the model's device."""
+def is_texts(items) -> bool:
+    """Whether generation inputs are texts to continue (a text-only model's) rather than images."""
+    return bool(items) and all(isinstance(x, str) for x in items)
+
+
+def caption_inputs(lm: LoadedModel, images: list[Image.Image] | list[str], prompt: str | None = None) -> dict:
+    """Processor outputs for ``images`` with the family's prompt, on the model's device.
+
+    A text-only model continues texts instead: ``images`` then holds the texts, left-padded.
+    """
     family = lm.family
-    if not (family.takes_images and family.generates):
-        raise InputError(f"{lm.source} is a {family.name} model; captioning needs a vision-language model")
-    text = family.prompts(lm.processor, [prompt or family.default_prompt])
-    enc = family.inputs(lm.processor, images, text * len(images))
+    if not family.generates or family.takes_images == is_texts(images):
+        what = "a text-only model: it continues texts" if not family.takes_images else f"a {family.name} model"
+        raise InputError(f"{lm.source} is {what}; captioning images needs a vision-language model")
+    if family.takes_images:
+        enc = family.inputs(
+            lm.processor, images, family.prompts(lm.processor, [prompt or family.default_prompt]) * len(images)
+        )
+    else:
+        enc = family.inputs(lm.processor, None, list(images))
     dtype = next(lm.model.parameters()).dtype
     return {k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()}
 
@@ -61,15 +74,16 @@ def check_prompt_fits(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) 
         )
 
 
-def check_context(lm: LoadedModel, image: Image.Image, prompt: str | None, max_new_tokens: int) -> None:
-    """``check_prompt_fits`` for one image, before any work (captions of longer prompts would be garbage)."""
+def check_context(lm: LoadedModel, image: Image.Image | str, prompt: str | None, max_new_tokens: int) -> None:
+    """``check_prompt_fits`` for one image (or a text-only model's text), before any work (captions of
+    longer prompts would be garbage)."""
     check_prompt_fits(lm, caption_inputs(lm, [image], prompt)["input_ids"].shape[1], max_new_tokens)
 
 
 def teacher_forcing_inputs(
     processor,
     family: Family | str,
-    images: list[Image.Image] | None,
+    images: list[Image.Image] | list[str] | None,
     captions: list[str],
     prompt: str | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -80,12 +94,17 @@ def teacher_forcing_inputs(
     ``labels != -100`` marks the positions that carry the loss (shifted by one inside the model).
     For an encoder-decoder language model (T5) the prompt stays the encoder's input, and the decoder
     reads ``decoder_input_ids`` (the pad token, T5's start token, then the caption) and predicts
-    ``labels`` at the same positions (no shift).
+    ``labels`` at the same positions (no shift). For a text-only family, ``images`` may hold one
+    text per row that replaces the prompt (the text a continuation continues); texts of different
+    lengths are left-padded and get ``position_ids`` that count from each row's first token.
     """
     family = named(family)
-    text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
     tok = getattr(processor, "tokenizer", processor)
-    enc = family.inputs(processor, images, text)
+    if not family.takes_images and is_texts(images):
+        enc = family.inputs(processor, None, list(images))
+    else:
+        text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
+        enc = family.inputs(processor, images if family.takes_images else None, text)
     caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
     if family.encoder_decoder:
         return {**enc, **_decoder_inputs(caption_ids, tok.pad_token_id, tok.eos_token_id)}
@@ -106,6 +125,8 @@ def teacher_forcing_inputs(
         if key not in ("input_ids", "attention_mask") and value.shape[:2] == (n, p):
             enc[key] = family.continue_tokens(key, value, width)
     enc.update(input_ids=ids, attention_mask=mask, labels=labels)
+    if not family.takes_images and not bool(enc["attention_mask"][:, 0].all()):  # left-padded texts
+        enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return enc
 
 

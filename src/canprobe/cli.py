@@ -407,7 +407,7 @@ def score_command(
     _check_context(lm, image_set, prompt, max_new_tokens)
     result = score_neurons(
         lm,
-        image_set.images,
+        _generation_inputs(lm, image_set),
         scope=scope,
         method=method,
         alpha=alpha,
@@ -453,6 +453,21 @@ def _load_ranking(path: Path):
     from canprobe.scoring import load_ranking
 
     return load_ranking(path)
+
+
+def _generation_inputs(lm, image_set) -> list:
+    """What the model generates from: the images, or, for a text-only model, the texts of the set's captions.jsonl."""
+    from canprobe.errors import InputError
+
+    if lm.family.takes_images:
+        return image_set.images
+    missing = [r.name for r in image_set.records if r.caption is None]
+    if missing:
+        raise InputError(
+            f"{lm.source} is a text-only model: it continues the texts of captions.jsonl, "
+            f"and {len(missing)} record(s) have none, e.g. {missing[0]}"
+        )
+    return [r.caption for r in image_set.records]
 
 
 def _image_subset(images: Path, per_category: int | None, report: bool = True):
@@ -559,6 +574,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         return
     table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before the model loads
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+    inputs = _generation_inputs(lm, image_set)
     _check_context(lm, image_set, config.prompt, config.max_new_tokens)
     from canprobe.scoring import (
         RANKING_FILE,
@@ -579,7 +595,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         if table is None and (out / RANKING_FILE).exists():
             table = load_folder_ranking(out)
             remedy = "resume with the same --method, --alpha, --scope and images, or use a new --out folder"
-            check_ranking_identity(table, score_identity(lm, image_set.images, **scoring), remedy)
+            check_ranking_identity(table, score_identity(lm, inputs, **scoring), remedy)
         if table is None:
             from canprobe.scoring import score_neurons
 
@@ -587,7 +603,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
                 click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
             scores = score_neurons(
                 lm,
-                image_set.images,
+                inputs,
                 **scoring,
                 batch_size=config.batch_size,
                 gradient_checkpointing=checkpointed,
@@ -596,10 +612,10 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             if world.main:
                 scores.save(out)
             table = scores.ranking()
-        clip = _load(clip_model, "float32", device)
+        clip = _load(clip_model, "float32", device) if lm.family.takes_images else None
         ppl_lm = _ppl_model(config.ppl_scorer, device)
         names = [r.name for r in image_set.records]
-        result = find_k_star(lm, image_set.images, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
+        result = find_k_star(lm, inputs, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
     if world.main:
         _print_search(result, out)
 
@@ -683,6 +699,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     table = _load_ranking(ranking) if top_k is not None else None  # a bad file fails before the model loads
     image_set = _image_subset(images, rest["per_category"])
     lm = _load(model, rest["dtype"], rest["device"], rest["trust_remote_code"], sites=rest["sites"])
+    inputs = _generation_inputs(lm, image_set)
     _check_context(lm, image_set, prompt, rest["max_new_tokens"])
     registry = SiteRegistry(lm.model)
     if top_k is not None:
@@ -701,11 +718,11 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         label = f"{len(addresses)} neuron(s)"
     stats = None
     if fault.needs and mask:
-        stats = activation_stats(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
-    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
+        stats = activation_stats(lm, inputs, [registry.by_name[n] for n in mask], prompt=prompt)
+    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"]) if lm.family.takes_images else None
     evaluator = MaskEvaluator(
         lm,
-        image_set.images,
+        inputs,
         clip,
         ppl_scorer=ppl_scorer,
         prompt=prompt,

@@ -98,13 +98,17 @@ def scope_dir_name(scope: str) -> str:
     return scope.replace("/", "_")
 
 
-def _groups(config: ExperimentConfig, image_set: ImageSet) -> list[Group]:
+def _groups(config: ExperimentConfig, image_set: ImageSet, texts: bool = False) -> list[Group]:
+    """Per category and/or pooled; ``texts``: a text-only model continues the captions instead of seeing images."""
+
     def group(name: str, idx: list[int]) -> Group:
         records = [image_set.records[i] for i in idx]
-        captions = [r.caption for r in records] if config.loss_text == "reference" else None
+        captions = [r.caption for r in records] if config.loss_text == "reference" or texts else None
         if captions is not None and any(c is None for c in captions):
-            raise InputError("config field loss_text: 'reference' needs a caption for every image (captions.jsonl)")
-        return Group(name, [image_set.images[i] for i in idx], [r.name for r in records], captions)
+            need = "a text-only model continues the texts of" if texts else "loss_text: 'reference' needs"
+            raise InputError(f"{need} a caption for every image (captions.jsonl)")
+        inputs = list(captions) if texts else [image_set.images[i] for i in idx]
+        return Group(name, inputs, [r.name for r in records], captions)
 
     groups = []
     if config.per_category:
@@ -335,7 +339,7 @@ class Experiment:
         atomic_write_json(self.out / ACTIVATIONS_FILE, report.to_dict())
         return report
 
-    def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel) -> dict:
+    def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel | None) -> dict:
         """What decides the folder's results (``canprobe.identity``): the config without the locations of
         the output and the images, plus the weights and the images' content, names, categories and captions."""
         config = {k: v for k, v in self.config.to_dict().items() if k not in ("out", "images", "annotations")}
@@ -343,7 +347,7 @@ class Experiment:
         return {
             "config": config,
             "weights": lm.fingerprint,
-            "clip_weights": clip.fingerprint,
+            "clip_weights": clip.fingerprint if clip is not None else None,  # None: a text-only model
             "images": images_fingerprint(image_set.images),
             "records": texts_fingerprint(records),
         }
@@ -419,14 +423,18 @@ class Experiment:
         self.timings.add("load images", start)
         start = time.perf_counter()
         lm = load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map)
-        clip = load_model(c.clip_model or default_clip_model(c.model), device=c.device)
+        if not lm.family.takes_images:
+            groups = _groups(c, image_set, texts=True)
+        clip = (
+            load_model(c.clip_model or default_clip_model(c.model), device=c.device) if lm.family.takes_images else None
+        )
         if c.ppl_scorer not in PPL_SCORERS:
             self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
         self.timings.add("load models", start)
         registry = SiteRegistry(lm.model)
         for scope in c.scopes:
             registry.select(scope)  # fail on a bad scope before any work
-        check_context(lm, image_set.images[0], c.prompt, c.max_new_tokens)
+        check_context(lm, groups[0].images[0], c.prompt, c.max_new_tokens)  # an image, or a text-only model's text
         return image_set, groups, lm, clip
 
     def _run(self, image_set: ImageSet, groups: list[Group], lm: LoadedModel, clip: LoadedModel) -> dict:
@@ -500,7 +508,9 @@ class Experiment:
                 split_half[scope] = self._split_half(lm, scope, pooled, k)
         self.timings.add("stability", t)
         t = time.perf_counter()
-        activations = self._activations(lm, image_set.images[:STUDY_IMAGES])
+        # a text-only model reads its texts (the captions its groups continue)
+        texts = [r.caption for r in image_set.records] if not lm.family.takes_images else None
+        activations = self._activations(lm, (texts or image_set.images)[:STUDY_IMAGES])
         self.timings.add("activations", t)
         peak = activations.peak
         summary = {

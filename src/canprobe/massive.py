@@ -137,10 +137,11 @@ def massive_activations(
 ) -> ActivationReport:
     """Measure the residual stream of ``lm``'s language model on prompt + caption for every image.
 
-    ``captions`` default to the model's own greedy captions (what it reads while it captions).
+    ``captions`` default to the model's own greedy captions (what it reads while it captions). A
+    text-only model reads texts in place of images (and its continuations of them).
     """
-    if not (lm.family.takes_images and lm.family.generates):
-        raise InputError(f"{lm.source} is a {lm.kind} model; activations are measured on vision-language models")
+    if not lm.family.generates:
+        raise InputError(f"{lm.source} is a {lm.kind} model; activations are measured on language models")
     if not images:
         raise InputError("measuring activations needs at least one image")
     if ratio <= 1:

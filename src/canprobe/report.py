@@ -130,7 +130,11 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
             continue
         base = curve[curve["k"] == 0].iloc[0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], "clip_mean", "mean CLIP score")):
+        # text-only models have no CLIP score: their collapse criterion reads the distinct-word ratio
+        quality = ("clip_mean", "mean CLIP score")
+        if np.isnan(float(base["clip_mean"])):
+            quality = ("distinct_mean", "mean distinct-word ratio")
+        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], *quality)):
             for control, style in (("top", "o-"), ("random", "s--")):
                 pts = curve[(curve["control"] == control) & (curve["k"] > 0)].sort_values("k")
                 if not pts.empty:

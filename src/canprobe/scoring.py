@@ -55,7 +55,7 @@ from PIL import Image
 
 from canprobe import distributed, features
 from canprobe.ablation import to_model_inputs
-from canprobe.captions import generate_captions, teacher_forcing_inputs
+from canprobe.captions import generate_captions, is_texts, teacher_forcing_inputs
 from canprobe.checks import printable
 from canprobe.errors import InputError
 from canprobe.identity import check_same, images_fingerprint, texts_fingerprint
@@ -490,6 +490,7 @@ def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> 
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch size and max new tokens must be positive")
     if not lm.family.takes_images:
+        captions = captions or (list(images) if is_texts(images) else None)
         if not captions:
             raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
         return [None] * len(captions), list(captions)
@@ -653,6 +654,8 @@ def score_identity(
     Same arguments and defaults as ``score_neurons``, so a folder's ranking can be checked against
     the scoring a command would do before it is reused.
     """
+    if not lm.family.takes_images:  # a text-only model scores its texts, given either way
+        captions = captions or (list(images) if is_texts(images) else None)
     source = "text" if not lm.family.takes_images else ("self" if captions is None else "reference")
     return {
         "weights": lm.fingerprint,

@@ -31,7 +31,7 @@ from canprobe import distributed
 from canprobe.ablation import RankedNeurons
 from canprobe.errors import InputError
 from canprobe.faults import parse_fault
-from canprobe.identity import differences, images_fingerprint
+from canprobe.identity import differences, images_fingerprint, texts_fingerprint
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
 from canprobe.sites import SiteRegistry
 from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_json, read_jsonl
@@ -50,7 +50,10 @@ class CollapseCriterion:
 
     Stage 1 (degraded): median PPL > stage1_ppl_ratio x baseline OR mean CLIP < stage1_clip_ratio x
     baseline. Stage 2 (collapsed): median PPL >= collapse_ppl_ratio x baseline AND mean CLIP <
-    collapse_clip_ratio x baseline.
+    collapse_clip_ratio x baseline. Text-only models have no CLIP score (the baseline's is NaN):
+    the mean distinct-word ratio of their continuations takes its place, with the same ratios, so
+    collapse = PPL up 100x AND a continuation at most half as varied as the unmasked one (repeated
+    tokens, empty output).
     """
 
     stage1_ppl_ratio: float = 2.0
@@ -81,6 +84,8 @@ class CollapseCriterion:
     def stage(self, point: MetricSummary, baseline: MetricSummary) -> str:
         """NaN medians compare false, so a point with no scorable caption never counts as collapsed."""
         ppl, clip, ppl0, clip0 = point.ppl_median, point.clip_mean, baseline.ppl_median, baseline.clip_mean
+        if math.isnan(clip0):  # a text-only model: text statistics in place of CLIP
+            clip, clip0 = point.distinct_mean, baseline.distinct_mean
         if ppl >= self.collapse_ppl_ratio * ppl0 and clip < self.collapse_clip_ratio * clip0:
             return "collapsed"
         if ppl > self.stage1_ppl_ratio * ppl0 or clip < self.stage1_clip_ratio * clip0:
@@ -90,7 +95,8 @@ class CollapseCriterion:
     def describe(self) -> str:
         return (
             f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean CLIP < {self.collapse_clip_ratio:.0%} "
-            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%}"
+            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%} "
+            "(text-only models: the mean distinct-word ratio in place of CLIP)"
         )
 
 
@@ -527,7 +533,8 @@ def find_k_star(
 ) -> SearchResult:
     """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
 
-    ``lm``: the LoadedModel to probe; ``clip``: a LoadedModel of kind clip; ``ranking``: a ranking
+    ``lm``: the LoadedModel to probe; ``clip``: a CLIP LoadedModel (None for a text-only model, whose
+    ``images`` are then the texts it continues under each mask); ``ranking``: a ranking
     DataFrame (``canprobe score``) or addresses, most important first; ``config.ablation``: the fault
     (``canprobe.faults`` spec); ``means`` or ``stats`` (``activation_stats``) for faults that need clean
     statistics, computed on ``images`` when not given.
@@ -535,9 +542,10 @@ def find_k_star(
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
     config = config or SearchConfig()
-    if config.clip_model not in (None, clip.source):
+    if clip is not None and config.clip_model not in (None, clip.source):
         raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
-    config = replace(config, clip_model=clip.source)  # the summary records the CLIP that scored the captions
+    # the summary records the CLIP that scored the captions (none for a text-only model)
+    config = replace(config, clip_model=None if clip is None else clip.source)
     registry = SiteRegistry(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
@@ -565,9 +573,10 @@ def find_k_star(
     identity = {
         "weights": lm.fingerprint,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "clip_weights": clip.fingerprint,
+        "clip_weights": None if clip is None else clip.fingerprint,  # None: a text-only model
         "ppl_weights": None if ppl_lm is None else ppl_lm.fingerprint,
-        "pixels": images_fingerprint(images),
+        # a text-only model continues texts: their fingerprint stands for the pixels
+        "pixels": images_fingerprint(images) if lm.family.takes_images else texts_fingerprint(images),
     }
     search = CollapseSearch(
         evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info, identity

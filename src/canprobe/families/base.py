@@ -109,8 +109,12 @@ class Family:
         """The processor (or, for text-only models, the tokenizer) saved beside the checkpoint."""
         import transformers
 
-        loader = transformers.AutoProcessor if self.takes_images else transformers.AutoTokenizer
-        return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.takes_images:
+            return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tok.pad_token is None:  # Llama-style tokenizers ship none; batches of texts need one
+            tok.pad_token = tok.eos_token
+        return tok
 
     def model_class(self):
         import transformers
@@ -133,10 +137,15 @@ class Family:
         return list(prompts)
 
     def inputs(self, processor, images, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Processor outputs (CPU tensors) for already wrapped ``texts`` and their ``images``."""
+        """Processor outputs (CPU tensors) for already wrapped ``texts`` and their ``images``.
+
+        Text-only models: the tokenizer, left-padded when the texts differ (generation appends on the right).
+        """
         if not self.takes_images:
             tok = getattr(processor, "tokenizer", processor)
-            return dict(tok(texts, return_tensors="pt"))
+            if len(set(texts)) == 1:
+                return dict(tok(texts, return_tensors="pt"))
+            return dict(tok(texts, return_tensors="pt", padding=True, padding_side="left"))
         return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
 
     def continue_tokens(self, key: str, value: torch.Tensor, width: int) -> torch.Tensor:
@@ -165,6 +174,11 @@ class Family:
     def generate_from_features(self, model: torch.nn.Module, text: dict, rows: tuple[torch.Tensor, ...], **options):
         """``generate`` fed cached features: by default, ``generate`` of ``feature_inputs``."""
         return model.generate(**self.feature_inputs(model, text, rows), **options)
+
+    def text_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module that continues a cached prompt prefix from token ids (``canprobe.metrics.PrefixCache``);
+        None: PPL passes always run over the whole prompt (the default, until a family is checked)."""
+        return None
 
     # --- scoring positions and dry-run token counts ---
 
