@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from canprobe import features
-from canprobe.captions import generate_captions
+from canprobe.captions import FeatureCache, generate_captions
 from canprobe.data import make_scenes
 from canprobe.metrics import MaskEvaluator
 from canprobe.models import load_model
@@ -34,7 +34,7 @@ def _needs_support(lm):
 
 def test_captions_from_cached_features_equal_captions_from_pixels(lm):
     _needs_support(lm)
-    cache = features.FeatureCache(lm, IMAGES, None, batch_size=4)
+    cache = FeatureCache(lm, IMAGES, None, batch_size=4)
     plain = generate_captions(lm, IMAGES, batch_size=4)
     cached = generate_captions(lm, IMAGES, batch_size=4, features=cache.rows(range(len(IMAGES))))
     assert cached == plain

@@ -263,6 +263,10 @@ class Ablation:
 
         return linear.register_forward_hook(hook)
 
+    def _same_in_every_row(self) -> bool:
+        """Whether every row has the same neurons (a search's chunk under one mask): then flip in place."""
+        return all(all(torch.equal(idx, rows[0]) for idx in rows[1:]) for rows in self._neurons.values())
+
     def _flip_weights(self) -> None:
         """One mask for every row: flip the weights in place, keeping the originals for the exit."""
         for name, neurons in self._neurons.items():
@@ -280,7 +284,7 @@ class Ablation:
         try:
             self.fault.start(next(self.model.parameters()).device)
             if self.fault.acts_on == "weight":
-                if self.rows is None:
+                if self.rows is None or self._same_in_every_row():
                     self._flip_weights()
                 else:
                     self._handles += [self._weight_hook(self.registry.by_name[n]) for n in self._neurons]

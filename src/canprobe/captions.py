@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from canprobe import features as image_features
 from canprobe.data import ImageSet
 from canprobe.errors import InputError
 from canprobe.families import Family, named
@@ -168,9 +169,7 @@ def generate_captions(
         if features is None:
             out = lm.model.generate(**enc, **options)
         else:
-            from canprobe import features as cached
-
-            out = cached.generate(lm, enc, features[start : start + batch_size], **options)
+            out = image_features.generate(lm, enc, features[start : start + batch_size], **options)
         prompt_len = enc["input_ids"].shape[1]
         # decoder-style generate returns prompt + continuation; keep only the continuation
         if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len], enc["input_ids"]):
@@ -198,3 +197,22 @@ def exact_match_rate(records: list[CaptionRecord]) -> float | None:
     if not scored:
         return None
     return sum(r.caption == r.reference for r in scored) / len(scored)
+
+
+class FeatureCache:
+    """Features of a fixed image list under one prompt, encoded in batches the first time they are asked for."""
+
+    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
+        self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
+        self._features: list[torch.Tensor] | None = None
+        self.encoded = 0  # images run through the encoder (a benchmark and test counter)
+
+    def rows(self, image_ids: Sequence[int]) -> list[torch.Tensor]:
+        if self._features is None:
+            feats: list[torch.Tensor] = []
+            for start in range(0, len(self.images), self.batch_size):
+                batch = self.images[start : start + self.batch_size]
+                feats += [f.cpu() for f in image_features.encode(self.lm, caption_inputs(self.lm, batch, self.prompt))]
+                self.encoded += len(batch)
+            self._features = feats
+        return [self._features[i] for i in image_ids]

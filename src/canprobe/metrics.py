@@ -15,6 +15,7 @@ and every process receives all images' metrics, in order.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ from PIL import Image
 
 from canprobe import distributed, features
 from canprobe.ablation import NeuronSpec, ablate_rows, group_by_site, to_model_inputs
-from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
+from canprobe.captions import FeatureCache, _batches, caption_inputs, generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
@@ -83,6 +84,94 @@ def caption_ppl(
             enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
         out.append(caption_nll(lm.model, enc))
     return torch.cat(out).exp() if out else torch.zeros(0)
+
+
+def _output_cache(output):
+    """The KV cache a forward pass returned (``cache`` in recent transformers, ``past_key_values`` before)."""
+    output = output.get("language_model_outputs") or output  # InstructBLIP wraps its language model's outputs
+    return next(output[key] for key in ("cache", "past_key_values") if key in output)
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+class PrefixCache:
+    """The unmasked model's KV cache of each image's prompt prefix, computed once per image.
+
+    The PPL of a caption under the unmasked model conditions on the same prefix (image and prompt)
+    whatever the caption, so each (image, caption) pair then costs a pass over the caption tokens
+    only: the prefix's last logits predict the first caption token, the continuation the rest and
+    the end token. The numbers equal the full teacher-forcing pass's up to float rounding.
+    ``usable`` is False where prefixes differ in length across images (padded prompts).
+    """
+
+    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
+        self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
+        self.text_model = lm.family.text_model(lm.model)  # None: this family has no cached-prefix path
+        self._layers: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # per image, per layer (k, v)
+        self._last: list[torch.Tensor] = []  # per image, the prefix's last logits (float32)
+        self._mask: list[torch.Tensor] = []  # per image, the prefix's attention mask
+
+    @torch.no_grad()
+    def fill(self, features_of=None) -> bool:
+        """Encode every image's prefix (once); ``features_of(ids)``: cached image encodings or None."""
+        if self._layers is not None or self.text_model is None:
+            return self.usable
+        self._layers = []
+        for start in range(0, len(self.images), self.batch_size):
+            ids = list(range(start, min(start + self.batch_size, len(self.images))))
+            enc = caption_inputs(self.lm, [self.images[i] for i in ids], self.prompt)
+            feats = features_of(ids) if features_of is not None else None
+            inputs = enc if feats is None else features.model_inputs(self.lm, enc, feats)
+            out = self.lm.model(**inputs, use_cache=True)
+            cache = _output_cache(out)
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            for row in range(len(ids)):
+                self._layers.append([(k[row : row + 1], v[row : row + 1]) for k, v in layers])
+                self._last.append(out.logits[row, -1].float())
+                self._mask.append(enc["attention_mask"][row])
+        return self.usable
+
+    @property
+    def usable(self) -> bool:
+        return self.text_model is not None and self._layers is not None and len({m.shape[0] for m in self._mask}) == 1
+
+    @torch.no_grad()
+    def nll(self, image_ids: Sequence[int], captions: Sequence[str]) -> torch.Tensor:
+        """Mean NLL (float32) of each caption and its end token after its image's prefix."""
+        from transformers import DynamicCache
+
+        tok = self.lm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out = []
+        for start in range(0, len(captions), self.batch_size):
+            rows = list(image_ids[start : start + self.batch_size])
+            caption_ids = tok(list(captions[start : start + self.batch_size]), add_special_tokens=False)["input_ids"]
+            width = max(len(c) for c in caption_ids)
+            device = self._last[rows[0]].device
+            targets = torch.full((len(rows), width + 1), -100, dtype=torch.long, device=device)
+            for r, c in enumerate(caption_ids):
+                targets[r, : len(c) + 1] = torch.tensor(c + [tok.eos_token_id])
+            logits = torch.stack([self._last[i] for i in rows])[:, None]
+            if width:
+                ids = torch.where(targets[:, :width] >= 0, targets[:, :width], pad)
+                prefix_mask = torch.stack([self._mask[i] for i in rows])
+                mask = torch.cat([prefix_mask, (targets[:, :width] >= 0).to(prefix_mask.dtype)], dim=1)
+                layers = [
+                    (torch.cat([self._layers[i][n][0] for i in rows]), torch.cat([self._layers[i][n][1] for i in rows]))
+                    for n in range(len(self._layers[rows[0]]))
+                ]
+                cache = {_cache_kwarg(self.text_model): DynamicCache(layers)}
+                step = self.text_model(input_ids=ids, attention_mask=mask, use_cache=True, **cache).logits
+                logits = torch.cat([logits, step.float()], dim=1)
+            keep = targets != -100
+            picked = logits[keep]
+            nll = -torch.log_softmax(picked, dim=-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+            total = torch.zeros(len(rows), dtype=torch.float32, device=nll.device)
+            total.index_add_(0, keep.nonzero()[:, 0], nll)
+            out.append((total / keep.sum(1)).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
 
 
 def _features(output) -> torch.Tensor:
@@ -201,6 +290,9 @@ class MaskEvaluator:
     ``batch_size`` counts generation rows; one row is one (mask, image) pair. ``reuse_features``:
     encode each image once and reuse the encoding under every mask that leaves the image encoder
     alone (see ``canprobe.features``); results are the same either way, only the cost differs.
+    ``reuse_prefix``: the unmasked scorer encodes each image's prefix once (``PrefixCache``) and
+    scores every caption on it (the same PPL up to float rounding), for families that continue a
+    cached prefix (``Family.text_model``).
     ``images`` are all the images; under ``torch.distributed`` this process works on its shard.
     """
 
@@ -219,6 +311,7 @@ class MaskEvaluator:
         reuse_features: bool = True,
         stats: Mapping[str, ChannelStats] | None = None,
         protections: Sequence[ProtectedSet | RangeRestriction] = (),
+        reuse_prefix: bool = True,
     ):
         if not images:
             raise InputError("no images to evaluate")
@@ -242,7 +335,9 @@ class MaskEvaluator:
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
         reuse = reuse_features and features.supported(lm)
-        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
+        self.features = FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
+        use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.family.takes_images
+        self.prefix = PrefixCache(lm, self.images, prompt, batch_size) if use_prefix else None
         self._registry = SiteRegistry(lm.model)
 
     def _features(self, image_ids: Sequence[int], reusable: bool = True) -> list[torch.Tensor] | None:
@@ -315,10 +410,13 @@ class MaskEvaluator:
         scorer = self.lm if self.ppl_lm is None else self.ppl_lm
         todo = [key for key in dict.fromkeys(zip(image_ids, captions)) if key not in self._ppl_cache]
         if todo:
-            prompt = self.prompt if self.ppl_lm is None else None
-            images = [self.images[i] for i, _ in todo]
-            feats = self._features([i for i, _ in todo]) if self.ppl_lm is None else None
-            values = caption_ppl(scorer, images, [c for _, c in todo], prompt, self.batch_size, feats)
+            ids, caps = [i for i, _ in todo], [c for _, c in todo]
+            if self.prefix is not None and self.prefix.fill(self._features):
+                values = self.prefix.nll(ids, caps).exp()
+            else:
+                prompt = self.prompt if self.ppl_lm is None else None
+                feats = self._features(ids) if self.ppl_lm is None else None
+                values = caption_ppl(scorer, [self.images[i] for i in ids], caps, prompt, self.batch_size, feats)
             self._ppl_cache.update(zip(todo, values.tolist()))
         return torch.tensor([self._ppl_cache[key] for key in zip(image_ids, captions)], dtype=torch.float32)
 

@@ -55,7 +55,7 @@ from PIL import Image
 
 from canprobe import distributed, features
 from canprobe.ablation import to_model_inputs
-from canprobe.captions import generate_captions, is_texts, teacher_forcing_inputs
+from canprobe.captions import FeatureCache, generate_captions, is_texts, teacher_forcing_inputs
 from canprobe.checks import printable
 from canprobe.errors import InputError
 from canprobe.identity import check_same, images_fingerprint, texts_fingerprint
@@ -618,7 +618,7 @@ def score_neurons(
     images, captions = world.take(images), world.take(captions)
     cache = None
     if reuse_features and features.reusable(lm, [s.name for s in sites]):
-        cache = features.FeatureCache(lm, images, prompt, batch_size)
+        cache = FeatureCache(lm, images, prompt, batch_size)
     if identity["loss_text"] == "self":
         feats = None if cache is None else cache.rows(range(len(images)))
         captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size, feats)

@@ -175,6 +175,11 @@ class Family:
         """``generate`` fed cached features: by default, ``generate`` of ``feature_inputs``."""
         return model.generate(**self.feature_inputs(model, text, rows), **options)
 
+    def text_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module that continues a cached prompt prefix from token ids (``canprobe.metrics.PrefixCache``);
+        None: PPL passes always run over the whole prompt (the default, until a family is checked)."""
+        return None
+
     # --- scoring positions and dry-run token counts ---
 
     def vision_rows(self, model: torch.nn.Module, enc: dict) -> torch.Tensor:

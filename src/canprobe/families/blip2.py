@@ -86,6 +86,9 @@ class T5Language:
             return T5_GATED if model.config.text_config.is_gated_act else T5_DENSE
         return super().kinds(model, component)
 
+    def text_model(self, model):
+        return None  # an encoder-decoder: the caption is decoded, not appended to the prompt
+
     def encoder_site(self, module_path: str) -> bool:
         return module_path.startswith(f"{T5_STACKS[0]}.")
 

@@ -36,6 +36,9 @@ class Llava(Family):
             return chat_prompts(processor, prompts)
         return [FALLBACK_TEMPLATE.format(prompt=p) for p in prompts]
 
+    def text_model(self, model):
+        return model  # text-only continuation: no image tokens, plain 1-D positions
+
     def cached_features(self, model):
         return validates_mm_encoder_outputs(model)
 

@@ -13,5 +13,8 @@ class LlavaOnevision(ImagesOnly, Llava):
     encoder_inputs = ("pixel_values", "image_sizes", "batch_num_images")
     processor_class = "LlavaOnevisionProcessor"
 
+    def text_model(self, model):
+        return None  # not yet checked against the full pass
+
     def cached_features(self, model):
         return False  # its image encoding takes more than LLaVA's (batch_num_images, the aspect-ratio rule)
