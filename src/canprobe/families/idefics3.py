@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from canprobe.families.base import FC_MLP, SWIGLU, Family, chat_prompts
@@ -18,6 +20,29 @@ class Idefics3(Family):
     }
     site_kinds = {"language": SWIGLU, "vision": FC_MLP}
     encoder_inputs = ("pixel_values", "pixel_attention_mask")
+
+    def load_processor(self, path: str, trust_remote_code: bool = False):
+        """Releases whose AutoImageProcessor has no idefics3 entry (5.6) get the processor from its parts."""
+        try:
+            return super().load_processor(path, trust_remote_code)
+        except ValueError as exc:
+            if "Unrecognized image processor" not in str(exc):
+                raise
+        import json
+
+        import transformers
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+        from transformers.utils import cached_file
+
+        settings = json.loads(Path(cached_file(path, "processor_config.json")).read_text())
+        images = {k: v for k, v in settings.pop("image_processor").items() if k != "image_processor_type"}
+        template = cached_file(path, "chat_template.jinja", _raise_exceptions_for_missing_entries=False)
+        return transformers.Idefics3Processor(
+            Idefics3ImageProcessorPil(**images),
+            transformers.AutoTokenizer.from_pretrained(path),
+            chat_template=Path(template).read_text() if template else None,
+            **{k: v for k, v in settings.items() if k != "processor_class"},
+        )
 
     def prompts(self, processor, prompts):
         return chat_prompts(processor, prompts)
