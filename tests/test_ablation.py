@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from canprobe.ablation import RankedNeurons, ablate, ablate_rows, mean_activations
+from canprobe.ablation import RankedNeurons, ablate, ablate_rows, activation_stats, mean_activations
 from canprobe.captions import caption_inputs, generate_captions, teacher_forcing_inputs
 from canprobe.data import make_scenes
 from canprobe.errors import InputError
+from canprobe.faults import ChannelStats
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
 from canprobe.sites import SiteRegistry
@@ -193,6 +194,98 @@ def test_mean_ablation_sets_the_neuron_to_its_mean(tiny, images):
     out = seen[0]
     assert torch.all(out[..., 4] == means[site.name][4]) and torch.all(out[..., 9] == means[site.name][9])
     assert not torch.all(out[..., 5] == means[site.name][5])
+
+
+def test_position_means_match_a_one_by_one_average_per_position(tiny, images):
+    """Per-position means over right-padded rows of different lengths: at each position, the plain
+    mean over the images whose sequence reaches it; the all-position mean is unchanged by the option."""
+    captions = ["a red car", "a small blue house on the left", ""]
+    site = SiteRegistry(tiny.model).by_name["language.layers.1.mlp.down_proj"]
+    stats = activation_stats(tiny, images, [site], captions=captions, batch_size=3, by_position=True)[site.name]
+    rows = []
+    down, _ = _layer(tiny, 1)
+    handle = down.register_forward_hook(lambda _m, _a, out: rows.append(out[0].double()))
+    try:
+        for im, cap in zip(images, captions):
+            enc = teacher_forcing_inputs(tiny.processor, tiny.kind, [im], [cap])
+            enc.pop("labels")
+            tiny.model(**enc)
+    finally:
+        handle.remove()
+    longest = max(len(r) for r in rows)
+    assert stats.position_mean.shape == (longest, site.size)
+    for p in (0, len(rows[2]) - 1, len(rows[2]), longest - 1):
+        expected = torch.stack([r[p] for r in rows if len(r) > p]).mean(0).float()
+        torch.testing.assert_close(stats.position_mean[p], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.mean, mean_activations(tiny, images, [site], captions=captions)[site.name])
+
+
+def test_position_mean_ablation_follows_positions_through_generation(tiny, images):
+    """Each token, of the prompt or generated with the KV cache, gets its own position's mean; past the
+    table, the all-position mean."""
+    site = SiteRegistry(tiny.model).by_name["language.layers.0.mlp.down_proj"]
+    prompt_len = caption_inputs(tiny, images)["input_ids"].shape[1]
+    table = torch.arange(prompt_len + 2, dtype=torch.float32)[:, None] * 10 + torch.arange(site.size) / 100
+    stats = {site.name: ChannelStats(table[-1] + 0.5, None, None, None, table)}
+    down, _ = _layer(tiny, 0)
+    seen = []
+    with ablate(tiny, [site.address(4)], kind="mean:by=position", stats=stats):
+        handle = down.register_forward_hook(lambda _m, _a, out: seen.append(out[..., 4].clone()))
+        try:
+            generate_captions(tiny, images, max_new_tokens=4)
+        finally:
+            handle.remove()
+    assert torch.equal(seen[0], table[:prompt_len, 4].expand(len(images), -1))
+    decoded = [float(s.unique()) for s in seen[1:]]
+    assert decoded == [float(table[prompt_len, 4]), float(table[prompt_len + 1, 4]), float(table[-1, 4] + 0.5)]
+
+
+def test_position_mean_keeps_a_shared_prefix_while_the_all_position_mean_moves_it(images):
+    """The first tokens of every LLaVA prompt are the same text, so their activations are the same on
+    every image: the per-position mean leaves them exactly as they are, the all-position mean does not
+    (Sun et al.'s reason for setting a massive activation to its mean at its own position)."""
+    lm = _tiny("llava")
+    site = SiteRegistry(lm.model).by_name["language.layers.0.mlp.down_proj"]
+    captions = ["a red car", "a blue boat", "a green tree"]
+    stats = activation_stats(lm, images, [site], captions=captions, batch_size=3, by_position=True)
+    enc = teacher_forcing_inputs(lm.processor, lm.kind, images, captions)
+    enc.pop("labels")
+    down, _ = _layer(lm, 0)
+    outs = {}
+    for kind in ("zero", "mean", "mean:by=position"):
+        with ablate(lm, [site.address(j) for j in range(site.size)], kind=kind, stats=stats):
+            handle = down.register_forward_hook(lambda _m, _a, out, kind=kind: outs.setdefault(kind, out.clone()))
+            try:
+                lm.model(**enc)
+            finally:
+                handle.remove()
+    clean = []
+    handle = down.register_forward_hook(lambda _m, _a, out: clean.append(out.clone()))
+    try:
+        lm.model(**enc)
+    finally:
+        handle.remove()
+    prefix = clean[0][:, :3]  # "<s> user :"
+    assert torch.equal(prefix[0], prefix[1])
+    torch.testing.assert_close(outs["mean:by=position"][:, :3], prefix, rtol=1e-5, atol=1e-6)
+    assert (outs["mean"][:, :3] - prefix).abs().max() > 1e-3
+    assert not torch.allclose(outs["mean:by=position"][:, 3:], clean[0][:, 3:])
+
+
+def test_position_mean_needs_position_means(tiny):
+    site = SiteRegistry(tiny.model).by_name["language.layers.0.mlp.down_proj"]
+    mean = torch.zeros(site.size)
+    with pytest.raises(InputError, match="per-position means"):
+        ablate(tiny, [site.address(1)], kind="mean:by=position", means={site.name: mean})
+    with pytest.raises(InputError, match=r"not \(positions, "):
+        ablate(
+            tiny,
+            [site.address(1)],
+            kind="mean:by=position",
+            stats={site.name: ChannelStats(mean, None, None, None, mean)},
+        )
+    with pytest.raises(InputError, match="by must be one of all, position"):
+        ablate(tiny, [site.address(1)], kind="mean:by=token", means={site.name: mean})
 
 
 def test_ranked_prefixes_group_by_site(tiny):

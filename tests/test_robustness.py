@@ -42,13 +42,14 @@ def _run_flags(images, out) -> list[str]:
 
 def test_run_fills_the_fault_and_protection_tables(cli, images, tmp_path):
     out = tmp_path / "run"
-    flags = ["--faults", "bitflip,stuck:value=1000", "--protections", "protect_top,range", "--fault-counts", "1,3"]
+    faults = ("bitflip", "stuck:value=1000", "mean:by=position")
+    flags = ["--faults", ",".join(faults), "--protections", "protect_top,range", "--fault-counts", "1,3"]
     result = cli(*_run_flags(images, out), *flags, "--fault-trials", "2")
     assert result.code == 0, result.err
     summary = json.loads((out / "summary.json").read_text())
     (entry,) = summary["robustness"]
     rows = {(r["fault"], r["ranking"]): r for r in entry["faults"]}
-    assert set(rows) == {(f, r) for f in ("bitflip", "stuck:value=1000") for r in ("can", "activation", "random")}
+    assert set(rows) == {(f, r) for f in faults for r in ("can", "activation", "random")}
     for r in rows.values():
         assert (out / entry["path"] / r["path"] / "curve.jsonl").is_file()
         assert r["k_star"] is None or 1 <= r["k_star"] <= r["scope_size"] == 512

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -21,9 +21,11 @@ from PIL import Image
 from canprobe import distributed
 from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
+from canprobe.families.base import get_module
 from canprobe.faults import (
     ChannelStats,
     Fault,
+    PositionMeans,
     ProtectedSet,
     RangeRestriction,
     clamp,
@@ -134,6 +136,43 @@ class RankedNeurons:
         )
 
 
+class TokenPositions:
+    """The position of every token passing through a site, for per-position statistics and faults.
+
+    Language sites: the ``position_ids`` the language model hands its first layer (so a token
+    generated with the KV cache gets its place in the sequence, and a left-padded row counts from
+    its first token where the model does); ``hook`` records them at every forward. Other sites
+    (vision tower, projector, Q-Former): the index along the sequence of ``[batch, positions, neurons]``.
+    """
+
+    def __init__(self):
+        self.ids: torch.Tensor | None = None
+
+    def hook(self, registry: SiteRegistry) -> torch.utils.hooks.RemovableHandle:
+        layer = get_module(registry.model, registry.family.layer_paths(registry.model, "language")[0])
+
+        def record(_module, _args, kwargs):
+            ids = kwargs.get("position_ids")
+            self.ids = ids[0] if ids is not None and ids.dim() == 3 else ids  # multimodal RoPE: its first axis
+
+        return layer.register_forward_pre_hook(record, with_kwargs=True)
+
+    def of(self, x: torch.Tensor, site: Site) -> torch.Tensor:
+        """Positions shaped ``x.shape[:-1]``."""
+        if site.component != "language":
+            if x.dim() != 3:
+                raise InputError(f"{site.name}: per-position means need activations shaped [batch, positions, neurons]")
+            return torch.arange(x.shape[1], device=x.device).expand(x.shape[:2])
+        if self.ids is None:
+            raise InputError(
+                f"{site.name}: per-position means need the position ids the language model passes to its layers; "
+                "this model passes none"
+            )
+        ids = self.ids.to(x.device)
+        rows, seq = x.shape[:-1].numel() // ids.shape[-1], ids.shape[-1]
+        return ids.reshape(-1, seq).expand(rows, seq).reshape(x.shape[:-1])
+
+
 class Ablation:
     """Hooks that put a fault on chosen neurons (zero by default); use as a ``with`` block.
 
@@ -176,7 +215,9 @@ class Ablation:
         if self.fault.needs:
             missing = [n for n in names if any(getattr(stats.get(n), f, None) is None for f in self.fault.needs)]
             if missing:
-                what = "reference means" if self.fault.needs == ("mean",) else "clean statistics"
+                what = {("mean",): "reference means", ("mean", "position_mean"): "per-position means"}.get(
+                    self.fault.needs, "clean statistics"
+                )
                 raise InputError(f"{self.fault.name} fault needs {what} for {', '.join(missing[:3])}")
         self._masks: dict[str, torch.Tensor] = {}
         self._state: dict[str, object] = {}
@@ -194,9 +235,14 @@ class Ablation:
             if self.fault.acts_on == "activation":
                 for field in self.fault.needs:
                     value = torch.as_tensor(getattr(stats[name], field))
-                    if value.shape != (site.size,):
-                        raise InputError(f"{field} of {name} has shape {tuple(value.shape)}, not ({site.size},)")
-                self._state[name] = self.fault.prepare(site, stats.get(name), weight.device, weight.dtype)
+                    dims = 2 if field == "position_mean" else 1
+                    if value.dim() != dims or value.shape[-1] != site.size:
+                        shape = f"(positions, {site.size})" if dims == 2 else f"({site.size},)"
+                        raise InputError(f"{field} of {name} has shape {tuple(value.shape)}, not {shape}")
+                state = self.fault.prepare(site, stats.get(name), weight.device, weight.dtype)
+                if isinstance(state, PositionMeans):
+                    state.positions = lambda x, site=site: self._positions.of(x, site)
+                self._state[name] = state
         self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for protection in protections:
             if isinstance(protection, RangeRestriction):
@@ -204,6 +250,7 @@ class Ablation:
                     site = self.registry.by_name[name]
                     weight = self.registry.weight(site).weight
                     self._bounds[name] = protection.bounds(name, weight.device, weight.dtype)
+        self._positions = TokenPositions()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
 
@@ -289,6 +336,8 @@ class Ablation:
                 else:
                     self._handles += [self._weight_hook(self.registry.by_name[n]) for n in self._neurons]
             hooked = self.masked_sites if self.fault.acts_on == "activation" else []
+            if any(isinstance(state, PositionMeans) for state in self._state.values()):
+                self._handles.append(self._positions.hook(self.registry))
             order = [s.name for s in self.registry.sites]
             for name in sorted(set(hooked) | set(self._bounds), key=order.index):
                 site = self.registry.by_name[name]
@@ -380,6 +429,7 @@ def activation_stats(
     prompt: str | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 24,
+    by_position: bool = False,
 ) -> dict[str, ChannelStats]:
     """Per-channel mean, std, min and max of every neuron of ``sites`` on clean images (float32).
 
@@ -387,8 +437,11 @@ def activation_stats(
     greedy captions. Language sites average over the attended token positions; vision, projector and
     Q-Former sites over all positions. When the captions are generated here, min and max also cover
     every activation of that generation (so a range restriction calibrated on these images leaves
-    their captions alone). Under ``torch.distributed`` each process reads its shard of the images
-    and the sums are all-reduced, so every process gets the statistics over all of them.
+    their captions alone). ``by_position`` also measures the mean at each token position
+    (``ChannelStats.position_mean``, positions as ``TokenPositions`` numbers them; a position no
+    image reaches gets the all-position mean). Under ``torch.distributed`` each process reads its
+    shard of the images and the sums are all-reduced, so every process gets the statistics over all
+    of them.
     """
     registry = SiteRegistry(lm.model)
     chosen = registry.select(sites) if isinstance(sites, str) else list(sites)
@@ -403,6 +456,8 @@ def activation_stats(
     highs = {s.name: torch.full((s.size,), -math.inf, dtype=torch.float64) for s in chosen}
     weights: dict[str, torch.Tensor] = {}
     moments_on = [False]
+    positions = TokenPositions()
+    by_place: dict[str, torch.Tensor] = {}  # site -> [positions, 1 + size]: weight, then weighted sums
 
     def make_hook(site: Site):
         def record(x: torch.Tensor) -> None:
@@ -421,11 +476,19 @@ def activation_stats(
                 moments[site.name] += torch.stack(
                     [w.sum().expand(site.size), (flat * w).sum(dim=0), (flat * flat * w).sum(dim=0)]
                 ).cpu()
+                if by_position:
+                    place = positions.of(x, site).reshape(-1).cpu()
+                    table = by_place.setdefault(site.name, torch.zeros(0, 1 + site.size, dtype=torch.float64))
+                    if int(place.max()) >= table.shape[0]:
+                        table = by_place[site.name] = _grown(table, int(place.max()) + 1)
+                    table.index_add_(0, place, torch.cat([w, flat * w], dim=1).cpu())
 
         return record
 
     handles = []
     try:
+        if by_position and any(s.component == "language" for s in chosen):
+            handles.append(positions.hook(registry))
         for site in chosen:
             handles.append(registry.hook(site, make_hook(site)))
         if captions is None:
@@ -450,4 +513,15 @@ def activation_stats(
         mean = total / n
         std = (squares / n - mean * mean).clamp(min=0.0).sqrt()
         out[name] = ChannelStats(*(t.to(torch.float32) for t in (mean, std, low, high)))
+        if by_position:
+            table = by_place.get(name, torch.zeros(0, len(mean) + 1, dtype=torch.float64))
+            table = distributed.all_reduce_sum(_grown(table, int(distributed.all_reduce_max(torch.tensor(len(table))))))
+            weight = table[:, :1]
+            by_pos = torch.where(weight > 0, table[:, 1:] / weight.clamp(min=1e-12), mean)
+            out[name] = replace(out[name], position_mean=by_pos.to(torch.float32))
     return out
+
+
+def _grown(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """``table`` with zero rows appended up to ``rows`` rows."""
+    return torch.cat([table, table.new_zeros(max(0, rows - table.shape[0]), table.shape[1])])

@@ -101,7 +101,8 @@ fault_option = click.option(
     "--ablation",
     default="zero",
     show_default=True,
-    help="What masking does to a neuron: zero, mean, sign, stuck:value=V, stuck:at=max:factor=F, noise:sigma=S, "
+    help="What masking does to a neuron: zero, mean (over all positions), mean:by=position (the mean at the "
+    "token's own position), sign, stuck:value=V, stuck:at=max:factor=F, noise:sigma=S, "
     "bitflip:bit=exponent|sign|mantissa|N, weight_bitflip:bit=...:weights=largest|all.",
 )
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
@@ -718,7 +719,8 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         label = f"{len(addresses)} neuron(s)"
     stats = None
     if fault.needs and mask:
-        stats = activation_stats(lm, inputs, [registry.by_name[n] for n in mask], prompt=prompt)
+        sites = [registry.by_name[n] for n in mask]
+        stats = activation_stats(lm, inputs, sites, prompt=prompt, by_position="position_mean" in fault.needs)
     clip = _load(clip_model or default_clip_model(model), "float32", rest["device"]) if lm.family.takes_images else None
     evaluator = MaskEvaluator(
         lm,

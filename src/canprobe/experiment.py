@@ -39,6 +39,7 @@ from canprobe.checks import check_device, check_output_dir, printable
 from canprobe.config import ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
+from canprobe.faults import parse_fault
 from canprobe.identity import differences, images_fingerprint, texts_fingerprint
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import PPL_SCORERS, MaskEvaluator, MetricSummary, default_clip_model
@@ -252,7 +253,13 @@ class Experiment:
         everything = RankedNeurons.from_sites(registry.select(scope))
         top = ranked_in_scope(registry, ranking, scope)
         stats = activation_stats(
-            lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+            lm,
+            group.images,
+            scope,
+            prompt=c.prompt,
+            batch_size=c.batch_size,
+            max_new_tokens=c.max_new_tokens,
+            by_position=any("position_mean" in parse_fault(f).needs for f in [*c.faults, c.random_fault]),
         )
         rankings = {
             "can": ranking,

@@ -9,7 +9,7 @@ names the clean-image statistics (``ChannelStats`` fields) the fault reads. Weig
 
 Faults are applied through ``canprobe.ablation.Ablation`` (``ablate``, ``ablate_rows``): the same
 ``with`` block, per-row masks, prompt and generation, and an exact restore on exit. Spec strings
-name a fault and its parameters, e.g. ``zero``, ``stuck:at=max:factor=2``, ``noise:sigma=3``,
+name a fault and its parameters, e.g. ``zero``, ``mean:by=position``, ``stuck:at=max:factor=2``, ``noise:sigma=3``,
 ``bitflip:bit=exponent``, ``weight_bitflip:bit=exponent:weights=all``.
 
 Protections: ``RangeRestriction`` clamps every channel of the protected sites to bounds calibrated
@@ -19,7 +19,7 @@ on clean images (Ranger); ``ProtectedSet`` names neurons that faults cannot touc
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,12 +39,17 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass(frozen=True)
 class ChannelStats:
-    """Per-channel statistics of one site on clean images (float32, one value per neuron)."""
+    """Per-channel statistics of one site on clean images (float32, one value per neuron).
+
+    ``position_mean`` [positions, neurons]: the mean at each token position, numbered as the model
+    numbers them (``activation_stats(by_position=True)``); None when not measured.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
     min: torch.Tensor
     max: torch.Tensor
+    position_mean: torch.Tensor | None = None
 
 
 def resolve_bit(bit: int | str, dtype: torch.dtype) -> int:
@@ -105,17 +110,49 @@ class Zero(Fault):
         return torch.where(mask, 0.0, x)
 
 
+MEAN_BY = ("all", "position")
+
+
+class PositionMeans:
+    """One site's mean per token position, and the positions of the tokens passing now.
+
+    ``positions(x)`` gives the position of every row of ``x`` (the ablation that hooks the site sets
+    it); positions past the calibrated ones (a longer generation) get the all-position mean, the
+    table's last row.
+    """
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+        self.positions: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def at(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[self.positions(x).clamp(0, self.table.shape[0] - 1)]
+
+
 class Mean(Fault):
-    """The channel's mean activation on clean images."""
+    """The channel's mean activation on clean images: over all positions (``by=all``), or at the
+    token's own position (``by=position``), Sun et al.'s control for massive activations, which sit
+    on fixed positions such as the first token, far from their channel's all-position mean."""
 
     name = "mean"
-    needs = ("mean",)
+
+    def __init__(self, by: str = "all"):
+        if by not in MEAN_BY:
+            raise InputError(f"mean: by must be one of {', '.join(MEAN_BY)}, got {by!r}")
+        self.by = None if by == "all" else by
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return ("mean",) if self.by is None else ("mean", "position_mean")
 
     def prepare(self, site, stats, device, dtype):
-        return stats.mean.to(device=device, dtype=dtype)
+        mean = stats.mean.to(device=device, dtype=dtype)
+        if self.by is None:
+            return mean
+        return PositionMeans(torch.cat([stats.position_mean.to(device=device, dtype=dtype), mean[None]]))
 
     def apply(self, x, mask, state):
-        return torch.where(mask, state, x)
+        return torch.where(mask, state if self.by is None else state.at(x), x)
 
 
 class StuckAt(Fault):

@@ -549,10 +549,18 @@ def find_k_star(
     registry = SiteRegistry(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
-    if parse_fault(config.ablation).needs and means is None and stats is None:
+    needs = parse_fault(config.ablation).needs
+    if needs and means is None and stats is None:
         from canprobe.ablation import activation_stats
 
-        stats = activation_stats(lm, images, config.scope, prompt=config.prompt, batch_size=config.batch_size)
+        stats = activation_stats(
+            lm,
+            images,
+            config.scope,
+            prompt=config.prompt,
+            batch_size=config.batch_size,
+            by_position="position_mean" in needs,
+        )
     evaluator = MaskEvaluator(
         lm,
         images,
