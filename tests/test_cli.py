@@ -81,3 +81,14 @@ def test_unsupported_architecture_names_supported_ones(cli, tmp_path, scene_dir)
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "g")
     _one_line_error(cli("caption", "--model", tmp_path / "g", "--images", scene_dir), "gpt2", "llava")
+
+
+def test_search_without_ranking_scores_with_its_own_tokens_and_batch_size(cli, scene_dir, tmp_path):
+    from canprobe.scoring import load_scores
+
+    out = tmp_path / "search"
+    args = ["--images", scene_dir, "--out", out, "--max-k", 1, "--grid-per-octave", 0]
+    result = cli("search", "--model", "toy-llava", *args, "--max-new-tokens", 7, "--batch-size", 5)
+    assert result.code == 0, result.err
+    config = load_scores(out).config
+    assert (config["max_new_tokens"], config["batch_size"]) == (7, 5)

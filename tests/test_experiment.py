@@ -14,7 +14,7 @@ from canprobe.config import make_config
 from canprobe.data import write_scenes
 from canprobe.experiment import Experiment
 from canprobe.report import CURVE_COLUMNS, SECTIONS, build_report, compare_runs
-from canprobe.store import read_jsonl
+from canprobe.runfolder import read_jsonl
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -200,3 +200,36 @@ def test_bad_config_file_names_the_field(cli, scene_dir, tmp_path):
     path.write_text(f"model: toy-llava\nimages: {scene_dir}\nbogus: 1\n")
     result = cli("run", path)
     assert result.code == 2 and "bogus" in result.err
+
+
+def test_a_ppl_model_named_by_path_is_loaded_once_per_study(images, tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import canprobe.metrics as metrics_module
+    from canprobe.organisms.build import build_tokenizer
+
+    tok = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ppl-lm")
+    tok.save_pretrained(tmp_path / "ppl-lm")
+    loads = []
+    real = experiment_module.load_model
+
+    def counting(name, *args, **kwargs):
+        loads.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "load_model", counting)
+    monkeypatch.setattr(metrics_module, "load_model", counting)
+    values = _small_config(
+        images,
+        tmp_path / "run",
+        ppl_scorer=str(tmp_path / "ppl-lm"),
+        controls=["activation", "mean"],
+        split_half=False,
+    )
+    summary = Experiment(make_config(values), progress=False).run()
+    assert loads.count(str(tmp_path / "ppl-lm")) == 1, loads
+    assert len(summary["results"]) == 3  # three searches and their controls shared the one PPL model

@@ -20,8 +20,8 @@ import torch
 from canprobe.config import make_config
 from canprobe.data import write_scenes
 from canprobe.errors import InputError
-from canprobe.experiment import RUN_FILE, Experiment
-from canprobe.store import LOCK_FILE, RunLock, RunLockedError, atomic_write_text, read_jsonl
+from canprobe.experiment import Experiment
+from canprobe.runfolder import LOCK_FILE, RUN_FILE, RunLock, RunLockedError, atomic_write_text, read_jsonl
 
 SRC = Path(__file__).parents[1] / "src"
 TIMING = ("seconds",)
@@ -146,8 +146,8 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
 DRIVER = """
 import json, os, signal, sys, tempfile
 from pathlib import Path
-import canprobe.scoring as scoring, canprobe.search as search
-from canprobe import store
+import canprobe.search as search
+from canprobe import runfolder
 mode, at = os.environ.get("KILL_MODE", ""), int(os.environ.get("KILL_AT", "0"))
 appended = 0
 
@@ -170,22 +170,22 @@ def append(path, obj):
             f.flush()
             os.fsync(f.fileno())
         die()
-    store.append_jsonl(path, obj)
+    runfolder.append_jsonl(path, obj)
     if mode == "after_line" and appended == at:
         die()
 
 def write_json(path, obj, **kwargs):
     if mode == "mid_summary" and Path(path).name == "summary.json":
         half_temp(path)
-    store.atomic_write_json(path, obj, **kwargs)
+    runfolder.atomic_write_json(path, obj, **kwargs)
 
-def write_parquet(df, path, config):
+def write_ranking(folder, ranking, config):
     if mode == "mid_ranking":
-        half_temp(path)
-    real_parquet(df, path, config)
+        half_temp(Path(folder) / runfolder.RANKING_FILE)
+    real_ranking(folder, ranking, config)
 
-real_parquet = scoring._write_parquet
-search.append_jsonl, search.atomic_write_json, scoring._write_parquet = append, write_json, write_parquet
+real_ranking = runfolder.write_ranking
+search.append_jsonl, search.atomic_write_json, runfolder.write_ranking = append, write_json, write_ranking
 sys.argv = ["canprobe", *sys.argv[1:]]
 from canprobe.cli import run
 run()

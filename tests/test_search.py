@@ -15,6 +15,7 @@ from canprobe.ablation import RankedNeurons
 from canprobe.errors import InputError
 from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.models import ORGANISM_DIR
+from canprobe.runfolder import read_jsonl
 from canprobe.search import (
     CollapseCriterion,
     CollapseSearch,
@@ -23,7 +24,6 @@ from canprobe.search import (
     grid_ks,
     growth_ks,
 )
-from canprobe.store import read_jsonl
 
 # ---------------------------------------------------------------- the search logic on a synthetic model
 
@@ -142,7 +142,7 @@ def test_resume_after_a_crash_evaluates_nothing_twice(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["k_star"] == 37 and summary["evaluations"]["resumed"] == 6
     assert set(summary["versions"]) == {"torch", "transformers", "canprobe"}
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(InputError, match="another config"):
         _search(FakeEvaluator(lambda k: k >= 37), out=tmp_path / "run", control="random", seed=9)
 
 

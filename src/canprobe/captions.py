@@ -6,7 +6,6 @@ This is the generation path that masking wraps: anything active on the model whi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from canprobe import runfolder
 from canprobe.data import ImageSet
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
@@ -117,12 +117,8 @@ def caption_image_set(lm: LoadedModel, image_set: ImageSet, **kwargs) -> list[Ca
 
 
 def write_captions(records: list[CaptionRecord], path: Path) -> None:
-    """JSON lines, one record per image; written to a temporary file then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
-    tmp.replace(path)
+    """JSON lines, one record per image, written atomically."""
+    runfolder.write_jsonl(path, (asdict(r) for r in records))
 
 
 def exact_match_rate(records: list[CaptionRecord]) -> float | None:

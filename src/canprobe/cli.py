@@ -370,8 +370,8 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
     from canprobe.metrics import default_clip_model
+    from canprobe.runfolder import RANKING_FILE, RunLock
     from canprobe.search import CollapseCriterion, SearchConfig, find_k_star
-    from canprobe.store import RunLock
 
     thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
     criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
@@ -412,8 +412,8 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     lm = _load(model, dtype, device, device_map=device_map)
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
-        if ranking is None and (out / "ranking.parquet").exists():
-            ranking = out / "ranking.parquet"
+        if ranking is None and (out / RANKING_FILE).exists():
+            ranking = out / RANKING_FILE
         if ranking is not None:
             table = _load_ranking(ranking)
         else:
@@ -428,7 +428,9 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
                 method=method,
                 alpha=alpha,
                 prompt=config.prompt,
+                batch_size=config.batch_size,
                 seed=seed,
+                max_new_tokens=config.max_new_tokens,
                 gradient_checkpointing=checkpointed,
                 reuse_features=reuse,
             )
@@ -606,6 +608,7 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
     from canprobe.config import config_fields, make_config, read_config_file
     from canprobe.errors import InputError
     from canprobe.experiment import Experiment
+    from canprobe.runfolder import REPORT_FILE
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError(
@@ -626,7 +629,7 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
         return
     summary = experiment.run()
     _print_summary([summary])
-    click.echo(f"report: {Path(experiment.out) / 'report.html'}")
+    click.echo(f"report: {Path(experiment.out) / REPORT_FILE}")
 
 
 @main.command("report")

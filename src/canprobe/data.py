@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from canprobe.errors import InputError
+from canprobe.runfolder import CAPTIONS_FILE, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ SIZES = {"small": 0.36, "large": 0.62}
 POSITIONS = {"left": 0.3, "middle": 0.5, "right": 0.7}
 POSITION_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-CAPTIONS_FILE = "captions.jsonl"
 UNCATEGORIZED = "uncategorized"
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are skipped
 
@@ -187,8 +187,8 @@ def write_scenes(out_dir: Path, per_category: int, seed: int = 0, resolution: in
             scene = random_scene(rng, category)
             rel = f"{category}/{i:04d}.png"
             draw_scene(scene, rng, resolution).save(out_dir / rel)
-            lines.append(json.dumps({"file": rel, "caption": scene.caption}))
-    (out_dir / CAPTIONS_FILE).write_text("\n".join(lines) + "\n")
+            lines.append({"file": rel, "caption": scene.caption})
+    write_jsonl(out_dir / CAPTIONS_FILE, lines)
     return out_dir
 
 

@@ -19,34 +19,29 @@ contents to a sibling ``<out>.replaced-*`` folder; a live run holds the folder w
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
+from canprobe import runfolder
 from canprobe.ablation import mean_activations
 from canprobe.config import ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
-from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+from canprobe.metrics import PPL_SCORERS, MaskEvaluator, MetricSummary, default_clip_model
 from canprobe.models import LoadedModel, load_model
+from canprobe.runfolder import CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
 from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
-from canprobe.store import LOCK_FILE, RunLock, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 POOLED = "pooled"
-CONTROLS_FILE = "controls.json"
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -92,7 +87,7 @@ def _score(
     lm: LoadedModel, config: ExperimentConfig, scope: str, images, captions, out: Path, method: str, alpha: float
 ) -> pd.DataFrame:
     """The ranking in ``out`` (computed and saved unless already there)."""
-    if (out / "ranking.parquet").exists():
+    if runfolder.has_ranking(out):
         return load_ranking(out)
     result: ScoreResult = score_neurons(
         lm,
@@ -130,6 +125,7 @@ class Experiment:
         self.progress = progress
         self.restart = restart
         self.timings = Timings()
+        self.ppl_lm: LoadedModel | None = None  # the separate PPL model, loaded once per study
         check_image_source(config)
 
     def _search_config(self, scope: str, group: str) -> SearchConfig:
@@ -159,7 +155,7 @@ class Experiment:
 
         They run on the pooled images (on every category when the run does not pool).
         """
-        cached = _read_json(out / CONTROLS_FILE)
+        cached = read_json(out / CONTROLS_FILE)
         if cached is not None and cached.get("k_star") == k_star:
             return cached
         result: dict = {"k_star": k_star, "activation_collapsed": None, "mean_ablation_collapsed": None}
@@ -172,34 +168,38 @@ class Experiment:
         c = self.config
         registry = SiteRegistry(lm.model)
         criterion = search.criterion
-        baseline = MetricSummary(**search_baseline(out))
+        baseline = MetricSummary(**runfolder.read_summary(out)["baseline"])
         if "activation" in wanted:
             act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
-            ev = MaskEvaluator(
-                lm,
-                group.images,
-                clip,
-                c.ppl_scorer,
-                c.prompt,
-                c.max_new_tokens,
-                c.batch_size,
-                reuse_features=c.reuse_features,
-            )
+            ev = self._evaluator(lm, clip, group.images)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
             means = mean_activations(lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size)
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
-            ev = MaskEvaluator(
-                lm, group.images, clip, c.ppl_scorer, c.prompt, c.max_new_tokens, c.batch_size, kind="mean", means=means
-            )
+            ev = self._evaluator(lm, clip, group.images, kind="mean", means=means)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["mean_ablation"] = dataclasses.asdict(point)
             result["mean_ablation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         atomic_write_json(out / CONTROLS_FILE, result)
         return result
+
+    def _evaluator(self, lm, clip, images, **kwargs) -> MaskEvaluator:
+        c = self.config
+        return MaskEvaluator(
+            lm,
+            images,
+            clip,
+            c.ppl_scorer,
+            c.prompt,
+            c.max_new_tokens,
+            c.batch_size,
+            ppl_lm=self.ppl_lm,
+            reuse_features=c.reuse_features,
+            **kwargs,
+        )
 
     def _split_half(self, lm, scope: str, pooled: Group, k: int) -> dict:
         """Score two disjoint halves (even / odd images) and compare their top-k sets and score orders."""
@@ -219,30 +219,7 @@ class Experiment:
 
     def _identity(self) -> dict:
         """The config that decides the folder's results (its own location may change)."""
-        return json.loads(json.dumps({k: v for k, v in self.config.to_dict().items() if k != "out"}))
-
-    def _claim(self) -> None:
-        """Check that the folder is empty or holds this config's run; restart moves another run aside."""
-        identity = self._identity()
-        previous = _read_json(self.out / RUN_FILE)
-        unlabelled = previous is None and any((self.out / name).exists() for name in ("summary.json", "scopes"))
-        if unlabelled or previous not in (None, identity):
-            if not self.restart:
-                if unlabelled:
-                    changed = "it has no run.json"
-                else:
-                    fields = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-                    changed = "differs in " + ", ".join(fields)
-                raise InputError(
-                    f"{self.out} holds a run of another config ({changed}); use the same config to resume, "
-                    "another out folder, or --restart to start over"
-                )
-            aside = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.replaced-", dir=self.out.parent))
-            for entry in self.out.iterdir():
-                if entry.name != LOCK_FILE:
-                    shutil.move(entry, aside / entry.name)
-            log.warning("%s: moved the previous run (another config) to %s", self.out, aside)
-        atomic_write_json(self.out / RUN_FILE, identity)
+        return {k: v for k, v in self.config.to_dict().items() if k != "out"}
 
     def plan(self) -> list[str]:
         """What ``run`` would do and the memory it needs, from the model config alone (``--dry-run``)."""
@@ -272,7 +249,7 @@ class Experiment:
     def run(self) -> dict:
         """Run or resume the study while holding the output folder (RunLock)."""
         with RunLock(self.out):
-            self._claim()
+            runfolder.claim(self.out, self._identity(), results=(SUMMARY_FILE, "scopes"), restart=self.restart)
             return self._run()
 
     def _run(self) -> dict:
@@ -288,6 +265,8 @@ class Experiment:
         start = time.perf_counter()
         lm = load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map)
         clip = load_model(c.clip_model or default_clip_model(c.model), device=c.device)
+        if c.ppl_scorer not in PPL_SCORERS:
+            self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
         self.timings.add("load models", start)
         registry = SiteRegistry(lm.model)
         for scope in c.scopes:
@@ -306,7 +285,15 @@ class Experiment:
             t = time.perf_counter()
             search_config = self._search_config(scope, group.name)
             found = find_k_star(
-                lm, group.images, ranking, clip, search_config, out, group.names, reuse_features=c.reuse_features
+                lm,
+                group.images,
+                ranking,
+                clip,
+                search_config,
+                out,
+                group.names,
+                ppl_lm=self.ppl_lm,
+                reuse_features=c.reuse_features,
             )
             self.timings.add("search", t)
             t = time.perf_counter()
@@ -351,7 +338,7 @@ class Experiment:
         summary = {
             "model": c.model,
             "config": c.to_dict(),
-            "versions": _versions(),
+            "versions": runfolder.versions(),
             "seed": c.seed,
             "n_images": len(image_set),
             "skipped_images": [str(p) for p, _ in image_set.skipped],
@@ -360,40 +347,12 @@ class Experiment:
             "split_half": split_half,
             "timings": self.timings.seconds,
         }
-        atomic_write_json(self.out / "summary.json", summary)
+        atomic_write_json(self.out / SUMMARY_FILE, summary)
         from canprobe.report import build_report
 
         build_report([self.out])
         return summary
 
 
-def search_baseline(search_dir: Path) -> dict:
-    """The unmasked metrics a finished search recorded in its summary.json."""
-    data = _read_json(search_dir / "summary.json")
-    if data is None:
-        raise InputError(f"{search_dir} holds no finished search")
-    return data["baseline"]
-
-
-def _read_json(path: Path):
-    """A JSON file's content, or None when it is absent (files are written atomically, never torn)."""
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    import canprobe
-
-    return {"canprobe": canprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> dict:
     return Experiment(config, progress, restart).run()
-
-
-def read_summary(run_dir: Path | str) -> dict:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise InputError(f"{run_dir} is not a canprobe run folder (no summary.json)")
-    return json.loads(path.read_text())

@@ -222,8 +222,8 @@ class MaskEvaluator:
             raise InputError("max new tokens and batch size must be positive")
         if ppl_scorer not in PPL_SCORERS and ppl_lm is None:
             ppl_lm = load_model(ppl_scorer)
-            if ppl_lm.kind != "decoder":
-                raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
+        if ppl_lm is not None and ppl_lm.kind != "decoder":
+            raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
         self.world = distributed.world()
         self.n_images = len(images)
         self.lm, self.images, self.prompt = lm, self.world.take(images), prompt

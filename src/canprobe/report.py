@@ -21,10 +21,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from canprobe.errors import InputError  # noqa: E402
-from canprobe.store import atomic_write_text, read_jsonl  # noqa: E402
+from canprobe.runfolder import (  # noqa: E402
+    CURVE_FILE,
+    RANKING_FILE,
+    REPORT_FILE,
+    atomic_write_text,
+    read_jsonl,
+    read_summary,
+)
 
-REPORT_FILE = "report.html"
 CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
 SECTIONS = ("examples", "curves", "locations", "kstar", "stability", "config")
 CSS = """
@@ -76,7 +81,7 @@ def _table(header: list[str], rows: list[list], left: int = 1) -> str:
 
 def load_curve(search_dir: Path) -> pd.DataFrame:
     """Every evaluated point of one search, as a table (empty when nothing was evaluated)."""
-    rows = read_jsonl(search_dir / "curve.jsonl")
+    rows = read_jsonl(search_dir / CURVE_FILE)
     return pd.DataFrame(rows)
 
 
@@ -153,7 +158,7 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
 def _locations_section(run_dir: Path, summary: dict, top_n: int = 50) -> str:
     frames = []
     for res in _headline_results(summary):
-        ranking = pd.read_parquet(run_dir / res["path"] / "ranking.parquet")
+        ranking = pd.read_parquet(run_dir / res["path"] / RANKING_FILE)
         n = int(res.get("k_star") or top_n)
         frames.append(ranking.head(max(n, 1)).assign(scope=res["scope"]))
     if not frames:
@@ -244,13 +249,6 @@ def _config_section(summary: dict) -> str:
     )
 
 
-def read_run(run_dir: Path | str) -> dict:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise InputError(f"{run_dir} is not a canprobe run folder (no summary.json)")
-    return json.loads(path.read_text())
-
-
 def _page(title: str, body: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -260,7 +258,7 @@ def _page(title: str, body: str) -> str:
 
 def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> Path:
     """Write one report over one or more run folders (default: ``report.html`` in the first)."""
-    runs = [(Path(d), read_run(d)) for d in run_dirs]
+    runs = [(Path(d), read_summary(d)) for d in run_dirs]
     kstar = _table(KSTAR_HEADER, [row for _, s in runs for row in _kstar_rows(s)], left=3)
     if len(runs) > 1:
         kstar += _kstar_figure(pd.DataFrame(_headline_rows([s for _, s in runs])))
@@ -316,7 +314,7 @@ def _kstar_figure(table: pd.DataFrame) -> str:
 def compare_runs(run_dirs: list[Path | str], out: Path | str) -> tuple[pd.DataFrame, Path]:
     """k* across runs (models) side by side: one table and one grouped bar figure, as an HTML page."""
     table = pd.DataFrame(
-        _headline_rows([read_run(d) for d in run_dirs]),
+        _headline_rows([read_summary(d) for d in run_dirs]),
         columns=["model", "scope", "category", "k_star", "n_neurons", "fraction"],
     )
     body = _table(list(table.columns), table.values.tolist(), left=3) + _kstar_figure(table)

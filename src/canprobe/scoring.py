@@ -40,9 +40,7 @@ every position, -sum_t a_t dL_i/da_t over non-pad positions, averaged over sampl
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -53,7 +51,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from canprobe import distributed, features
+from canprobe import distributed, features, runfolder
 from canprobe.ablation import to_model_inputs
 from canprobe.captions import generate_captions, teacher_forcing_inputs
 from canprobe.errors import InputError
@@ -64,8 +62,6 @@ log = logging.getLogger(__name__)
 
 SCORE_METHODS = ("can", "activation", "gradient", "random", "wanda")
 REDUCTIONS = ("loss", "all")
-SCORES_FILE = "scores.safetensors"
-RANKING_FILE = "ranking.parquet"
 RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
 POSITIONS = {
     "language": {"loss": "positions predicting a caption token", "all": "all non-pad positions"},
@@ -122,67 +118,27 @@ class ScoreResult:
         return [self.sites[j].address(int(i - starts[j])) for i, j in zip(chosen, site_of[chosen])]
 
     def save(self, out_dir: str | Path) -> None:
-        """Write scores.safetensors and ranking.parquet atomically (temp file, then os.replace)."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write scores.safetensors and ranking.parquet into ``out_dir`` (each atomically)."""
         tensors = {}
         for s in self.sites:
             tensors[s.name] = self.scores[s.name].float().contiguous()
             tensors[f"{s.name}/signed"] = self.signed[s.name].float().contiguous()
-        meta = {"config": json.dumps(self.config), "sites": json.dumps([asdict(s) for s in self.sites])}
-        tmp = out / f".{SCORES_FILE}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, out / SCORES_FILE)
-        _write_parquet(self.ranking(), out / RANKING_FILE, self.config)
-
-
-def _write_parquet(df: pd.DataFrame, path: Path, config: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    df = df.copy()
-    df.attrs = {}
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"canprobe": json.dumps(config).encode()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _resolve_file(path: str | Path, name: str) -> Path:
-    path = Path(path)
-    path = path / name if path.is_dir() else path
-    if not path.exists():
-        raise InputError(f"{path} does not exist; write it with `canprobe score --out DIR`")
-    return path
+        runfolder.write_scores(out_dir, tensors, {"config": self.config, "sites": [asdict(s) for s in self.sites]})
+        runfolder.write_ranking(out_dir, self.ranking(), self.config)
 
 
 def load_ranking(path: str | Path) -> pd.DataFrame:
     """Read ranking.parquet (a file or the folder holding it); the scoring config is in ``df.attrs``."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(_resolve_file(path, RANKING_FILE))
-    df = table.to_pandas()
-    raw = (table.schema.metadata or {}).get(b"canprobe")
-    df.attrs["config"] = json.loads(raw) if raw else {}
-    return df
+    return runfolder.read_ranking(path)
 
 
 def load_scores(path: str | Path) -> ScoreResult:
     """Read scores.safetensors (a file or the folder holding it) back into a ScoreResult."""
-    from safetensors import safe_open
-
-    file = _resolve_file(path, SCORES_FILE)
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "sites" not in meta:
-            raise InputError(f"{file} is not a canprobe scores file (no site metadata)")
-        sites = [Site(**d) for d in json.loads(meta["sites"])]
-        scores = {s.name: f.get_tensor(s.name) for s in sites}
-        signed = {s.name: f.get_tensor(f"{s.name}/signed") for s in sites}
-    return ScoreResult(scores, signed, sites, json.loads(meta.get("config", "{}")))
+    tensors, meta = runfolder.read_scores(path)
+    sites = [Site(**d) for d in meta["sites"]]
+    scores = {s.name: tensors[s.name] for s in sites}
+    signed = {s.name: tensors[f"{s.name}/signed"] for s in sites}
+    return ScoreResult(scores, signed, sites, meta.get("config", {}))
 
 
 @dataclass

@@ -13,33 +13,26 @@ curve. ``summary.json`` (k*, stage 1, baseline, criterion, config, versions) is 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 from PIL import Image
 
-import canprobe
-from canprobe import distributed
+from canprobe import distributed, runfolder
 from canprobe.ablation import ABLATION_KINDS, RankedNeurons
 from canprobe.errors import InputError
 from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
+from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
 from canprobe.sites import SiteRegistry
-from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
-
-CURVE_FILE = "curve.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -103,7 +96,8 @@ class SearchConfig:
     ``control``: "random" adds random neurons of the same counts, drawn with ``seed`` from the scope
     (one permutation, so the random sets are nested like the top-k sets), at every k of the top
     curve (``control_at="curve"``) or only at k* and the start of stage 1 (``"k_star"``, cheap).
-    ``batch_size`` counts generation rows (one row = one image under one mask).
+    ``batch_size`` counts generation rows (one row = one image under one mask). ``clip_model``: the
+    CLIP that scores the captions; ``find_k_star`` records the one it is given (None: whichever).
     """
 
     scope: str = "language.down_proj"
@@ -118,7 +112,7 @@ class SearchConfig:
     seed: int = 0
     ablation: str = "zero"
     ppl_scorer: str = "unmasked"
-    clip_model: str = "toy-clip"
+    clip_model: str | None = None
     prompt: str | None = None
     max_new_tokens: int = 24
     batch_size: int = 32
@@ -239,10 +233,6 @@ def grid_ks(grid_max: int, per_octave: int) -> list[int]:
     return sorted({min(grid_max, round(2 ** (j / per_octave))) for j in range(n + 1)} | {grid_max})
 
 
-def _fingerprint(values: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
-
-
 class CollapseSearch:
     """Progressive masking of a ranking's top neurons over one image set; resumable through ``out_dir``."""
 
@@ -271,7 +261,7 @@ class CollapseSearch:
         self.world = distributed.world()
         self.writes = self.out is not None and self.world.main  # under torch.distributed, rank 0 writes
         self.model_name = model_name
-        self.ranking_info = {**(ranking_info or {}), "fingerprint": _fingerprint(ranking.addresses)}
+        self.ranking_info = {**(ranking_info or {}), "fingerprint": runfolder.fingerprint(ranking.addresses)}
         self.points: dict[tuple[str, int], CurvePoint] = {}
         self.evaluated = 0
         self.resumed = 0
@@ -283,28 +273,17 @@ class CollapseSearch:
             "model": self.model_name,
             "config": self.config.to_dict(),
             "ranking": self.ranking_info,
-            "images": _fingerprint(self.image_names),
+            "images": runfolder.fingerprint(self.image_names),
             "n_images": len(self.image_names),
         }
 
     def _stored(self) -> tuple[str | None, list[dict]]:
         """(why the folder cannot be resumed, or None; the points it holds), read by the writing process."""
-        identity = self._run_identity()
-        run_file = self.out / RUN_FILE
-        stored = read_jsonl(self.out / CURVE_FILE, repair=True)
-        if run_file.exists():
-            previous = json.loads(run_file.read_text())
-            if previous != json.loads(json.dumps(identity)):
-                changed = sorted(k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k])))
-                return (
-                    f"{self.out} holds a search with other settings ({', '.join(changed)} differ); "
-                    "use a new --out folder or the same settings to resume"
-                ), []
-        elif stored:
-            return f"{self.out} has a {CURVE_FILE} but no {RUN_FILE}; use a new --out folder", []
-        else:
-            atomic_write_json(run_file, identity)
-        return None, stored
+        try:
+            runfolder.claim(self.out, self._run_identity(), results=(CURVE_FILE,))
+        except InputError as exc:
+            return str(exc), []
+        return None, read_jsonl(self.out / CURVE_FILE, repair=True)
 
     def _resume(self) -> None:
         if self.out is None:
@@ -444,8 +423,6 @@ class CollapseSearch:
         return next((p.k for p in self._top_curve() if p.stage != "healthy"), None)
 
     def _summary(self, k_star: int | None, bracket: tuple[int, int | None], seconds: float) -> dict:
-        import transformers
-
         top = self._top_curve()
         stage1 = self._stage1()
         collapsed = [p.k for p in top if p.stage == "collapsed"]
@@ -481,11 +458,7 @@ class CollapseSearch:
             "n_images": len(self.image_names),
             "config": self.config.to_dict(),
             "seed": self.config.seed,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "canprobe": canprobe.__version__,
-            },
+            "versions": runfolder.versions(),
             "seconds": seconds,
         }
 
@@ -510,6 +483,9 @@ def find_k_star(
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
     config = config or SearchConfig()
+    if config.clip_model not in (None, clip.source):
+        raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
+    config = replace(config, clip_model=clip.source)  # the summary records the CLIP that scored the captions
     registry = SiteRegistry(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))

@@ -1,4 +1,15 @@
-"""Crash-safe files: whole files appear atomically, JSON lines survive a kill mid-write.
+"""The run folder: its file names, the run identity, versions, readers and crash-safe writers.
+
+Every file canprobe writes goes through this module. A run folder holds::
+
+    run.json             the identity of the run the folder belongs to (a resume must match it)
+    scores.safetensors   importance per site and ``<site>/signed``; the scoring config in the metadata
+    ranking.parquet      address, component, site, layer, index, score, rank; the config in the metadata
+    curve.jsonl          one line per evaluated (control, k), appended as each point finishes
+    summary.json         k*, stage 1, baseline, criterion, config, versions, seed
+    controls.json        a study's controls at k* (activation-only ranking, mean ablation)
+    report.html          figures and tables drawn from the files above
+    captions.jsonl       ``canprobe caption``: one record per image
 
 Long runs (scoring, the k* search) must be resumable after ``kill -9`` or a power cut. Whole files
 are written to a temporary file in the same folder, fsynced, then renamed over the target, so a
@@ -13,17 +24,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from canprobe.errors import CanprobeError
+from canprobe.errors import CanprobeError, InputError
 
 log = logging.getLogger(__name__)
 
-
 LOCK_FILE = ".canprobe.lock"
+RUN_FILE = "run.json"
+SCORES_FILE = "scores.safetensors"
+RANKING_FILE = "ranking.parquet"
+CURVE_FILE = "curve.jsonl"
+SUMMARY_FILE = "summary.json"
+CONTROLS_FILE = "controls.json"
+REPORT_FILE = "report.html"
+CAPTIONS_FILE = "captions.jsonl"
 
 
 class StoreError(CanprobeError):
@@ -129,6 +149,142 @@ def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[Any]:
             if repair:
                 _truncate(path, len(data) - len(tail))
     return records
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """A whole JSON-lines file, one record a line, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or None when it is absent (whole files are written atomically, never torn)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resolve_file(path: str | os.PathLike, name: str) -> Path:
+    """``path`` itself, or the file ``name`` in the folder ``path``; it must exist."""
+    path = Path(path)
+    path = path / name if path.is_dir() else path
+    if not path.exists():
+        raise InputError(f"{path} does not exist; write it with `canprobe score --out DIR`")
+    return path
+
+
+def versions() -> dict[str, str]:
+    """The package versions that decide a run's numbers, recorded in every summary."""
+    import torch
+    import transformers
+
+    import canprobe
+
+    return {"canprobe": canprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def write_scores(folder: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+    """``scores.safetensors`` in ``folder``: the tensors, and each metadata value as JSON."""
+    from safetensors.torch import save
+
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    atomic_write_bytes(Path(folder) / SCORES_FILE, save(dict(tensors), metadata=meta))
+
+
+def read_scores(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors, metadata) of ``scores.safetensors`` (the file or its folder)."""
+    from safetensors import safe_open
+
+    file = resolve_file(path, SCORES_FILE)
+    with safe_open(str(file), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        if "sites" not in meta:
+            raise InputError(f"{file} is not a canprobe scores file (no site metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def write_ranking(folder: str | os.PathLike, ranking: Any, config: Mapping[str, Any]) -> None:
+    """``ranking.parquet`` in ``folder``, the scoring config in the schema metadata."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = ranking.copy()
+    frame.attrs = {}
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"canprobe": json.dumps(config).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(Path(folder) / RANKING_FILE, buf.getvalue())
+
+
+def read_ranking(path: str | os.PathLike):
+    """``ranking.parquet`` (the file or its folder) as a DataFrame; the scoring config in ``df.attrs``."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(resolve_file(path, RANKING_FILE))
+    frame = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(b"canprobe")
+    frame.attrs["config"] = json.loads(raw) if raw else {}
+    return frame
+
+
+def has_ranking(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / RANKING_FILE).exists()
+
+
+def read_summary(folder: str | os.PathLike) -> dict:
+    """A finished run's or search's ``summary.json``."""
+    data = read_json(Path(folder) / SUMMARY_FILE)
+    if data is None:
+        raise InputError(f"{folder} is not a finished canprobe run or search (no {SUMMARY_FILE})")
+    return data
+
+
+def fingerprint(values: Iterable[str]) -> str:
+    """A short stable hash of a list of names (images, ranked addresses) for a run's identity."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
+
+
+def claim(
+    folder: str | os.PathLike,
+    identity: Mapping[str, Any],
+    results: Iterable[str],
+    restart: bool | None = None,
+) -> None:
+    """Check that ``folder`` is new or holds this identity's run, then record the identity in run.json.
+
+    ``identity`` is everything that decides the folder's results; ``results`` are the entries that
+    show a run was made there (a folder holding one of them without run.json is someone else's).
+    A folder of another identity raises InputError naming the fields that differ; with
+    ``restart=True`` its contents are moved to a sibling ``<folder>.replaced-*`` instead.
+    ``restart=None``: the caller offers no restart.
+    """
+    folder = Path(folder)
+    identity = json.loads(json.dumps(identity))
+    previous = read_json(folder / RUN_FILE)
+    unlabelled = previous is None and any((folder / name).exists() for name in results)
+    if unlabelled or previous not in (None, identity):
+        if not restart:
+            if unlabelled:
+                changed = f"it has no {RUN_FILE}"
+            else:
+                fields = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
+                changed = "differs in " + ", ".join(fields)
+            how = "" if restart is None else ", or --restart to start over"
+            raise InputError(
+                f"{folder} holds a run of another config ({changed}); use the same config to resume or "
+                f"another output folder{how}"
+            )
+        aside = Path(tempfile.mkdtemp(prefix=f"{folder.name}.replaced-", dir=folder.parent))
+        for entry in folder.iterdir():
+            if entry.name != LOCK_FILE:
+                shutil.move(entry, aside / entry.name)
+        log.warning("%s: moved the previous run (another config) to %s", folder, aside)
+    if previous != identity:
+        atomic_write_json(folder / RUN_FILE, identity)
 
 
 def _truncate(path: Path, size: int) -> None:
