@@ -114,7 +114,7 @@ def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dty
     enc = inputs(model, images)
     kind = "llava" if model.config.model_type == "llava" else "instructblip"
     lm = LoadedModel(model, None, kind, f"{arch} (random {dtype})")
-    mask = [s.address(i) for s in SiteRegistry(model).select(scope) for i in range(s.size)][:n_mask]
+    mask = [s.address(i) for s in SiteRegistry.of(model).select(scope) for i in range(s.size)][:n_mask]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if mode == "bare":

@@ -47,7 +47,7 @@ def _captum(lm, enc) -> dict[str, torch.Tensor]:
     from canprobe.scoring import per_sample_loss
     from canprobe.sites import SiteRegistry
 
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     # Captum cannot attribute to a layer that never reaches the loss: LLaVA's last vision layer
     # (vision_feature_layer=-2) is left out, which only makes Captum's job smaller
     last_vision = max(s.layer for s in registry.sites if s.component == "vision")

@@ -90,7 +90,7 @@ def main() -> None:
         return
 
     # 2. the step-one sweep, stopping at the first collapsed k
-    ranked = ranked_in_scope(SiteRegistry(lm.model), ranking, args.scope)
+    ranked = ranked_in_scope(SiteRegistry.of(lm.model), ranking, args.scope)
     ev = evaluator(n)
     start = time.perf_counter()
     baseline = MetricSummary.of(ev.evaluate_baseline())

@@ -19,13 +19,13 @@ from PIL import Image
 
 from canprobe import distributed
 from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
+from canprobe.config import ABLATION_KINDS, default
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
 from canprobe.sites import Neuron, Site, SiteRegistry
 
 log = logging.getLogger(__name__)
 
-ABLATION_KINDS = ("zero", "mean")
 # a neuron set: addresses (strings or parsed), or site name -> index tensor
 NeuronSpec = Iterable[str | Neuron] | Mapping[str, torch.Tensor]
 
@@ -144,7 +144,7 @@ class Ablation:
         if not masks:
             raise InputError("per-row ablation needs at least one row")
         self.model = _model_of(lm_or_model)
-        self.registry = SiteRegistry(self.model)
+        self.registry = SiteRegistry.of(self.model)
         self.kind = kind
         self.rows = len(masks) if per_row else None
         grouped = [group_by_site(self.registry, m) for m in masks]
@@ -194,19 +194,11 @@ class Ablation:
             raise RuntimeError("this ablation is already active")
         try:
             for site, mask, fill in self._plan:
-                module = self.registry.module(site)
-                if site.hook == "output":
 
-                    def hook(_module, _args, output, site=site, mask=mask, fill=fill):
-                        return self._replace(output, mask, fill, site)
+                def replace(x, site=site, mask=mask, fill=fill):
+                    return self._replace(x, mask, fill, site)
 
-                    self._handles.append(module.register_forward_hook(hook))
-                else:
-
-                    def pre_hook(_module, args, site=site, mask=mask, fill=fill):
-                        return (self._replace(args[0], mask, fill, site), *args[1:])
-
-                    self._handles.append(module.register_forward_pre_hook(pre_hook))
+                self._handles.append(self.registry.hook(site, replace))
         except BaseException:
             self._remove()
             raise
@@ -249,7 +241,8 @@ def mean_activations(
     sites: Sequence[Site] | str,
     captions: list[str] | None = None,
     prompt: str | None = None,
-    batch_size: int = 8,
+    batch_size: int = default("batch_size"),
+    max_new_tokens: int = default("max_new_tokens"),
 ) -> dict[str, torch.Tensor]:
     """Mean activation of every neuron of ``sites`` over reference images (float32, per site name).
 
@@ -258,7 +251,7 @@ def mean_activations(
     Q-Former sites over all positions. Under ``torch.distributed`` each process reads its shard of
     the images and the sums are all-reduced, so every process gets the means over all of them.
     """
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     chosen = registry.select(sites) if isinstance(sites, str) else list(sites)
     if not images:
         raise InputError("mean ablation needs at least one reference image")
@@ -267,7 +260,7 @@ def mean_activations(
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
     if captions is None:
-        captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size)
+        captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size)
     sums = {s.name: torch.zeros(s.size, dtype=torch.float64) for s in chosen}
     counts = dict.fromkeys(sums, 0.0)
     weights: dict[str, torch.Tensor] = {}
@@ -283,16 +276,12 @@ def mean_activations(
                 sums[site.name] += x.sum(dim=tuple(range(x.dim() - 1))).cpu()
                 counts[site.name] += float(x[..., 0].numel())
 
-        if site.hook == "output":
-            return lambda _m, _a, out: record(out)
-        return lambda _m, args: record(args[0])
+        return record
 
     handles = []
     try:
         for site in chosen:
-            module = registry.module(site)
-            register = module.register_forward_hook if site.hook == "output" else module.register_forward_pre_hook
-            handles.append(register(make_hook(site)))
+            handles.append(registry.hook(site, make_hook(site)))
         pairs = list(zip(images, captions))
         for batch in _batches(pairs, batch_size):
             enc = teacher_forcing_inputs(lm.processor, lm.kind, [p[0] for p in batch], [p[1] for p in batch], prompt)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from canprobe import runfolder
+from canprobe.config import default
 from canprobe.data import ImageSet
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
@@ -81,8 +82,8 @@ def generate_captions(
     lm: LoadedModel,
     images: list[Image.Image],
     prompt: str | None = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 16,
+    max_new_tokens: int = default("max_new_tokens"),
+    batch_size: int = default("batch_size"),
     features: Sequence[torch.Tensor] | None = None,
 ) -> list[str]:
     """Greedy captions, one per image, in order.

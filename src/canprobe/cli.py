@@ -13,9 +13,43 @@ from pathlib import Path
 
 import click
 
+from canprobe.config import SETTINGS
 from canprobe.errors import CanprobeError
+from canprobe.runfolder import CAPTIONS_FILE
 
 POSITIVE = click.IntRange(min=1)
+
+
+def _click_type(name: str):
+    s = SETTINGS[name]
+    if s.choices is not None:
+        return click.Choice(list(s.choices))
+    bounded = s.low is not None or s.high is not None
+    if s.kind is int:
+        return click.IntRange(min=s.low, max=s.high) if bounded else click.INT
+    if s.kind is float:
+        return click.FloatRange(s.low, s.high, min_open=s.low_open, max_open=s.high_open) if bounded else click.FLOAT
+    return None
+
+
+def option(name: str, *flags: str, **overrides):
+    """The command-line option of setting ``name`` (canprobe.config.SETTINGS): its type, choices, default, help.
+
+    ``flags`` replace the flag derived from the name (``max_new_tokens`` -> ``--max-new-tokens``);
+    ``overrides`` are passed to click (e.g. ``required=True``).
+    """
+    s = SETTINGS[name]
+    flag = flags or ("--" + name.replace("_", "-"),)
+    kwargs = {"default": s.default, "help": s.help, "show_default": s.default is not None}
+    if s.kind is bool:
+        if s.default:
+            flag = (f"{flag[0]}/--no-{flag[0][2:]}",)
+        else:
+            kwargs.update(is_flag=True, show_default=False)
+    else:
+        kwargs["type"] = _click_type(name)
+    kwargs.update(overrides)
+    return click.option(*flag, name, **kwargs)
 
 
 def _load(model: str, dtype: str, device: str | None, trust_remote_code: bool = False, device_map: str | None = None):
@@ -44,21 +78,14 @@ def _report_skipped(image_set) -> None:
             click.echo(f"  {path}: {why}", err=True)
 
 
-model_option = click.option("--model", required=True, help="Built-in name (toy-llava, ...), local folder or hub id.")
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
-device_option = click.option("--device", default=None, help="torch device, e.g. cpu or cuda:0.")
-device_map_option = click.option(
-    "--device-map", default=None, help="accelerate placement for models larger than one GPU, e.g. auto."
-)
-checkpointing_option = click.option(
-    "--gradient-checkpointing", is_flag=True, help="Recompute layer activations in the backward pass (less memory)."
-)
-reuse_option = click.option(
-    "--reuse-features/--no-reuse-features",
-    default=True,
-    show_default=True,
-    help="Encode each image once for all masks that leave the image encoder alone.",
-)
+model_option = option("model", required=True)
+images_option = option("images", type=click.Path(path_type=Path), required=True)
+dtype_option = option("dtype")
+device_option = option("device")
+device_map_option = option("device_map")
+checkpointing_option = option("gradient_checkpointing")
+reuse_option = option("reuse_features")
+trust_option = option("trust_remote_code")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
 
 
@@ -88,14 +115,14 @@ def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
 
 @main.command()
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("captions.jsonl"), show_default=True)
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=16, show_default=True)
+@images_option
+@click.option("--out", type=click.Path(path_type=Path), default=Path(CAPTIONS_FILE), show_default=True)
+@option("prompt")
+@option("max_new_tokens")
+@option("batch_size")
 @dtype_option
 @device_option
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+@trust_option
 def caption(model, images, out, prompt, max_new_tokens, batch_size, dtype, device, trust_remote_code) -> None:
     """Caption every image of an image set (JSON lines)."""
     from canprobe.captions import caption_image_set, exact_match_rate, write_captions
@@ -182,23 +209,16 @@ def inspect_command(model: str, dtype: str, device: str | None) -> None:
 
 @main.command("score")
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
-@click.option("--scope", default="language.down_proj", show_default=True, help="Sites, e.g. language, vision.fc1,all.")
-@click.option("--method", type=click.Choice(["can", "activation", "gradient", "random", "wanda"]), default="can")
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="Gradient exponent.")
-@click.option("--reduction", type=click.Choice(["loss", "all"]), default="loss", show_default=True)
-@click.option(
-    "--captions",
-    "caption_source",
-    type=click.Choice(["self", "reference"]),
-    default="self",
-    show_default=True,
-    help="Loss text: the model's own greedy captions, or the image set's captions.jsonl.",
-)
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
-@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@images_option
+@option("scope")
+@option("method")
+@option("alpha")
+@option("reduction")
+@option("loss_text", "--captions")
+@option("prompt")
+@option("batch_size")
+@option("max_new_tokens")
+@option("seed")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-scores"), show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the ranking to print.")
 @dtype_option
@@ -207,7 +227,7 @@ def inspect_command(model: str, dtype: str, device: str | None) -> None:
 @checkpointing_option
 @reuse_option
 @dry_run_option
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+@trust_option
 def score_command(
     model,
     images,
@@ -215,7 +235,7 @@ def score_command(
     method,
     alpha,
     reduction,
-    caption_source,
+    loss_text,
     prompt,
     batch_size,
     max_new_tokens,
@@ -260,7 +280,7 @@ def score_command(
     if world.main:
         _report_skipped(image_set)
     captions = None
-    if caption_source == "reference":
+    if loss_text == "reference":
         missing = [r.name for r in image_set.records if r.caption is None]
         if missing:
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
@@ -289,7 +309,7 @@ def score_command(
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
     click.echo(
         f"scored {len(ranking):,} neurons in {len(result.sites)} sites over {len(image_set)} images "
-        f"({method}, reduction {reduction}, {caption_source} captions, {world.size} process(es)); wrote {out}"
+        f"({method}, reduction {reduction}, {loss_text} captions, {world.size} process(es)); wrote {out}"
     )
 
 
@@ -324,43 +344,31 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 
 @main.command("search")
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
-@click.option("--scope", default="language.down_proj", show_default=True, help="Sites whose neurons are masked.")
+@images_option
+@option("scope")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
-@click.option(
-    "--method",
-    type=click.Choice(["can", "activation", "gradient", "random", "wanda"]),
-    default="can",
-    show_default=True,
-    help="Scoring method when no --ranking is given (the ranking is then saved in --out).",
-)
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="With --method can.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder; rerun to resume.")
-@click.option("--control", type=click.Choice(["random"]), default=None, help="Add random neurons of the same counts.")
-@click.option(
-    "--control-at",
-    type=click.Choice(["curve", "k_star"]),
-    default="curve",
-    show_default=True,
-    help="Evaluate the control at every k of the curve, or only at k* and the start of stage 1.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control's draw.")
-@click.option("--stage1-ppl-ratio", type=float, default=2.0, show_default=True)
-@click.option("--stage1-clip-ratio", type=float, default=0.9, show_default=True)
-@click.option("--collapse-ppl-ratio", type=float, default=100.0, show_default=True)
-@click.option("--collapse-clip-ratio", type=float, default=0.5, show_default=True)
-@click.option("--growth", type=float, default=2.0, show_default=True, help="Factor of the geometric growth of k.")
-@click.option("--k-per-round", type=int, default=1, show_default=True, help="k values per batched round.")
-@click.option("--grid-per-octave", type=int, default=1, show_default=True, help="Curve points per doubling; 0: none.")
-@click.option("--max-k", type=int, default=None, help="Largest k to try (default: every neuron of the scope).")
-@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
-@click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
-@click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--max-new-tokens", type=int, default=24, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Generation rows (image x mask).")
-@click.option("--samples", type=int, default=4, show_default=True, help="Sample captions kept per point.")
-@click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
+@option("method", help="Scoring method when no --ranking is given (the ranking is then saved in --out).")
+@option("alpha")
+@option("out", type=click.Path(path_type=Path), required=True, default=None)
+@option("control")
+@option("control_at")
+@option("seed")
+@option("stage1_ppl_ratio")
+@option("stage1_clip_ratio")
+@option("collapse_ppl_ratio")
+@option("collapse_clip_ratio")
+@option("growth")
+@option("k_per_round")
+@option("grid_per_octave")
+@option("max_k")
+@option("ablation")
+@option("ppl_scorer")
+@option("clip_model")
+@option("prompt")
+@option("max_new_tokens")
+@option("batch_size")
+@option("n_samples", "--samples")
+@option("images_per_category", "--per-category")
 @dtype_option
 @device_option
 @device_map_option
@@ -369,13 +377,13 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @dry_run_option
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
+    from canprobe.config import CRITERION_FIELDS, CollapseCriterion, SearchConfig
     from canprobe.metrics import default_clip_model
     from canprobe.runfolder import RANKING_FILE, RunLock
-    from canprobe.search import CollapseCriterion, SearchConfig, find_k_star
+    from canprobe.search import find_k_star
 
-    thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
-    criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
-    per_category, dtype, device = options.pop("per_category"), options.pop("dtype"), options.pop("device")
+    criterion = CollapseCriterion(**{k: options.pop(k) for k in CRITERION_FIELDS})
+    per_category, dtype, device = options.pop("images_per_category"), options.pop("dtype"), options.pop("device")
     device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
     checkpointed, reuse = options.pop("gradient_checkpointing"), options.pop("reuse_features")
     clip_model = options.pop("clip_model") or default_clip_model(model)
@@ -386,7 +394,6 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         control_at=control_at,
         seed=seed,
         clip_model=clip_model,
-        n_samples=options.pop("samples"),
         **options,
     )
     world, device = _join_world(device)
@@ -399,7 +406,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             len(image_set),
             scope,
             dtype,
-            8,
+            config.batch_size,
             config.batch_size,
             config.max_new_tokens,
             world.size,
@@ -485,18 +492,18 @@ def _print_search(result, out: Path) -> None:
 
 @main.command("ablate")
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
+@images_option
 @click.option("--neurons", default=None, help="Comma-separated addresses, e.g. language.layers.1.mlp.down_proj:7.")
 @click.option("--top", "top_k", type=click.IntRange(min=0), default=None, help="Mask the top K of --ranking.")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
-@click.option("--scope", default=None, help="With --top: count only the ranking's neurons in this scope.")
-@click.option("--ablation", type=click.Choice(["zero", "mean"]), default="zero", show_default=True)
-@click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
-@click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
+@option("scope", default=None, show_default=False, help="With --top: count only the ranking's neurons in this scope.")
+@option("ablation")
+@option("ppl_scorer")
+@option("clip_model")
+@option("prompt")
+@option("max_new_tokens")
+@option("batch_size")
+@option("images_per_category", "--per-category")
 @dtype_option
 @device_option
 def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
@@ -513,9 +520,9 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     addresses = [a.strip() for a in neurons.split(",") if a.strip()] if neurons is not None else []
     for address in addresses:
         parse_address(address)
-    image_set = _image_subset(images, rest["per_category"])
+    image_set = _image_subset(images, rest["images_per_category"])
     lm = _load(model, rest["dtype"], rest["device"])
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     if top_k is not None:
         from canprobe.search import ranked_in_scope
 
@@ -531,7 +538,15 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         label = f"{len(addresses)} neuron(s)"
     means = None
     if ablation == "mean" and mask:
-        means = mean_activations(lm, image_set.images, [registry.by_name[n] for n in mask], prompt=prompt)
+        sites = [registry.by_name[n] for n in mask]
+        means = mean_activations(
+            lm,
+            image_set.images,
+            sites,
+            prompt=prompt,
+            batch_size=rest["batch_size"],
+            max_new_tokens=rest["max_new_tokens"],
+        )
     clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
     evaluator = MaskEvaluator(
         lm,
@@ -563,22 +578,22 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
 
 
 def _config_flags(func):
-    """One flag per ExperimentConfig field (lists comma-separated, booleans as --x/--no-x)."""
+    """One flag per ExperimentConfig field; no default, so a config file's value stands unless a flag is given.
+
+    Lists are comma-separated (their choices are checked by the config), booleans are --x/--no-x.
+    """
     from canprobe.config import config_fields
 
     for name, annotation in reversed(list(config_fields().items())):
+        s = SETTINGS[name]
         flag = "--" + name.replace("_", "-")
-        text = str(annotation)
-        if annotation is bool:
-            decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None)
-        elif "list" in text:
-            decl = click.option(flag, name, default=None, metavar="A,B,...", help="comma-separated")
-        elif "int" in text:
-            decl = click.option(flag, name, type=int, default=None)
-        elif "float" in text:
-            decl = click.option(flag, name, type=float, default=None)
+        if s.kind is bool:
+            decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=s.help)
+        elif "list" in str(annotation):
+            decl = click.option(flag, name, default=None, metavar="A,B,...", help=f"{s.help} Comma-separated.")
         else:
-            decl = click.option(flag, name, default=None)
+            shown = "" if s.default is None else f" [default: {s.default}]"
+            decl = option(name, default=None, show_default=False, help=s.help + shown)
         func = decl(func)
     return func
 

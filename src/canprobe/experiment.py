@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 
 from canprobe import runfolder
 from canprobe.ablation import mean_activations
-from canprobe.config import ExperimentConfig, check_image_source
+from canprobe.config import PPL_SCORERS, ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
-from canprobe.metrics import PPL_SCORERS, MaskEvaluator, MetricSummary, default_clip_model
+from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
 from canprobe.models import LoadedModel, load_model
 from canprobe.runfolder import CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
-from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
+from canprobe.search import SearchConfig, find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,7 @@ class Experiment:
         c = self.config
         return SearchConfig(
             scope=scope,
-            criterion=CollapseCriterion(
-                stage1_ppl_ratio=c.stage1_ppl_ratio,
-                stage1_clip_ratio=c.stage1_clip_ratio,
-                collapse_ppl_ratio=c.collapse_ppl_ratio,
-                collapse_clip_ratio=c.collapse_clip_ratio,
-            ),
+            criterion=c.criterion(),
             control="random" if "random" in c.controls else None,
             control_at="curve" if group == POOLED or not c.pooled else "k_star",
             seed=c.seed,
@@ -166,7 +161,7 @@ class Experiment:
             atomic_write_json(out / CONTROLS_FILE, result)
             return result
         c = self.config
-        registry = SiteRegistry(lm.model)
+        registry = SiteRegistry.of(lm.model)
         criterion = search.criterion
         baseline = MetricSummary(**runfolder.read_summary(out)["baseline"])
         if "activation" in wanted:
@@ -177,7 +172,9 @@ class Experiment:
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
-            means = mean_activations(lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size)
+            means = mean_activations(
+                lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+            )
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
             ev = self._evaluator(lm, clip, group.images, kind="mean", means=means)
             point = MetricSummary.of(ev.evaluate([mask])[0])
@@ -268,7 +265,7 @@ class Experiment:
         if c.ppl_scorer not in PPL_SCORERS:
             self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
         self.timings.add("load models", start)
-        registry = SiteRegistry(lm.model)
+        registry = SiteRegistry.of(lm.model)
         for scope in c.scopes:
             registry.select(scope)  # fail on a bad scope before any work
         results, overlap, split_half = [], {}, {}

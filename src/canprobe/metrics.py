@@ -26,13 +26,13 @@ from PIL import Image
 from canprobe import distributed, features
 from canprobe.ablation import NeuronSpec, ablate_rows, group_by_site, to_model_inputs
 from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
+from canprobe.config import PPL_SCORERS, default
 from canprobe.errors import InputError
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
 
-PPL_SCORERS = ("unmasked", "masked")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
@@ -62,7 +62,7 @@ def caption_ppl(
     images: list[Image.Image] | None,
     captions: list[str],
     prompt: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = default("batch_size"),
     image_features: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Perplexity of each caption as a continuation of the prompt (and image), float32; may hold inf/NaN.
@@ -91,7 +91,7 @@ def _features(output) -> torch.Tensor:
 class ClipScorer:
     """CLIP score ``100 * max(cos, 0)`` (torchmetrics' CLIPScore per pair), with image features cached."""
 
-    def __init__(self, clip: LoadedModel, batch_size: int = 32):
+    def __init__(self, clip: LoadedModel, batch_size: int = default("batch_size")):
         if clip.kind != "clip":
             raise InputError(f"{clip.source} is a {clip.kind} model, not a CLIP model")
         self.clip = clip
@@ -207,11 +207,11 @@ class MaskEvaluator:
         lm: LoadedModel,
         images: list[Image.Image],
         clip: LoadedModel,
-        ppl_scorer: str = "unmasked",
+        ppl_scorer: str = default("ppl_scorer"),
         prompt: str | None = None,
-        max_new_tokens: int = 24,
-        batch_size: int = 32,
-        kind: str = "zero",
+        max_new_tokens: int = default("max_new_tokens"),
+        batch_size: int = default("batch_size"),
+        kind: str = default("ablation"),
         means: Mapping[str, torch.Tensor] | None = None,
         ppl_lm: LoadedModel | None = None,
         reuse_features: bool = True,
@@ -235,7 +235,7 @@ class MaskEvaluator:
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
         self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse_features else None
-        self._registry = SiteRegistry(lm.model)
+        self._registry = SiteRegistry.of(lm.model)
 
     def _features(self, image_ids: Sequence[int], reusable: bool = True) -> list[torch.Tensor] | None:
         """Cached encodings of these (local) images, or None: no cache, or a mask touches the encoder."""

@@ -22,6 +22,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from canprobe.config import DTYPE_NAMES
 from canprobe.errors import ModelLoadError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ MODEL_FAMILIES = {
     "mistral": "decoder",
     "qwen2": "decoder",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

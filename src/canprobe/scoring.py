@@ -54,14 +54,13 @@ from PIL import Image
 from canprobe import distributed, features, runfolder
 from canprobe.ablation import to_model_inputs
 from canprobe.captions import generate_captions, teacher_forcing_inputs
+from canprobe.config import REDUCTIONS, SCORE_METHODS, default
 from canprobe.errors import InputError
 from canprobe.models import LoadedModel
 from canprobe.sites import Site, SiteRegistry
 
 log = logging.getLogger(__name__)
 
-SCORE_METHODS = ("can", "activation", "gradient", "random", "wanda")
-REDUCTIONS = ("loss", "all")
 RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
 POSITIONS = {
     "language": {"loss": "positions predicting a caption token", "all": "all non-pad positions"},
@@ -374,7 +373,7 @@ def score_inputs(
     Under ``torch.distributed`` each process passes its own batches and gets the scores of all.
     """
     _check_options(method, alpha, reduction)
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     sites = registry.select(scope)
     current: list[_Batch] = []
     accs = [_Accumulator(s, method, float(alpha), lambda: current[0]) for s in sites]
@@ -382,16 +381,9 @@ def score_inputs(
     n = 0
     try:
         for acc in accs:
-            module = registry.module(acc.site)
-            if acc.site.hook == "output":
-                handles.append(module.register_forward_hook(lambda _m, _i, out, acc=acc: acc.forward(out)))
-            else:
-                handles.append(
-                    module.register_forward_pre_hook(lambda _m, args, acc=acc: (acc.forward(args[0]), *args[1:]))
-                )
+            handles.append(registry.hook(acc.site, acc.forward))
             if method == "wanda":
-                linear = registry.weight(acc.site)
-                handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=acc: acc.weight_input(args[0])))
+                handles.append(registry.hook(acc.site, acc.weight_input, "weight_input"))
         with checkpointing(lm.model) if gradient_checkpointing else nullcontext():
             for enc in batches:
                 cached = enc.pop(FEATURES_KEY, None)
@@ -455,9 +447,9 @@ def score_neurons(
     reduction: str = "loss",
     captions: list[str] | None = None,
     prompt: str | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    max_new_tokens: int = 24,
+    batch_size: int = default("batch_size"),
+    seed: int = default("seed"),
+    max_new_tokens: int = default("max_new_tokens"),
     gradient_checkpointing: bool = False,
     reuse_features: bool = True,
 ) -> ScoreResult:
@@ -470,7 +462,7 @@ def score_neurons(
     """
     _check_options(method, alpha, reduction)
     images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
-    sites = SiteRegistry(lm.model).select(scope)  # fail on a bad scope before generating captions
+    sites = SiteRegistry.of(lm.model).select(scope)  # fail on a bad scope before generating captions
     n_images = len(images)
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)

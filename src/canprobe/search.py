@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -26,121 +26,14 @@ import torch
 from PIL import Image
 
 from canprobe import distributed, runfolder
-from canprobe.ablation import ABLATION_KINDS, RankedNeurons
+from canprobe.ablation import RankedNeurons
+from canprobe.config import SearchConfig
 from canprobe.errors import InputError
-from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
+from canprobe.metrics import CaptionMetrics, MaskEvaluator, MetricSummary
 from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CollapseCriterion:
-    """Stage thresholds, relative to the unmasked model (METHOD.md, "Progressive masking and k*").
-
-    Stage 1 (degraded): median PPL > stage1_ppl_ratio x baseline OR mean CLIP < stage1_clip_ratio x
-    baseline. Stage 2 (collapsed): median PPL >= collapse_ppl_ratio x baseline AND mean CLIP <
-    collapse_clip_ratio x baseline.
-    """
-
-    stage1_ppl_ratio: float = 2.0
-    stage1_clip_ratio: float = 0.9
-    collapse_ppl_ratio: float = 100.0
-    collapse_clip_ratio: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("stage1_ppl_ratio", "collapse_ppl_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 1):
-                raise InputError(f"{name.replace('_', '-')} must be a finite number above 1, got {value}")
-        for name in ("stage1_clip_ratio", "collapse_clip_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < 1):
-                raise InputError(f"{name.replace('_', '-')} must be between 0 and 1 (exclusive), got {value}")
-        if self.collapse_ppl_ratio < self.stage1_ppl_ratio:
-            raise InputError(
-                f"collapse-ppl-ratio ({self.collapse_ppl_ratio}) must be at least stage1-ppl-ratio "
-                f"({self.stage1_ppl_ratio}): collapse is the later stage"
-            )
-        if self.collapse_clip_ratio > self.stage1_clip_ratio:
-            raise InputError(
-                f"collapse-clip-ratio ({self.collapse_clip_ratio}) must not exceed stage1-clip-ratio "
-                f"({self.stage1_clip_ratio}): collapse is the later stage"
-            )
-
-    def stage(self, point: MetricSummary, baseline: MetricSummary) -> str:
-        """NaN medians compare false, so a point with no scorable caption never counts as collapsed."""
-        ppl, clip, ppl0, clip0 = point.ppl_median, point.clip_mean, baseline.ppl_median, baseline.clip_mean
-        if ppl >= self.collapse_ppl_ratio * ppl0 and clip < self.collapse_clip_ratio * clip0:
-            return "collapsed"
-        if ppl > self.stage1_ppl_ratio * ppl0 or clip < self.stage1_clip_ratio * clip0:
-            return "degraded"
-        return "healthy"
-
-    def describe(self) -> str:
-        return (
-            f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean CLIP < {self.collapse_clip_ratio:.0%} "
-            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%}"
-        )
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Everything that decides which points a search evaluates and what they measure.
-
-    ``growth``: factor of the geometric growth phase. ``k_per_round``: k values evaluated together
-    in one batched generate during growth and bisection (1 = the classic sequential search, fewest
-    evaluations; more = fewer rounds, some speculative points). ``grid_per_octave``: points per
-    doubling of the plotting grid from 1 to ``grid_max`` (default: the whole scope); 0 = no grid.
-    ``control``: "random" adds random neurons of the same counts, drawn with ``seed`` from the scope
-    (one permutation, so the random sets are nested like the top-k sets), at every k of the top
-    curve (``control_at="curve"``) or only at k* and the start of stage 1 (``"k_star"``, cheap).
-    ``batch_size`` counts generation rows (one row = one image under one mask). ``clip_model``: the
-    CLIP that scores the captions; ``find_k_star`` records the one it is given (None: whichever).
-    """
-
-    scope: str = "language.down_proj"
-    criterion: CollapseCriterion = field(default_factory=CollapseCriterion)
-    growth: float = 2.0
-    k_per_round: int = 1
-    grid_per_octave: int = 1
-    grid_max: int | None = None
-    max_k: int | None = None
-    control: str | None = None
-    control_at: str = "curve"
-    seed: int = 0
-    ablation: str = "zero"
-    ppl_scorer: str = "unmasked"
-    clip_model: str | None = None
-    prompt: str | None = None
-    max_new_tokens: int = 24
-    batch_size: int = 32
-    n_samples: int = 4
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.growth) and self.growth > 1):
-            raise InputError(f"growth must be a finite factor above 1, got {self.growth}")
-        for name in ("k_per_round", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("grid_per_octave", "n_samples"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        for name in ("grid_max", "max_k"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.control not in (None, "random"):
-            raise InputError(f"unknown control {self.control!r}; the control is 'random' (or none)")
-        if self.control_at not in ("curve", "k_star"):
-            raise InputError(f"control-at must be curve or k_star, got {self.control_at!r}")
-        if self.ablation not in ABLATION_KINDS:
-            raise InputError(f"unknown ablation {self.ablation!r}; choose from {', '.join(ABLATION_KINDS)}")
-        if not self.ppl_scorer:
-            raise InputError(f"ppl scorer must be {' or '.join(PPL_SCORERS)} or a causal LM path")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -486,13 +379,20 @@ def find_k_star(
     if config.clip_model not in (None, clip.source):
         raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
     config = replace(config, clip_model=clip.source)  # the summary records the CLIP that scored the captions
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
     if config.ablation == "mean" and means is None:
         from canprobe.ablation import mean_activations
 
-        means = mean_activations(lm, images, config.scope, prompt=config.prompt, batch_size=config.batch_size)
+        means = mean_activations(
+            lm,
+            images,
+            config.scope,
+            prompt=config.prompt,
+            batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens,
+        )
     evaluator = MaskEvaluator(
         lm,
         images,
