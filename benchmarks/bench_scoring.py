@@ -23,8 +23,8 @@ SCOPE = "language,vision"
 
 
 def _toy_inputs(batch_size: int):
-    from canprobe.captions import teacher_forcing_inputs
     from canprobe.data import make_scenes
+    from canprobe.inputs import teacher_forcing_inputs
     from canprobe.models import load_model
 
     lm = load_model("toy-llava")

@@ -45,7 +45,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from canprobe.data import make_scenes
-    from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+    from canprobe.evaluation import MaskEvaluator, default_clip_model
+    from canprobe.metrics import MetricSummary
     from canprobe.models import load_model
     from canprobe.scoring import score_neurons
     from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, growth_ks, ranked_in_scope

@@ -146,7 +146,7 @@ def test_library_entry_points_share_the_settings_defaults():
     from canprobe.ablation import mean_activations
     from canprobe.captions import generate_captions
     from canprobe.config import SETTINGS, SearchConfig
-    from canprobe.metrics import MaskEvaluator, caption_ppl
+    from canprobe.evaluation import MaskEvaluator, caption_ppl
     from canprobe.scoring import score_neurons
 
     for func in (score_neurons, generate_captions, mean_activations, MaskEvaluator, caption_ppl):

@@ -205,7 +205,7 @@ def test_bad_config_file_names_the_field(cli, scene_dir, tmp_path):
 def test_a_ppl_model_named_by_path_is_loaded_once_per_study(images, tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import canprobe.metrics as metrics_module
+    import canprobe.evaluation as evaluation_module
     from canprobe.organisms.build import build_tokenizer
 
     tok = build_tokenizer()
@@ -222,7 +222,7 @@ def test_a_ppl_model_named_by_path_is_loaded_once_per_study(images, tmp_path, mo
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(experiment_module, "load_model", counting)
-    monkeypatch.setattr(metrics_module, "load_model", counting)
+    monkeypatch.setattr(evaluation_module, "load_model", counting)
     values = _small_config(
         images,
         tmp_path / "run",

@@ -8,7 +8,7 @@ import torch
 from canprobe import features
 from canprobe.captions import generate_captions
 from canprobe.data import make_scenes
-from canprobe.metrics import MaskEvaluator
+from canprobe.evaluation import MaskEvaluator
 from canprobe.models import load_model
 
 

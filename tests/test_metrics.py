@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from canprobe.captions import teacher_forcing_inputs
 from canprobe.data import make_scenes
-from canprobe.metrics import (
-    CaptionMetrics,
-    ClipScorer,
-    MaskEvaluator,
-    MetricSummary,
-    caption_ppl,
-    word_stats,
-)
+from canprobe.evaluation import ClipScorer, MaskEvaluator, caption_ppl
+from canprobe.inputs import teacher_forcing_inputs
+from canprobe.metrics import CaptionMetrics, MetricSummary, word_stats
 from canprobe.models import ORGANISM_DIR, LoadedModel, load_model
-from canprobe.organisms.build import build_clip, build_llava, build_tokenizer
+from canprobe.organisms.build import build_clip, build_instructblip, build_llava, build_tokenizer
 from tests.conftest import TINY
 
 CAPTIONS = [
@@ -194,3 +188,25 @@ def test_per_row_evaluation_on_instructblip_matches_each_mask_alone(clip_dir):
         (alone,) = evaluator.evaluate([mask])
         assert [m.caption for m in alone] == [m.caption for m in batched]
         assert [m.ppl for m in alone] == pytest.approx([m.ppl for m in batched], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "instructblip"])
+def test_cached_prefix_gives_the_full_pass_ppl(clip_dir, family):
+    """The unmasked PPL on each image's cached prefix equals the full teacher-forcing pass (rtol 1e-4)."""
+    build = build_llava if family == "llava" else build_instructblip
+    torch.manual_seed(2)
+    model, processor = build(TINY)
+    lm = LoadedModel(model.eval().requires_grad_(False), processor, family, f"tiny-{family}")
+    images = [im for im, _ in make_scenes(3, seed=9)]
+    every = torch.arange(TINY.text_hidden)
+    masks = [[], {"language.layers.0.mlp.down_proj": every, "language.layers.1.mlp.down_proj": every}]
+    clip = load_model(str(clip_dir))
+    results = {}
+    for reuse in (True, False):
+        evaluator = MaskEvaluator(lm, images, clip, max_new_tokens=6, batch_size=4, reuse_prefix=reuse)
+        results[reuse] = [evaluator.evaluate_baseline(), *evaluator.evaluate(masks)]
+        assert (evaluator.prefix is not None) == reuse and (not reuse or evaluator.prefix.usable)
+    for cached, full in zip(results[True], results[False]):
+        assert [m.caption for m in cached] == [m.caption for m in full]
+        assert [m.ppl for m in cached] == pytest.approx([m.ppl for m in full], rel=1e-4)
+    assert any(m.caption != b.caption for m, b in zip(results[True][2], results[True][0]))  # new captions scored

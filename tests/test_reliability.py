@@ -383,7 +383,7 @@ def test_a_model_that_only_emits_the_end_token_records_empty_captions(llava_and_
 
 def test_bfloat16_model_gets_float32_perplexities_close_to_the_float32_model(llava_and_clip, four_scenes):
     from canprobe.data import load_image_set
-    from canprobe.metrics import caption_ppl
+    from canprobe.evaluation import caption_ppl
     from canprobe.models import load_model
 
     images = load_image_set(four_scenes).images

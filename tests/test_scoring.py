@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from canprobe.captions import teacher_forcing_inputs
+from canprobe.config import SCORE_METHODS
 from canprobe.data import make_scenes
 from canprobe.errors import InputError
+from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
 from canprobe.scoring import (
-    SCORE_METHODS,
     ScoreResult,
     load_ranking,
     load_scores,
@@ -181,10 +181,10 @@ def test_checkpointing_keeps_no_site_activation_through_the_forward(tiny_llava, 
     """
     import weakref
 
-    from canprobe import scoring
+    from canprobe.scoring import engine
 
     tapped, alive = [], []
-    tap_forward = scoring._Tap.forward
+    tap_forward = engine._Tap.forward
 
     def recording_tap(ctx, a, acc):
         tapped.append(weakref.ref(a))
@@ -196,8 +196,8 @@ def test_checkpointing_keeps_no_site_activation_through_the_forward(tiny_llava, 
         tapped.clear()
         return loss
 
-    monkeypatch.setattr(scoring._Tap, "forward", staticmethod(recording_tap))
-    monkeypatch.setattr(scoring, "per_sample_loss", loss_then_count)
+    monkeypatch.setattr(engine._Tap, "forward", staticmethod(recording_tap))
+    monkeypatch.setattr(engine, "per_sample_loss", loss_then_count)
     sites = len(SiteRegistry(tiny_llava.model).select("language.down_proj"))
     for checkpointed in (False, True):
         score_neurons(tiny_llava, images[:2], captions=CAPTIONS[:2], gradient_checkpointing=checkpointed)
@@ -526,3 +526,12 @@ def test_accelerate_placement_scores_like_plain_loading(tiny_llava_dir, images):
     b = score_neurons(placed, images[:4], "language", captions=CAPTIONS[:4])
     for name in a.scores:
         torch.testing.assert_close(b.scores[name], a.scores[name])
+
+
+def test_one_method_class_per_score_method_in_the_settings_order():
+    from canprobe.scoring.methods import METHODS, make_method
+
+    assert tuple(METHODS) == SCORE_METHODS
+    assert [make_method(m).config()["method"] for m in SCORE_METHODS] == list(SCORE_METHODS)
+    with pytest.raises(InputError, match="alpha"):
+        make_method("gradient", alpha=2.0)

@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from canprobe import distributed
-from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
+from canprobe.captions import generate_captions
 from canprobe.config import ABLATION_KINDS, default
 from canprobe.errors import InputError
+from canprobe.inputs import batches, teacher_forcing_inputs, to_model_inputs
 from canprobe.models import LoadedModel
 from canprobe.sites import Neuron, Site, SiteRegistry
 
@@ -32,17 +33,6 @@ NeuronSpec = Iterable[str | Neuron] | Mapping[str, torch.Tensor]
 
 def _model_of(lm_or_model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
     return lm_or_model.model if isinstance(lm_or_model, LoadedModel) else lm_or_model
-
-
-def to_model_inputs(enc: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Inputs on the model's device, floating ones in its dtype (anything but a tensor passes through)."""
-    p = next(model.parameters())
-    return {
-        k: (v.to(p.device, dtype=p.dtype) if v.is_floating_point() else v.to(p.device))
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in enc.items()
-    }
 
 
 def group_by_site(registry: SiteRegistry, neurons: NeuronSpec) -> dict[str, torch.Tensor]:
@@ -283,7 +273,7 @@ def mean_activations(
         for site in chosen:
             handles.append(registry.hook(site, make_hook(site)))
         pairs = list(zip(images, captions))
-        for batch in _batches(pairs, batch_size):
+        for batch in batches(pairs, batch_size):
             enc = teacher_forcing_inputs(lm.processor, lm.kind, [p[0] for p in batch], [p[1] for p in batch], prompt)
             enc.pop("labels")
             weights["language"] = enc["attention_mask"].to(lm.device, torch.float64)

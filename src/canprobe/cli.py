@@ -322,7 +322,7 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 def _ppl_model(ppl_scorer: str, device: str | None):
     """The separate causal LM that scores captions, when --ppl-scorer names one."""
-    from canprobe.metrics import PPL_SCORERS
+    from canprobe.config import PPL_SCORERS
 
     return None if ppl_scorer in PPL_SCORERS else _load(ppl_scorer, "float32", device)
 
@@ -378,7 +378,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
     from canprobe.config import CRITERION_FIELDS, CollapseCriterion, SearchConfig
-    from canprobe.metrics import default_clip_model
+    from canprobe.evaluation import default_clip_model
     from canprobe.runfolder import RANKING_FILE, RunLock
     from canprobe.search import find_k_star
 
@@ -510,7 +510,8 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     """Captions and metrics with one mask, side by side with the unmasked model."""
     from canprobe.ablation import group_by_site, mean_activations
     from canprobe.errors import InputError
-    from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+    from canprobe.evaluation import MaskEvaluator, default_clip_model
+    from canprobe.metrics import MetricSummary
     from canprobe.sites import SiteRegistry, parse_address
 
     if (neurons is None) == (top_k is None):

@@ -32,7 +32,8 @@ from canprobe.ablation import mean_activations
 from canprobe.config import PPL_SCORERS, ExperimentConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
-from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+from canprobe.evaluation import MaskEvaluator, default_clip_model
+from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load_model
 from canprobe.runfolder import CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons

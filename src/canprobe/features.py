@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from PIL import Image
 
+from canprobe.inputs import caption_inputs
 from canprobe.models import LoadedModel
 
 # inputs the image encoder reads; with cached features they are dropped from the model call
@@ -95,8 +96,6 @@ class FeatureCache:
 
     def rows(self, image_ids: Sequence[int]) -> list[torch.Tensor]:
         if self._features is None:
-            from canprobe.captions import caption_inputs
-
             feats: list[torch.Tensor] = []
             for start in range(0, len(self.images), self.batch_size):
                 batch = self.images[start : start + self.batch_size]

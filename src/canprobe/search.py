@@ -29,7 +29,8 @@ from canprobe import distributed, runfolder
 from canprobe.ablation import RankedNeurons
 from canprobe.config import SearchConfig
 from canprobe.errors import InputError
-from canprobe.metrics import CaptionMetrics, MaskEvaluator, MetricSummary
+from canprobe.evaluation import MaskEvaluator
+from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
 from canprobe.sites import SiteRegistry
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from canprobe.captions import teacher_forcing_inputs
 from canprobe.data import make_scenes
 from canprobe.errors import InputError
+from canprobe.inputs import teacher_forcing_inputs
 from canprobe.organisms.build import BUILDERS, OrganismShape
 
 log = logging.getLogger(__name__)
