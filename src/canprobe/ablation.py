@@ -11,6 +11,7 @@ parameters are never written, so it is bit-identical afterwards.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,8 +20,18 @@ from PIL import Image
 
 from canprobe import distributed
 from canprobe.captions import generate_captions
-from canprobe.config import ABLATION_KINDS, default
+from canprobe.config import default
 from canprobe.errors import InputError
+from canprobe.faults import (
+    ChannelStats,
+    Fault,
+    ProtectedSet,
+    RangeRestriction,
+    clamp,
+    flip_bit,
+    parse_fault,
+    resolve_bit,
+)
 from canprobe.inputs import batches, teacher_forcing_inputs, to_model_inputs
 from canprobe.models import LoadedModel
 from canprobe.sites import Neuron, Site, SiteRegistry
@@ -114,11 +125,16 @@ class RankedNeurons:
 
 
 class Ablation:
-    """Hooks that replace chosen neurons by zero or by a reference mean; use as a ``with`` block.
+    """Hooks that put a fault on chosen neurons (zero by default); use as a ``with`` block.
 
     ``rows=None`` applies one mask to every batch row; otherwise ``masks[i]`` applies to batch row i
     and the batch must have exactly ``len(masks)`` rows. Masks are precomputed once as boolean
     tensors per site on the model's device, so the forward pass costs one ``torch.where`` per site.
+    ``kind``: a fault (``canprobe.faults``) or its spec string; ``stats``: clean-image statistics per
+    site for faults that need them (``means`` alone suffices for mean ablation). ``protections``:
+    ``ProtectedSet`` neurons are removed from every mask; ``RangeRestriction`` clamps its sites after
+    the fault. Everything is undone on exit, normal or by exception: hooks removed, weights that a
+    weight fault flipped copied back bit-exactly.
     """
 
     def __init__(
@@ -126,24 +142,35 @@ class Ablation:
         lm_or_model: LoadedModel | torch.nn.Module,
         masks: Sequence[NeuronSpec],
         per_row: bool,
-        kind: str = "zero",
+        kind: str | Fault = "zero",
         means: Mapping[str, torch.Tensor] | None = None,
+        stats: Mapping[str, ChannelStats] | None = None,
+        protections: Sequence[ProtectedSet | RangeRestriction] = (),
     ):
-        if kind not in ABLATION_KINDS:
-            raise InputError(f"unknown ablation kind {kind!r}; choose from {', '.join(ABLATION_KINDS)}")
         if not masks:
             raise InputError("per-row ablation needs at least one row")
+        self.fault = parse_fault(kind)
         self.model = _model_of(lm_or_model)
         self.registry = SiteRegistry.of(self.model)
-        self.kind = kind
+        self.kind = self.fault.spec()
         self.rows = len(masks) if per_row else None
+        dtype = next(self.model.parameters()).dtype
+        self.fault.check(dtype)
         grouped = [group_by_site(self.registry, m) for m in masks]
-        names = sorted({name for g in grouped for name in g}, key=[s.name for s in self.registry.sites].index)
-        if kind == "mean":
-            missing = [n for n in names if means is None or n not in means]
+        for protection in protections:
+            if isinstance(protection, ProtectedSet):
+                grouped = [_without(g, group_by_site(self.registry, protection.neurons)) for g in grouped]
+        order = [s.name for s in self.registry.sites]
+        names = sorted({name for g in grouped for name in g}, key=order.index)
+        stats = _with_means(stats, means)
+        if self.fault.needs:
+            missing = [n for n in names if any(getattr(stats.get(n), f, None) is None for f in self.fault.needs)]
             if missing:
-                raise InputError(f"mean ablation needs reference means for {', '.join(missing[:3])}")
-        self._plan: list[tuple[Site, torch.Tensor, torch.Tensor | float]] = []
+                what = "reference means" if self.fault.needs == ("mean",) else "clean statistics"
+                raise InputError(f"{self.fault.name} fault needs {what} for {', '.join(missing[:3])}")
+        self._masks: dict[str, torch.Tensor] = {}
+        self._state: dict[str, object] = {}
+        self._neurons: dict[str, list[torch.Tensor]] = {}
         for name in names:
             site = self.registry.by_name[name]
             weight = self.registry.weight(site).weight
@@ -151,80 +178,166 @@ class Ablation:
             for r, g in enumerate(grouped):
                 if name in g:
                     mask[r, g[name]] = True
+            self._neurons[name] = [g.get(name, torch.zeros(0, dtype=torch.long)) for g in grouped]
             mask = mask.to(weight.device)
-            if not per_row:
-                mask = mask[0]
-            if kind == "mean":
-                mean = torch.as_tensor(means[name])
-                if mean.shape != (site.size,):
-                    raise InputError(f"reference mean for {name} has shape {tuple(mean.shape)}, not ({site.size},)")
-                fill: torch.Tensor | float = mean.to(device=weight.device, dtype=weight.dtype)
-            else:
-                fill = 0.0
-            self._plan.append((site, mask, fill))
+            self._masks[name] = mask if per_row else mask[0]
+            if self.fault.acts_on == "activation":
+                for field in self.fault.needs:
+                    value = torch.as_tensor(getattr(stats[name], field))
+                    if value.shape != (site.size,):
+                        raise InputError(f"{field} of {name} has shape {tuple(value.shape)}, not ({site.size},)")
+                self._state[name] = self.fault.prepare(site, stats.get(name), weight.device, weight.dtype)
+        self._bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for protection in protections:
+            if isinstance(protection, RangeRestriction):
+                for name in sorted(protection.stats, key=order.index):
+                    site = self.registry.by_name[name]
+                    weight = self.registry.weight(site).weight
+                    self._bounds[name] = protection.bounds(name, weight.device, weight.dtype)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._saved: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
 
     @property
     def masked_sites(self) -> list[str]:
-        return [site.name for site, _, _ in self._plan]
+        return list(self._masks)
 
-    def _replace(self, x: torch.Tensor, mask: torch.Tensor, fill, site: Site) -> torch.Tensor:
+    def _check(self, x: torch.Tensor, site: Site) -> None:
         if not isinstance(x, torch.Tensor) or x.shape[-1] != site.size:
             raise RuntimeError(f"{site.name}: expected a tensor with {site.size} features at the hook")
-        if self.rows is not None:
-            if x.shape[0] != self.rows:
+        if self.rows is not None and x.shape[0] != self.rows:
+            raise InputError(
+                f"per-row masks were given for {self.rows} rows but the batch at {site.name} has {x.shape[0]}"
+            )
+
+    def _row_mask(self, mask: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
+        return mask if self.rows is None else mask.view(self.rows, *([1] * (x.dim() - 2)), size)
+
+    def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor:
+        self._check(x, site)
+        mask = self._masks.get(site.name) if self.fault.acts_on == "activation" else None
+        if mask is not None:
+            x = self.fault.apply(x, self._row_mask(mask, x, site.size), self._state[site.name])
+        bounds = self._bounds.get(site.name)
+        if bounds is not None:
+            x = clamp(x, *bounds)
+        return x
+
+    def _weight_hook(self, site: Site):
+        """Per-row weight faults: each group of rows with the same neurons runs the linear with its own flipped copy."""
+        neurons = self._neurons[site.name]
+        linear = self.registry.weight(site)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, idx in enumerate(neurons):
+            if idx.numel():
+                groups.setdefault(tuple(idx.tolist()), []).append(row)
+        weights = [
+            (torch.tensor(rows, device=linear.weight.device), self.fault.flipped(linear.weight, site.weight_axis, idx))
+            for idx, rows in ((torch.tensor(k), v) for k, v in groups.items())
+        ]
+
+        def hook(_module, args, output):
+            if output.shape[0] != self.rows:
                 raise InputError(
-                    f"per-row masks were given for {self.rows} rows but the batch at {site.name} has {x.shape[0]}"
+                    f"per-row masks were given for {self.rows} rows but the batch at {site.name} has {output.shape[0]}"
                 )
-            mask = mask.view(self.rows, *([1] * (x.dim() - 2)), site.size)
-        return torch.where(mask, fill, x)
+            output = output.clone()
+            for rows, weight in weights:
+                output[rows] = torch.nn.functional.linear(args[0][rows], weight, linear.bias)
+            return output
+
+        return linear.register_forward_hook(hook)
+
+    def _flip_weights(self) -> None:
+        """One mask for every row: flip the weights in place, keeping the originals for the exit."""
+        for name, neurons in self._neurons.items():
+            site = self.registry.by_name[name]
+            weight = self.registry.weight(site).weight
+            positions = self.fault.positions(weight, site.weight_axis, neurons[0].to(weight.device))
+            with torch.no_grad():
+                original = weight[positions].clone()
+                self._saved.append((weight, positions, original))
+                weight[positions] = flip_bit(original, resolve_bit(self.fault.bit, weight.dtype))
 
     def __enter__(self) -> Ablation:
-        if self._handles:
+        if self._handles or self._saved:
             raise RuntimeError("this ablation is already active")
         try:
-            for site, mask, fill in self._plan:
-
-                def replace(x, site=site, mask=mask, fill=fill):
-                    return self._replace(x, mask, fill, site)
-
-                self._handles.append(self.registry.hook(site, replace))
+            self.fault.start(next(self.model.parameters()).device)
+            if self.fault.acts_on == "weight":
+                if self.rows is None:
+                    self._flip_weights()
+                else:
+                    self._handles += [self._weight_hook(self.registry.by_name[n]) for n in self._neurons]
+            hooked = self.masked_sites if self.fault.acts_on == "activation" else []
+            order = [s.name for s in self.registry.sites]
+            for name in sorted(set(hooked) | set(self._bounds), key=order.index):
+                site = self.registry.by_name[name]
+                self._handles.append(self.registry.hook(site, lambda x, site=site: self._replace(x, site)))
         except BaseException:
             self._remove()
             raise
-        log.debug("ablating %s neurons in %d sites (%s)", self.kind, len(self._plan), ", ".join(self.masked_sites))
+        log.debug("%s on neurons of %d sites (%s)", self.kind, len(self._masks), ", ".join(self.masked_sites))
         return self
 
     def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        with torch.no_grad():
+            for weight, positions, original in reversed(self._saved):
+                weight[positions] = original
+        self._saved.clear()
 
     def __exit__(self, *exc) -> None:
         self._remove()
 
 
+def _without(grouped: dict[str, torch.Tensor], protected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A grouped mask less the protected neurons (sites left empty are dropped)."""
+    out = {}
+    for name, idx in grouped.items():
+        if name in protected:
+            idx = idx[~torch.isin(idx, protected[name])]
+        if idx.numel():
+            out[name] = idx
+    return out
+
+
+def _with_means(
+    stats: Mapping[str, ChannelStats] | None, means: Mapping[str, torch.Tensor] | None
+) -> dict[str, ChannelStats]:
+    """Statistics per site, with ``means`` filling in the mean where no full statistics were given."""
+    out = dict(stats or {})
+    for name, mean in (means or {}).items():
+        if name not in out:
+            out[name] = ChannelStats(torch.as_tensor(mean), None, None, None)
+    return out
+
+
 def ablate(
     lm_or_model: LoadedModel | torch.nn.Module,
     neurons: NeuronSpec,
-    kind: str = "zero",
+    kind: str | Fault = "zero",
     means: Mapping[str, torch.Tensor] | None = None,
+    stats: Mapping[str, ChannelStats] | None = None,
+    protections: Sequence[ProtectedSet | RangeRestriction] = (),
 ) -> Ablation:
     """``with ablate(lm, ["language.layers.3.mlp.down_proj:17"]): ...`` masks those neurons in every row."""
-    return Ablation(lm_or_model, [neurons], per_row=False, kind=kind, means=means)
+    return Ablation(lm_or_model, [neurons], False, kind, means, stats, protections)
 
 
 def ablate_rows(
     lm_or_model: LoadedModel | torch.nn.Module,
     rows: Sequence[NeuronSpec],
-    kind: str = "zero",
+    kind: str | Fault = "zero",
     means: Mapping[str, torch.Tensor] | None = None,
+    stats: Mapping[str, ChannelStats] | None = None,
+    protections: Sequence[ProtectedSet | RangeRestriction] = (),
 ) -> Ablation:
     """A different neuron set per batch row; the batch inside the block must have ``len(rows)`` rows."""
-    return Ablation(lm_or_model, list(rows), per_row=True, kind=kind, means=means)
+    return Ablation(lm_or_model, list(rows), True, kind, means, stats, protections)
 
 
-@torch.no_grad()
 def mean_activations(
     lm: LoadedModel,
     images: list[Image.Image],
@@ -234,37 +347,62 @@ def mean_activations(
     batch_size: int = default("batch_size"),
     max_new_tokens: int = default("max_new_tokens"),
 ) -> dict[str, torch.Tensor]:
-    """Mean activation of every neuron of ``sites`` over reference images (float32, per site name).
+    """Mean activation of every neuron of ``sites`` over reference images (float32, per site name);
+    see ``activation_stats``."""
+    stats = activation_stats(lm, images, sites, captions, prompt, batch_size, max_new_tokens)
+    return {name: s.mean for name, s in stats.items()}
+
+
+@torch.no_grad()
+def activation_stats(
+    lm: LoadedModel,
+    images: list[Image.Image],
+    sites: Sequence[Site] | str,
+    captions: list[str] | None = None,
+    prompt: str | None = None,
+    batch_size: int = default("batch_size"),
+    max_new_tokens: int = default("max_new_tokens"),
+) -> dict[str, ChannelStats]:
+    """Per-channel mean, std, min and max of every neuron of ``sites`` on clean images (float32).
 
     The model reads prompt + caption, as during captioning; captions default to its own unmasked
     greedy captions. Language sites average over the attended token positions; vision, projector and
-    Q-Former sites over all positions. Under ``torch.distributed`` each process reads its shard of
-    the images and the sums are all-reduced, so every process gets the means over all of them.
+    Q-Former sites over all positions. When the captions are generated here, min and max also cover
+    every activation of that generation (so a range restriction calibrated on these images leaves
+    their captions alone). Under ``torch.distributed`` each process reads its shard of the images
+    and the sums are all-reduced, so every process gets the statistics over all of them.
     """
     registry = SiteRegistry.of(lm.model)
     chosen = registry.select(sites) if isinstance(sites, str) else list(sites)
     if not images:
-        raise InputError("mean ablation needs at least one reference image")
+        raise InputError("clean statistics (mean ablation, faults, range restriction) need at least one image")
     if captions is not None and len(captions) != len(images):
         raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
-    if captions is None:
-        captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size)
-    sums = {s.name: torch.zeros(s.size, dtype=torch.float64) for s in chosen}
-    counts = dict.fromkeys(sums, 0.0)
+    moments = {s.name: torch.zeros(3, s.size, dtype=torch.float64) for s in chosen}  # count, sum, sum of squares
+    lows = {s.name: torch.full((s.size,), math.inf, dtype=torch.float64) for s in chosen}
+    highs = {s.name: torch.full((s.size,), -math.inf, dtype=torch.float64) for s in chosen}
     weights: dict[str, torch.Tensor] = {}
+    moments_on = [False]
 
     def make_hook(site: Site):
         def record(x: torch.Tensor) -> None:
             x = x.detach().to(torch.float64)
+            flat = x.reshape(-1, site.size)
             w = weights.get("language") if site.component == "language" else None
             if w is not None and x.shape[:2] == w.shape:
-                sums[site.name] += (x * w.unsqueeze(-1)).sum(dim=tuple(range(x.dim() - 1))).cpu()
-                counts[site.name] += float(w.sum())
+                w = w.reshape(-1, 1)
             else:
-                sums[site.name] += x.sum(dim=tuple(range(x.dim() - 1))).cpu()
-                counts[site.name] += float(x[..., 0].numel())
+                w = torch.ones(flat.shape[0], 1, dtype=torch.float64, device=flat.device)
+            keep = w[:, 0] > 0
+            if keep.any():
+                lows[site.name] = torch.minimum(lows[site.name], flat[keep].min(dim=0).values.cpu())
+                highs[site.name] = torch.maximum(highs[site.name], flat[keep].max(dim=0).values.cpu())
+            if moments_on[0]:
+                moments[site.name] += torch.stack(
+                    [w.sum().expand(site.size), (flat * w).sum(dim=0), (flat * flat * w).sum(dim=0)]
+                ).cpu()
 
         return record
 
@@ -272,6 +410,9 @@ def mean_activations(
     try:
         for site in chosen:
             handles.append(registry.hook(site, make_hook(site)))
+        if captions is None:
+            captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size)
+        moments_on[0] = True
         pairs = list(zip(images, captions))
         for batch in batches(pairs, batch_size):
             enc = teacher_forcing_inputs(lm.processor, lm.kind, [p[0] for p in batch], [p[1] for p in batch], prompt)
@@ -281,8 +422,12 @@ def mean_activations(
     finally:
         for h in handles:
             h.remove()
-    means = {}
-    for name in sums:
-        total = distributed.all_reduce_sum(torch.cat([sums[name], torch.tensor([counts[name]], dtype=torch.float64)]))
-        means[name] = (total[:-1] / max(float(total[-1]), 1.0)).to(torch.float32)
-    return means
+    out = {}
+    for name, m in moments.items():
+        count, total, squares = distributed.all_reduce_sum(m)
+        low, high = -distributed.all_reduce_max(-lows[name]), distributed.all_reduce_max(highs[name])
+        n = count.clamp(min=1.0)
+        mean = total / n
+        std = (squares / n - mean * mean).clamp(min=0.0).sqrt()
+        out[name] = ChannelStats(*(t.to(torch.float32) for t in (mean, std, low, high)))
+    return out

@@ -195,15 +195,57 @@ def organisms_eval(name, count, seed) -> None:
 @click.argument("model")
 @dtype_option
 @device_option
-def inspect_command(model: str, dtype: str, device: str | None) -> None:
+@click.option(
+    "--activations",
+    is_flag=True,
+    help="Also measure the language model's residual stream on --images: massive activations.",
+)
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="Image set folder (with --activations).")
+@click.option("--per-category", type=POSITIVE, default=4, show_default=True, help="Images per category read.")
+@click.option(
+    "--ratio",
+    type=click.FloatRange(min=1.0, min_open=True),
+    default=100.0,
+    show_default=True,
+    help="An activation is massive at this many times its sequence's median |h|.",
+)
+@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
+@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+def inspect_command(
+    model: str,
+    dtype: str,
+    device: str | None,
+    activations: bool,
+    images: Path | None,
+    per_category: int,
+    ratio: float,
+    prompt: str | None,
+    batch_size: int,
+) -> None:
     """Neuron sites of MODEL per component and kind, and the memory scoring needs.
 
     MODEL is a shipped config (llava-1.5-7b, instructblip-vicuna-7b: built on the meta device,
-    no weights, no network) or any loadable model.
+    no weights, no network) or any loadable model. With --activations --images DIR it also lists
+    the massive activations of the language model's residual stream (layer, position, token, dim,
+    value, ratio to the median) and the down_proj channels that write them.
     """
-    from canprobe.inventory import format_inventory, inspect_model
+    from canprobe.errors import InputError
+    from canprobe.inventory import format_inventory, inspect_model, inventory
 
-    for line in format_inventory(inspect_model(model, dtype=dtype, device=device)):
+    if activations != (images is not None):
+        raise InputError("--activations and --images go together: --activations --images DIR")
+    if not activations:
+        for line in format_inventory(inspect_model(model, dtype=dtype, device=device)):
+            click.echo(line)
+        return
+    from canprobe.massive import format_activations, massive_activations
+
+    image_set = _image_subset(images, per_category)
+    lm = _load(model, dtype, device)
+    for line in format_inventory(inventory(lm.model, model, dtype)):
+        click.echo(line)
+    report = massive_activations(lm, image_set.images, prompt=prompt, ratio=ratio, batch_size=batch_size)
+    for line in format_activations(report):
         click.echo(line)
 
 

@@ -73,10 +73,19 @@ def _device() -> torch.device:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The elementwise sum of ``tensor`` over all ranks (the tensor itself when not parallel)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of ``tensor`` over all ranks (the tensor itself when not parallel)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     if not world().parallel:
         return tensor
     buffer = tensor.to(_device())
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buffer, op=op)
     return buffer.to(tensor.device)
 
 

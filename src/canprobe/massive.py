@@ -1,0 +1,247 @@
+"""Massive activations: residual-stream entries orders of magnitude above the rest, and who writes them.
+
+Sun et al. 2024 ("Massive activations in large language models") find a few residual dimensions
+of pretrained LMs (dims 1415 and 2533 of LLaMA-2-7B) holding values about 1,000x the median on the
+first token and on delimiters, created by one early layer's MLP and then carried unchanged. They act
+as fixed biases: zeroing them collapses the model, setting them to their mean does not. On the
+language model of a vision-language model this module measures, per image, the residual stream
+after every decoder layer while the model reads prompt + caption:
+
+* per layer: the largest |h|, the median |h| of that sequence, and where the largest sits
+  (position, token, dim);
+* every entry with |h| at least ``ratio`` times its sequence's median, grouped by (dim, position,
+  token) over images and layers: the first and last layer it appears in, its value and ratio at the
+  layer where it peaks, on how many images;
+* the ``down_proj`` output channels that write it: the residual stream is the embedding plus every
+  layer's attention and MLP outputs, so ``language.layers.j.mlp.down_proj:dim`` adds its output at
+  (position, dim) to the entry; the channels adding at least ``min_share`` of the value are listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from canprobe.captions import generate_captions
+from canprobe.errors import InputError
+from canprobe.inputs import teacher_forcing_inputs, to_model_inputs
+from canprobe.models import LoadedModel
+from canprobe.sites import Site, SiteRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATIO = 100.0  # Sun et al.'s rule of thumb is |h| > 100 and about 1,000x the median
+DEFAULT_MIN_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class LayerPeak:
+    """The largest |h| of one layer's residual output over all images (median: of its own sequence)."""
+
+    layer: int
+    value: float  # signed
+    median: float
+    ratio: float
+    position: int
+    token: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A down_proj output channel and the mean value it adds to a massive activation."""
+
+    address: str
+    contribution: float
+    share: float  # contribution / value of the activation at its peak layer
+
+
+@dataclass(frozen=True)
+class MassiveActivation:
+    dim: int
+    position: int  # counted from the first attended token of the sequence
+    token: str
+    first_layer: int
+    last_layer: int
+    peak_layer: int
+    value: float  # mean signed value at the peak layer over the images where it is massive there
+    ratio: float  # mean |value| / sequence median at the peak layer over the same images
+    images: int  # images on which it is massive at the peak layer
+    writers: tuple[Writer, ...]
+
+    @property
+    def layers(self) -> str:
+        return str(self.first_layer) if self.first_layer == self.last_layer else f"{self.first_layer}-{self.last_layer}"
+
+
+@dataclass
+class ActivationReport:
+    """Per-layer peaks and the massive activations of a language model over a set of images."""
+
+    n_images: int
+    ratio_threshold: float
+    layers: list[LayerPeak] = field(default_factory=list)
+    massive: list[MassiveActivation] = field(default_factory=list)
+
+    @property
+    def peak(self) -> LayerPeak | None:
+        """The layer peak with the highest ratio to its median."""
+        return max(self.layers, key=lambda p: p.ratio, default=None)
+
+
+@dataclass
+class _Entry:
+    """Running sums for one (dim, position, token) over images and layers."""
+
+    layers: dict[int, list] = field(default_factory=dict)  # layer -> [count, sum value, sum ratio, writer sums]
+
+
+def _decoder_layers(registry: SiteRegistry) -> list[tuple[Site, torch.nn.Module]]:
+    """(down_proj site, the decoder layer holding it) for every layer of the language model, in order."""
+    sites = registry.select("language.down_proj")
+    return [(s, registry.model.get_submodule(s.module_path.removesuffix(".mlp.down_proj"))) for s in sites]
+
+
+@torch.no_grad()
+def massive_activations(
+    lm: LoadedModel,
+    images: list[Image.Image],
+    captions: list[str] | None = None,
+    prompt: str | None = None,
+    ratio: float = DEFAULT_RATIO,
+    min_share: float = DEFAULT_MIN_SHARE,
+    batch_size: int = 8,
+    max_new_tokens: int = 24,
+) -> ActivationReport:
+    """Measure the residual stream of ``lm``'s language model on prompt + caption for every image.
+
+    ``captions`` default to the model's own greedy captions (what it reads while it captions).
+    """
+    if lm.kind not in ("llava", "instructblip"):
+        raise InputError(f"{lm.source} is a {lm.kind} model; activations are measured on vision-language models")
+    if not images:
+        raise InputError("measuring activations needs at least one image")
+    if ratio <= 1:
+        raise InputError(f"ratio threshold must be above 1, got {ratio}")
+    if captions is None:
+        captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if len(captions) != len(images):
+        raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
+    registry = SiteRegistry.of(lm.model)
+    layers = _decoder_layers(registry)
+    residual: dict[int, torch.Tensor] = {}
+    written: dict[int, torch.Tensor] = {}
+
+    def keep(store: dict, layer: int):
+        def hook(_module, _args, out):
+            store[layer] = (out[0] if isinstance(out, tuple) else out).detach().float().cpu()
+
+        return hook
+
+    handles = []
+    for site, block in layers:
+        handles.append(block.register_forward_hook(keep(residual, site.layer)))
+        handles.append(registry.module(site).register_forward_hook(keep(written, site.layer)))
+    best: dict[int, LayerPeak] = {}
+    entries: dict[tuple[int, int, str], _Entry] = {}
+    tokenizer = lm.tokenizer
+    try:
+        for start in range(0, len(images), batch_size):
+            enc = teacher_forcing_inputs(
+                lm.processor, lm.kind, images[start : start + batch_size], captions[start : start + batch_size], prompt
+            )
+            enc.pop("labels")
+            lm.model(**to_model_inputs(enc, lm.model))
+            mask = enc["attention_mask"].bool()
+            positions = mask.long().cumsum(1) - 1
+            ids = enc["input_ids"]
+            writes = torch.stack([written[s.layer] for s, _ in layers])  # (layers, batch, tokens, dims)
+            for site, _ in layers:
+                _collect(
+                    site.layer, residual[site.layer], mask, positions, ids, writes, ratio, tokenizer, best, entries
+                )
+    finally:
+        for h in handles:
+            h.remove()
+    sites = [s for s, _ in layers]
+    massive = [_summarize(key, entry, sites, min_share) for key, entry in entries.items()]
+    massive.sort(key=lambda m: -abs(m.value))
+    return ActivationReport(len(images), ratio, [best[s.layer] for s in sites], massive)
+
+
+def _collect(layer, h, mask, positions, ids, writes, ratio, tokenizer, best, entries) -> None:
+    """Fold one batch of one layer's residual output into the per-layer peaks and the massive entries."""
+    x = h.abs()
+    for b in range(x.shape[0]):
+        row = x[b][mask[b]]  # (attended tokens, dims)
+        median = float(row.median())
+        flat = int(row.argmax())
+        t, d = divmod(flat, row.shape[1])
+        token_index = int(mask[b].nonzero()[t])
+        value = float(h[b, token_index, d])
+        peak_ratio = abs(value) / median if median > 0 else float("inf")
+        if layer not in best or peak_ratio > best[layer].ratio:
+            token = tokenizer.convert_ids_to_tokens(int(ids[b, token_index]))
+            best[layer] = LayerPeak(layer, value, median, peak_ratio, t, token, d)
+        hits = ((x[b] >= ratio * median) & mask[b].unsqueeze(-1)).nonzero().tolist()
+        for ti, di in hits:
+            key = (di, int(positions[b, ti]), tokenizer.convert_ids_to_tokens(int(ids[b, ti])))
+            stats = entries.setdefault(key, _Entry()).layers.setdefault(layer, [0, 0.0, 0.0, 0.0])
+            v = float(h[b, ti, di])
+            stats[0] += 1
+            stats[1] += v
+            stats[2] += abs(v) / median
+            stats[3] = stats[3] + writes[:, b, ti, di]
+
+
+def _summarize(key, entry: _Entry, sites: list[Site], min_share: float) -> MassiveActivation:
+    dim, position, token = key
+    order = [s.layer for s in sites]
+    seen = sorted(entry.layers, key=order.index)
+    peak = max(seen, key=lambda layer: abs(entry.layers[layer][1] / entry.layers[layer][0]))
+    count, total, ratio_sum, write_sum = entry.layers[peak]
+    value = total / count
+    contributions = write_sum / count
+    writers = []
+    for i, site in enumerate(sites[: order.index(peak) + 1]):
+        c = float(contributions[i])
+        share = c / value if value else 0.0
+        if share >= min_share:
+            writers.append(Writer(site.address(dim), c, share))
+    writers.sort(key=lambda w: -w.share)
+    return MassiveActivation(
+        dim, position, token, seen[0], seen[-1], peak, value, ratio_sum / count, count, tuple(writers)
+    )
+
+
+def format_activations(report: ActivationReport, limit: int = 20) -> list[str]:
+    """Printable lines: the per-layer peaks, then the massive activations and their writers."""
+    lines = [f"residual stream of the language model over {report.n_images} image(s), |h| by layer output:"]
+    lines.append(f"  {'layer':>5s} {'max |h|':>9s} {'median':>8s} {'ratio':>8s} {'pos':>4s} {'token':10s} {'dim':>5s}")
+    for p in report.layers:
+        lines.append(
+            f"  {p.layer:>5d} {p.value:>9.2f} {p.median:>8.3f} {p.ratio:>7.0f}x {p.position:>4d} {p.token[:10]:10s} "
+            f"{p.dim:>5d}"
+        )
+    if not report.massive:
+        lines.append(f"no massive activations (no |h| at least {report.ratio_threshold:g}x its sequence median)")
+        return lines
+    lines.append(
+        f"massive activations (|h| >= {report.ratio_threshold:g}x the sequence median), "
+        f"{len(report.massive)} found, largest first:"
+    )
+    lines.append(
+        f"  {'dim':>5s} {'pos':>4s} {'token':10s} {'layers':>7s} {'value':>9s} {'ratio':>8s} {'images':>6s}  written by"
+    )
+    for m in report.massive[:limit]:
+        writers = ", ".join(f"{w.address} ({w.contribution:+.1f}, {w.share:.0%})" for w in m.writers) or "-"
+        lines.append(
+            f"  {m.dim:>5d} {m.position:>4d} {m.token[:10]:10s} {m.layers:>7s} {m.value:>9.2f} {m.ratio:>7.0f}x "
+            f"{m.images:>6d}  {writers}"
+        )
+    if len(report.massive) > limit:
+        lines.append(f"  ... {len(report.massive) - limit} more")
+    return lines
