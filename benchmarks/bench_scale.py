@@ -1,16 +1,26 @@
-"""7B architectures on CPU: scoring and masked captioning against the bare floor of the same model.
+"""7B architectures: scoring and masked captioning against the bare floor of the same model.
 
-    python benchmarks/bench_scale.py                                   # llava-1.5-7b, all modes
+    python benchmarks/bench_scale.py                                   # llava-1.5-7b, all modes, CPU
     python benchmarks/bench_scale.py --arch instructblip-vicuna-7b
     python benchmarks/bench_scale.py --layers 4                        # a quick run on 4 language layers
     python benchmarks/bench_scale.py --images 3 --modes score,score_ckpt  # checkpointing on a batch
+    python benchmarks/bench_scale.py --device cuda --batch-sizes 1,8   # on a GPU, per batch size
+    python benchmarks/bench_scale.py --device cuda --scope all --modes bare,score
+
+With ``--device`` the random-weight model is built directly on that device and every mode runs in
+this process, timed after a warm-up (median of ``--repeats``, synchronized) for each batch size of
+``--batch-sizes``; on CUDA the peak of ``torch.cuda.max_memory_allocated`` is reported per mode,
+and the achieved TFLOP/s of ``bare`` and ``score``: 2 FLOPs per weight and token for the forward
+pass of the language model plus 2 for the backward pass to its activations (weights frozen: no
+weight gradients), and 2 per weight and image token for the vision tower's forward (attention
+scores left out, so the figure is a slight underestimate). Without ``--device`` (CPU):
 
 The model is the shipped config with random bf16 weights (no download; ``--dtype float32`` on CPUs
 without a fast bf16 matmul, with ``--layers`` halved to keep the same bytes), fed one image
 (``--images N``: a batch of N copies): LLaVA-1.5 gets 1 BOS + 576 image tokens + 39 text tokens,
 InstructBLIP 32 query tokens + 40 text tokens and a 10-token Q-Former instruction; the last 20 text
 tokens are the caption that carries the loss.
-Every mode runs in a fresh subprocess so that its peak RSS is its own:
+every mode runs in a fresh subprocess so that its peak RSS is its own:
 
 - ``bare``: forward + backward of the caption loss, weights frozen, the graph starting at the
   language model's input embeddings (the floor any gradient-based score pays);
@@ -34,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -44,8 +55,8 @@ MODES = ("bare", "score", "score_ckpt", "generate", "generate_masked")
 NEW_TOKENS = 20
 
 
-def build(arch: str, layers: int | None, dtype: str):
-    """The shipped architecture with random weights (seeded) in ``dtype``."""
+def build(arch: str, layers: int | None, dtype: str, device: str | None = None):
+    """The shipped architecture with random weights (seeded) in ``dtype``, built on ``device`` (default CPU)."""
     from transformers import AutoModelForImageTextToText
 
     from canprobe.inventory import build_shipped
@@ -56,7 +67,8 @@ def build(arch: str, layers: int | None, dtype: str):
     if getattr(config, "image_token_index", None) is None:  # older InstructBLIP configs predate the field
         config.image_token_index = config.text_config.vocab_size - 1
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device(device or "cpu"):  # parameters are created (and initialized) on the device itself
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
     return model.eval().requires_grad_(False)
 
 
@@ -78,7 +90,8 @@ def inputs(model, images: int) -> dict[str, torch.Tensor]:
     labels = torch.full_like(ids, -100)
     labels[-NEW_TOKENS:] = ids[-NEW_TOKENS:]
     enc.update(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], labels=labels[None])
-    return {k: v.repeat(images, *[1] * (v.dim() - 1)) for k, v in enc.items()}
+    device = next(model.parameters()).device
+    return {k: v.repeat(images, *[1] * (v.dim() - 1)).to(device) for k, v in enc.items()}
 
 
 def _bare(model, enc) -> None:
@@ -105,9 +118,80 @@ def _generate(model, enc, mask: list[str] | None) -> None:
             model.generate(**prompt, **kwargs)
 
 
+def _run(mode: str, lm, enc, scope: str, mask: list[str]) -> None:
+    from canprobe.scoring import score_inputs
+
+    if mode == "bare":
+        _bare(lm.model, enc)
+    elif mode.startswith("score"):
+        score_inputs(lm, [dict(enc)], scope=scope, gradient_checkpointing=mode == "score_ckpt")
+    else:
+        _generate(lm.model, enc, mask if mode == "generate_masked" else None)
+
+
+def flops(model, enc) -> float:
+    """FLOPs of one bare forward+backward (see the module docstring): 4 per LM weight and token, 2 per vision one."""
+    cfg = model.config
+    language = getattr(model, "language_model", None) or model.model.language_model
+    own = {id(p) for p in language.parameters()}
+    n_lm = sum(p.numel() for p in language.parameters()) - model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight
+    n_lm += head.numel() if id(head) not in own else 0
+    vision = model.vision_tower if cfg.model_type == "llava" else model.vision_model
+    n_vision = sum(p.numel() for p in vision.parameters())
+    patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
+    rows, tokens = enc["input_ids"].shape
+    return 4.0 * n_lm * rows * tokens + 2.0 * n_vision * rows * patches
+
+
+def on_device(args) -> None:
+    """Every mode in this process on ``args.device``, per batch size: seconds, peak memory, TFLOP/s."""
+    from canprobe.models import LoadedModel
+    from canprobe.sites import SiteRegistry
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = build(args.arch, args.layers, args.dtype, args.device)
+    kind = "llava" if model.config.model_type == "llava" else "instructblip"
+    lm = LoadedModel(model, None, kind, f"{args.arch} (random {args.dtype})")
+    mask = [s.address(i) for s in SiteRegistry.of(model).select(args.scope) for i in range(s.size)][: args.mask]
+    weights_gb = torch.cuda.memory_allocated(device) / 1e9 if cuda else float("nan")
+    name = torch.cuda.get_device_name(device) if cuda else str(device)
+    print(f"{args.arch}, random {args.dtype} weights on {name}, scope {args.scope}, weights {weights_gb:.1f} GB")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        enc = inputs(model, batch)
+        results = {}
+        for mode in args.modes.split(","):
+            _run(mode, lm, enc, args.scope, mask)  # warm-up (kernels, allocator)
+            times = []
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                _run(mode, lm, enc, args.scope, mask)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
+            rate = flops(model, enc) / seconds / 1e12 if mode in ("bare", "score", "score_ckpt") else float("nan")
+            results[mode] = (seconds, peak)
+            print(
+                f"  batch {batch:3d}  {mode:16s} {seconds:8.3f} s   peak allocated {peak:6.1f} GB   "
+                f"{rate:6.1f} TFLOP/s",
+                flush=True,
+            )
+        for a, b in (("score", "bare"), ("score_ckpt", "score"), ("generate_masked", "generate")):
+            if a in results and b in results:
+                print(
+                    f"  batch {batch:3d}  {a} / {b}: time {results[a][0] / results[b][0]:.2f}x, "
+                    f"peak memory {results[a][1] / results[b][1]:.2f}x"
+                )
+
+
 def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dtype: str, images: int) -> None:
     from canprobe.models import LoadedModel
-    from canprobe.scoring import score_inputs
     from canprobe.sites import SiteRegistry
 
     model = build(arch, layers, dtype)
@@ -117,12 +201,7 @@ def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dty
     mask = [s.address(i) for s in SiteRegistry.of(model).select(scope) for i in range(s.size)][:n_mask]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if mode == "bare":
-        _bare(model, enc)
-    elif mode.startswith("score"):
-        score_inputs(lm, [enc], scope=scope, gradient_checkpointing=mode == "score_ckpt")
-    else:
-        _generate(model, enc, mask if mode == "generate_masked" else None)
+    _run(mode, lm, enc, scope, mask)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"mode": mode, "seconds": seconds, "peak_gb": peak * 1024 / 1e9, "model_gb": before * 1024 / 1e9}))
@@ -143,8 +222,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1, help="Images per batch (copies of the one image).")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--glibc-default", action="store_true", help="Keep glibc's dynamic mmap threshold.")
+    parser.add_argument("--device", default=None, help="Build and run on this device, in this process (e.g. cuda).")
+    parser.add_argument("--batch-sizes", default="1,8", help="With --device: batch sizes, one run each.")
+    parser.add_argument("--repeats", type=int, default=3, help="With --device: timed runs per mode (median).")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device:
+        on_device(args)
+        return
     if args.child:
         child(args.arch, args.child, args.layers, args.scope, args.mask, args.dtype, args.images)
         return

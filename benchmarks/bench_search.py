@@ -14,7 +14,10 @@ In one process, on the same images, CAN ranking, CLIP and settings:
    all of them in batched calls through per-row masks; throughput ratio of the two;
 4. vision-feature reuse: search 1 (which encodes each image once and reuses the encoding under
    every language mask) against the same search re-encoding the image for every mask and every
-   perplexity pass: time, and whether k* and every caption agree.
+   perplexity pass: time, and whether k* and every caption agree;
+5. the unmasked PPL pass per evaluated k: on each image's cached prefix (``PrefixCache``, the
+   prefix encoded once) against the full teacher-forcing pass it replaces, with the largest
+   relative difference of the two PPLs.
 
 Timings are single runs of the whole thing (a sweep is long; repeats would not change the ratio
 by much) on whatever CPU runs it; compare ratios, not seconds, across machines.
@@ -26,6 +29,39 @@ import argparse
 import time
 
 import torch
+
+
+def prefix_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
+    """Section 5: per evaluated k, the cached-prefix PPL pass against the full pass, on that k's captions."""
+    from canprobe.evaluation import MaskEvaluator, PrefixCache, caption_ppl
+    from canprobe.features import FeatureCache
+
+    n = len(images)
+    ev = MaskEvaluator(lm, images, clip, max_new_tokens=max_new_tokens, batch_size=n)
+    cache = FeatureCache(lm, images, None, n)
+    cache.rows(range(n))
+    prefix = PrefixCache(lm, images, None, n)
+    start = time.perf_counter()
+    prefix.fill(cache.rows)
+    fill_s = time.perf_counter() - start
+    print(f"cached prefix: encoding {n} prefixes once took {fill_s:.2f} s")
+    total_full = total_cached = 0.0
+    for k in ks:
+        captions = [m.caption for m in ev.evaluate([ranked.prefix(k)])[0]]
+        start = time.perf_counter()
+        full = caption_ppl(lm, images, captions, None, n, cache.rows(range(n)))
+        full_s = time.perf_counter() - start
+        start = time.perf_counter()
+        cached = prefix.nll(range(n), captions).exp()
+        cached_s = time.perf_counter() - start
+        total_full, total_cached = total_full + full_s, total_cached + cached_s
+        diff = float(((cached - full).abs() / full.abs()).nan_to_num(0.0).max())
+        print(
+            f"  k = {k:5d}: full PPL pass {1000 * full_s:7.1f} ms, cached prefix {1000 * cached_s:7.1f} ms "
+            f"=> {full_s / cached_s:5.2f}x (aim >= 2x); largest relative PPL difference {diff:.1e}"
+        )
+    amortized = total_full / (total_cached + fill_s)
+    print(f"  over {len(ks)} k: {total_full / total_cached:.2f}x, {amortized:.2f}x with the one-time prefix encoding")
 
 
 def main() -> None:
@@ -44,12 +80,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    from canprobe.config import CollapseCriterion, SearchConfig
     from canprobe.data import make_scenes
     from canprobe.evaluation import MaskEvaluator, default_clip_model
     from canprobe.metrics import MetricSummary
     from canprobe.models import load_model
     from canprobe.scoring import score_neurons
-    from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, growth_ks, ranked_in_scope
+    from canprobe.search import find_k_star, growth_ks, ranked_in_scope
     from canprobe.sites import SiteRegistry
 
     lm = load_model(args.model)
@@ -90,8 +127,10 @@ def main() -> None:
         print("no collapse in this scope: nothing to compare")
         return
 
-    # 2. the step-one sweep, stopping at the first collapsed k
     ranked = ranked_in_scope(SiteRegistry.of(lm.model), ranking, args.scope)
+    prefix_pass(lm, images, ranked, [p.k for p in result.curve() if p.k > 0], args.max_new_tokens, clip)
+
+    # 2. the step-one sweep, stopping at the first collapsed k
     ev = evaluator(n)
     start = time.perf_counter()
     baseline = MetricSummary.of(ev.evaluate_baseline())

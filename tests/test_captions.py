@@ -36,3 +36,18 @@ def test_write_and_score_captions(tmp_path):
     assert lines[1] == {"image": "car/1.png", "category": "car", "caption": "x", "reference": "y"}
     assert exact_match_rate(recs) == 0.5
     assert exact_match_rate([CaptionRecord("a", "b", "c")]) is None
+
+
+def test_static_cache_gives_the_same_captions_masked_or_not():
+    from canprobe.ablation import ablate
+    from canprobe.models import load_model
+
+    lm = load_model("toy-llava")
+    images = [im for im, _ in make_scenes(3, seed=4)]
+    mask = {f"language.layers.{layer}.mlp.down_proj": list(range(128)) for layer in range(3)}
+    plain = generate_captions(lm, images, max_new_tokens=10)
+    assert generate_captions(lm, images, max_new_tokens=10, static_cache=True) == plain
+    with ablate(lm, mask):
+        masked = generate_captions(lm, images, max_new_tokens=10)
+        assert generate_captions(lm, images, max_new_tokens=10, static_cache=True) == masked
+    assert masked != plain

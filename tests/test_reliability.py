@@ -332,8 +332,9 @@ def _scope_addresses(lm, scope: str) -> list[str]:
 
 
 def _search_with_logits(llava_and_clip, four_scenes, out: Path, fill) -> dict:
+    from canprobe.config import SearchConfig
     from canprobe.data import load_image_set
-    from canprobe.search import SearchConfig, find_k_star
+    from canprobe.search import find_k_star
 
     lm, clip = llava_and_clip
     image_set = load_image_set(four_scenes)

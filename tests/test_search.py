@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from canprobe.ablation import RankedNeurons
+from canprobe.config import CollapseCriterion, SearchConfig
 from canprobe.errors import InputError
 from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.models import ORGANISM_DIR
 from canprobe.runfolder import read_jsonl
 from canprobe.search import (
-    CollapseCriterion,
     CollapseSearch,
-    SearchConfig,
     find_k_star,
     grid_ks,
     growth_ks,

@@ -38,16 +38,21 @@ def generate_captions(
     max_new_tokens: int = default("max_new_tokens"),
     batch_size: int = default("batch_size"),
     features: Sequence[torch.Tensor] | None = None,
+    static_cache: bool = False,
 ) -> list[str]:
     """Greedy captions, one per image, in order.
 
     ``features``: one cached image encoding per image (``canprobe.features``); the image encoder is
-    then skipped and the images only shape the prompt.
+    then skipped and the images only shape the prompt. ``static_cache``: decode into a KV cache of
+    fixed size (transformers' static cache), which transformers compiles the decoding step for on
+    GPUs; elsewhere it decodes eagerly. The captions are the same either way.
     """
     if max_new_tokens <= 0 or batch_size <= 0:
         raise InputError("max new tokens and batch size must be positive")
     tok = lm.tokenizer
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
+    if static_cache:
+        options["cache_implementation"] = "static"
     captions: list[str] = []
     for start in range(0, len(images), batch_size):
         enc = caption_inputs(lm, images[start : start + batch_size], prompt)

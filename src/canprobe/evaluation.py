@@ -221,6 +221,9 @@ class MaskEvaluator:
     ``batch_size`` counts generation rows; one row is one (mask, image) pair. ``reuse_features``:
     encode each image once and reuse the encoding under every mask that leaves the image encoder
     alone (see ``canprobe.features``); results are the same either way, only the cost differs.
+    ``reuse_prefix``: the unmasked scorer encodes each image's prefix once (``PrefixCache``) and
+    scores every caption on it (the same PPL up to float rounding). ``static_cache``: generate into
+    a fixed-size KV cache (see ``generate_captions``); the same captions.
     ``images`` are all the images; under ``torch.distributed`` this process works on its shard.
     """
 
@@ -238,6 +241,7 @@ class MaskEvaluator:
         ppl_lm: LoadedModel | None = None,
         reuse_features: bool = default("reuse_features"),
         reuse_prefix: bool = True,
+        static_cache: bool = False,
     ):
         if not images:
             raise InputError("no images to evaluate")
@@ -253,6 +257,7 @@ class MaskEvaluator:
         self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.kind, self.means = kind, means
+        self.static_cache = static_cache
         self.clip = ClipScorer(clip, batch_size)
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
@@ -307,7 +312,9 @@ class MaskEvaluator:
             chunk_masks = [masks[m] for m, _ in chunk]
             feats = self._features([i for _, i in chunk], all(reusable[m] for m, _ in chunk))
             with ablate_rows(self.lm, chunk_masks, kind=self.kind, means=self.means):
-                caps = generate_captions(self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats)
+                caps = generate_captions(
+                    self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats, self.static_cache
+                )
                 if self.ppl_scorer == "masked":
                     masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))
             captions += caps

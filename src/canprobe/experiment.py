@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from canprobe import runfolder
 from canprobe.ablation import mean_activations
-from canprobe.config import PPL_SCORERS, ExperimentConfig, check_image_source
+from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator, default_clip_model
@@ -37,7 +37,7 @@ from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load_model
 from canprobe.runfolder import CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
-from canprobe.search import SearchConfig, find_k_star, ranked_in_scope
+from canprobe.search import find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
