@@ -89,6 +89,22 @@ trust_option = option("trust_remote_code")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
 
 
+def _compose(*decorators):
+    """One decorator applying ``decorators`` in order (the options of several commands, declared once)."""
+
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+runtime_options = _compose(
+    dtype_option, device_option, device_map_option, checkpointing_option, reuse_option, dry_run_option
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress of the library.")
 def main(verbose: bool) -> None:
@@ -263,12 +279,7 @@ def inspect_command(
 @option("seed")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-scores"), show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the ranking to print.")
-@dtype_option
-@device_option
-@device_map_option
-@checkpointing_option
-@reuse_option
-@dry_run_option
+@runtime_options
 @trust_option
 def score_command(
     model,
@@ -411,12 +422,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @option("batch_size")
 @option("n_samples", "--samples")
 @option("images_per_category", "--per-category")
-@dtype_option
-@device_option
-@device_map_option
-@checkpointing_option
-@reuse_option
-@dry_run_option
+@runtime_options
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
     from canprobe.config import CRITERION_FIELDS, CollapseCriterion, SearchConfig

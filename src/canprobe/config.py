@@ -150,7 +150,6 @@ SETTINGS: dict[str, Setting] = {
     "controls": _s("study", list(STUDY_CONTROLS), "Controls of the study.", choices=STUDY_CONTROLS),
     "split_half": _s("study", True, "Compare the rankings of two disjoint halves of the images."),
 }
-SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS.values()))
 
 
 def setting(name: str):

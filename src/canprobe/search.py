@@ -139,6 +139,7 @@ class CollapseSearch:
         image_names: Sequence[str],
         out_dir: str | Path | None = None,
         model_name: str = "",
+        dtype: str = "",
         ranking_info: dict | None = None,
     ):
         if len(image_names) != evaluator.n_images:
@@ -154,7 +155,7 @@ class CollapseSearch:
         self.out = Path(out_dir) if out_dir is not None else None
         self.world = distributed.world()
         self.writes = self.out is not None and self.world.main  # under torch.distributed, rank 0 writes
-        self.model_name = model_name
+        self.model_name, self.dtype = model_name, dtype
         self.ranking_info = {**(ranking_info or {}), "fingerprint": runfolder.fingerprint(ranking.addresses)}
         self.points: dict[tuple[str, int], CurvePoint] = {}
         self.evaluated = 0
@@ -165,6 +166,7 @@ class CollapseSearch:
     def _run_identity(self) -> dict:
         return {
             "model": self.model_name,
+            "dtype": self.dtype,
             "config": self.config.to_dict(),
             "ranking": self.ranking_info,
             "images": runfolder.fingerprint(self.image_names),
@@ -348,6 +350,7 @@ class CollapseSearch:
                 "first_collapsed": next((p.k for p in random_pts if p.stage == "collapsed"), None),
             },
             "model": self.model_name,
+            "dtype": self.dtype,
             "ranking": self.ranking_info,
             "n_images": len(self.image_names),
             "config": self.config.to_dict(),
@@ -409,5 +412,7 @@ def find_k_star(
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
     info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}
-    search = CollapseSearch(evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info)
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    source = getattr(lm, "source", "")
+    search = CollapseSearch(evaluator, top, everything, config, names, out_dir, source, info, dtype)
     return search.run()
