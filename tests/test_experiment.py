@@ -13,9 +13,10 @@ import canprobe.experiment as experiment_module
 from canprobe.config import make_config
 from canprobe.data import write_scenes
 from canprobe.experiment import Experiment
-from canprobe.report import CURVE_COLUMNS, SECTIONS, build_report, compare_runs
+from canprobe.report import CURVE_COLUMNS, OPTIONAL_SECTIONS, SECTIONS, build_report, compare_runs
 from canprobe.runfolder import read_jsonl
 
+ALWAYS = [s for s in SECTIONS if s not in OPTIONAL_SECTIONS]  # the default run measures no fault models
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -129,7 +130,7 @@ def test_report_renders_in_headless_chromium(run_dir):
         ).stdout
     check = json.loads(re.search(r'data-check="([^"]*)"', dom).group(1).replace("&quot;", '"'))
     assert check["images"] >= 5 and check["broken"] == 0, check
-    assert [s[0] for s in check["sections"]] == list(SECTIONS)
+    assert [s[0] for s in check["sections"]] == ALWAYS
     for name, filled, empty_note in check["sections"]:
         assert filled > 0 and not empty_note, name
 
@@ -168,7 +169,7 @@ def test_compare_and_multi_run_report(run_dir, tmp_path):
     assert list(table["k_star"]) == [json.loads((run_dir / "summary.json").read_text())["results"][-1]["k_star"]] * 2
     assert "<img" in path.read_text()
     report = build_report([run_dir], tmp_path / "r.html")
-    assert report.read_text().count("<section") == len(SECTIONS)
+    assert report.read_text().count("<section") == len(ALWAYS)
 
 
 @pytest.mark.parametrize(

@@ -427,9 +427,11 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
     from canprobe.config import CRITERION_FIELDS, CollapseCriterion, SearchConfig
     from canprobe.evaluation import default_clip_model
+    from canprobe.faults import check_fault
     from canprobe.runfolder import RANKING_FILE, RunLock
     from canprobe.search import find_k_star
 
+    check_fault(options["ablation"], options["dtype"])
     criterion = CollapseCriterion(**{k: options.pop(k) for k in CRITERION_FIELDS})
     per_category, dtype, device = options.pop("images_per_category"), options.pop("dtype"), options.pop("device")
     device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
@@ -556,12 +558,14 @@ def _print_search(result, out: Path) -> None:
 @device_option
 def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
     """Captions and metrics with one mask, side by side with the unmasked model."""
-    from canprobe.ablation import group_by_site, mean_activations
+    from canprobe.ablation import activation_stats, group_by_site
     from canprobe.errors import InputError
     from canprobe.evaluation import MaskEvaluator, default_clip_model
+    from canprobe.faults import check_fault
     from canprobe.metrics import MetricSummary
     from canprobe.sites import SiteRegistry, parse_address
 
+    fault = check_fault(ablation, rest["dtype"])
     if (neurons is None) == (top_k is None):
         raise InputError("give exactly one of --neurons ADDR,ADDR,... and --top K (with --ranking)")
     if top_k is not None and ranking is None:
@@ -585,17 +589,11 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     else:
         mask = group_by_site(registry, addresses)
         label = f"{len(addresses)} neuron(s)"
-    means = None
-    if ablation == "mean" and mask:
+    stats = None
+    if fault.needs and mask:
         sites = [registry.by_name[n] for n in mask]
-        means = mean_activations(
-            lm,
-            image_set.images,
-            sites,
-            prompt=prompt,
-            batch_size=rest["batch_size"],
-            max_new_tokens=rest["max_new_tokens"],
-        )
+        generation = {"batch_size": rest["batch_size"], "max_new_tokens": rest["max_new_tokens"]}
+        stats = activation_stats(lm, image_set.images, sites, prompt=prompt, **generation)
     clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
     evaluator = MaskEvaluator(
         lm,
@@ -605,8 +603,8 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         prompt=prompt,
         max_new_tokens=rest["max_new_tokens"],
         batch_size=rest["batch_size"],
-        kind=ablation,
-        means=means,
+        kind=fault,
+        stats=stats,
         ppl_lm=_ppl_model(ppl_scorer, rest["device"]),
     )
     unmasked = evaluator.evaluate_baseline()
@@ -658,6 +656,10 @@ def _print_summary(summaries: list[dict]) -> None:
                 f"{summary['model']:18s} {r['scope']:22s} {r['category']:10s} {k_star:>6s} {r['n_neurons']:>7d} "
                 f"{stage1:>8s} {random:>8s}"
             )
+        for entry in summary.get("robustness", []):
+            from canprobe.report import fault_headline
+
+            click.echo(f"{summary['model']} {entry['scope']} ({entry['category']}): {fault_headline(entry)}")
 
 
 @main.command("run")
@@ -684,8 +686,13 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
     for name, value in flags.items():
         if value is None:
             continue
-        if "list" in str(config_fields()[name]):
+        annotation = str(config_fields()[name])
+        if "list" in annotation:
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if "list[int]" in annotation:
+                if not all(v.lstrip("-").isdigit() for v in value):
+                    raise InputError(f"--{name.replace('_', '-')}: give comma-separated whole numbers")
+                value = [int(v) for v in value]
         values[name] = value
     experiment = Experiment(make_config(values), restart=restart)
     if dry_run:

@@ -26,13 +26,13 @@ from pathlib import Path
 import yaml
 
 from canprobe.errors import InputError
+from canprobe.faults import PROTECTIONS, check_fault, parse_fault
 
 # choice lists, written once
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 SCORE_METHODS = ("can", "activation", "gradient", "random", "wanda")
 REDUCTIONS = ("loss", "all")
 LOSS_TEXTS = ("self", "reference")
-ABLATION_KINDS = ("zero", "mean")
 PPL_SCORERS = ("unmasked", "masked")
 STUDY_CONTROLS = ("random", "activation", "mean")
 SEARCH_CONTROLS = ("random",)
@@ -57,19 +57,17 @@ class Setting:
         """Raise InputError naming ``name`` when ``value`` is not allowed (None passes: optional)."""
         if value is None:
             return
-        items = value if isinstance(value, list) else [value]
-        if self.choices is not None:
-            for item in items:
-                if item not in self.choices:
-                    raise InputError(f"config field {name}: {item!r} is not one of {', '.join(self.choices)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return
-        if not math.isfinite(value):
-            raise InputError(f"config field {name}: must be a finite number, got {value}")
-        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        if below or above:
-            raise InputError(f"config field {name}: {value} is outside {self.describe_range()}")
+        for item in value if isinstance(value, list) else [value]:
+            if self.choices is not None and item not in self.choices:
+                raise InputError(f"config field {name}: {item!r} is not one of {', '.join(self.choices)}")
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not math.isfinite(item):
+                raise InputError(f"config field {name}: must be a finite number, got {item}")
+            below = self.low is not None and (item <= self.low if self.low_open else item < self.low)
+            above = self.high is not None and (item >= self.high if self.high_open else item > self.high)
+            if below or above:
+                raise InputError(f"config field {name}: {item} is outside {self.describe_range()}")
 
     def describe_range(self) -> str:
         lo = "(" if self.low_open else "["
@@ -139,7 +137,12 @@ SETTINGS: dict[str, Setting] = {
     ),
     "n_samples": _s("search", 4, "Sample captions kept per point.", low=0),
     # evaluation: what a mask does and how its captions are measured
-    "ablation": _s("evaluation", "zero", "What a masked neuron becomes.", choices=ABLATION_KINDS),
+    "ablation": _s(
+        "evaluation",
+        "zero",
+        "What masking does to a neuron: zero, mean, sign, stuck:value=V, stuck:at=max:factor=F, noise:sigma=S, "
+        "bitflip:bit=exponent|sign|mantissa|N, weight_bitflip:bit=...:weights=largest|all.",
+    ),
     "ppl_scorer": _s("evaluation", "unmasked", "unmasked, masked, or a causal LM path."),
     "clip_model": _s("evaluation", None, "CLIP for the CLIP score (default: toy-clip for organisms)."),
     # study: what a whole run searches, and where it writes
@@ -149,6 +152,12 @@ SETTINGS: dict[str, Setting] = {
     "pooled": _s("study", True, "One search over all images."),
     "controls": _s("study", list(STUDY_CONTROLS), "Controls of the study.", choices=STUDY_CONTROLS),
     "split_half": _s("study", True, "Compare the rankings of two disjoint halves of the images."),
+    # robustness (canprobe.robustness, on the pooled images)
+    "faults": _s("robustness", [], "Fault specs, each searched for k* under three rankings.", kind=str),
+    "protections": _s("robustness", [], "Protections measured under random faults.", kind=str, choices=PROTECTIONS),
+    "random_fault": _s("robustness", "bitflip", "The fault drawn at random neurons for the protections."),
+    "fault_counts": _s("robustness", [1, 2, 4, 8, 16, 32], "Random fault counts.", **_POSITIVE),
+    "fault_trials": _s("robustness", 4, "Random draws per fault count.", **_POSITIVE),
 }
 
 
@@ -278,6 +287,7 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        parse_fault(self.ablation)
         if not self.ppl_scorer:
             raise InputError(f"ppl scorer must be {' or '.join(PPL_SCORERS)} or a causal LM path")
 
@@ -287,7 +297,12 @@ class SearchConfig:
 
 @dataclass
 class ExperimentConfig:
-    """A whole CAN study on one model: score, search k* per (scope, category), controls, stability."""
+    """A whole CAN study on one model: score, search k* per (scope, category), controls, stability.
+
+    Robustness (``canprobe.robustness``, on the pooled images): ``faults`` (fault specs) each get k*
+    with the CAN, activation-only and random rankings; ``protections`` (protect_top, range) each get
+    the collapse rate under ``fault_trials`` random draws of ``fault_counts`` neurons with ``random_fault``.
+    """
 
     model: str
     images: str
@@ -304,6 +319,11 @@ class ExperimentConfig:
     per_category: bool = setting("per_category")
     pooled: bool = setting("pooled")
     ablation: str = setting("ablation")
+    faults: list[str] = setting("faults")
+    protections: list[str] = setting("protections")
+    random_fault: str = setting("random_fault")
+    fault_counts: list[int] = setting("fault_counts")
+    fault_trials: int = setting("fault_trials")
     controls: list[str] = setting("controls")
     split_half: bool = setting("split_half")
     ppl_scorer: str = setting("ppl_scorer")
@@ -327,6 +347,10 @@ class ExperimentConfig:
             raise InputError("config field scopes: give at least one scope, e.g. language.down_proj")
         if not self.per_category and not self.pooled:
             raise InputError("config fields per_category and pooled are both false: nothing to search")
+        for spec in [self.ablation, *self.faults, self.random_fault]:
+            check_fault(spec, self.dtype)
+        if not self.fault_counts:
+            raise InputError("config field fault_counts: give at least one count")
         self.criterion()  # the thresholds must also agree with each other
 
     def criterion(self) -> CollapseCriterion:

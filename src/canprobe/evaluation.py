@@ -22,6 +22,7 @@ from canprobe.ablation import NeuronSpec, ablate_rows, group_by_site
 from canprobe.captions import generate_captions
 from canprobe.config import PPL_SCORERS, default
 from canprobe.errors import InputError
+from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
 from canprobe.inputs import batches, caption_inputs, teacher_forcing_inputs, to_model_inputs
 from canprobe.metrics import CaptionMetrics, word_stats
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
@@ -242,6 +243,8 @@ class MaskEvaluator:
         reuse_features: bool = default("reuse_features"),
         reuse_prefix: bool = True,
         static_cache: bool = False,
+        stats: Mapping[str, ChannelStats] | None = None,
+        protections: Sequence[ProtectedSet | RangeRestriction] = (),
     ):
         if not images:
             raise InputError("no images to evaluate")
@@ -256,7 +259,7 @@ class MaskEvaluator:
         self.lm, self.images, self.prompt = lm, self.world.take(images), prompt
         self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.kind, self.means = kind, means
+        self.kind, self.means, self.stats, self.protections = kind, means, stats, tuple(protections)
         self.static_cache = static_cache
         self.clip = ClipScorer(clip, batch_size)
         self._image_features: torch.Tensor | None = None
@@ -299,19 +302,26 @@ class MaskEvaluator:
         clip = self.clip.score(self.image_features, captions)
         return distributed.gather(self._assemble([(0, i) for i in range(len(captions))], captions, ppl, clip, 1)[0])
 
-    def evaluate(self, masks: Sequence[NeuronSpec]) -> list[list[CaptionMetrics]]:
-        """Per mask, metrics of all images in order; all masks share batched generates through per-row masks."""
+    def evaluate(
+        self, masks: Sequence[NeuronSpec], protections: Sequence[ProtectedSet | RangeRestriction] | None = None
+    ) -> list[list[CaptionMetrics]]:
+        """Per mask, metrics of all images in order; all masks share batched generates through per-row masks.
+
+        ``kind`` (the fault) applies to every mask, with ``protections`` (default: the evaluator's) in place.
+        """
+        protections = self.protections if protections is None else tuple(protections)
         n = len(self.images)
         rows = [(m, i) for m in range(len(masks)) for i in range(n)]
         # per mask, once: whether it leaves the image encoder alone (then the cached features hold)
-        reusable = [features.reusable(self.lm, group_by_site(self._registry, mask)) for mask in masks]
+        clamped = [name for p in protections if isinstance(p, RangeRestriction) for name in p.stats]
+        reusable = [features.reusable(self.lm, [*group_by_site(self._registry, mask), *clamped]) for mask in masks]
         captions: list[str] = []
         masked_ppl: list[torch.Tensor] = []
         for chunk in batches(rows, self.batch_size):
             ims = [self.images[i] for _, i in chunk]
             chunk_masks = [masks[m] for m, _ in chunk]
             feats = self._features([i for _, i in chunk], all(reusable[m] for m, _ in chunk))
-            with ablate_rows(self.lm, chunk_masks, kind=self.kind, means=self.means):
+            with ablate_rows(self.lm, chunk_masks, self.kind, self.means, self.stats, protections):
                 caps = generate_captions(
                     self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats, self.static_cache
                 )

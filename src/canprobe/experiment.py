@@ -9,6 +9,8 @@ Layout of the output folder (every file can be inspected with ordinary tools)::
         scores.safetensors, ranking.parquet   (canprobe score)
         curve.jsonl, summary.json, run.json   (canprobe search)
         controls.json                         activation-only ranking and mean ablation at k*
+        faults/<fault>/<ranking>/             robustness: one k* search per fault model and ranking
+        protection.json                       robustness: collapse under random faults per protection
     scopes/<scope>/split_half/{a,b}/      rankings of two disjoint halves of the pooled images
 
 Every stage skips what its files already hold, so rerunning a killed run resumes it. A folder made
@@ -28,13 +30,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from canprobe import runfolder
-from canprobe.ablation import mean_activations
+from canprobe.ablation import RankedNeurons, activation_stats, mean_activations
 from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator, default_clip_model
 from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load_model
+from canprobe.robustness import fault_kstars, protection_study, random_order
 from canprobe.runfolder import CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
 from canprobe.search import find_k_star, ranked_in_scope
@@ -199,6 +202,67 @@ class Experiment:
             **kwargs,
         )
 
+    def _robustness(self, lm, clip, scope: str, group: Group, ranking, k_star, out: Path, search) -> dict:
+        """k* per fault and ranking, and collapse under random faults per protection (``canprobe.robustness``)."""
+        c = self.config
+        registry = SiteRegistry.of(lm.model)
+        everything = RankedNeurons.from_sites(registry.select(scope))
+        top = ranked_in_scope(registry, ranking, scope)
+        stats = activation_stats(
+            lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+        )
+        rankings = {
+            "can": ranking,
+            "activation": _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0),
+            "random": random_order(everything, c.seed),
+        }
+        rows = fault_kstars(
+            lm, clip, group.images, group.names, rankings, c.faults, search, stats, out, c.reuse_features, self.ppl_lm
+        )
+        protection = None
+        if c.protections:
+            under = next(
+                (r for r in rows if r["fault"] == c.random_fault and r["ranking"] == "can" and r["k_star"]), None
+            )
+            if under is not None:
+                k_protect, source = under["k_star"], f"k* of the CAN ranking under {c.random_fault}"
+            elif k_star is not None:
+                k_protect, source = k_star, f"k* of the CAN ranking under {c.ablation}"
+            else:
+                k_protect, source = max(c.fault_counts), "no k* found: the largest fault count"
+            evaluator = self._evaluator(lm, clip, group.images, kind=c.random_fault, stats=stats)
+            identity = {
+                "scope": scope,
+                "fault": c.random_fault,
+                "counts": c.fault_counts,
+                "trials": c.fault_trials,
+                "protections": c.protections,
+                "k_protect": k_protect,
+                "seed": c.seed,
+            }
+            protection = protection_study(
+                evaluator,
+                everything,
+                top,
+                k_protect,
+                c.protections,
+                c.fault_counts,
+                c.fault_trials,
+                c.seed,
+                search.criterion,
+                stats,
+                out,
+                identity,
+            )
+            protection["k_protect_from"] = source
+        return {
+            "scope": scope,
+            "category": group.name,
+            "path": out.relative_to(self.out).as_posix(),
+            "faults": rows,
+            "protection": protection,
+        }
+
     def _split_half(self, lm, scope: str, pooled: Group, k: int) -> dict:
         """Score two disjoint halves (even / odd images) and compare their top-k sets and score orders."""
         c = self.config
@@ -269,7 +333,7 @@ class Experiment:
         registry = SiteRegistry.of(lm.model)
         for scope in c.scopes:
             registry.select(scope)  # fail on a bad scope before any work
-        results, overlap, split_half = [], {}, {}
+        results, overlap, split_half, robustness = [], {}, {}, []
         tasks = [(scope, g) for scope in c.scopes for g in groups]
         bar = tqdm(tasks, desc="searches", disable=not self.progress, unit="search")
         rankings: dict[tuple[str, str], pd.DataFrame] = {}
@@ -297,6 +361,10 @@ class Experiment:
             t = time.perf_counter()
             controls = self._controls(lm, clip, scope, group, ranking, found.k_star, out, search_config)
             self.timings.add("controls", t)
+            if (c.faults or c.protections) and (group.name == POOLED or not c.pooled):
+                t = time.perf_counter()
+                robustness.append(self._robustness(lm, clip, scope, group, ranking, found.k_star, out, search_config))
+                self.timings.add("robustness", t)
             random = found.summary.get("random") or {}
             at_k = random.get("at_k_star")
             results.append(
@@ -343,6 +411,7 @@ class Experiment:
             "results": results,
             "overlap": overlap,
             "split_half": split_half,
+            "robustness": robustness,
             "timings": self.timings.seconds,
         }
         atomic_write_json(self.out / SUMMARY_FILE, summary)

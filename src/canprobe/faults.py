@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from canprobe.errors import InputError
-from canprobe.sites import Site
+
+if TYPE_CHECKING:  # only for annotations: faults stay importable by the configuration, below the model code
+    from canprobe.sites import Site
 
 # floating dtype -> (integer dtype of the same width, named bits)
 BIT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, dict[str, int]]] = {

@@ -31,7 +31,8 @@ from canprobe.runfolder import (  # noqa: E402
 )
 
 CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
-SECTIONS = ("examples", "curves", "locations", "kstar", "stability", "config")
+SECTIONS = ("examples", "curves", "locations", "kstar", "faults", "stability", "config")
+OPTIONAL_SECTIONS = ("faults",)  # only in reports of runs that measured them
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -210,6 +211,105 @@ KSTAR_HEADER = [
 ]
 
 
+RANKING_LABELS = {"can": "CAN", "activation": "activation-only", "random": "random"}
+
+
+def _kstar_cell(row: dict | None):
+    if row is None:
+        return None
+    return row["k_star"] if row["k_star"] is not None else f"none (> {row['scope_size']})"
+
+
+def fault_headline(entry: dict) -> str:
+    """One sentence per question: the fault that needs the fewest CAN neurons, and what protection buys."""
+    found = [r for r in entry["faults"] if r["ranking"] == "can" and r["k_star"] is not None]
+    parts = []
+    if found:
+        best = min(found, key=lambda r: r["k_star"])
+        parts.append(f"fewest neurons: {best['fault']} collapses the model at k* = {best['k_star']} (CAN ranking)")
+    elif entry["faults"]:
+        parts.append("no fault collapses the model within the scope with the CAN ranking")
+    protection = entry.get("protection")
+    if protection:
+        rates = pd.DataFrame(protection["rates"])
+        worst = rates[rates["count"] == rates["count"].max()].set_index("protection")["collapse_rate"]
+        n = int(rates["count"].max())
+        text = ", ".join(f"{name} {rate:.0%}" for name, rate in worst.items())
+        parts.append(
+            f"under {n} random {protection['fault']} faults the collapse rate is {text} "
+            f"(protected set: top {protection['k_protect']} CAN neurons)"
+        )
+    return "; ".join(parts)
+
+
+def _faults_section(summary: dict) -> str:
+    parts = []
+    for entry in summary.get("robustness", []):
+        title = f"{summary['model']}: {entry['scope']} ({entry['category']})"
+        parts.append(f"<h3>{html.escape(title)}</h3><p>{html.escape(fault_headline(entry))}</p>")
+        faults = list(dict.fromkeys(r["fault"] for r in entry["faults"]))
+        if faults:
+            by = {(r["fault"], r["ranking"]): r for r in entry["faults"]}
+            rows = [[f, *(_kstar_cell(by.get((f, r))) for r in RANKING_LABELS)] for f in faults]
+            header = ["fault", *(f"k* {label}" for label in RANKING_LABELS.values())]
+            parts.append("<h4>k* per fault model and ranking</h4>" + _table(header, rows))
+            parts.append(_fault_kstar_figure(entry, faults))
+        protection = entry.get("protection")
+        if protection:
+            rates = pd.DataFrame(protection["rates"])
+            table = rates.pivot(index="count", columns="protection", values="collapse_rate")
+            names = list(dict.fromkeys(rates["protection"]))
+            parts.append(
+                f"<h4>collapse rate under random {html.escape(protection['fault'])} faults "
+                f"({int(rates['trials'].iloc[0])} draws per count; protected set: top {protection['k_protect']} "
+                f"CAN neurons, {html.escape(protection.get('k_protect_from', ''))})</h4>"
+                + _table(["faulted neurons", *names], [[int(n), *table.loc[n, names].tolist()] for n in table.index])
+            )
+            cost = protection["clean_cost"]
+            parts.append(
+                "<h4>cost of each protection on clean captions</h4>"
+                + _table(
+                    ["protection", "identical captions", "median PPL", "mean CLIP", "time vs none"],
+                    [
+                        [k, v["identical_captions"], v["ppl_median"], v["clip_mean"], v["time_ratio"]]
+                        for k, v in cost.items()
+                    ],
+                )
+            )
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            for name in names:
+                ax.plot(table.index, table[name], "o-", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_xlabel("randomly faulted neurons")
+            ax.set_ylabel("collapse rate")
+            ax.legend(fontsize=8)
+            ax.set_title(f"{summary['model']}: random {protection['fault']} faults", fontsize=9)
+            parts.append(f'<img class="fig" src="{_png(fig)}" alt="protection curves">')
+    return "".join(parts)
+
+
+def _fault_kstar_figure(entry: dict, faults: list[str]) -> str:
+    by = {(r["fault"], r["ranking"]): r for r in entry["faults"]}
+    size = entry["faults"][0]["scope_size"]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(faults), 3.2))
+    width = 0.8 / len(RANKING_LABELS)
+    for j, (key, label) in enumerate(RANKING_LABELS.items()):
+        values = [by[(f, key)]["k_star"] if (f, key) in by else None for f in faults]
+        heights = [v if v is not None else size for v in values]
+        bars = ax.bar(np.arange(len(faults)) + j * width, heights, width, label=label)
+        for bar, v in zip(bars, values):
+            if v is None:
+                bar.set_hatch("//")
+                bar.set_alpha(0.4)
+    ax.set_yscale("log")
+    ax.axhline(size, color="gray", lw=0.8, ls=":")
+    ax.set_xticks(np.arange(len(faults)) + width, faults, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("k* (hatched: no collapse in scope)")
+    ax.legend(fontsize=8)
+    return f'<img class="fig" src="{_png(fig)}" alt="k* per fault">'
+
+
 def _stability_section(summary: dict) -> str:
     parts = [f"<h3>{html.escape(summary['model'])}</h3>"]
     for scope, overlap in summary.get("overlap", {}).items():
@@ -267,12 +367,14 @@ def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> P
         "curves": ("PPL and CLIP score against k (paper Figs. 4-5)", "".join(_curves_section(d, s) for d, s in runs)),
         "locations": ("Where the critical neurons live", "".join(_locations_section(d, s) for d, s in runs)),
         "kstar": ("k* per model, scope and category", kstar),
+        "faults": ("Fault models and protections", "".join(_faults_section(s) for _, s in runs)),
         "stability": ("Stability: category overlap and split halves", "".join(_stability_section(s) for _, s in runs)),
         "config": ("Runs: config, versions, seed, timings", "".join(_config_section(s) for _, s in runs)),
     }
     sections = "".join(
         f'<section id="{key}"><h2>{html.escape(title)}</h2>{body or "<p>(nothing measured)</p>"}</section>'
         for key, (title, body) in bodies.items()
+        if body or key not in OPTIONAL_SECTIONS
     )
     models = ", ".join(dict.fromkeys(s["model"] for _, s in runs))
     path = Path(out) if out is not None else runs[0][0] / REPORT_FILE

@@ -8,6 +8,7 @@ Every file canprobe writes goes through this module. A run folder holds::
     curve.jsonl          one line per evaluated (control, k), appended as each point finishes
     summary.json         k*, stage 1, baseline, criterion, config, versions, seed
     controls.json        a study's controls at k* (activation-only ranking, mean ablation)
+    faults/, protection.json   a study's robustness: k* per fault model; random faults per protection
     report.html          figures and tables drawn from the files above
     captions.jsonl       ``canprobe caption``: one record per image
 
@@ -44,6 +45,8 @@ SUMMARY_FILE = "summary.json"
 CONTROLS_FILE = "controls.json"
 REPORT_FILE = "report.html"
 CAPTIONS_FILE = "captions.jsonl"
+FAULTS_DIR = "faults"  # a study's k* searches per fault model, one folder per (fault, ranking)
+PROTECTION_FILE = "protection.json"  # a study's collapse rates under random faults, per protection
 
 
 class StoreError(CanprobeError):

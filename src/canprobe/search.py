@@ -30,6 +30,7 @@ from canprobe.ablation import RankedNeurons
 from canprobe.config import SearchConfig
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator
+from canprobe.faults import parse_fault
 from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
 from canprobe.sites import SiteRegistry
@@ -371,11 +372,14 @@ def find_k_star(
     means: dict[str, torch.Tensor] | None = None,
     ppl_lm=None,
     reuse_features: bool = True,
+    stats: dict | None = None,
 ) -> SearchResult:
     """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
 
     ``lm``: the LoadedModel to probe; ``clip``: a LoadedModel of kind clip; ``ranking``: a ranking
-    DataFrame (``canprobe score``) or addresses, most important first; ``means`` for mean ablation.
+    DataFrame (``canprobe score``) or addresses, most important first; ``config.ablation``: the fault
+    (``canprobe.faults`` spec); ``means`` or ``stats`` (``activation_stats``) for faults that need clean
+    statistics, computed on ``images`` when not given.
     ``reuse_features``: encode each image once for all masks of a language scope (same results).
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
@@ -386,17 +390,11 @@ def find_k_star(
     registry = SiteRegistry.of(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
-    if config.ablation == "mean" and means is None:
-        from canprobe.ablation import mean_activations
+    if parse_fault(config.ablation).needs and means is None and stats is None:
+        from canprobe.ablation import activation_stats
 
-        means = mean_activations(
-            lm,
-            images,
-            config.scope,
-            prompt=config.prompt,
-            batch_size=config.batch_size,
-            max_new_tokens=config.max_new_tokens,
-        )
+        generation = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens}
+        stats = activation_stats(lm, images, config.scope, prompt=config.prompt, **generation)
     evaluator = MaskEvaluator(
         lm,
         images,
@@ -409,6 +407,7 @@ def find_k_star(
         means=means,
         ppl_lm=ppl_lm,
         reuse_features=reuse_features,
+        stats=stats,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
     info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}
