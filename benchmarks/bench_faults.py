@@ -57,7 +57,7 @@ def main() -> None:
     lm = load_model(args.model)
     clip = load_model(default_clip_model(args.model))
     images = [im for im, _ in make_scenes(args.images, seed=17)]
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     scope = RankedNeurons.from_sites(registry.select(args.scope))
     order = torch.randperm(len(scope), generator=torch.Generator().manual_seed(0))
     mask = scope.subset(order).prefix(args.k)

@@ -25,7 +25,15 @@ def lm(request):
 IMAGES = [im for im, _ in make_scenes(6, seed=17)]
 
 
+def _needs_support(lm):
+    if not features.supported(lm):
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__} takes no pre-encoded image features")
+
+
 def test_captions_from_cached_features_equal_captions_from_pixels(lm):
+    _needs_support(lm)
     cache = features.FeatureCache(lm, IMAGES, None, batch_size=4)
     plain = generate_captions(lm, IMAGES, batch_size=4)
     cached = generate_captions(lm, IMAGES, batch_size=4, features=cache.rows(range(len(IMAGES))))
@@ -34,7 +42,8 @@ def test_captions_from_cached_features_equal_captions_from_pixels(lm):
 
 
 def test_only_language_masks_may_reuse_the_encoding(lm):
-    assert features.reusable(lm, ["language.layers.0.mlp.down_proj", "language.layers.3.mlp.gate_proj"])
+    language = ["language.layers.0.mlp.down_proj", "language.layers.3.mlp.gate_proj"]
+    assert features.reusable(lm, language) == features.supported(lm)
     encoder_site = "vision.layers.0.mlp.fc1" if lm.kind == "llava" else "qformer.layers.0.intermediate_query"
     assert not features.reusable(lm, ["language.layers.0.mlp.down_proj", encoder_site])
 
@@ -65,5 +74,54 @@ def test_mask_metrics_are_the_same_with_and_without_reuse(lm, clip):
     # the masks did something: the full down_proj mask and the vision mask change captions
     base = [m.caption for m in on.evaluate_baseline()]
     assert [m.caption for m in on.evaluate(masks[2:3])[0]] != base
-    assert on.features.encoded == len(IMAGES)  # once per image, for every mask and the PPL passes
+    if features.supported(lm):
+        assert on.features.encoded == len(IMAGES)  # once per image, for every mask and the PPL passes
+    else:
+        assert on.features is None
     assert off.features is None
+
+
+def test_a_transformers_without_pre_encoded_inputs_falls_back_with_one_log_line(lm, clip, caplog, monkeypatch):
+    """Before mm_encoder_outputs reached generate, its kwargs validation rejected it (transformers < 5.2x):
+    the evaluator and scoring must then encode pixels, not crash."""
+    import logging
+
+    from canprobe.families import base
+    from canprobe.scoring import score_neurons
+
+    def rejects(model_kwargs, validate):
+        if "mm_encoder_outputs" in model_kwargs:
+            raise ValueError("The following `model_kwargs` are not used by the model: ['mm_encoder_outputs']")
+        return validate(model_kwargs)
+
+    reference = MaskEvaluator(lm, IMAGES[:2], clip, max_new_tokens=6, reuse_features=False)
+    expected = [m.caption for m in reference.evaluate([["language.layers.0.mlp.down_proj:1"]])[0]]
+    old = load_model(lm.source)
+    monkeypatch.setattr(
+        old.model, "_validate_model_kwargs", lambda kw, v=old.model._validate_model_kwargs: rejects(kw, v)
+    )
+    assert not base.validates_mm_encoder_outputs(old.model)
+    with caplog.at_level(logging.INFO, logger="canprobe.features"):
+        evaluator = MaskEvaluator(old, IMAGES[:2], clip, max_new_tokens=6)
+        assert [m.caption for m in evaluator.evaluate([["language.layers.0.mlp.down_proj:1"]])[0]] == expected
+        score_neurons(old, IMAGES[:2], scope="language.down_proj", max_new_tokens=4)
+    assert evaluator.features is None
+    notes = [r for r in caplog.records if "pre-encoded" in r.getMessage()]
+    assert len(notes) == 1, notes
+
+
+def test_llava_next_evaluation_asks_before_reusing_features(tmp_path, clip):
+    """LLaVA-NeXT's image encoder needs image_sizes; the evaluator reused features without asking (a crash)."""
+    from tests.test_families import BUILDERS
+
+    BUILDERS["llava_next"](tmp_path)
+    lm = load_model(str(tmp_path))
+    images = [IMAGES[0], IMAGES[1].resize((96, 40)), IMAGES[2].resize((40, 96))]
+    mask = [["language.layers.0.mlp.down_proj:1", "language.layers.1.mlp.down_proj:3"]]
+    on = MaskEvaluator(lm, images, clip, max_new_tokens=5)
+    off = MaskEvaluator(lm, images, clip, max_new_tokens=5, reuse_features=False)
+    for a, b in zip([on.evaluate_baseline()] + on.evaluate(mask), [off.evaluate_baseline()] + off.evaluate(mask)):
+        assert [m.caption for m in a] == [m.caption for m in b]
+        torch.testing.assert_close(
+            torch.tensor([m.ppl for m in a]), torch.tensor([m.ppl for m in b]), rtol=1e-4, atol=0
+        )

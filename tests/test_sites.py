@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from canprobe.errors import InputError, UnsupportedModelError
+from canprobe.families import known_kinds
 from canprobe.organisms.build import build_instructblip, build_llava
-from canprobe.sites import SITE_KINDS, Neuron, SiteRegistry, parse_address
+from canprobe.sites import Neuron, SiteRegistry, parse_address
 from tests.conftest import TINY
 
 
@@ -147,8 +148,8 @@ def test_neurons_order_and_print():
 
 
 _kinds = st.sampled_from(
-    [f"{c}.layers.{{}}.mlp.{k}" for c in ("language", "vision") for k in SITE_KINDS[c]]
-    + [f"qformer.layers.{{}}.{k}" for k in SITE_KINDS["qformer"]]
+    [f"{c}.layers.{{}}.mlp.{k}" for c in ("language", "vision") for k in known_kinds(c)]
+    + [f"qformer.layers.{{}}.{k}" for k in known_kinds("qformer")]
 )
 _valid = st.builds(
     lambda kind, layer, index: f"{kind.format(layer)}:{index}",

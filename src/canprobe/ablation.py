@@ -415,7 +415,7 @@ def activation_stats(
         moments_on[0] = True
         pairs = list(zip(images, captions))
         for batch in batches(pairs, batch_size):
-            enc = teacher_forcing_inputs(lm.processor, lm.kind, [p[0] for p in batch], [p[1] for p in batch], prompt)
+            enc = teacher_forcing_inputs(lm.processor, lm.family, [p[0] for p in batch], [p[1] for p in batch], prompt)
             enc.pop("labels")
             weights["language"] = enc["attention_mask"].to(lm.device, torch.float64)
             lm.model(**to_model_inputs(enc, lm.model))

@@ -52,10 +52,19 @@ def option(name: str, *flags: str, **overrides):
     return click.option(*flag, name, **kwargs)
 
 
-def _load(model: str, dtype: str, device: str | None, trust_remote_code: bool = False, device_map: str | None = None):
+def _load(
+    model: str,
+    dtype: str,
+    device: str | None,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    sites: Path | None = None,
+):
     from canprobe.models import load_model
 
-    return load_model(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    return load_model(
+        model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code, sites=sites
+    )
 
 
 def _join_world(device: str | None):
@@ -86,6 +95,7 @@ device_map_option = option("device_map")
 checkpointing_option = option("gradient_checkpointing")
 reuse_option = option("reuse_features")
 trust_option = option("trust_remote_code")
+sites_option = option("sites", type=click.Path(path_type=Path, dir_okay=False))
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
 
 
@@ -103,10 +113,44 @@ def _compose(*decorators):
 runtime_options = _compose(
     dtype_option, device_option, device_map_option, checkpointing_option, reuse_option, dry_run_option
 )
+source_options = _compose(sites_option, trust_option)
+
+
+def _versions() -> list[str]:
+    """canprobe, torch and transformers versions, and the devices torch sees."""
+    import torch
+    import transformers
+
+    from canprobe import __version__
+
+    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return [
+        f"canprobe {__version__}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+        f"devices: {', '.join(devices)}",
+    ]
+
+
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        for line in _versions():
+            click.echo(line)
+        ctx.exit()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress of the library.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print canprobe, torch and transformers versions and the devices seen; exit.",
+)
 def main(verbose: bool) -> None:
     """canprobe: find the neurons whose removal collapses a vision-language model (CAN)."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -114,6 +158,13 @@ def main(verbose: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+@main.command("env")
+def env_command() -> None:
+    """canprobe, torch and transformers versions, and the devices torch sees (for bug reports)."""
+    for line in _versions():
+        click.echo(line)
 
 
 @main.command()
@@ -196,7 +247,7 @@ def organisms_eval(name, count, seed) -> None:
     from canprobe.organisms.evaluate import caption_exact_match, clip_category_accuracy
 
     lm = _load(name, "float32", None)
-    if lm.kind == "clip":
+    if not lm.family.generates:
         click.echo(
             f"{name}: true caption beats other-category caption on {clip_category_accuracy(lm, count, seed):.1%}"
         )
@@ -227,6 +278,7 @@ def organisms_eval(name, count, seed) -> None:
 )
 @click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@source_options
 def inspect_command(
     model: str,
     dtype: str,
@@ -237,6 +289,8 @@ def inspect_command(
     ratio: float,
     prompt: str | None,
     batch_size: int,
+    sites: Path | None,
+    trust_remote_code: bool,
 ) -> None:
     """Neuron sites of MODEL per component and kind, and the memory scoring needs.
 
@@ -251,13 +305,14 @@ def inspect_command(
     if activations != (images is not None):
         raise InputError("--activations and --images go together: --activations --images DIR")
     if not activations:
-        for line in format_inventory(inspect_model(model, dtype=dtype, device=device)):
+        inv = inspect_model(model, dtype=dtype, device=device, sites=sites, trust_remote_code=trust_remote_code)
+        for line in format_inventory(inv):
             click.echo(line)
         return
     from canprobe.massive import format_activations, massive_activations
 
     image_set = _image_subset(images, per_category)
-    lm = _load(model, dtype, device)
+    lm = _load(model, dtype, device, trust_remote_code, sites=sites)
     for line in format_inventory(inventory(lm.model, model, dtype)):
         click.echo(line)
     report = massive_activations(lm, image_set.images, prompt=prompt, ratio=ratio, batch_size=batch_size)
@@ -280,7 +335,7 @@ def inspect_command(
 @click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-scores"), show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the ranking to print.")
 @runtime_options
-@trust_option
+@source_options
 def score_command(
     model,
     images,
@@ -301,6 +356,7 @@ def score_command(
     gradient_checkpointing,
     reuse_features,
     dry_run,
+    sites,
     trust_remote_code,
 ) -> None:
     """Score every neuron in SCOPE over an image set; write scores.safetensors and ranking.parquet.
@@ -338,7 +394,7 @@ def score_command(
         if missing:
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
         captions = [r.caption for r in image_set.records]
-    lm = _load(model, dtype, device, trust_remote_code, device_map)
+    lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     result = score_neurons(
         lm,
         image_set.images,
@@ -423,6 +479,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @option("n_samples", "--samples")
 @option("images_per_category", "--per-category")
 @runtime_options
+@source_options
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
     from canprobe.config import CRITERION_FIELDS, CollapseCriterion, SearchConfig
@@ -435,6 +492,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     criterion = CollapseCriterion(**{k: options.pop(k) for k in CRITERION_FIELDS})
     per_category, dtype, device = options.pop("images_per_category"), options.pop("dtype"), options.pop("device")
     device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
+    sites, trust_remote_code = options.pop("sites"), options.pop("trust_remote_code")
     checkpointed, reuse = options.pop("gradient_checkpointing"), options.pop("reuse_features")
     clip_model = options.pop("clip_model") or default_clip_model(model)
     config = SearchConfig(
@@ -466,7 +524,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         )
         _print_plan(plan.lines)
         return
-    lm = _load(model, dtype, device, device_map=device_map)
+    lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
         if ranking is None and (out / RANKING_FILE).exists():
@@ -556,6 +614,7 @@ def _print_search(result, out: Path) -> None:
 @option("images_per_category", "--per-category")
 @dtype_option
 @device_option
+@source_options
 def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
     """Captions and metrics with one mask, side by side with the unmasked model."""
     from canprobe.ablation import activation_stats, group_by_site
@@ -574,7 +633,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     for address in addresses:
         parse_address(address)
     image_set = _image_subset(images, rest["images_per_category"])
-    lm = _load(model, rest["dtype"], rest["device"])
+    lm = _load(model, rest["dtype"], rest["device"], rest["trust_remote_code"], sites=rest["sites"])
     registry = SiteRegistry.of(lm.model)
     if top_k is not None:
         from canprobe.search import ranked_in_scope

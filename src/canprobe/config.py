@@ -93,6 +93,7 @@ SETTINGS: dict[str, Setting] = {
     "device": _s("model", None, "torch device, e.g. cpu or cuda:0."),
     "device_map": _s("model", None, "accelerate placement for models larger than one GPU, e.g. auto."),
     "trust_remote_code": _s("model", False, "Allow custom code shipped with a hub checkpoint."),
+    "sites": _s("model", None, "YAML site file for a model with no adapter (see README: models without an adapter)."),
     "batch_size": _s("model", 16, "Images per scoring batch; rows (image x mask) per evaluation batch.", **_POSITIVE),
     "gradient_checkpointing": _s("model", False, "Recompute layer activations in the backward pass (less memory)."),
     "reuse_features": _s("model", True, "Encode each image once for all masks that leave the image encoder alone."),

@@ -67,13 +67,13 @@ def caption_ppl(
     ``lm`` may be a vision-language model (images required) or a text-only causal LM (images ignored).
     ``image_features``: cached encodings of the images (``canprobe.features``), one per caption.
     """
-    if lm.kind not in ("llava", "instructblip", "decoder"):
+    if not lm.family.generates:
         raise InputError(f"{lm.source} is a {lm.kind} model; perplexity needs a language model")
     out = []
     for start in range(0, len(captions), batch_size):
         caps = list(captions[start : start + batch_size])
-        ims = None if lm.kind == "decoder" else list(images[start : start + batch_size])
-        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.kind, ims, caps, prompt), lm.model)
+        ims = list(images[start : start + batch_size]) if lm.family.takes_images else None
+        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.family, ims, caps, prompt), lm.model)
         if image_features is not None:
             enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
         out.append(caption_nll(lm.model, enc))
@@ -102,8 +102,7 @@ class PrefixCache:
 
     def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
         self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
-        # the module that continues a prefix from token ids: InstructBLIP's language model, else the model
-        self.text_model = lm.model.language_model if lm.kind == "instructblip" else lm.model
+        self.text_model = lm.family.text_model(lm.model)
         self._layers: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # per image, per layer (k, v)
         self._last: list[torch.Tensor] = []  # per image, the prefix's last logits (float32)
         self._mask: list[torch.Tensor] = []  # per image, the prefix's attention mask
@@ -178,7 +177,7 @@ class ClipScorer:
     """CLIP score ``100 * max(cos, 0)`` (torchmetrics' CLIPScore per pair), with image features cached."""
 
     def __init__(self, clip: LoadedModel, batch_size: int = default("batch_size")):
-        if clip.kind != "clip":
+        if clip.family.generates:
             raise InputError(f"{clip.source} is a {clip.kind} model, not a CLIP model")
         self.clip = clip
         self.batch_size = batch_size
@@ -252,7 +251,7 @@ class MaskEvaluator:
             raise InputError("max new tokens and batch size must be positive")
         if ppl_scorer not in PPL_SCORERS and ppl_lm is None:
             ppl_lm = load_model(ppl_scorer)
-        if ppl_lm is not None and ppl_lm.kind != "decoder":
+        if ppl_lm is not None and (ppl_lm.family.takes_images or not ppl_lm.family.generates):
             raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
         self.world = distributed.world()
         self.n_images = len(images)
@@ -265,8 +264,9 @@ class MaskEvaluator:
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
-        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse_features else None
-        use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.kind in ("llava", "instructblip")
+        reuse = reuse_features and features.supported(lm)
+        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
+        use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.family.takes_images
         self.prefix = PrefixCache(lm, self.images, prompt, batch_size) if use_prefix else None
         self._registry = SiteRegistry.of(lm.model)
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from canprobe.errors import InputError
+from canprobe.families import Family, named
 from canprobe.models import LoadedModel
-from canprobe.prompts import DEFAULT_PROMPTS, build_prompts
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -19,15 +19,19 @@ def batches(items: list, size: int) -> Iterator[list]:
 
 def caption_inputs(lm: LoadedModel, images: list[Image.Image], prompt: str | None = None) -> dict[str, torch.Tensor]:
     """Processor outputs for ``images`` with the family's prompt, on the model's device."""
-    if lm.kind not in ("llava", "instructblip"):
-        raise InputError(f"{lm.source} is a {lm.kind} model; captioning needs a vision-language model")
-    text = build_prompts(lm.processor, lm.kind, [prompt or DEFAULT_PROMPTS[lm.kind]])
-    enc = lm.processor(images=images, text=text * len(images), return_tensors="pt", padding=True)
-    return to_model_inputs(enc, lm.model)
+    family = lm.family
+    if not (family.takes_images and family.generates):
+        raise InputError(f"{lm.source} is a {family.name} model; captioning needs a vision-language model")
+    text = family.prompts(lm.processor, [prompt or family.default_prompt])
+    return to_model_inputs(family.inputs(lm.processor, images, text * len(images)), lm.model)
 
 
 def teacher_forcing_inputs(
-    processor, kind: str, images: list[Image.Image] | None, captions: list[str], prompt: str | None = None
+    processor,
+    family: Family | str,
+    images: list[Image.Image] | None,
+    captions: list[str],
+    prompt: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for scoring ``captions`` as continuations of the prompt (images optional for decoders).
 
@@ -35,12 +39,10 @@ def teacher_forcing_inputs(
     caption and end tokens and -100 elsewhere, so ``model(**inputs).loss`` is the caption NLL and
     ``labels != -100`` marks the positions that carry the loss (shifted by one inside the model).
     """
-    text = build_prompts(processor, kind, [prompt or DEFAULT_PROMPTS[kind]]) * len(captions)
+    family = named(family)
+    text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
     tok = getattr(processor, "tokenizer", processor)
-    if kind == "decoder":
-        enc = dict(tok(text, return_tensors="pt"))
-    else:
-        enc = dict(processor(images=images, text=text, return_tensors="pt", padding=True))
+    enc = family.inputs(processor, images, text)
     caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
     prompt_ids = enc["input_ids"]
     n, p = prompt_ids.shape

@@ -60,13 +60,15 @@ class Inventory:
 
 def build_shipped(name: str) -> torch.nn.Module:
     """The architecture of a shipped config on the meta device: shapes without storage."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
+
+    from canprobe.families import family_for
 
     data = json.loads((CONFIGS_DIR / f"{name}.json").read_text())
     data = {k: v for k, v in data.items() if not k.startswith("_")}
     config = AutoConfig.for_model(**data)
     with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config)
+        return family_for(config).model_class().from_config(config)
 
 
 def component_modules(registry: SiteRegistry) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
@@ -82,22 +84,6 @@ def component_modules(registry: SiteRegistry) -> dict[str, tuple[torch.nn.Module
         owner = registry.model.get_submodule(".".join(parts[: i - 1]))
         out.setdefault(site.component, (owner, registry.model.get_submodule(".".join(parts[:i]))))
     return out
-
-
-def _tokens(model: torch.nn.Module, component: str) -> int:
-    """Per-sample sequence length of a component for one image and TEXT_TOKENS text tokens."""
-    cfg = model.config
-    vision = getattr(cfg, "vision_config", None)
-    patches = (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
-    if component == "vision":
-        return patches + 1
-    if component == "projector":
-        return patches
-    queries = getattr(cfg, "num_query_tokens", None)
-    if component == "qformer":
-        return queries + TEXT_TOKENS // 4
-    image_tokens = queries if queries else getattr(cfg, "image_seq_length", patches)
-    return image_tokens + TEXT_TOKENS
 
 
 def _activation_elements(module: torch.nn.Module, component: str, tokens: int, layers: int) -> int:
@@ -134,7 +120,7 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
     components = []
     for component, (owner, stack) in component_modules(registry).items():
         layers = len({s.layer for s in registry.sites if s.component == component})
-        tokens = _tokens(model, component)
+        tokens = registry.family.tokens(model.config, component, TEXT_TOKENS)
         elements = _activation_elements(owner, component, tokens, layers)
         components.append(
             ComponentRow(component, layers, sum(p.numel() for p in stack.parameters()), tokens, elements * itemsize)
@@ -146,8 +132,14 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
     return Inventory(name, dtype, rows, components, total, total * itemsize, activation)
 
 
-def inspect_model(name: str, dtype: str = "float32", device: str | None = None) -> Inventory:
-    """Inventory of a shipped config (meta device, no weights) or of any loadable model."""
+def inspect_model(
+    name: str,
+    dtype: str = "float32",
+    device: str | None = None,
+    sites: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> Inventory:
+    """Inventory of a shipped config (meta device, no weights) or of any loadable model (``sites``: a site file)."""
     if name in SHIPPED_CONFIGS:
         return inventory(build_shipped(name), name, dtype)
     from canprobe.models import BUILTIN_MODELS, load_model
@@ -157,7 +149,7 @@ def inspect_model(name: str, dtype: str = "float32", device: str | None = None) 
             f"unknown model {name!r}: shipped configs are {', '.join(SHIPPED_CONFIGS)}; built-in models are "
             f"{', '.join(BUILTIN_MODELS)}; otherwise give a local checkpoint folder or a hub id"
         )
-    lm: LoadedModel = load_model(name, dtype=dtype, device=device)
+    lm: LoadedModel = load_model(name, dtype=dtype, device=device, sites=sites, trust_remote_code=trust_remote_code)
     return inventory(lm.model, name, dtype)
 
 

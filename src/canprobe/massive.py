@@ -102,7 +102,8 @@ class _Entry:
 def _decoder_layers(registry: SiteRegistry) -> list[tuple[Site, torch.nn.Module]]:
     """(down_proj site, the decoder layer holding it) for every layer of the language model, in order."""
     sites = registry.select("language.down_proj")
-    return [(s, registry.model.get_submodule(s.module_path.removesuffix(".mlp.down_proj"))) for s in sites]
+    inside = "." + registry.family.site_kinds["language"]["down_proj"].module  # the site's path inside its layer
+    return [(s, registry.model.get_submodule(s.module_path.removesuffix(inside))) for s in sites]
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def massive_activations(
 
     ``captions`` default to the model's own greedy captions (what it reads while it captions).
     """
-    if lm.kind not in ("llava", "instructblip"):
+    if not (lm.family.takes_images and lm.family.generates):
         raise InputError(f"{lm.source} is a {lm.kind} model; activations are measured on vision-language models")
     if not images:
         raise InputError("measuring activations needs at least one image")
@@ -151,7 +152,11 @@ def massive_activations(
     try:
         for start in range(0, len(images), batch_size):
             enc = teacher_forcing_inputs(
-                lm.processor, lm.kind, images[start : start + batch_size], captions[start : start + batch_size], prompt
+                lm.processor,
+                lm.family,
+                images[start : start + batch_size],
+                captions[start : start + batch_size],
+                prompt,
             )
             enc.pop("labels")
             lm.model(**to_model_inputs(enc, lm.model))

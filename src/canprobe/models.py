@@ -1,4 +1,4 @@
-"""Loading models by built-in name, local path or hub id, and telling which family each one is.
+"""Loading models by built-in name, local path or hub id, each with its family (``canprobe.families``).
 
 Every model, the shipped organisms included, goes through ``from_pretrained`` with the
 transformers Auto classes, so the code path that handles ``toy-llava`` is the one that handles
@@ -12,45 +12,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-)
+from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from canprobe.config import DTYPE_NAMES
-from canprobe.errors import ModelLoadError, UnsupportedModelError
+from canprobe.errors import ModelLoadError
+from canprobe.families import Family, attach, family_for, named
 
 log = logging.getLogger(__name__)
 
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
 BUILTIN_MODELS = ("toy-llava", "toy-instructblip", "toy-clip")
 
-# model_type (from config.json) -> family; the family decides prompt format and inputs
-MODEL_FAMILIES = {
-    "llava": "llava",
-    "llava_next": "llava",
-    "instructblip": "instructblip",
-    "clip": "clip",
-    "llama": "decoder",
-    "mistral": "decoder",
-    "qwen2": "decoder",
-}
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
 class LoadedModel:
-    """A model with its processor (or tokenizer, for text-only models) and family."""
+    """A model with its processor (or tokenizer, for text-only models) and family.
+
+    ``family``: a ``Family`` or a family's name (``llava``, ``decoder``, ...).
+    """
 
     model: torch.nn.Module
     processor: object
-    kind: str
+    family: Family | str
     source: str
+
+    def __post_init__(self):
+        self.family = named(self.family)
+
+    @property
+    def kind(self) -> str:
+        """The family's name, for messages."""
+        return self.family.name
 
     @property
     def device(self) -> torch.device:
@@ -83,22 +78,19 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def model_family(model_type: str) -> str:
-    if model_type not in MODEL_FAMILIES:
-        raise UnsupportedModelError(
-            f"no adapter for model type {model_type!r}; supported: {', '.join(sorted(MODEL_FAMILIES))}"
-        )
-    return MODEL_FAMILIES[model_type]
-
-
 def load_model(
     name_or_path: str,
     dtype: str = "float32",
     device: str | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    sites: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a model and its processor in eval mode with frozen weights."""
+    """Load a model and its processor in eval mode with frozen weights.
+
+    ``sites``: a site file (``canprobe.families.sitefile``) for a model with no adapter; its
+    family is attached to the model.
+    """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     path = resolve_model_path(name_or_path)
@@ -115,10 +107,12 @@ def load_model(
                 f"{name_or_path} needs custom code from its repository; rerun with --trust-remote-code if you trust it"
             ) from None
         raise ModelLoadError(f"cannot read the config of {name_or_path!r}: {exc}") from None
-    kind = model_family(config.model_type)
-    auto = {"llava": AutoModelForImageTextToText, "instructblip": AutoModelForImageTextToText}.get(
-        kind, AutoModel if kind == "clip" else AutoModelForCausalLM
-    )
+    if sites is not None:
+        from canprobe.families.sitefile import read_site_file
+
+        family = read_site_file(sites)
+    else:
+        family = family_for(config)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -127,14 +121,15 @@ def load_model(
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        model = family.model_class().from_pretrained(path, **kwargs)
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         model.to(device)
     model.eval().requires_grad_(False)
-    loader = AutoTokenizer if kind == "decoder" else AutoProcessor
-    processor = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
-    log.info("loaded %s (%s, %s)", name_or_path, config.model_type, dtype)
-    return LoadedModel(model, processor, kind, name_or_path)
+    if sites is not None:
+        attach(model, family)
+    processor = family.load_processor(path, trust_remote_code=trust_remote_code)
+    log.info("loaded %s (%s, %s family, %s)", name_or_path, config.model_type, family.name, dtype)
+    return LoadedModel(model, processor, family, name_or_path)

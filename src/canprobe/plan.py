@@ -33,19 +33,19 @@ def meta_model(name: str) -> torch.nn.Module:
     """The architecture of a shipped config, built-in organism, local folder or hub id, without weights."""
     if name in SHIPPED_CONFIGS:
         return build_shipped(name)
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
-    from canprobe.models import model_family, resolve_model_path
+    from canprobe.families import family_for
+    from canprobe.models import resolve_model_path
 
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the config of {name!r}: {str(exc).splitlines()[0]}") from None
-    family = model_family(config.model_type)
-    auto = {"llava": AutoModelForImageTextToText, "instructblip": AutoModelForImageTextToText, "clip": AutoModel}
+    family = family_for(config)
     with torch.device("meta"):
-        return auto.get(family, AutoModelForCausalLM).from_config(config)
+        return family.model_class().from_config(config)
 
 
 @dataclass(frozen=True)

@@ -19,48 +19,7 @@ from typing import ClassVar
 import torch
 
 from canprobe.errors import InputError, UnsupportedModelError
-from canprobe.models import MODEL_FAMILIES
-
-# kind -> (module path inside the layer, "output" or "input" of that module, linear layer whose
-# weight rows/columns belong to the neuron, and whether the neuron is a row (out) or column (in))
-SITE_KINDS: dict[str, dict[str, tuple[str, str, str, str]]] = {
-    "language": {
-        "gate_proj": ("mlp.act_fn", "output", "mlp.gate_proj", "out"),
-        "up_proj": ("mlp.up_proj", "output", "mlp.up_proj", "out"),
-        "down_proj": ("mlp.down_proj", "output", "mlp.down_proj", "out"),
-        "down_proj.input": ("mlp.down_proj", "input", "mlp.down_proj", "in"),
-    },
-    "vision": {
-        "fc1": ("mlp.activation_fn", "output", "mlp.fc1", "out"),
-        "fc2": ("mlp.fc2", "output", "mlp.fc2", "out"),
-    },
-    "projector": {
-        "linear_1": ("act", "output", "linear_1", "out"),
-        "linear_2": ("linear_2", "output", "linear_2", "out"),
-    },
-    "qformer": {
-        "intermediate": ("intermediate.intermediate_act_fn", "output", "intermediate.dense", "out"),
-        "output": ("output.dense", "output", "output.dense", "out"),
-        "intermediate_query": ("intermediate_query.intermediate_act_fn", "output", "intermediate_query.dense", "out"),
-        "output_query": ("output_query.dense", "output", "output_query.dense", "out"),
-    },
-}
-COMPONENTS = tuple(SITE_KINDS)
-
-# family -> component -> candidate paths of the layer list (or of the single projector module)
-LAYER_ROOTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "llava": {
-        "language": ("model.language_model.layers", "language_model.model.layers"),
-        "vision": ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
-        "projector": ("model.multi_modal_projector", "multi_modal_projector"),
-    },
-    "instructblip": {
-        "language": ("language_model.model.layers", "language_model.layers"),
-        "vision": ("vision_model.encoder.layers",),
-        "qformer": ("qformer.encoder.layer",),
-    },
-    "decoder": {"language": ("model.layers",)},
-}
+from canprobe.families import family_for, known_kinds
 
 # ASCII digits only and no leading zeros, "mlp." exactly where the printed name has it, nothing
 # around the address: every accepted string prints back to itself.
@@ -125,8 +84,9 @@ def parse_address(text: str) -> Neuron:
         return Neuron(f"projector.{m['pkind']}", int(m["index"]))
     comp = m["comp"] or "qformer"
     kind, layer = (m["kind"], m["layer"]) if m["comp"] else (m["qkind"], m["qlayer"])
-    if kind not in SITE_KINDS[comp]:
-        raise InputError(f"{text!r}: {comp} has no site {kind!r}; its sites are {', '.join(SITE_KINDS[comp])}")
+    kinds = known_kinds(comp)
+    if kind not in kinds:
+        raise InputError(f"{text!r}: {comp} has no site {kind!r}; its sites are {', '.join(kinds)}")
     mid = "mlp." if comp in ("language", "vision") else ""
     return Neuron(f"{comp}.layers.{int(layer)}.{mid}{kind}", int(m["index"]))
 
@@ -140,7 +100,11 @@ def _get(model: torch.nn.Module, path: str):
     return obj
 
 
-def _linear_size(linear: torch.nn.Module, axis: str) -> int:
+def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
+    if not isinstance(linear, torch.nn.Linear):
+        raise UnsupportedModelError(
+            f"{path} is a {type(linear).__name__}, not a linear layer: its neurons cannot be sized"
+        )
     return linear.out_features if axis == "out" else linear.in_features
 
 
@@ -175,20 +139,16 @@ class SiteRegistry:
         return registry
 
     def __init__(self, model: torch.nn.Module):
-        model_type = getattr(model.config, "model_type", type(model).__name__)
-        self.family = MODEL_FAMILIES.get(model_type)
-        if self.family not in LAYER_ROOTS:
-            supported = sorted(t for t, f in MODEL_FAMILIES.items() if f in LAYER_ROOTS)
-            raise UnsupportedModelError(
-                f"no neuron-site adapter for model type {model_type!r}; supported: {', '.join(supported)}"
-            )
+        self.family = family_for(model)
+        if not self.family.site_kinds:
+            raise UnsupportedModelError(f"{self.family.name} models have no neuron sites to probe")
         self.model = model
         self.sites: list[Site] = []
-        for component, candidates in LAYER_ROOTS[self.family].items():
+        for component, candidates in self.family.layer_roots.items():
             root_path = next((p for p in candidates if _get(model, p) is not None), None)
             if root_path is None:
                 raise UnsupportedModelError(
-                    f"cannot find the {component} layers of this {model_type} model "
+                    f"cannot find the {component} layers of this {self.family.name} model "
                     f"(looked for {', '.join(candidates)})"
                 )
             root = _get(model, root_path)
@@ -196,22 +156,29 @@ class SiteRegistry:
                 [(0, root_path)] if component == "projector" else [(i, f"{root_path}.{i}") for i in range(len(root))]
             )
             for layer, layer_path in layers:
-                for kind, (module, hook, weight, axis) in SITE_KINDS[component].items():
-                    linear = _get(model, f"{layer_path}.{weight}")
-                    if linear is None or _get(model, f"{layer_path}.{module}") is None:
+                for kind, spec in self.family.site_kinds[component].items():
+                    linear = _get(model, f"{layer_path}.{spec.weight}")
+                    if linear is None or _get(model, f"{layer_path}.{spec.module}") is None:
                         continue
                     self.sites.append(
                         Site(
                             component,
                             layer,
                             kind,
-                            f"{layer_path}.{module}",
-                            hook,
-                            f"{layer_path}.{weight}",
-                            axis,
-                            _linear_size(linear, axis),
+                            f"{layer_path}.{spec.module}",
+                            spec.reading,
+                            f"{layer_path}.{spec.weight}",
+                            spec.axis,
+                            _linear_size(linear, spec.axis, f"{layer_path}.{spec.weight}"),
                         )
                     )
+            if not any(s.component == component for s in self.sites):
+                inner = ", ".join(
+                    f"{spec.module} ({spec.weight})" for spec in self.family.site_kinds[component].values()
+                )
+                raise UnsupportedModelError(
+                    f"no {component} site of {self.family.name} under {root_path}: looked for {inner}"
+                )
 
         seen: dict[tuple[int, str], str] = {}
         for site in self.sites:

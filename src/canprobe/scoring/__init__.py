@@ -75,7 +75,7 @@ def _options(method: str, alpha: float, seed: int, reduction: str) -> Method:
 def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> tuple[list, list | None]:
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch size and max new tokens must be positive")
-    if lm.kind == "decoder":
+    if not lm.family.takes_images:
         if not captions:
             raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
         return [None] * len(captions), list(captions)
@@ -155,9 +155,9 @@ def score_neurons(
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
     cache = None
-    if reuse_features and lm.kind != "decoder" and features.reusable(lm, [s.name for s in sites]):
+    if reuse_features and features.reusable(lm, [s.name for s in sites]):
         cache = features.FeatureCache(lm, images, prompt, batch_size)
-    if lm.kind == "decoder":
+    if not lm.family.takes_images:
         source = "text"
     elif captions is None:
         source = "self"
@@ -168,8 +168,8 @@ def score_neurons(
 
     def batches() -> Iterator[dict]:
         for i in range(0, len(captions), batch_size):
-            ims = None if lm.kind == "decoder" else images[i : i + batch_size]
-            enc = teacher_forcing_inputs(lm.processor, lm.kind, ims, captions[i : i + batch_size], prompt)
+            ims = images[i : i + batch_size] if lm.family.takes_images else None
+            enc = teacher_forcing_inputs(lm.processor, lm.family, ims, captions[i : i + batch_size], prompt)
             if cache is not None:
                 enc[engine.FEATURES_KEY] = cache.rows(range(i, min(i + batch_size, len(captions))))
             yield enc
@@ -177,7 +177,7 @@ def score_neurons(
     result = score_inputs(lm, batches(), scope, method, alpha, reduction, seed, gradient_checkpointing)
     result.config.update(
         loss_text=source,
-        n_images=0 if lm.kind == "decoder" else n_images,
+        n_images=n_images if lm.family.takes_images else 0,
         batch_size=batch_size,
         prompt=prompt,
         max_new_tokens=max_new_tokens if source == "self" else None,

@@ -150,21 +150,6 @@ class _Accumulator:
         self.input_sq = sq if self.input_sq is None else self.input_sq + sq
 
 
-def _vision_rows(lm: LoadedModel, enc: dict) -> torch.Tensor:
-    """Per crop row of the vision tower: 1 / crops of its sample (LLaVA-NeXT tiles images into crops)."""
-    n = enc["input_ids"].shape[0]
-    if "image_sizes" not in enc or lm.kind != "llava":
-        return torch.ones(n)
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    cfg = lm.model.config
-    counts = [
-        image_size_to_num_patches(size.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        for size in enc["image_sizes"]
-    ]
-    return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
-
-
 def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     labels, attn = enc["labels"], enc["attention_mask"]
     loss_pos = torch.zeros_like(attn)
@@ -175,7 +160,7 @@ def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
-    return _Batch(weights, masks, _vision_rows(lm, enc))
+    return _Batch(weights, masks, lm.family.vision_rows(lm.model, enc))
 
 
 @contextmanager

@@ -1,0 +1,67 @@
+"""Model families: one module per architecture behind one interface (``base.Family``), found by ``config.model_type``.
+
+``family_for(model_or_config)`` is the only dispatch on a model's type in canprobe. A model with
+no family can still be probed through a declarative site file (``sitefile``, ``--sites FILE``);
+the family it defines is attached to the loaded model, and ``family_for`` returns it first.
+Adding a family = one module here defining a ``Family`` subclass, listed in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from canprobe.errors import UnsupportedModelError
+from canprobe.families.base import Family, SiteKind
+from canprobe.families.clip import Clip
+from canprobe.families.decoder import Decoder
+from canprobe.families.instructblip import InstructBlip
+from canprobe.families.llava import Llava
+
+FAMILIES: tuple[Family, ...] = (Llava(), InstructBlip(), Decoder(), Clip())
+BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
+BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+ATTRIBUTE = "canprobe_family"  # where a loaded model carries a family given by a site file
+
+__all__ = ["FAMILIES", "Family", "SiteKind", "family_for", "known_kinds", "named", "attach", "supported_types"]
+
+
+def supported_types() -> list[str]:
+    """Model types with an adapter that can be probed (CLIP only scores captions)."""
+    return sorted(t for t, f in BY_MODEL_TYPE.items() if f.site_kinds)
+
+
+def _unsupported(model_type: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"no adapter for model type {model_type!r}; supported: {', '.join(supported_types())}; "
+        "for another architecture, describe its neuron sites in a YAML file and pass --sites FILE"
+    )
+
+
+def family_for(model_or_config) -> Family:
+    """The family of a model (or of its config), by ``config.model_type``; a site file's family first."""
+    attached = getattr(model_or_config, ATTRIBUTE, None)
+    if isinstance(attached, Family):
+        return attached
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None) or type(model_or_config).__name__
+    family = BY_MODEL_TYPE.get(model_type)
+    if family is None:
+        raise _unsupported(model_type)
+    return family
+
+
+def named(family: Family | str) -> Family:
+    """A family object, from itself or from its name (``llava``, ``instructblip``, ``decoder``, ...)."""
+    if isinstance(family, Family):
+        return family
+    if family not in BY_NAME:
+        raise UnsupportedModelError(f"no model family named {family!r}; families: {', '.join(BY_NAME)}")
+    return BY_NAME[family]
+
+
+def attach(model, family: Family) -> None:
+    """Make ``family_for(model)`` return ``family`` (a site file's family for a model with no adapter)."""
+    setattr(model, ATTRIBUTE, family)
+
+
+def known_kinds(component: str) -> list[str]:
+    """Every site kind some family defines for ``component`` (what an address may name)."""
+    return list(dict.fromkeys(k for f in FAMILIES for k in f.site_kinds.get(component, {})))

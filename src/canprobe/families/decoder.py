@@ -1,0 +1,19 @@
+"""Plain decoder language models with a SwiGLU MLP (``llama``, ``mistral``, ``qwen2``): no images;
+they continue the given texts, and collapse is judged on the texts alone."""
+
+from __future__ import annotations
+
+from canprobe.families.base import SWIGLU, Family
+
+
+class Decoder(Family):
+    name = "decoder"
+    model_types = ("llama", "mistral", "qwen2")
+    auto_class = "AutoModelForCausalLM"
+    takes_images = False
+    encoder_inputs = ()
+    layer_roots = {"language": ("model.layers",)}
+    site_kinds = {"language": SWIGLU}
+
+    def tokens(self, config, component, text_tokens):
+        return text_tokens

@@ -1,0 +1,371 @@
+"""Every family on a tiny random checkpoint built here from its config (no downloads).
+
+One builder per family in BUILDERS writes a checkpoint folder (model + processor or tokenizer);
+every test below runs for each of them: the CLI from inspect to search, Captum cross-checks of
+each site kind, masks against hand edits, per-row masks, and the empty mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from canprobe.ablation import ablate, ablate_rows, to_model_inputs
+from canprobe.captions import generate_captions
+from canprobe.data import make_scenes
+from canprobe.families import family_for
+from canprobe.inputs import teacher_forcing_inputs
+from canprobe.models import LoadedModel, load_model
+from canprobe.scoring import per_sample_loss, score_neurons
+from canprobe.sites import SiteRegistry
+from tests.conftest import TINY
+
+TEXTS = ["a small red car", "a large blue boat on the left with a white background", "a tree"]
+
+
+def _tiny_text_config(config_class, vocab_size: int):
+    from canprobe.organisms.build import BOS_ID, EOS_ID, PAD_ID
+
+    return config_class(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+
+
+def _organism(builder, **shape) -> Callable[[Path], None]:
+    import dataclasses
+
+    def build(out: Path) -> None:
+        model, processor = builder(dataclasses.replace(TINY, **shape))
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+
+    return build
+
+
+def _llava(out: Path) -> None:
+    from canprobe.organisms.build import build_llava
+
+    _organism(build_llava)(out)
+
+
+def _instructblip(out: Path) -> None:
+    from canprobe.organisms.build import build_instructblip
+
+    # two Q-Former layers: the text branch of the last one never reaches the loss
+    _organism(build_instructblip, qformer_layers=2)(out)
+
+
+def _llava_next(out: Path) -> None:
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from canprobe.organisms.build import IMAGE_ID, LLAVA_CHAT_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer()
+    pins = [[16, 32], [32, 16], [32, 32]]
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=20, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=_tiny_text_config(LlamaConfig, len(tok)),
+        image_grid_pinpoints=pins,
+        image_token_index=IMAGE_ID,
+        vision_feature_layer=-1,
+    )
+    LlavaNextForConditionalGeneration(config).save_pretrained(out)
+    LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pins
+        ),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    ).save_pretrained(out)
+
+
+def _decoder(config_name: str, model_name: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        import transformers
+
+        from canprobe.organisms.build import build_tokenizer
+
+        tok = build_tokenizer(image_token_attribute=False)
+        config = _tiny_text_config(getattr(transformers, config_name), len(tok))
+        getattr(transformers, model_name)(config).save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return build
+
+
+# a model with no adapter, probed through a site file written beside it (--sites)
+NEOX_SITES = """\
+loader: causal-lm
+sites:
+  - {component: language, module: gpt_neox.layers.*.mlp.act, weight: gpt_neox.layers.*.mlp.dense_h_to_4h, kind: up_proj}
+  - {component: language, module: gpt_neox.layers.*.mlp.dense_4h_to_h, kind: down_proj}
+  - {component: language, module: gpt_neox.layers.*.mlp.dense_4h_to_h, kind: down_proj.input, reading: input}
+"""
+
+
+def _gpt_neox_with_site_file(out: Path) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from canprobe.organisms.build import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+    tok = build_tokenizer(image_token_attribute=False)
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / SITE_FILE).write_text(NEOX_SITES)
+
+
+SITE_FILE = "sites.yaml"
+
+# family checkpoint name -> builder writing a tiny random checkpoint folder (and a site file, if it needs one)
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+    "instructblip": _instructblip,
+    "llama": _decoder("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": _decoder("MistralConfig", "MistralForCausalLM"),
+    "qwen2": _decoder("Qwen2Config", "Qwen2ForCausalLM"),
+    "gpt_neox-sites": _gpt_neox_with_site_file,
+}
+
+
+DECODERS = ("llama", "mistral", "qwen2", "gpt_neox-sites")
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def checkpoint(request, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    BUILDERS[request.param](out)
+    return out
+
+
+def _sites(checkpoint: Path) -> list:
+    """The --sites option for a checkpoint that came with a site file."""
+    return ["--sites", checkpoint / SITE_FILE] if (checkpoint / SITE_FILE).exists() else []
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint) -> LoadedModel:
+    sites = _sites(checkpoint)
+    return load_model(str(checkpoint), sites=sites[1] if sites else None)
+
+
+IMAGES = [im for im, _ in make_scenes(len(TEXTS), seed=5)]
+
+
+def _images(lm: LoadedModel):
+    return IMAGES if lm.family.takes_images else None
+
+
+def _inputs(lm: LoadedModel) -> dict:
+    enc = teacher_forcing_inputs(lm.processor, lm.family, _images(lm), TEXTS)
+    return to_model_inputs(enc, lm.model)
+
+
+def test_family_is_found_by_model_type(lm):
+    assert family_for(lm.model) is lm.family
+    assert SiteRegistry(lm.model).select("language.down_proj")
+
+
+def test_cli_inspect_and_score(cli, checkpoint, lm, scene_dir, tmp_path):
+    out = cli("inspect", checkpoint, *_sites(checkpoint))
+    assert out.code == 0, out.err
+    assert "language.down_proj" in out.out
+    args = [
+        "score",
+        "--model",
+        checkpoint,
+        *_sites(checkpoint),
+        "--images",
+        scene_dir,
+        "--out",
+        tmp_path / "s",
+        "--max-new-tokens",
+        "4",
+    ]
+    if not lm.family.takes_images:
+        args += ["--captions", "reference"]  # a text-only model scores the texts themselves
+    out = cli(*args, "--scope", "language")
+    assert out.code == 0, out.err
+    assert (tmp_path / "s" / "ranking.parquet").exists() and "language.layers." in out.out
+
+
+def _captum(lm: LoadedModel, sites, to_input: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """CAN alpha=1 and alpha=0 per site from Captum, with position weights built here."""
+    from captum.attr import LayerActivation, LayerGradientXActivation
+
+    enc = teacher_forcing_inputs(lm.processor, lm.family, _images(lm), TEXTS)
+    key = "pixel_values" if lm.family.takes_images else "attention_mask"
+
+    def forward(x):
+        return per_sample_loss(lm.model, {**enc, key: x})
+
+    registry = SiteRegistry(lm.model)
+    layers = [registry.module(s) for s in sites]
+    gxa = LayerGradientXActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
+    act = LayerActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
+    labels = enc["labels"]
+    loss_pos = torch.zeros_like(labels, dtype=torch.float32)
+    loss_pos[:, :-1] = (labels[:, 1:] != -100).float()
+    out = {}
+    for site, g, a in zip(sites, gxa, act):
+        if site.component == "language":
+            w = loss_pos / loss_pos.sum(1, keepdim=True)
+        elif site.component == "qformer" and not site.kind.endswith("_query"):
+            qm = enc["qformer_attention_mask"].float()
+            w = qm / qm.sum(1, keepdim=True)
+        else:  # every position of every image row; the same number of rows (crops) per image here
+            crops = g.shape[0] // len(TEXTS)
+            w = torch.full(g.shape[:2], 1.0 / (g.shape[1] * crops))
+        out[site.name] = {
+            "can1": (w[..., None] * g.abs()).sum((0, 1)) / len(TEXTS),
+            "can0": (w[..., None] * a.abs()).sum((0, 1)) / len(TEXTS),
+        }
+    return out
+
+
+def _reaching_sites(lm: LoadedModel, scope: str):
+    """Sites of ``scope`` whose output reaches the loss (Captum cannot attribute a site that does not)."""
+    registry = SiteRegistry(lm.model)
+    enc = _inputs(lm)
+    sites = registry.select(scope)
+    grads = {}
+    handles = []
+    for site in sites:
+
+        def keep(x, name=site.name):
+            if not x.requires_grad:
+                x.requires_grad_(True)
+            x.register_hook(lambda g: grads.__setitem__(name, g.abs().sum()))
+
+        module = registry.module(site)
+        if site.hook == "output":
+            handles.append(module.register_forward_hook(lambda _m, _a, out, keep=keep: keep(out)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda _m, args, keep=keep: keep(args[0])))
+    try:
+        with torch.enable_grad():
+            per_sample_loss(lm.model, enc).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return [s for s in sites if float(grads.get(s.name, 0)) > 0]
+
+
+@pytest.mark.parametrize("to_input", [False, True], ids=["outputs", "down_proj.input"])
+def test_can_matches_captum_for_every_site_kind(lm, to_input):
+    scope = (
+        "language.down_proj.input"
+        if to_input
+        else ",".join(s for s in SiteRegistry(lm.model).scopes if s != "language.down_proj.input")
+    )
+    sites = _reaching_sites(lm, scope)
+    assert {s.scope for s in sites} == set(scope.split(","))  # every kind has a site that reaches the loss
+    reference = _captum(lm, sites, to_input)
+    names = ",".join(dict.fromkeys(s.scope for s in sites))
+    can1 = score_neurons(lm, _images(lm), scope=names, alpha=1.0, captions=TEXTS, batch_size=2)
+    can0 = score_neurons(lm, _images(lm), scope=names, alpha=0.0, captions=TEXTS, batch_size=2)
+    for site in sites:
+        for ours, theirs in (
+            (can1.scores[site.name], reference[site.name]["can1"]),
+            (can0.scores[site.name], reference[site.name]["can0"]),
+        ):
+            err = float((ours - theirs.detach()).abs().max() / theirs.detach().abs().max().clamp(min=1e-30))
+            assert err < 1e-5, (site.name, err)
+
+
+def test_masking_all_down_proj_channels_equals_zeroing_the_mlp_output(lm):
+    registry = SiteRegistry(lm.model)
+    site = registry.by_name["language.layers.0.mlp.down_proj"]
+    enc = _inputs(lm)
+    enc.pop("labels")
+    with ablate(lm, [site.address(i) for i in range(site.size)]):
+        masked = lm.model(**enc).logits
+    mlp = lm.model.get_submodule(site.weight_path.rsplit(".", 1)[0])
+    handle = mlp.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+    try:
+        by_hand = lm.model(**enc).logits
+    finally:
+        handle.remove()
+    assert torch.equal(masked, by_hand)
+    assert not torch.equal(masked, lm.model(**enc).logits)
+
+
+def test_per_row_masks_equal_each_mask_alone(lm):
+    registry = SiteRegistry(lm.model)
+    a = [s.address(1) for s in registry.select("language.down_proj")]
+    b = [registry.select("language.down_proj.input")[-1].address(0), registry.select("language.up_proj")[0].address(2)]
+    masks = [a, b, []]
+    enc = _inputs(lm)
+    enc.pop("labels")
+    with ablate_rows(lm, masks):
+        together = lm.model(**enc).logits
+    for row, mask in enumerate(masks):
+        with ablate(lm, mask):
+            alone = lm.model(**enc).logits[row]
+        torch.testing.assert_close(together[row], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_mask_leaves_outputs_bit_identical(lm):
+    if lm.family.takes_images:
+        plain = generate_captions(lm, IMAGES, max_new_tokens=6)
+        with ablate(lm, []):
+            masked = generate_captions(lm, IMAGES, max_new_tokens=6)
+    else:
+        enc = _inputs(lm)
+        enc.pop("labels")
+        plain = lm.model(**enc).logits
+        with ablate(lm, []):
+            masked = lm.model(**enc).logits
+        plain, masked = plain.numpy().tobytes(), masked.numpy().tobytes()
+    assert plain == masked
+
+
+@pytest.mark.parametrize("checkpoint", [n for n in BUILDERS if n not in DECODERS], indirect=True)
+def test_cli_search_and_ablate(cli, checkpoint, lm, scene_dir, tmp_path):
+    common = ["--model", checkpoint, "--images", scene_dir, "--per-category", "1", "--clip-model", "toy-clip"]
+    common += ["--max-new-tokens", "4", "--batch-size", "16"]
+    out = cli("search", *common, "--out", tmp_path / "run", "--max-k", "8", "--grid-per-octave", "0")
+    assert out.code == 0, out.err
+    assert "k* = " in out.out
+    registry = SiteRegistry(lm.model)
+    neurons = ",".join(s.address(0) for s in registry.select("language.down_proj"))
+    out = cli("ablate", *common, "--neurons", neurons)
+    assert out.code == 0, out.err
+    assert "masked (2 neuron(s), zero)" in out.out
