@@ -140,8 +140,8 @@ class CollapseSearch:
         image_names: Sequence[str],
         out_dir: str | Path | None = None,
         model_name: str = "",
-        dtype: str = "",
         ranking_info: dict | None = None,
+        dtype: str = "",
     ):
         if len(image_names) != evaluator.n_images:
             raise InputError(f"{len(image_names)} image names for {evaluator.n_images} images")
