@@ -69,8 +69,12 @@ def test_run_writes_every_artifact(run_dir):
     assert overlap["jaccard"][0][0] == 1.0 and 0 <= overlap["jaccard"][0][1] <= 1
     half = summary["split_half"]["language.down_proj"]
     assert 0 <= half["jaccard"] <= 1 and -1 <= half["spearman"] <= 1
-    assert set(summary["timings"]) >= {"scoring", "search", "controls", "stability"}
+    assert set(summary["timings"]) >= {"scoring", "search", "controls", "stability", "activations"}
     assert summary["versions"]["canprobe"]
+    activations = json.loads((run_dir / "activations.json").read_text())
+    assert activations["n_images"] == summary["activations"]["images"] == 4
+    assert [p["layer"] for p in activations["layers"]] == [0, 1, 2, 3]
+    assert summary["activations"]["peak"]["ratio"] == max(p["ratio"] for p in activations["layers"])
 
 
 def _cells(table_html: str) -> list[list[str]]:

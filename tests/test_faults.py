@@ -261,3 +261,18 @@ def test_bad_fault_specs_are_input_errors():
     with pytest.raises(InputError, match="key=value"):
         parse_fault("noise:3")
     assert parse_fault("stuck:at=max:factor=2").spec() == "stuck:at=max:factor=2"
+
+
+@pytest.mark.parametrize("spec", ["sign", "stuck:at=min:factor=3", "bitflip:bit=exponent", "mean"])
+def test_per_row_faults_equal_one_row_at_a_time_in_prompt_and_generation(llava, images, spec):
+    """Each row of a batch with a different neuron set per row gets the captions its own fault gives alone."""
+    sets = [[f"{SITE}:3", f"{SITE}:9"], [], [f"{SITE}:9", "language.layers.1.mlp.down_proj:20"]]
+    every = activation_stats(llava, images, "language.down_proj", max_new_tokens=4)
+    with ablate_rows(llava, sets, kind=spec, stats=every):
+        together = generate_captions(llava, images, max_new_tokens=6)
+    alone = []
+    for i, neurons in enumerate(sets):
+        with ablate(llava, neurons, kind=spec, stats=every):
+            alone += generate_captions(llava, images[i : i + 1], max_new_tokens=6)
+    assert together == alone
+    assert together[1] == generate_captions(llava, images[1:2], max_new_tokens=6)[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from canprobe.data import make_scenes
-from canprobe.massive import format_activations, massive_activations
+from canprobe.massive import ActivationReport, format_activations, massive_activations
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_llava
 from tests.conftest import TINY
@@ -52,6 +52,7 @@ def test_planted_activation_is_found_with_its_writer(tiny):
     assert report.layers[1].dim == 5 and report.layers[1].position == 0
     assert report.peak == report.layers[1]
     assert any("language.layers.1.mlp.down_proj:5 (+4" in line for line in format_activations(report))
+    assert ActivationReport.from_dict(report.to_dict()) == report
 
 
 def test_layer_peaks_match_the_models_own_hidden_states(tiny):

@@ -705,15 +705,18 @@ def _config_flags(func):
 
 
 def _print_summary(summaries: list[dict]) -> None:
-    click.echo(f"{'model':18s} {'scope':22s} {'category':10s} {'k*':>6s} {'of':>7s} {'stage 1':>8s} {'random':>8s}")
+    click.echo(
+        f"{'model':18s} {'scope':22s} {'category':10s} {'k*':>6s} {'of':>7s} {'stage 1':>8s} {'random':>8s} "
+        f"{'mean abl':>8s}"
+    )
+    control = {None: "-", True: "collapse", False: "healthy"}
     for summary in summaries:
         for r in summary["results"]:
-            random = {None: "-", True: "collapse", False: "healthy"}[r["random_collapsed"]]
             k_star = "none" if r["k_star"] is None else str(r["k_star"])
             stage1 = "-" if r["stage1_k"] is None else str(r["stage1_k"])
             click.echo(
                 f"{summary['model']:18s} {r['scope']:22s} {r['category']:10s} {k_star:>6s} {r['n_neurons']:>7d} "
-                f"{stage1:>8s} {random:>8s}"
+                f"{stage1:>8s} {control[r['random_collapsed']]:>8s} {control[r['mean_ablation_collapsed']]:>8s}"
             )
         for entry in summary.get("robustness", []):
             from canprobe.report import fault_headline
@@ -788,33 +791,30 @@ def compare_command(runs: tuple[Path, ...], out: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-demo"), show_default=True)
 @click.option("--per-category", type=POSITIVE, default=4, show_default=True, help="Scenes per category.")
 def demo(out: Path, per_category: int) -> None:
-    """The paper's study on toy-llava and toy-instructblip with built-in scenes, ending in report.html."""
-    from canprobe.config import make_config
+    """The paper's study on toy-llava and toy-instructblip with built-in scenes, ending in report.html.
+
+    Language and vision scopes, stage 1 and k*, random and mean-ablation controls, and the
+    language model's massive activations; one summary line per model at the end.
+    """
     from canprobe.data import write_scenes
-    from canprobe.experiment import Experiment
+    from canprobe.demo import ORGANISMS, run_story, story_line
+    from canprobe.massive import format_activations
     from canprobe.report import build_report
 
     images = write_scenes(out / "scenes", per_category, seed=11)
-    summaries, runs = [], []
-    for name in ("toy-llava", "toy-instructblip"):
+    stories = []
+    for name in ORGANISMS:
         click.echo(f"== {name}")
-        # toy-clip still rates word salad made of scene words at 50-57% of the unmasked CLIP score,
-        # so the organisms need a collapse threshold of 60% where the paper's CLIP uses 50%
-        config = make_config(
-            {
-                "model": name,
-                "images": str(images),
-                "out": str(out / name),
-                "batch_size": 48,
-                "max_new_tokens": 16,
-                "collapse_clip_ratio": 0.6,
-            }
-        )
-        summaries.append(Experiment(config).run())
-        runs.append(out / name)
-    path = build_report(runs, out / "report.html")
-    _print_summary(summaries)
+        stories.append(run_story(name, images, out))
+    path = build_report([d for s in stories for d in s.run_dirs], out / "report.html")
+    _print_summary([summary for s in stories for summary in s.summaries])
+    for story in stories:
+        click.echo(f"== {story.name}: massive activations on the demo scenes")
+        for line in format_activations(story.activations, limit=5):
+            click.echo(line)
     click.echo(f"report: {path}")
+    for story in stories:
+        click.echo(story_line(story))
 
 
 def run() -> None:

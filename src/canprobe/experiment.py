@@ -5,6 +5,7 @@ Layout of the output folder (every file can be inspected with ordinary tools)::
     run.json                              the config the folder belongs to (a resume must match it)
     summary.json                          the run: config, versions, seed, timings, one row per search
     report.html                           figures and tables drawn from the files below
+    activations.json                      the language model's massive activations (canprobe.massive)
     scopes/<scope>/<group>/               one search: group = a category or "pooled"
         scores.safetensors, ranking.parquet   (canprobe score)
         curve.jsonl, summary.json, run.json   (canprobe search)
@@ -35,10 +36,11 @@ from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig, check_i
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator, default_clip_model
+from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load_model
 from canprobe.robustness import fault_kstars, protection_study, random_order
-from canprobe.runfolder import CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
+from canprobe.runfolder import ACTIVATIONS_FILE, CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
 from canprobe.scoring import ScoreResult, load_ranking, score_neurons
 from canprobe.search import find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
@@ -279,6 +281,18 @@ class Experiment:
         spearman = float(a.rank().corr(b.loc[a.index].rank()))
         return {"k": k, "jaccard": _jaccard(top_a, top_b), "spearman": spearman}
 
+    def _activations(self, lm: LoadedModel, images: list) -> ActivationReport:
+        """Massive activations of the language model on the study's first images; cached in activations.json."""
+        cached = read_json(self.out / ACTIVATIONS_FILE)
+        if cached is not None:
+            return ActivationReport.from_dict(cached)
+        c = self.config
+        report = massive_activations(
+            lm, images, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+        )
+        atomic_write_json(self.out / ACTIVATIONS_FILE, report.to_dict())
+        return report
+
     def _identity(self) -> dict:
         """The config that decides the folder's results (its own location may change)."""
         return {k: v for k, v in self.config.to_dict().items() if k != "out"}
@@ -401,6 +415,10 @@ class Experiment:
             if c.split_half and pooled is not None and len(pooled.images) >= 2:
                 split_half[scope] = self._split_half(lm, scope, pooled, k)
         self.timings.add("stability", t)
+        t = time.perf_counter()
+        activations = self._activations(lm, image_set.images[:STUDY_IMAGES])
+        self.timings.add("activations", t)
+        peak = activations.peak
         summary = {
             "model": c.model,
             "config": c.to_dict(),
@@ -411,6 +429,11 @@ class Experiment:
             "results": results,
             "overlap": overlap,
             "split_half": split_half,
+            "activations": {
+                "images": activations.n_images,
+                "massive": len(activations.massive),
+                "peak": None if peak is None else dataclasses.asdict(peak),
+            },
             "robustness": robustness,
             "timings": self.timings.seconds,
         }

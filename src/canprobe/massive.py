@@ -19,6 +19,7 @@ after every decoder layer while the model reads prompt + caption:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATIO = 100.0  # Sun et al.'s rule of thumb is |h| > 100 and about 1,000x the median
 DEFAULT_MIN_SHARE = 0.1
+STUDY_IMAGES = 32  # a study measures its first this many images (Sun et al. read a few dozen sequences)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,16 @@ class ActivationReport:
     def peak(self) -> LayerPeak | None:
         """The layer peak with the highest ratio to its median."""
         return max(self.layers, key=lambda p: p.ratio, default=None)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ActivationReport:
+        massive = [
+            MassiveActivation(**{**m, "writers": tuple(Writer(**w) for w in m["writers"])}) for m in data["massive"]
+        ]
+        return cls(data["n_images"], data["ratio_threshold"], [LayerPeak(**p) for p in data["layers"]], massive)
 
 
 @dataclass

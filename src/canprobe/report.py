@@ -22,16 +22,18 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from canprobe.runfolder import (  # noqa: E402
+    ACTIVATIONS_FILE,
     CURVE_FILE,
     RANKING_FILE,
     REPORT_FILE,
     atomic_write_text,
+    read_json,
     read_jsonl,
     read_summary,
 )
 
 CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
-SECTIONS = ("examples", "curves", "locations", "kstar", "faults", "stability", "config")
+SECTIONS = ("examples", "curves", "locations", "kstar", "activations", "faults", "stability", "config")
 OPTIONAL_SECTIONS = ("faults",)  # only in reports of runs that measured them
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -349,6 +351,37 @@ def _config_section(summary: dict) -> str:
     )
 
 
+def _activations_section(run_dir: Path, summary: dict, top_n: int = 12) -> str:
+    """Per-layer peaks of the residual stream and the massive activations with their down_proj writers."""
+    data = read_json(run_dir / ACTIVATIONS_FILE)
+    if data is None:
+        return ""
+    peaks = [
+        [p["layer"], p["value"], p["median"], p["ratio"], p["position"], p["token"], p["dim"]] for p in data["layers"]
+    ]
+    parts = [
+        f"<h3>{html.escape(summary['model'])}</h3><p>language model residual stream after each layer, "
+        f"{data['n_images']} image(s); ratio = |h| / median |h| of the same sequence</p>",
+        _table(["layer", "max |h|", "median", "ratio", "position", "token", "dim"], peaks, left=0),
+    ]
+    massive = data["massive"]
+    threshold = f"{data['ratio_threshold']:g}x"
+    if not massive:
+        parts.append(f"<p>no massive activation: no |h| reaches {threshold} its sequence median</p>")
+        return "".join(parts)
+    rows = []
+    for m in massive[:top_n]:
+        layers = (
+            str(m["first_layer"]) if m["first_layer"] == m["last_layer"] else f"{m['first_layer']}-{m['last_layer']}"
+        )
+        writers = ", ".join(f"{w['address']} ({w['share']:.0%})" for w in m["writers"]) or "-"
+        rows.append([m["dim"], m["position"], m["token"], layers, m["value"], m["ratio"], m["images"], writers])
+    header = ["dim", "position", "token", "layers", "value", "ratio", "images", "written by (share)"]
+    parts.append(f"<p>{len(massive)} massive activation(s) (at least {threshold} the median), largest first</p>")
+    parts.append(_table(header, rows, left=0))
+    return "".join(parts)
+
+
 def _page(title: str, body: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -367,6 +400,10 @@ def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> P
         "curves": ("PPL and CLIP score against k (paper Figs. 4-5)", "".join(_curves_section(d, s) for d, s in runs)),
         "locations": ("Where the critical neurons live", "".join(_locations_section(d, s) for d, s in runs)),
         "kstar": ("k* per model, scope and category", kstar),
+        "activations": (
+            "Massive activations in the language model (Sun et al. 2024)",
+            "".join(_activations_section(d, s) for d, s in runs),
+        ),
         "faults": ("Fault models and protections", "".join(_faults_section(s) for _, s in runs)),
         "stability": ("Stability: category overlap and split halves", "".join(_stability_section(s) for _, s in runs)),
         "config": ("Runs: config, versions, seed, timings", "".join(_config_section(s) for _, s in runs)),

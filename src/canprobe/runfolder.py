@@ -9,6 +9,7 @@ Every file canprobe writes goes through this module. A run folder holds::
     summary.json         k*, stage 1, baseline, criterion, config, versions, seed
     controls.json        a study's controls at k* (activation-only ranking, mean ablation)
     faults/, protection.json   a study's robustness: k* per fault model; random faults per protection
+    activations.json     a study's massive activations (``canprobe.massive``)
     report.html          figures and tables drawn from the files above
     captions.jsonl       ``canprobe caption``: one record per image
 
@@ -47,6 +48,7 @@ REPORT_FILE = "report.html"
 CAPTIONS_FILE = "captions.jsonl"
 FAULTS_DIR = "faults"  # a study's k* searches per fault model, one folder per (fault, ranking)
 PROTECTION_FILE = "protection.json"  # a study's collapse rates under random faults, per protection
+ACTIVATIONS_FILE = "activations.json"  # a study's massive activations of the language model
 
 
 class StoreError(CanprobeError):
