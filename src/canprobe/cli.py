@@ -684,7 +684,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
 
 
 def _config_flags(func):
-    """One flag per ExperimentConfig field; no default, so a config file's value stands unless a flag is given.
+    """One flag per ExperimentConfig field, from the settings table; no default, so a config file's value stands.
 
     Lists are comma-separated (their choices are checked by the config), booleans are --x/--no-x.
     """
@@ -697,9 +697,10 @@ def _config_flags(func):
             decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=s.help)
         elif "list" in str(annotation):
             decl = click.option(flag, name, default=None, metavar="A,B,...", help=f"{s.help} Comma-separated.")
-        else:
+        else:  # plain types: the config validates the value and names the field, as for a config file
             shown = "" if s.default is None else f" [default: {s.default}]"
-            decl = option(name, default=None, show_default=False, help=s.help + shown)
+            plain = {int: click.INT, float: click.FLOAT}.get(s.kind)
+            decl = click.option(flag, name, type=plain, default=None, help=s.help + shown)
         func = decl(func)
     return func
 
