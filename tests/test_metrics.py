@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from canprobe.data import make_scenes
-from canprobe.evaluation import ClipScorer, MaskEvaluator, caption_ppl
+from canprobe.evaluation import ClipScorer, MaskEvaluator, PrefixCache, caption_ppl
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.metrics import CaptionMetrics, MetricSummary, word_stats
 from canprobe.models import ORGANISM_DIR, LoadedModel, load_model
@@ -209,4 +209,10 @@ def test_cached_prefix_gives_the_full_pass_ppl(clip_dir, family):
     for cached, full in zip(results[True], results[False]):
         assert [m.caption for m in cached] == [m.caption for m in full]
         assert [m.ppl for m in cached] == pytest.approx([m.ppl for m in full], rel=1e-4)
-    assert any(m.caption != b.caption for m, b in zip(results[True][2], results[True][0]))  # new captions scored
+    # any caption, empty ones included, on prefixes encoded two images per batch
+    prefix = PrefixCache(lm, images, None, batch_size=2)
+    assert prefix.fill()
+    captions = ["a small red car on the left", "", "tree tree house"]
+    cached = prefix.nll([2, 0, 1], captions).exp()
+    full = caption_ppl(lm, [images[2], images[0], images[1]], captions)
+    assert cached.tolist() == pytest.approx(full.tolist(), rel=1e-4)
