@@ -10,6 +10,7 @@ parameters are never written, so it is bit-identical afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -156,10 +157,8 @@ class Ablation:
         self.rows = len(masks) if per_row else None
         dtype = next(self.model.parameters()).dtype
         self.fault.check(dtype)
-        grouped = [group_by_site(self.registry, m) for m in masks]
-        for protection in protections:
-            if isinstance(protection, ProtectedSet):
-                grouped = [_without(g, group_by_site(self.registry, protection.neurons)) for g in grouped]
+        self._protected = [group_by_site(self.registry, p.neurons) for p in protections if isinstance(p, ProtectedSet)]
+        grouped = self._grouped(masks)
         order = [s.name for s in self.registry.sites]
         names = sorted({name for g in grouped for name in g}, key=order.index)
         stats = _with_means(stats, means)
@@ -197,6 +196,13 @@ class Ablation:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
 
+    def _grouped(self, masks: Sequence[NeuronSpec]) -> list[dict[str, torch.Tensor]]:
+        """Each row's neurons by site, protected neurons taken out."""
+        grouped = [group_by_site(self.registry, m) for m in masks]
+        for protected in self._protected:
+            grouped = [_without(g, protected) for g in grouped]
+        return grouped
+
     @property
     def masked_sites(self) -> list[str]:
         return list(self._masks)
@@ -210,7 +216,7 @@ class Ablation:
             )
 
     def _row_mask(self, mask: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
-        return mask if self.rows is None else mask.view(self.rows, *([1] * (x.dim() - 2)), size)
+        return mask if self.rows is None else mask[: self.rows].view(self.rows, *([1] * (x.dim() - 2)), size)
 
     def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor:
         self._check(x, site)
@@ -290,6 +296,61 @@ class Ablation:
 
     def __exit__(self, *exc) -> None:
         self._remove()
+
+
+class StandingMasks(Ablation):
+    """Per-row masks on a fixed set of sites whose hooks stay installed while the masks change in place.
+
+    A compiled decoding step (transformers compiles it for a static KV cache on GPUs) keeps the graph
+    traced at its first call, hooks included, and by default does not check the hooks again: hooks
+    added and removed per batch would leave it applying a stale mask. These hooks are installed once
+    and read boolean masks that ``load`` rewrites in place, so a new mask needs no new graph. Outside
+    a ``with standing.loaded(masks)`` block they pass activations through untouched.
+    """
+
+    def __init__(
+        self,
+        lm_or_model: LoadedModel | torch.nn.Module,
+        sites: Sequence[str],
+        rows: int,
+        kind: str | Fault = "zero",
+        means: Mapping[str, torch.Tensor] | None = None,
+        stats: Mapping[str, ChannelStats] | None = None,
+    ):
+        registry = SiteRegistry.of(_model_of(lm_or_model))
+        every = {name: torch.arange(registry.by_name[name].size) for name in sites if name in registry.by_name}
+        if len(every) != len(set(sites)):
+            raise InputError(f"this model has no site {next(n for n in sites if n not in registry.by_name)}")
+        super().__init__(lm_or_model, [every] * rows, True, kind, means, stats)
+        if self.fault.acts_on != "activation":
+            raise InputError(f"{self.fault.name} acts on weights; it has no activation masks to keep installed")
+        self.capacity, self.active = rows, False
+        for mask in self._masks.values():
+            mask.zero_()
+
+    @contextlib.contextmanager
+    def loaded(self, masks: Sequence[NeuronSpec]):
+        """Row i of the batch inside the block gets ``masks[i]`` (at most ``capacity`` rows)."""
+        if not 0 < len(masks) <= self.capacity:
+            raise InputError(f"{len(masks)} masks for standing masks of {self.capacity} rows")
+        grouped = self._grouped(masks)
+        outside = sorted({name for g in grouped for name in g} - set(self._masks))
+        if outside:
+            raise InputError(f"{outside[0]} is not among the sites these standing masks hold")
+        for name, mask in self._masks.items():
+            rows = torch.zeros(mask.shape, dtype=torch.bool)
+            for r, g in enumerate(grouped):
+                if name in g:
+                    rows[r, g[name]] = True
+            mask.copy_(rows)
+        self.rows, self.active = len(masks), True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor | None:
+        return super()._replace(x, site) if self.active else None
 
 
 def _without(grouped: dict[str, torch.Tensor], protected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from canprobe import runfolder
-from canprobe.config import default
+from canprobe.config import DECODINGS, default
 from canprobe.data import ImageSet
 from canprobe.errors import InputError
 from canprobe.features import generate as generate_from_features
@@ -38,33 +38,40 @@ def generate_captions(
     max_new_tokens: int = default("max_new_tokens"),
     batch_size: int = default("batch_size"),
     features: Sequence[torch.Tensor] | None = None,
-    static_cache: bool = False,
+    decoding: str = default("decoding"),
 ) -> list[str]:
     """Greedy captions, one per image, in order.
 
     ``features``: one cached image encoding per image (``canprobe.features``); the image encoder is
-    then skipped and the images only shape the prompt. ``static_cache``: decode into a KV cache of
-    fixed size (transformers' static cache), which transformers compiles the decoding step for on
-    GPUs; elsewhere it decodes eagerly. The captions are the same either way.
+    then skipped and the images only shape the prompt. ``decoding``: ``eager`` (a growing KV cache),
+    ``static`` (a KV cache of fixed size, transformers' static cache) or ``compiled`` (the static
+    cache with the decoding step compiled, where transformers supports it: CUDA devices; elsewhere
+    it decodes eagerly). The captions are the same either way. A compiled step is traced with the
+    hooks then active and, unlike torch's default, checks them at every call, so a mask added or
+    removed later retraces instead of running stale (``StandingMasks`` avoids the retracing).
     """
     if max_new_tokens <= 0 or batch_size <= 0:
         raise InputError("max new tokens and batch size must be positive")
+    if decoding not in DECODINGS:
+        raise InputError(f"unknown decoding {decoding!r}; choose one of {', '.join(DECODINGS)}")
     tok = lm.tokenizer
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
-    if static_cache:
+    if decoding != "eager":
         options["cache_implementation"] = "static"
+    options["disable_compile"] = decoding != "compiled"
     captions: list[str] = []
-    for start in range(0, len(images), batch_size):
-        enc = caption_inputs(lm, images[start : start + batch_size], prompt)
-        if features is None:
-            out = lm.model.generate(**enc, **options)
-        else:
-            out = generate_from_features(lm, enc, features[start : start + batch_size], **options)
-        prompt_len = enc["input_ids"].shape[1]
-        # decoder-style generate returns prompt + continuation; keep only the continuation
-        if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len], enc["input_ids"]):
-            out = out[:, prompt_len:]
-        captions += [c.strip() for c in tok.batch_decode(out, skip_special_tokens=True)]
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        for start in range(0, len(images), batch_size):
+            enc = caption_inputs(lm, images[start : start + batch_size], prompt)
+            if features is None:
+                out = lm.model.generate(**enc, **options)
+            else:
+                out = generate_from_features(lm, enc, features[start : start + batch_size], **options)
+            prompt_len = enc["input_ids"].shape[1]
+            # decoder-style generate returns prompt + continuation; keep only the continuation
+            if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len], enc["input_ids"]):
+                out = out[:, prompt_len:]
+            captions += [c.strip() for c in tok.batch_decode(out, skip_special_tokens=True)]
     return captions
 
 

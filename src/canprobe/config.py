@@ -37,6 +37,7 @@ PPL_SCORERS = ("unmasked", "masked")
 STUDY_CONTROLS = ("random", "activation", "mean")
 SEARCH_CONTROLS = ("random",)
 CONTROL_AT = ("curve", "k_star")
+DECODINGS = ("eager", "static", "compiled")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,12 @@ SETTINGS: dict[str, Setting] = {
     "sites": _s("model", None, "YAML site file for a model with no adapter (see README: models without an adapter)."),
     "batch_size": _s("model", 16, "Images per scoring batch; rows (image x mask) per evaluation batch.", **_POSITIVE),
     "gradient_checkpointing": _s("model", False, "Recompute layer activations in the backward pass (less memory)."),
+    "decoding": _s(
+        "model",
+        "eager",
+        "Caption decoding: eager, static (fixed-size KV cache) or compiled (static, its step compiled on GPUs).",
+        choices=DECODINGS,
+    ),
     "reuse_features": _s("model", True, "Encode each image once for all masks that leave the image encoder alone."),
     # data: which images
     "images": _s("data", None, "Image set folder."),

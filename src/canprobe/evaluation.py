@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image
 
 from canprobe import distributed, features
-from canprobe.ablation import NeuronSpec, ablate_rows, group_by_site
+from canprobe.ablation import NeuronSpec, StandingMasks, ablate_rows, group_by_site
 from canprobe.captions import generate_captions
 from canprobe.config import PPL_SCORERS, default
 from canprobe.errors import InputError
-from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
+from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction, parse_fault
 from canprobe.inputs import batches, caption_inputs, teacher_forcing_inputs, to_model_inputs
 from canprobe.metrics import CaptionMetrics, word_stats
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
@@ -222,8 +223,11 @@ class MaskEvaluator:
     encode each image once and reuse the encoding under every mask that leaves the image encoder
     alone (see ``canprobe.features``); results are the same either way, only the cost differs.
     ``reuse_prefix``: the unmasked scorer encodes each image's prefix once (``PrefixCache``) and
-    scores every caption on it (the same PPL up to float rounding). ``static_cache``: generate into
-    a fixed-size KV cache (see ``generate_captions``); the same captions.
+    scores every caption on it (the same PPL up to float rounding). ``decoding``: see
+    ``generate_captions``; the same captions either way. Compiled decoding keeps the masks'
+    hooks installed for the evaluator's life (``StandingMasks`` on the sites given to ``reserve``
+    or met so far), so a new mask reuses the compiled step; faults that act on weights or draw
+    noise, and calls with protections, decode with the static cache uncompiled.
     ``images`` are all the images; under ``torch.distributed`` this process works on its shard.
     """
 
@@ -241,7 +245,7 @@ class MaskEvaluator:
         ppl_lm: LoadedModel | None = None,
         reuse_features: bool = default("reuse_features"),
         reuse_prefix: bool = True,
-        static_cache: bool = False,
+        decoding: str = default("decoding"),
         stats: Mapping[str, ChannelStats] | None = None,
         protections: Sequence[ProtectedSet | RangeRestriction] = (),
     ):
@@ -259,7 +263,11 @@ class MaskEvaluator:
         self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.kind, self.means, self.stats, self.protections = kind, means, stats, tuple(protections)
-        self.static_cache = static_cache
+        self.decoding = decoding
+        fault = parse_fault(kind)
+        self._standing_ok = decoding == "compiled" and fault.acts_on == "activation" and fault.compiles
+        self._reserved: list[str] = []
+        self._standing: StandingMasks | None = None
         self.clip = ClipScorer(clip, batch_size)
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
@@ -269,6 +277,27 @@ class MaskEvaluator:
         use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.family.takes_images
         self.prefix = PrefixCache(lm, self.images, prompt, batch_size) if use_prefix else None
         self._registry = SiteRegistry.of(lm.model)
+
+    def reserve(self, sites: Iterable[str]) -> None:
+        """Sites the masks may touch (e.g. a search's scope): under compiled decoding their hooks are
+        installed once, so masks within them never retrace the compiled step; a site met later costs one."""
+        new = [name for name in sites if name not in self._reserved]
+        if new:
+            self._reserved += new
+            self.close()
+
+    def close(self) -> None:
+        """Remove the standing hooks now (otherwise when the evaluator is collected)."""
+        if self._standing is not None:
+            self._release()
+            self._standing = None
+
+    def _standing_masks(self) -> StandingMasks:
+        if self._standing is None:
+            standing = StandingMasks(self.lm, self._reserved, self.batch_size, self.kind, self.means, self.stats)
+            self._release = weakref.finalize(self, standing.__exit__, None, None, None)
+            self._standing = standing.__enter__()
+        return self._standing
 
     def _features(self, image_ids: Sequence[int], reusable: bool = True) -> list[torch.Tensor] | None:
         """Cached encodings of these (local) images, or None: no cache, or a mask touches the encoder."""
@@ -284,8 +313,11 @@ class MaskEvaluator:
         """The unmasked model's captions of this process's images (computed once; see ``set_baseline``)."""
         if self._baseline is None:
             ids = list(range(len(self.images)))
+            if self._standing_ok:
+                self._standing_masks()  # installed first, so masked evaluations reuse this trace's cache
+            feats = self._features(ids)
             self._baseline = generate_captions(
-                self.lm, self.images, self.prompt, self.max_new_tokens, self.batch_size, self._features(ids)
+                self.lm, self.images, self.prompt, self.max_new_tokens, self.batch_size, feats, self.decoding
             )
         return self._baseline
 
@@ -315,16 +347,23 @@ class MaskEvaluator:
         # per mask, once: whether it leaves the image encoder alone (then the cached features hold)
         clamped = [name for p in protections if isinstance(p, RangeRestriction) for name in p.stats]
         reusable = [features.reusable(self.lm, [*group_by_site(self._registry, mask), *clamped]) for mask in masks]
+        standing = None
+        if self._standing_ok and not protections:
+            self.reserve(name for mask in masks for name in group_by_site(self._registry, mask))
+            standing = self._standing_masks()
+        decoding = "static" if self.decoding == "compiled" and standing is None else self.decoding
         captions: list[str] = []
         masked_ppl: list[torch.Tensor] = []
         for chunk in batches(rows, self.batch_size):
             ims = [self.images[i] for _, i in chunk]
             chunk_masks = [masks[m] for m, _ in chunk]
             feats = self._features([i for _, i in chunk], all(reusable[m] for m, _ in chunk))
-            with ablate_rows(self.lm, chunk_masks, self.kind, self.means, self.stats, protections):
-                caps = generate_captions(
-                    self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats, self.static_cache
-                )
+            if standing is not None:
+                masking = standing.loaded(chunk_masks)
+            else:
+                masking = ablate_rows(self.lm, chunk_masks, self.kind, self.means, self.stats, protections)
+            with masking:
+                caps = generate_captions(self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats, decoding)
                 if self.ppl_scorer == "masked":
                     masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))
             captions += caps

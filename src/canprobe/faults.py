@@ -80,6 +80,7 @@ class Fault:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     acts_on: ClassVar[str] = "activation"
+    compiles: ClassVar[bool] = True  # the same values inside a compiled decoding step
 
     def spec(self) -> str:
         """The spec string that makes this fault again."""
@@ -164,6 +165,7 @@ class Noise(Fault):
 
     name = "noise"
     needs = ("std",)
+    compiles = False  # a compiled step would not draw from the seeded generator in the same order
 
     def __init__(self, sigma: float = 1.0, seed: int = 0):
         if not (math.isfinite(sigma) and sigma >= 0):

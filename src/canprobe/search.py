@@ -145,6 +145,7 @@ class CollapseSearch:
     ):
         if len(image_names) != evaluator.n_images:
             raise InputError(f"{len(image_names)} image names for {evaluator.n_images} images")
+        evaluator.reserve(scope_neurons.site_names)  # every mask of the search and its control lies in the scope
         self.evaluator, self.config = evaluator, config
         self.top = ranking
         self.max_k = len(ranking) if config.max_k is None else config.max_k
