@@ -342,8 +342,21 @@ class MaskEvaluator:
         ``kind`` (the fault) applies to every mask, with ``protections`` (default: the evaluator's) in place.
         """
         protections = self.protections if protections is None else tuple(protections)
+        rows = [(m, i) for m in range(len(masks)) for i in range(len(self.images))]
+        captions, masked_ppl = self._generate(masks, rows, protections)
+        ppl = masked_ppl if masked_ppl is not None else self._score_ppl([i for _, i in rows], captions)
+        clip = self.clip.score(self.image_features[[i for _, i in rows]], captions)
+        local = self._assemble(rows, captions, ppl, clip, len(masks))
+        return [distributed.gather(per_mask) for per_mask in local]
+
+    def masked_captions(self, masks: Sequence[NeuronSpec]) -> list[list[str]]:
+        """Per mask, the captions of this process's images under it (no metrics): what ``evaluate`` generates."""
         n = len(self.images)
-        rows = [(m, i) for m in range(len(masks)) for i in range(n)]
+        captions, _ = self._generate(masks, [(m, i) for m in range(len(masks)) for i in range(n)], self.protections)
+        return [captions[m * n : (m + 1) * n] for m in range(len(masks))]
+
+    def _generate(self, masks, rows, protections) -> tuple[list[str], torch.Tensor | None]:
+        """Captions of ``rows`` (mask, image) in batches of per-row masks, and their PPL if the masked model scores."""
         # per mask, once: whether it leaves the image encoder alone (then the cached features hold)
         clamped = [name for p in protections if isinstance(p, RangeRestriction) for name in p.stats]
         reusable = [features.reusable(self.lm, [*group_by_site(self._registry, mask), *clamped]) for mask in masks]
@@ -367,10 +380,7 @@ class MaskEvaluator:
                 if self.ppl_scorer == "masked":
                     masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))
             captions += caps
-        ppl = torch.cat(masked_ppl) if masked_ppl else self._score_ppl([i for _, i in rows], captions)
-        clip = self.clip.score(self.image_features[[i for _, i in rows]], captions)
-        local = self._assemble(rows, captions, ppl, clip, len(masks))
-        return [distributed.gather(per_mask) for per_mask in local]
+        return captions, torch.cat(masked_ppl) if masked_ppl else None
 
     def _score_ppl(self, image_ids: list[int], captions: list[str]) -> torch.Tensor:
         """PPL under the mask-independent scorer, each distinct (image, caption) scored once per evaluator.
