@@ -141,7 +141,7 @@ def test_resume_after_a_crash_evaluates_nothing_twice(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["k_star"] == 37 and summary["evaluations"]["resumed"] == 6
     assert set(summary["versions"]) == {"torch", "transformers", "canprobe"}
-    with pytest.raises(InputError, match="another config"):
+    with pytest.raises(InputError, match=r"another config \(config.seed \(was 0, now 9\)\)"):
         _search(FakeEvaluator(lambda k: k >= 37), out=tmp_path / "run", control="random", seed=9)
 
 
