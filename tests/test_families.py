@@ -164,7 +164,22 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
-DECODERS = ("llama", "mistral", "qwen2", "gpt_neox-sites")
+def _new_family(name: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        from tests import new_family_builders
+
+        model, processor = getattr(new_family_builders, f"build_{name}")()
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+
+    return build
+
+
+NEW_DECODERS = ("qwen3", "gemma2", "gemma3_text", "phi3")
+NEW_VLMS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "gemma3", "idefics3", "mllama")
+NEW_VLMS += ("blip2_opt", "blip2_flan_t5", "blip2_t5", "instructblip_flan_t5")
+BUILDERS.update({name: _new_family(name) for name in NEW_DECODERS + NEW_VLMS})
+DECODERS = ("llama", "mistral", "qwen2", "gpt_neox-sites", *NEW_DECODERS)
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -241,21 +256,34 @@ def _captum(lm: LoadedModel, sites, to_input: bool) -> dict[str, dict[str, torch
     gxa = LayerGradientXActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
     act = LayerActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
     labels = enc["labels"]
-    loss_pos = torch.zeros_like(labels, dtype=torch.float32)
-    loss_pos[:, :-1] = (labels[:, 1:] != -100).float()
+    if "decoder_input_ids" in enc:  # T5's decoder predicts the labels in place
+        loss_pos = (labels != -100).float()
+    else:
+        loss_pos = torch.zeros_like(labels, dtype=torch.float32)
+        loss_pos[:, :-1] = (labels[:, 1:] != -100).float()
     out = {}
     for site, g, a in zip(sites, gxa, act):
-        if site.component == "language":
+        if g.shape[-1] != site.size:  # the site's slice of a fused linear's output (Phi-3's gate_up_proj)
+            g, a = g.chunk(site.parts, dim=-1)[site.part], a.chunk(site.parts, dim=-1)[site.part]
+        if site.component == "language" and lm.family.encoder_site(site.module_path):  # T5's encoder: the prompt
+            am = enc["attention_mask"].float()
+            w = am / am.sum(1, keepdim=True)
+        elif site.component == "language":
             w = loss_pos / loss_pos.sum(1, keepdim=True)
         elif site.component == "qformer" and not site.kind.endswith("_query"):
             qm = enc["qformer_attention_mask"].float()
             w = qm / qm.sum(1, keepdim=True)
+        elif g.dim() == 2:  # one sequence of every image's patches, in merger groups (Qwen-VL)
+            counts = enc["image_grid_thw"].prod(-1)
+            w = torch.repeat_interleave(1.0 / counts, counts).view(g.shape[0], -1).sum(1)
         else:  # every position of every image row; the same number of rows (crops) per image here
             crops = g.shape[0] // len(TEXTS)
             w = torch.full(g.shape[:2], 1.0 / (g.shape[1] * crops))
+        w = w.reshape(g.shape[:-1])  # OPT's MLP sees rows and positions flattened into one
+        dims = tuple(range(g.dim() - 1))
         out[site.name] = {
-            "can1": (w[..., None] * g.abs()).sum((0, 1)) / len(TEXTS),
-            "can0": (w[..., None] * a.abs()).sum((0, 1)) / len(TEXTS),
+            "can1": (w[..., None] * g.abs()).sum(dims) / len(TEXTS),
+            "can0": (w[..., None] * a.abs()).sum(dims) / len(TEXTS),
         }
     return out
 
@@ -290,11 +318,7 @@ def _reaching_sites(lm: LoadedModel, scope: str):
 
 @pytest.mark.parametrize("to_input", [False, True], ids=["outputs", "down_proj.input"])
 def test_can_matches_captum_for_every_site_kind(lm, to_input):
-    scope = (
-        "language.down_proj.input"
-        if to_input
-        else ",".join(s for s in SiteRegistry(lm.model).scopes if s != "language.down_proj.input")
-    )
+    scope = ",".join(s for s in SiteRegistry(lm.model).scopes if s.endswith(".input") == to_input)
     sites = _reaching_sites(lm, scope)
     assert {s.scope for s in sites} == set(scope.split(","))  # every kind has a site that reaches the loss
     reference = _captum(lm, sites, to_input)
@@ -317,7 +341,9 @@ def test_masking_all_down_proj_channels_equals_zeroing_the_mlp_output(lm):
     enc.pop("labels")
     with ablate(lm, [site.address(i) for i in range(site.size)]):
         masked = lm.model(**enc).logits
-    mlp = lm.model.get_submodule(site.weight_path.rsplit(".", 1)[0])
+    # the MLP module whose output down_proj writes (OPT has none: fc2 writes the layer's MLP output)
+    parent = site.weight_path.rsplit(".", 1)[0]
+    mlp = lm.model.get_submodule(parent if parent.endswith((".mlp", ".DenseReluDense")) else site.weight_path)
     handle = mlp.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
     try:
         by_hand = lm.model(**enc).logits
@@ -357,10 +383,10 @@ def test_an_empty_mask_leaves_outputs_bit_identical(lm):
     assert plain == masked
 
 
-@pytest.mark.parametrize("checkpoint", [n for n in BUILDERS if n not in DECODERS], indirect=True)
 def test_cli_search_and_ablate(cli, checkpoint, lm, scene_dir, tmp_path):
-    common = ["--model", checkpoint, "--images", scene_dir, "--per-category", "1", "--clip-model", "toy-clip"]
-    common += ["--max-new-tokens", "4", "--batch-size", "16"]
+    """Vision-language models caption the images; text-only models continue the texts of captions.jsonl."""
+    common = ["--model", checkpoint, *_sites(checkpoint), "--images", scene_dir, "--per-category", "1"]
+    common += ["--max-new-tokens", "4", "--batch-size", "16", "--clip-model", "toy-clip"]
     out = cli("search", *common, "--out", tmp_path / "run", "--max-k", "8", "--grid-per-octave", "0")
     assert out.code == 0, out.err
     assert "k* = " in out.out
@@ -368,4 +394,84 @@ def test_cli_search_and_ablate(cli, checkpoint, lm, scene_dir, tmp_path):
     neurons = ",".join(s.address(0) for s in registry.select("language.down_proj"))
     out = cli("ablate", *common, "--neurons", neurons)
     assert out.code == 0, out.err
-    assert "masked (2 neuron(s), zero)" in out.out
+    assert f"masked ({neurons.count(',') + 1} neuron(s), zero)" in out.out
+    if not lm.family.takes_images:
+        assert "CLIP    nan" in out.out  # no CLIP score for text
+
+
+@pytest.mark.parametrize("checkpoint", ["phi3"], indirect=True)
+def test_fused_gate_up_sites_read_mask_and_flip_their_own_half(lm):
+    """Phi-3's gate_up_proj: up units are the second half of its output and of its weight rows."""
+    registry = SiteRegistry(lm.model)
+    gate, up = (registry.by_name[f"language.layers.0.mlp.{k}"] for k in ("gate_proj", "up_proj"))
+    linear = registry.weight(up)
+    assert linear is registry.weight(gate) and gate.size == up.size == linear.out_features // 2
+    enc = _inputs(lm)
+    enc.pop("labels")
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        registry.hook(up, lambda x: seen.__setitem__("up", x.clone())),
+        linear.register_forward_hook(lambda _m, _a, out: seen.__setitem__("fused", out.clone())),
+    ]
+    try:
+        lm.model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(seen["up"], seen["fused"][..., up.size :])
+    with ablate(lm, [up.address(3)]):
+        masked = lm.model(**enc).logits
+
+    def zero_column(_m, _a, out):
+        out = out.clone()
+        out[..., up.size + 3] = 0
+        return out
+
+    handle = linear.register_forward_hook(zero_column)
+    try:
+        by_hand = lm.model(**enc).logits
+    finally:
+        handle.remove()
+    assert torch.equal(masked, by_hand)
+    before = linear.weight.detach().clone()
+    with ablate(lm, [up.address(3), gate.address(5)], kind="weight_bitflip:bit=sign:weights=all"):
+        changed = (linear.weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [5, up.size + 3]
+    assert torch.equal(linear.weight, before)
+
+
+@pytest.mark.parametrize("checkpoint", [n for n in BUILDERS if n not in DECODERS], indirect=True)
+def test_massive_activations_cover_every_layer_reading_the_prompt(lm):
+    """inspect --activations: one peak per language layer that reads prompt and caption (a T5's encoder)."""
+    from canprobe.massive import massive_activations
+
+    report = massive_activations(lm, IMAGES, captions=TEXTS, ratio=2.0)
+    family = lm.family
+    layers = [
+        s.layer
+        for s in SiteRegistry(lm.model).select("language.down_proj")
+        if not family.encoder_decoder or family.encoder_site(s.module_path)
+    ]
+    assert [p.layer for p in report.layers] == layers
+    assert all(p.ratio >= 1 for p in report.layers)
+
+
+@pytest.mark.parametrize("checkpoint", ["qwen2_vl"], indirect=True)
+def test_a_torchvision_that_does_not_load_leaves_the_image_processor(checkpoint, lm, monkeypatch, caplog):
+    """Where torchvision is installed but does not import against this torch, the processor is built
+    without its video processor (one log line) and captions as the torchvision-free one does."""
+    import transformers
+    import transformers.utils
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    with caplog.at_level("INFO", logger="canprobe.families.base"):
+        processor = lm.family.load_processor(str(checkpoint))
+    assert "torchvision does not load (operator torchvision::nms does not exist)" in caplog.text
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.chat_template == lm.processor.chat_template
+    prompts = lm.family.prompts(processor, ["describe"]) * len(IMAGES)
+    ours, theirs = (lm.family.inputs(p, IMAGES, prompts) for p in (processor, lm.processor))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

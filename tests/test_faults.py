@@ -133,6 +133,14 @@ def test_per_row_weight_flips_match_one_shared_flip(llava, images):
             alone = _logits(llava, images[i : i + 1])
         torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(together[0], _logits(llava, images[:1]))
+    # the same neurons in every row flip the weights in place, exactly as one shared mask does
+    with ablate(llava, sets[0], kind="weight_bitflip:bit=sign:weights=all"):
+        shared = _logits(llava, images)
+    clean = _module(llava, SITE).weight.clone()
+    with ablate_rows(llava, [sets[0]] * len(images), kind="weight_bitflip:bit=sign:weights=all"):
+        assert torch.equal(_module(llava, SITE).weight[3], -clean[3])  # flipped in place
+        assert torch.equal(_logits(llava, images), shared)
+    assert torch.equal(_module(llava, SITE).weight, clean)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from canprobe import features
 from canprobe.captions import generate_captions
 from canprobe.data import make_scenes
 from canprobe.evaluation import MaskEvaluator
+from canprobe.features import FeatureCache
 from canprobe.models import load_model
 
 
@@ -34,7 +35,7 @@ def _needs_support(lm):
 
 def test_captions_from_cached_features_equal_captions_from_pixels(lm):
     _needs_support(lm)
-    cache = features.FeatureCache(lm, IMAGES, None, batch_size=4)
+    cache = FeatureCache(lm, IMAGES, None, batch_size=4)
     plain = generate_captions(lm, IMAGES, batch_size=4)
     cached = generate_captions(lm, IMAGES, batch_size=4, features=cache.rows(range(len(IMAGES))))
     assert cached == plain

@@ -103,22 +103,22 @@ def test_run_folder_of_another_config_refuses_to_resume_unless_restarted(cli, sc
     out = tmp_path / "run"
     values = {"model": "toy-llava", "images": str(scene_dir), "out": str(out), "seed": 1}
     ran = []
-    monkeypatch.setattr(Experiment, "_run", lambda self: ran.append(self.config.seed) or {})
+    monkeypatch.setattr(Experiment, "_run", lambda self, *prepared: ran.append(self.config.seed) or {})
     Experiment(make_config(values), progress=False).run()
     (out / "summary.json").write_text("{}")
     Experiment(make_config(values), progress=False).run()  # same config: resumes
     assert ran == [1, 1]
     result = cli("run", "--model", "toy-llava", "--images", scene_dir, "--out", out, "--seed", 2, "--max-new-tokens", 9)
-    _one_line_error(result, "another config (differs in max_new_tokens, seed)", "--restart")
-    with pytest.raises(InputError, match="differs in seed"):
+    _one_line_error(result, "another config (config.max_new_tokens (was 24, now 9); config.seed (was 1, now 2))")
+    with pytest.raises(InputError, match=r"another config \(config.seed \(was 1, now 2\)\)"):
         Experiment(make_config({**values, "seed": 2}), progress=False).run()
     assert ran == [1, 1]
     Experiment(make_config({**values, "seed": 2}), progress=False, restart=True).run()
     assert ran == [1, 1, 2]
-    assert json.loads((out / RUN_FILE).read_text())["seed"] == 2
+    assert json.loads((out / RUN_FILE).read_text())["config"]["seed"] == 2
     assert sorted(p.name for p in out.iterdir()) == [RUN_FILE]
     (aside,) = tmp_path.glob("run.replaced-*")
-    assert json.loads((aside / RUN_FILE).read_text())["seed"] == 1 and (aside / "summary.json").exists()
+    assert json.loads((aside / RUN_FILE).read_text())["config"]["seed"] == 1 and (aside / "summary.json").exists()
 
 
 # ---------------------------------------------------------------- atomic writes keep normal permissions
@@ -179,13 +179,13 @@ def write_json(path, obj, **kwargs):
         half_temp(path)
     runfolder.atomic_write_json(path, obj, **kwargs)
 
-def write_ranking(folder, ranking, config):
-    if mode == "mid_ranking":
-        half_temp(Path(folder) / runfolder.RANKING_FILE)
-    real_ranking(folder, ranking, config)
+def write_bytes(path, data):
+    if mode == "mid_ranking" and Path(path).name == "ranking.parquet":
+        half_temp(path)
+    real_bytes(path, data)
 
-real_ranking = runfolder.write_ranking
-search.append_jsonl, search.atomic_write_json, runfolder.write_ranking = append, write_json, write_ranking
+real_bytes = runfolder.atomic_write_bytes
+search.append_jsonl, search.atomic_write_json, runfolder.atomic_write_bytes = append, write_json, write_bytes
 sys.argv = ["canprobe", *sys.argv[1:]]
 from canprobe.cli import run
 run()

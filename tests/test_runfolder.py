@@ -103,8 +103,12 @@ def test_claim_records_the_identity_and_refuses_another(tmp_path):
     claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))
     assert json.loads((folder / RUN_FILE).read_text()) == {"seed": 1, "scope": "language"}
     claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))  # the same run resumes
-    with pytest.raises(InputError, match=r"differs in seed\); use the same config to resume or another output folder$"):
+    refusal = r"another config \(seed \(was 1, now 2\)\); use the same config to resume or another output folder$"
+    with pytest.raises(InputError, match=refusal):
         claim(folder, {"seed": 2, "scope": "language"}, results=("curve.jsonl",))
+    (folder / RUN_FILE).write_text("[1, 2]\n")
+    with pytest.raises(InputError, match=r"its run.json is not a run's identity \(damaged or foreign\)"):
+        claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))
     (folder / RUN_FILE).unlink()
     (folder / "curve.jsonl").write_text("{}\n")
     with pytest.raises(InputError, match="it has no run.json.*--restart"):

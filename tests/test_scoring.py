@@ -454,56 +454,14 @@ def test_score_command_bad_input(cli, tiny_llava_dir, scene_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_llava_next_crops_score_the_same_batched_or_alone():
+def test_llava_next_crops_score_the_same_batched_or_alone(tmp_path):
     """LLaVA-NeXT tiles each image into a size-dependent number of crops; vision rows map back to samples."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
+    from canprobe.models import load_model
+    from tests.test_families import _llava_next
 
-    from canprobe.organisms.build import IMAGE_ID, LLAVA_CHAT_TEMPLATE, build_tokenizer
-
-    tok = build_tokenizer()
-    pins = [[16, 32], [32, 16], [32, 32]]
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=16,
-            intermediate_size=20,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=8,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            pad_token_id=0,
-        ),
-        image_grid_pinpoints=pins,
-        image_token_index=IMAGE_ID,
-        vision_feature_layer=-1,
-    )
     torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).eval().requires_grad_(False)
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=pins
-        ),
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    lm = LoadedModel(model, processor, "llava", "tiny-llava-next")
+    _llava_next(tmp_path / "llava-next")
+    lm = load_model(str(tmp_path / "llava-next"))
     images = [im for im, _ in make_scenes(3, seed=0)]
     images[1], images[2] = images[1].resize((96, 40)), images[2].resize((40, 96))
     together = score_neurons(lm, images, scope="all", captions=CAPTIONS[:3], batch_size=3)

@@ -36,6 +36,10 @@ class FakeEvaluator:
         self.collapsed, self.degraded, self.fail_after = collapsed, degraded, fail_after
         self.calls: list[list[int]] = []
         self.baseline_set = None
+        self.reserved: list[str] = []
+
+    def reserve(self, sites):
+        self.reserved += sites
 
     def _metrics(self, k: int) -> list[CaptionMetrics]:
         ppl, clip = (1000.0, 5.0) if self.collapsed(k) else (5.0, 28.0) if self.degraded(k) else (2.0, 30.0)
@@ -84,6 +88,7 @@ def test_bisection_finds_the_exact_threshold_with_few_evaluations():
     assert evaluated == [0, 1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
     assert result.summary["evaluations"]["search"] == 13 and result.summary["monotone"]
     assert result.summary["bracket"] == [36, 37]
+    assert ev.reserved == ["s"]  # the scope's sites, reserved once before any mask
     assert [p.stage for p in result.curve()][:2] == ["healthy", "healthy"]
 
 
@@ -141,7 +146,7 @@ def test_resume_after_a_crash_evaluates_nothing_twice(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["k_star"] == 37 and summary["evaluations"]["resumed"] == 6
     assert set(summary["versions"]) == {"torch", "transformers", "canprobe"}
-    with pytest.raises(InputError, match="another config"):
+    with pytest.raises(InputError, match=r"another config \(config.seed \(was 0, now 9\)\)"):
         _search(FakeEvaluator(lambda k: k >= 37), out=tmp_path / "run", control="random", seed=9)
 
 

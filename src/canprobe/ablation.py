@@ -219,6 +219,9 @@ class Ablation:
         return mask if self.rows is None else mask[: self.rows].view(self.rows, *([1] * (x.dim() - 2)), size)
 
     def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor:
+        if self.rows is not None and site.component == "language" and x.dim() == 2 and x.shape[0] % self.rows == 0:
+            # rows and positions flattened into one (OPT's MLP): each row's positions get its mask
+            return self._replace(x.view(self.rows, -1, x.shape[-1]), site).view_as(x)
         self._check(x, site)
         mask = self._masks.get(site.name) if self.fault.acts_on == "activation" else None
         if mask is not None:
@@ -237,8 +240,11 @@ class Ablation:
             if idx.numel():
                 groups.setdefault(tuple(idx.tolist()), []).append(row)
         weights = [
-            (torch.tensor(rows, device=linear.weight.device), self.fault.flipped(linear.weight, site.weight_axis, idx))
-            for idx, rows in ((torch.tensor(k), v) for k, v in groups.items())
+            (
+                torch.tensor(rows, device=linear.weight.device),
+                self.fault.flipped(linear.weight, site.weight_axis, torch.tensor(idx) + site.offset),
+            )
+            for idx, rows in groups.items()
         ]
 
         def hook(_module, args, output):
@@ -253,12 +259,16 @@ class Ablation:
 
         return linear.register_forward_hook(hook)
 
+    def _same_in_every_row(self) -> bool:
+        """Whether every row has the same neurons (a search's chunk under one mask): then flip in place."""
+        return all(all(torch.equal(idx, rows[0]) for idx in rows[1:]) for rows in self._neurons.values())
+
     def _flip_weights(self) -> None:
         """One mask for every row: flip the weights in place, keeping the originals for the exit."""
         for name, neurons in self._neurons.items():
             site = self.registry.by_name[name]
             weight = self.registry.weight(site).weight
-            positions = self.fault.positions(weight, site.weight_axis, neurons[0].to(weight.device))
+            positions = self.fault.positions(weight, site.weight_axis, neurons[0].to(weight.device) + site.offset)
             with torch.no_grad():
                 original = weight[positions].clone()
                 self._saved.append((weight, positions, original))
@@ -270,7 +280,7 @@ class Ablation:
         try:
             self.fault.start(next(self.model.parameters()).device)
             if self.fault.acts_on == "weight":
-                if self.rows is None:
+                if self.rows is None or self._same_in_every_row():
                     self._flip_weights()
                 else:
                     self._handles += [self._weight_hook(self.registry.by_name[n]) for n in self._neurons]
@@ -452,7 +462,7 @@ def activation_stats(
             x = x.detach().to(torch.float64)
             flat = x.reshape(-1, site.size)
             w = weights.get("language") if site.component == "language" else None
-            if w is not None and x.shape[:2] == w.shape:
+            if w is not None and (x.shape[:2] == w.shape or x.shape[:-1].numel() == w.numel()):
                 w = w.reshape(-1, 1)
             else:
                 w = torch.ones(flat.shape[0], 1, dtype=torch.float64, device=flat.device)

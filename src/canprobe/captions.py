@@ -18,7 +18,7 @@ from canprobe.config import DECODINGS, default
 from canprobe.data import ImageSet
 from canprobe.errors import InputError
 from canprobe.features import generate as generate_from_features
-from canprobe.inputs import caption_inputs
+from canprobe.inputs import caption_inputs, check_prompt_fits
 from canprobe.models import LoadedModel
 
 
@@ -63,6 +63,7 @@ def generate_captions(
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
         for start in range(0, len(images), batch_size):
             enc = caption_inputs(lm, images[start : start + batch_size], prompt)
+            check_prompt_fits(lm, enc["input_ids"].shape[1], max_new_tokens)
             if features is None:
                 out = lm.model.generate(**enc, **options)
             else:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from canprobe.checks import check_device, check_output_dir, check_output_file
 from canprobe.config import SETTINGS
 from canprobe.errors import CanprobeError
 from canprobe.runfolder import CAPTIONS_FILE
@@ -74,6 +75,14 @@ def _join_world(device: str | None):
     return init_from_env(device)
 
 
+def _check_context(lm, image_set, prompt: str | None, max_new_tokens: int) -> None:
+    """Refuse a prompt that leaves no room for the caption in the model's context, before any work."""
+    if lm.family.takes_images:
+        from canprobe.inputs import check_context
+
+        check_context(lm, image_set.images[0], prompt, max_new_tokens)
+
+
 def _print_plan(lines: Iterable[str]) -> None:
     for line in lines:
         click.echo(line)
@@ -81,16 +90,25 @@ def _print_plan(lines: Iterable[str]) -> None:
 
 
 def _report_skipped(image_set) -> None:
+    from canprobe.checks import printable
+    from canprobe.data import CAPTIONS_FILE
+
     if image_set.skipped:
         click.echo(f"skipped {len(image_set.skipped)} unreadable image(s):", err=True)
         for path, why in image_set.skipped:
-            click.echo(f"  {path}: {why}", err=True)
+            click.echo(f"  {printable(path)}: {why}", err=True)
+    if image_set.unmatched_captions:
+        names = image_set.unmatched_captions
+        click.echo(
+            f"ignored {len(names)} caption(s) of {CAPTIONS_FILE} naming no image file of the set, e.g. {names[0]}",
+            err=True,
+        )
 
 
 model_option = option("model", required=True)
 images_option = option("images", type=click.Path(path_type=Path), required=True)
 dtype_option = option("dtype")
-device_option = option("device")
+device_option = option("device", callback=lambda _ctx, _param, value: check_device(value))
 device_map_option = option("device_map")
 checkpointing_option = option("gradient_checkpointing")
 reuse_option = option("reuse_features")
@@ -176,6 +194,7 @@ def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
     """Draw synthetic scenes: one folder per category plus captions.jsonl."""
     from canprobe.data import CATEGORIES, write_scenes
 
+    check_output_dir(out)
     write_scenes(out, per_category, seed, resolution)
     click.echo(f"wrote {per_category * len(CATEGORIES)} scenes ({len(CATEGORIES)} categories) to {out}")
 
@@ -195,9 +214,11 @@ def caption(model, images, out, prompt, max_new_tokens, batch_size, dtype, devic
     from canprobe.captions import caption_image_set, exact_match_rate, write_captions
     from canprobe.data import load_image_set
 
+    check_output_file(out)
     image_set = load_image_set(images)
     _report_skipped(image_set)
     lm = _load(model, dtype, device, trust_remote_code)
+    _check_context(lm, image_set, prompt, max_new_tokens)
     records = caption_image_set(lm, image_set, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
     write_captions(records, out)
     for r in records[:5]:
@@ -229,7 +250,7 @@ def organisms_train(name, out, steps, batch_size, seed, device) -> None:
     config = DEFAULT_CONFIGS[name]
     changes = {k: v for k, v in dict(steps=steps, batch_size=batch_size, seed=seed).items() if v is not None}
     config = dataclasses.replace(config, **changes)
-    out = out or ORGANISM_DIR / name
+    out = check_output_dir(out or ORGANISM_DIR / name)
     logging.getLogger("canprobe").setLevel(logging.INFO)
     result = train_organism(name, out, config, device=device or "cpu")
     click.echo(
@@ -367,6 +388,7 @@ def score_command(
     from canprobe.errors import InputError
     from canprobe.scoring import score_neurons
 
+    check_output_dir(out)
     world, device = _join_world(device)
     image_set = load_image_set(images)
     if dry_run:
@@ -395,9 +417,10 @@ def score_command(
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
         captions = [r.caption for r in image_set.records]
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+    _check_context(lm, image_set, prompt, max_new_tokens)
     result = score_neurons(
         lm,
-        image_set.images,
+        _generation_inputs(lm, image_set),
         scope=scope,
         method=method,
         alpha=alpha,
@@ -412,7 +435,10 @@ def score_command(
     )
     if not world.main:
         return
-    result.save(out)
+    from canprobe.runfolder import RunLock
+
+    with RunLock(out):
+        result.save(out)
     ranking = result.ranking()
     for row in ranking.head(top).itertuples():
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
@@ -440,6 +466,21 @@ def _load_ranking(path: Path):
     from canprobe.scoring import load_ranking
 
     return load_ranking(path)
+
+
+def _generation_inputs(lm, image_set) -> list:
+    """What the model generates from: the images, or, for a text-only model, the texts of the set's captions.jsonl."""
+    from canprobe.errors import InputError
+
+    if lm.family.takes_images:
+        return image_set.images
+    missing = [r.name for r in image_set.records if r.caption is None]
+    if missing:
+        raise InputError(
+            f"{lm.source} is a text-only model: it continues the texts of captions.jsonl, "
+            f"and {len(missing)} record(s) have none, e.g. {missing[0]}"
+        )
+    return [r.caption for r in image_set.records]
 
 
 def _image_subset(images: Path, per_category: int | None, report: bool = True):
@@ -504,6 +545,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         clip_model=clip_model,
         **options,
     )
+    check_output_dir(out)
     world, device = _join_world(device)
     image_set = _image_subset(images, per_category, report=world.main)
     if dry_run:
@@ -524,38 +566,44 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         )
         _print_plan(plan.lines)
         return
+    table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before the model loads
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+    inputs = _generation_inputs(lm, image_set)
+    _check_context(lm, image_set, config.prompt, config.max_new_tokens)
+    from canprobe.scoring import check_ranking_identity, check_ranking_model, load_folder_ranking, score_identity
+
+    if table is not None:
+        check_ranking_model(table, lm)
+    # the loss captions are generated like the captions the search evaluates: same length limit
+    scoring = dict(
+        scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed, max_new_tokens=config.max_new_tokens
+    )
     # rank 0 holds the folder from the scoring on, not only while the search appends to it
     with RunLock(out) if world.main else nullcontext():
-        if ranking is None and (out / RANKING_FILE).exists():
-            ranking = out / RANKING_FILE
-        if ranking is not None:
-            table = _load_ranking(ranking)
-        else:
+        if table is None and (out / RANKING_FILE).exists():
+            table = load_folder_ranking(out)
+            remedy = "resume with the same --method, --alpha, --scope and images, or use a new --out folder"
+            check_ranking_identity(table, score_identity(lm, inputs, **scoring), remedy)
+        if table is None:
             from canprobe.scoring import score_neurons
 
             if world.main:
                 click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
             scores = score_neurons(
                 lm,
-                image_set.images,
-                scope=scope,
-                method=method,
-                alpha=alpha,
-                prompt=config.prompt,
+                inputs,
+                **scoring,
                 batch_size=config.batch_size,
-                seed=seed,
-                max_new_tokens=config.max_new_tokens,
                 gradient_checkpointing=checkpointed,
                 reuse_features=reuse,
             )
             if world.main:
                 scores.save(out)
             table = scores.ranking()
-        clip = _load(clip_model, "float32", device)
+        clip = _load(clip_model, "float32", device) if lm.family.takes_images else None
         ppl_lm = _ppl_model(config.ppl_scorer, device)
         names = [r.name for r in image_set.records]
-        result = find_k_star(lm, image_set.images, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
+        result = find_k_star(lm, inputs, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
     if world.main:
         _print_search(result, out)
 
@@ -630,15 +678,23 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     if top_k is not None and ranking is None:
         raise InputError("--top K needs --ranking ranking.parquet from `canprobe score`")
     addresses = [a.strip() for a in neurons.split(",") if a.strip()] if neurons is not None else []
-    for address in addresses:
-        parse_address(address)
+    if neurons is not None and not addresses:
+        raise InputError(f"--neurons {neurons!r} names no neuron; give e.g. language.layers.1.mlp.down_proj:7")
+    unique = list(dict.fromkeys(str(parse_address(a)) for a in addresses))
+    if len(unique) < len(addresses):
+        click.echo(f"note: --neurons names {len(unique)} distinct neuron(s) in {len(addresses)} addresses")
+    addresses = unique
+    table = _load_ranking(ranking) if top_k is not None else None  # a bad file fails before the model loads
     image_set = _image_subset(images, rest["images_per_category"])
     lm = _load(model, rest["dtype"], rest["device"], rest["trust_remote_code"], sites=rest["sites"])
+    inputs = _generation_inputs(lm, image_set)
+    _check_context(lm, image_set, prompt, rest["max_new_tokens"])
     registry = SiteRegistry.of(lm.model)
     if top_k is not None:
+        from canprobe.scoring import check_ranking_model
         from canprobe.search import ranked_in_scope
 
-        table = _load_ranking(ranking)
+        check_ranking_model(table, lm)
         ranked = ranked_in_scope(registry, table, scope or "all")
         if top_k > len(ranked):
             where = f"scope {scope}" if scope else "the ranking"
@@ -652,11 +708,11 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     if fault.needs and mask:
         sites = [registry.by_name[n] for n in mask]
         generation = {"batch_size": rest["batch_size"], "max_new_tokens": rest["max_new_tokens"]}
-        stats = activation_stats(lm, image_set.images, sites, prompt=prompt, **generation)
-    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"])
+        stats = activation_stats(lm, inputs, sites, prompt=prompt, **generation)
+    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"]) if lm.family.takes_images else None
     evaluator = MaskEvaluator(
         lm,
-        image_set.images,
+        inputs,
         clip,
         ppl_scorer=ppl_scorer,
         prompt=prompt,
@@ -772,7 +828,9 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
 def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
     """(Re)build the HTML report of one or more run folders."""
     from canprobe.report import build_report
+    from canprobe.runfolder import REPORT_FILE
 
+    check_output_file(out if out is not None else runs[0] / REPORT_FILE)
     click.echo(f"report: {build_report(list(runs), out)}")
 
 
@@ -783,6 +841,7 @@ def compare_command(runs: tuple[Path, ...], out: Path) -> None:
     """k* of several runs (models) side by side: a table here and a figure in --out."""
     from canprobe.report import compare_runs
 
+    check_output_file(out)
     table, path = compare_runs(list(runs), out)
     click.echo(table.to_string(index=False))
     click.echo(f"figure: {path}")
@@ -801,13 +860,15 @@ def demo(out: Path, per_category: int) -> None:
     from canprobe.demo import ORGANISMS, run_story, story_line
     from canprobe.massive import format_activations
     from canprobe.report import build_report
+    from canprobe.runfolder import REPORT_FILE
 
+    check_output_dir(out)
     images = write_scenes(out / "scenes", per_category, seed=11)
     stories = []
     for name in ORGANISMS:
         click.echo(f"== {name}")
         stories.append(run_story(name, images, out))
-    path = build_report([d for s in stories for d in s.run_dirs], out / "report.html")
+    path = build_report([d for s in stories for d in s.run_dirs], out / REPORT_FILE)
     _print_summary([summary for s in stories for summary in s.summaries])
     for story in stories:
         click.echo(f"== {story.name}: massive activations on the demo scenes")

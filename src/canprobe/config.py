@@ -20,6 +20,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,7 +221,10 @@ class CollapseCriterion:
 
     Stage 1 (degraded): median PPL > stage1_ppl_ratio x baseline OR mean CLIP < stage1_clip_ratio x
     baseline. Stage 2 (collapsed): median PPL >= collapse_ppl_ratio x baseline AND mean CLIP <
-    collapse_clip_ratio x baseline.
+    collapse_clip_ratio x baseline. Text-only models have no CLIP score (the baseline's is NaN):
+    the mean distinct-word ratio of their continuations takes its place, with the same ratios, so
+    collapse = PPL up 100x AND a continuation at most half as varied as the unmasked one (repeated
+    tokens, empty output).
     """
 
     stage1_ppl_ratio: float = setting("stage1_ppl_ratio")
@@ -244,6 +248,8 @@ class CollapseCriterion:
     def stage(self, point, baseline) -> str:
         """NaN medians compare false, so a point with no scorable caption never counts as collapsed."""
         ppl, clip, ppl0, clip0 = point.ppl_median, point.clip_mean, baseline.ppl_median, baseline.clip_mean
+        if math.isnan(clip0):  # a text-only model: text statistics in place of CLIP
+            clip, clip0 = point.distinct_mean, baseline.distinct_mean
         if ppl >= self.collapse_ppl_ratio * ppl0 and clip < self.collapse_clip_ratio * clip0:
             return "collapsed"
         if ppl > self.stage1_ppl_ratio * ppl0 or clip < self.stage1_clip_ratio * clip0:
@@ -253,7 +259,8 @@ class CollapseCriterion:
     def describe(self) -> str:
         return (
             f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean CLIP < {self.collapse_clip_ratio:.0%} "
-            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%}"
+            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%} "
+            "(text-only models: the mean distinct-word ratio in place of CLIP)"
         )
 
 
@@ -373,13 +380,32 @@ def config_fields() -> dict[str, object]:
     return typing.get_type_hints(ExperimentConfig)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (also on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: Path | str) -> dict:
     """Parse a YAML config safely (no object tags) into a plain mapping."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist")
+    from canprobe.data import read_text_file
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(read_text_file(path), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""

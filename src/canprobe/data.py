@@ -14,8 +14,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
+from canprobe.checks import printable
 from canprobe.errors import InputError
 from canprobe.runfolder import CAPTIONS_FILE, write_jsonl
 
@@ -208,6 +210,7 @@ class ImageSet:
     records: list[ImageRecord]
     images: list[Image.Image]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    unmatched_captions: list[str] = field(default_factory=list)  # captions.jsonl entries naming no image file
 
     @property
     def categories(self) -> list[str]:
@@ -217,19 +220,38 @@ class ImageSet:
         return len(self.records)
 
 
-def _read_captions(root: Path) -> dict[str, str]:
+def read_text_file(path: Path, what: str = "") -> str:
+    """A UTF-8 text file's content; other encodings and unreadable files are one clear error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{printable(path)}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}){what}; "
+            "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{printable(path)}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _read_captions(root: Path) -> dict[str, str | None]:
+    """file -> caption; ``"caption": null`` means no reference caption for that image."""
     path = root / CAPTIONS_FILE
     if not path.exists():
         return {}
-    captions = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    captions: dict[str, str | None] = {}
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-            captions[str(entry["file"])] = str(entry["caption"])
+            file, caption = entry["file"], entry["caption"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise InputError(f'{path}:{n}: expected {{"file": ..., "caption": ...}} ({exc})') from None
+        if not isinstance(file, str) or not (caption is None or isinstance(caption, str)):
+            raise InputError(f'{path}:{n}: "file" must be a string and "caption" a string or null')
+        if file in captions and captions[file] != caption:
+            raise InputError(f"{path}:{n}: a second, different caption for {file}; keep one line per image")
+        captions[file] = caption
     return captions
 
 
@@ -240,7 +262,37 @@ def open_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{im.width}x{im.height} exceeds the {MAX_IMAGE_PIXELS} pixel limit")
-            return im.convert("RGB")
+            return _to_rgb(im)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel, scaling 16-bit and float images instead of clipping them.
+
+    Pillow's own conversion clips: a 16-bit grey image becomes all white and a float image in
+    [0, 1] all black. 16-bit values are scaled by 255/65535; floats in [0, 1] by 255. Integer
+    images deeper than 16 bits and floats outside [0, 1] have no faithful 8-bit reading and raise.
+    """
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (im.mode == "I" and _bits(im) == 16):
+        values = np.asarray(im, dtype=np.float64) / 257.0
+    elif im.mode == "I":
+        raise ValueError(f"{_bits(im) or 32}-bit integer image; convert it to 8 or 16 bits per channel")
+    elif im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise ValueError("float image with values outside [0, 1]; convert it to 8 or 16 bits per channel")
+        values = values * 255.0
+    else:
+        return im.convert("RGB")
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def _bits(im: Image.Image) -> int | None:
+    """Bits per sample as the file states it (TIFF tag 258; PNG stores 16-bit grey as mode I)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        value = tags[258]
+        return int(value[0] if isinstance(value, tuple) else value)
+    return 16 if im.format == "PNG" else None
 
 
 def folder_candidates(root: Path) -> list[tuple[Path, str]]:
@@ -269,7 +321,7 @@ def coco_candidates(annotations: Path, image_dir: Path) -> tuple[list[tuple[Path
     if not image_dir.is_dir():
         raise InputError(f"image folder {image_dir} does not exist or is not a folder")
     try:
-        coco = json.loads(annotations.read_text())
+        coco = json.loads(read_text_file(annotations))
         files = {img["id"]: img["file_name"] for img in coco["images"]}
         names = {c["id"]: c["name"] for c in coco.get("categories", [])}
         pairs, captions = {}, {}
@@ -297,10 +349,13 @@ def load_image_set(
     ``limit`` caps the images per category. Unreadable files are skipped and counted, not fatal.
     """
     root = Path(root)
+    unmatched: list[str] = []
     if annotations is not None:
         candidates, captions = coco_candidates(Path(annotations), root)
     else:
         candidates, captions = folder_candidates(root), _read_captions(root)
+        files = {p.relative_to(root).as_posix() for p, _ in candidates}
+        unmatched = sorted(name for name in captions if name not in files)
     if categories is not None:
         candidates = [(p, c) for p, c in candidates if c in categories]
     if limit is not None:
@@ -315,16 +370,20 @@ def load_image_set(
         candidates = capped
     records, images, skipped = [], [], []
     for path, category in candidates:
+        rel = path.relative_to(root).as_posix()
         try:
+            rel.encode("utf-8")
             images.append(open_image(path))
+        except UnicodeEncodeError:
+            skipped.append((path, "the file name is not valid UTF-8; rename the file"))
+            continue
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             skipped.append((path, str(exc) or type(exc).__name__))
-            log.warning("skipping unreadable image %s: %s", path, exc)
+            log.warning("skipping unreadable image %s: %s", printable(path), exc)
             continue
-        rel = path.relative_to(root).as_posix()
         records.append(ImageRecord(path, category, captions.get(rel), rel))
     if not records:
         what = f"categories {categories}" if categories else "image files"
         extra = f" ({len(skipped)} unreadable)" if skipped else ""
         raise InputError(f"no readable {what} in {root}{extra}; expected one folder per category of images")
-    return ImageSet(root, records, images, skipped)
+    return ImageSet(root, records, images, skipped, unmatched)

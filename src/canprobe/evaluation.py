@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -24,6 +25,7 @@ from canprobe.captions import generate_captions
 from canprobe.config import PPL_SCORERS, default
 from canprobe.errors import InputError
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction, parse_fault
+from canprobe.features import FeatureCache
 from canprobe.inputs import batches, caption_inputs, teacher_forcing_inputs, to_model_inputs
 from canprobe.metrics import CaptionMetrics, word_stats
 from canprobe.models import BUILTIN_MODELS, LoadedModel, load_model
@@ -65,7 +67,8 @@ def caption_ppl(
 ) -> torch.Tensor:
     """Perplexity of each caption as a continuation of the prompt (and image), float32; may hold inf/NaN.
 
-    ``lm`` may be a vision-language model (images required) or a text-only causal LM (images ignored).
+    ``lm`` may be a vision-language model (images required) or a text-only causal LM (images
+    ignored; or, given texts in their place, each caption is scored as the continuation of its text).
     ``image_features``: cached encodings of the images (``canprobe.features``), one per caption.
     """
     if not lm.family.generates:
@@ -73,7 +76,7 @@ def caption_ppl(
     out = []
     for start in range(0, len(captions), batch_size):
         caps = list(captions[start : start + batch_size])
-        ims = list(images[start : start + batch_size]) if lm.family.takes_images else None
+        ims = list(images[start : start + batch_size]) if images is not None else None
         enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.family, ims, caps, prompt), lm.model)
         if image_features is not None:
             enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
@@ -103,7 +106,7 @@ class PrefixCache:
 
     def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
         self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
-        self.text_model = lm.family.text_model(lm.model)
+        self.text_model = lm.family.text_model(lm.model)  # None: this family has no cached-prefix path
         self._layers: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # per image, per layer (k, v)
         self._last: list[torch.Tensor] = []  # per image, the prefix's last logits (float32)
         self._mask: list[torch.Tensor] = []  # per image, the prefix's attention mask
@@ -111,7 +114,7 @@ class PrefixCache:
     @torch.no_grad()
     def fill(self, features_of=None) -> bool:
         """Encode every image's prefix (once); ``features_of(ids)``: cached image encodings or None."""
-        if self._layers is not None:
+        if self._layers is not None or self.text_model is None:
             return self.usable
         self._layers = []
         for start in range(0, len(self.images), self.batch_size):
@@ -130,7 +133,7 @@ class PrefixCache:
 
     @property
     def usable(self) -> bool:
-        return self._layers is not None and len({m.shape[0] for m in self._mask}) == 1
+        return self.text_model is not None and self._layers is not None and len({m.shape[0] for m in self._mask}) == 1
 
     @torch.no_grad()
     def nll(self, image_ids: Sequence[int], captions: Sequence[str]) -> torch.Tensor:
@@ -223,11 +226,12 @@ class MaskEvaluator:
     encode each image once and reuse the encoding under every mask that leaves the image encoder
     alone (see ``canprobe.features``); results are the same either way, only the cost differs.
     ``reuse_prefix``: the unmasked scorer encodes each image's prefix once (``PrefixCache``) and
-    scores every caption on it (the same PPL up to float rounding). ``decoding``: see
-    ``generate_captions``; the same captions either way. Compiled decoding keeps the masks'
-    hooks installed for the evaluator's life (``StandingMasks`` on the sites given to ``reserve``
-    or met so far), so a new mask reuses the compiled step; faults that act on weights or draw
-    noise, and calls with protections, decode with the static cache uncompiled.
+    scores every caption on it (the same PPL up to float rounding), for families that continue a
+    cached prefix (``Family.text_model``). ``decoding``: see ``generate_captions``; the same
+    captions either way. Compiled decoding keeps the masks' hooks installed for the evaluator's
+    life (``StandingMasks`` on the sites given to ``reserve`` or met so far), so a new mask reuses
+    the compiled step; faults that act on weights or draw noise, and calls with protections,
+    decode with the static cache uncompiled.
     ``images`` are all the images; under ``torch.distributed`` this process works on its shard.
     """
 
@@ -235,7 +239,7 @@ class MaskEvaluator:
         self,
         lm: LoadedModel,
         images: list[Image.Image],
-        clip: LoadedModel,
+        clip: LoadedModel | None,
         ppl_scorer: str = default("ppl_scorer"),
         prompt: str | None = None,
         max_new_tokens: int = default("max_new_tokens"),
@@ -268,12 +272,15 @@ class MaskEvaluator:
         self._standing_ok = decoding == "compiled" and fault.acts_on == "activation" and fault.compiles
         self._reserved: list[str] = []
         self._standing: StandingMasks | None = None
-        self.clip = ClipScorer(clip, batch_size)
+        if lm.family.takes_images and clip is None:
+            raise InputError("evaluating a vision-language model needs a CLIP model for the CLIP score")
+        # a text-only model continues texts (``images`` holds them): no CLIP score, NaN
+        self.clip = ClipScorer(clip, batch_size) if lm.family.takes_images else None
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
         reuse = reuse_features and features.supported(lm)
-        self.features = features.FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
+        self.features = FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
         use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.family.takes_images
         self.prefix = PrefixCache(lm, self.images, prompt, batch_size) if use_prefix else None
         self._registry = SiteRegistry.of(lm.model)
@@ -331,7 +338,7 @@ class MaskEvaluator:
         """Metrics of the unmasked captions (k = 0) of all images: the reference every threshold is relative to."""
         captions = self.baseline_captions()
         ppl = self._score_ppl(list(range(len(captions))), captions)
-        clip = self.clip.score(self.image_features, captions)
+        clip = self._clip_scores(list(range(len(captions))), captions)
         return distributed.gather(self._assemble([(0, i) for i in range(len(captions))], captions, ppl, clip, 1)[0])
 
     def evaluate(
@@ -345,7 +352,7 @@ class MaskEvaluator:
         rows = [(m, i) for m in range(len(masks)) for i in range(len(self.images))]
         captions, masked_ppl = self._generate(masks, rows, protections)
         ppl = masked_ppl if masked_ppl is not None else self._score_ppl([i for _, i in rows], captions)
-        clip = self.clip.score(self.image_features[[i for _, i in rows]], captions)
+        clip = self._clip_scores([i for _, i in rows], captions)
         local = self._assemble(rows, captions, ppl, clip, len(masks))
         return [distributed.gather(per_mask) for per_mask in local]
 
@@ -400,6 +407,11 @@ class MaskEvaluator:
                 values = caption_ppl(scorer, [self.images[i] for i in ids], caps, prompt, self.batch_size, feats)
             self._ppl_cache.update(zip(todo, values.tolist()))
         return torch.tensor([self._ppl_cache[key] for key in zip(image_ids, captions)], dtype=torch.float32)
+
+    def _clip_scores(self, image_ids: list[int], captions: list[str]) -> torch.Tensor:
+        if self.clip is None:
+            return torch.full((len(captions),), math.nan)
+        return self.clip.score(self.image_features[image_ids], captions)
 
     def _assemble(self, rows, captions, ppl, clip, n_masks) -> list[list[CaptionMetrics]]:
         base = self.baseline_captions()

@@ -32,16 +32,19 @@ from tqdm.auto import tqdm
 
 from canprobe import runfolder
 from canprobe.ablation import RankedNeurons, activation_stats, mean_activations
+from canprobe.checks import check_device, check_output_dir, printable
 from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator, default_clip_model
+from canprobe.identity import images_fingerprint, texts_fingerprint
+from canprobe.inputs import check_context
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load_model
 from canprobe.robustness import fault_kstars, protection_study, random_order
 from canprobe.runfolder import ACTIVATIONS_FILE, CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
-from canprobe.scoring import ScoreResult, load_ranking, score_neurons
+from canprobe.scoring import ScoreResult, check_ranking_identity, load_folder_ranking, score_identity, score_neurons
 from canprobe.search import find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
 
@@ -68,17 +71,35 @@ class Timings:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - start, 3)
 
 
+def _check_categories(config: ExperimentConfig, image_set: ImageSet) -> None:
+    """Every category the study searches has at least one readable image (none is dropped unseen)."""
+    wanted = check_image_source(config)
+    readable = set(image_set.categories)
+    for category in wanted:
+        if category not in readable:
+            bad = [printable(p) for p, _ in image_set.skipped if Path(p).parent.name == category]
+            why = f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""
+            raise InputError(
+                f"category {category!r} has no readable image in {config.images}{why}; "
+                "fix its images or leave it out with the categories field"
+            )
+
+
 def scope_dir_name(scope: str) -> str:
     return scope.replace("/", "_")
 
 
-def _groups(config: ExperimentConfig, image_set: ImageSet) -> list[Group]:
+def _groups(config: ExperimentConfig, image_set: ImageSet, texts: bool = False) -> list[Group]:
+    """Per category and/or pooled; ``texts``: a text-only model continues the captions instead of seeing images."""
+
     def group(name: str, idx: list[int]) -> Group:
         records = [image_set.records[i] for i in idx]
-        captions = [r.caption for r in records] if config.loss_text == "reference" else None
+        captions = [r.caption for r in records] if config.loss_text == "reference" or texts else None
         if captions is not None and any(c is None for c in captions):
-            raise InputError("config field loss_text: 'reference' needs a caption for every image (captions.jsonl)")
-        return Group(name, [image_set.images[i] for i in idx], [r.name for r in records], captions)
+            need = "a text-only model continues the texts of" if texts else "loss_text: 'reference' needs"
+            raise InputError(f"{need} a caption for every image (captions.jsonl)")
+        inputs = list(captions) if texts else [image_set.images[i] for i in idx]
+        return Group(name, inputs, [r.name for r in records], captions)
 
     groups = []
     if config.per_category:
@@ -92,21 +113,27 @@ def _groups(config: ExperimentConfig, image_set: ImageSet) -> list[Group]:
 def _score(
     lm: LoadedModel, config: ExperimentConfig, scope: str, images, captions, out: Path, method: str, alpha: float
 ) -> pd.DataFrame:
-    """The ranking in ``out`` (computed and saved unless already there)."""
-    if runfolder.has_ranking(out):
-        return load_ranking(out)
-    result: ScoreResult = score_neurons(
-        lm,
-        images,
+    """The ranking in ``out`` (computed and saved unless already there with the same identity)."""
+    scoring = dict(
         scope=scope,
         method=method,
         alpha=alpha,
         reduction=config.reduction,
         captions=captions,
         prompt=config.prompt,
-        batch_size=config.batch_size,
         seed=config.seed,
         max_new_tokens=config.max_new_tokens,
+    )
+    if runfolder.has_ranking(out):
+        ranking = load_folder_ranking(out)
+        remedy = "the study folder was changed by hand: rerun with --restart or a new out folder"
+        check_ranking_identity(ranking, score_identity(lm, images, **scoring), remedy)
+        return ranking
+    result: ScoreResult = score_neurons(
+        lm,
+        images,
+        **scoring,
+        batch_size=config.batch_size,
         gradient_checkpointing=config.gradient_checkpointing,
         reuse_features=config.reuse_features,
     )
@@ -133,6 +160,8 @@ class Experiment:
         self.timings = Timings()
         self.ppl_lm: LoadedModel | None = None  # the separate PPL model, loaded once per study
         check_image_source(config)
+        check_device(config.device, "config field device")
+        check_output_dir(self.out, "config field out")
 
     def _search_config(self, scope: str, group: str) -> SearchConfig:
         """Per-category searches run the random control only at k* and stage 1; the figures use pooled curves."""
@@ -157,7 +186,7 @@ class Experiment:
         They run on the pooled images (on every category when the run does not pool).
         """
         cached = read_json(out / CONTROLS_FILE)
-        if cached is not None and cached.get("k_star") == k_star:
+        if isinstance(cached, dict) and cached.get("k_star") == k_star:
             return cached
         result: dict = {"k_star": k_star, "activation_collapsed": None, "mean_ablation_collapsed": None}
         wanted = [c for c in ("activation", "mean") if c in self.config.controls]
@@ -169,7 +198,10 @@ class Experiment:
         c = self.config
         registry = SiteRegistry.of(lm.model)
         criterion = search.criterion
-        baseline = MetricSummary(**runfolder.read_summary(out)["baseline"])
+        baseline = runfolder.read_summary(out).get("baseline")
+        if not isinstance(baseline, dict):
+            raise InputError(f"{out / SUMMARY_FILE} is not a search summary (damaged); rerun with --restart")
+        baseline = MetricSummary(**baseline)
         if "activation" in wanted:
             act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
@@ -284,8 +316,11 @@ class Experiment:
     def _activations(self, lm: LoadedModel, images: list) -> ActivationReport:
         """Massive activations of the language model on the study's first images; cached in activations.json."""
         cached = read_json(self.out / ACTIVATIONS_FILE)
-        if cached is not None:
-            return ActivationReport.from_dict(cached)
+        if isinstance(cached, dict):
+            try:
+                return ActivationReport.from_dict(cached)
+            except (KeyError, TypeError):
+                log.warning("%s: damaged, measured again", self.out / ACTIVATIONS_FILE)
         c = self.config
         report = massive_activations(
             lm, images, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
@@ -293,9 +328,18 @@ class Experiment:
         atomic_write_json(self.out / ACTIVATIONS_FILE, report.to_dict())
         return report
 
-    def _identity(self) -> dict:
-        """The config that decides the folder's results (its own location may change)."""
-        return {k: v for k, v in self.config.to_dict().items() if k != "out"}
+    def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel | None) -> dict:
+        """What decides the folder's results (``canprobe.identity``): the config without the locations of
+        the output and the images, plus the weights and the images' content, names, categories and captions."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in ("out", "images", "annotations")}
+        records = [f"{r.name}\t{r.category}\t{r.caption}" for r in image_set.records]
+        return {
+            "config": config,
+            "weights": lm.fingerprint,
+            "clip_weights": clip.fingerprint if clip is not None else None,  # None: a text-only model
+            "images": images_fingerprint(image_set.images),
+            "records": texts_fingerprint(records),
+        }
 
     def plan(self) -> list[str]:
         """What ``run`` would do and the memory it needs, from the model config alone (``--dry-run``)."""
@@ -323,12 +367,18 @@ class Experiment:
         return lines
 
     def run(self) -> dict:
-        """Run or resume the study while holding the output folder (RunLock)."""
-        with RunLock(self.out):
-            runfolder.claim(self.out, self._identity(), results=(SUMMARY_FILE, "scopes"), restart=self.restart)
-            return self._run()
+        """Validate everything, then run or resume the study while holding the output folder (RunLock).
 
-    def _run(self) -> dict:
+        Nothing is written before the images, models, scopes and prompt have passed their checks, so
+        a study that fails validation does not claim its folder.
+        """
+        image_set, groups, lm, clip = self._prepare()
+        identity = self._identity(image_set, lm, clip)
+        with RunLock(self.out):
+            runfolder.claim(self.out, identity, results=(SUMMARY_FILE, "scopes"), restart=self.restart)
+            return self._run(image_set, groups, lm, clip)
+
+    def _prepare(self) -> tuple[ImageSet, list[Group], LoadedModel, LoadedModel]:
         c = self.config
         start = time.perf_counter()
         image_set = load_image_set(
@@ -336,17 +386,29 @@ class Experiment:
         )
         if image_set.skipped:
             log.warning("skipped %d unreadable images", len(image_set.skipped))
+        if image_set.unmatched_captions:
+            log.warning("ignored %d captions naming no image file", len(image_set.unmatched_captions))
+        _check_categories(c, image_set)
         groups = _groups(c, image_set)
         self.timings.add("load images", start)
         start = time.perf_counter()
         lm = load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map)
-        clip = load_model(c.clip_model or default_clip_model(c.model), device=c.device)
+        if not lm.family.takes_images:
+            groups = _groups(c, image_set, texts=True)
+        clip = (
+            load_model(c.clip_model or default_clip_model(c.model), device=c.device) if lm.family.takes_images else None
+        )
         if c.ppl_scorer not in PPL_SCORERS:
             self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
         self.timings.add("load models", start)
         registry = SiteRegistry.of(lm.model)
         for scope in c.scopes:
             registry.select(scope)  # fail on a bad scope before any work
+        check_context(lm, groups[0].images[0], c.prompt, c.max_new_tokens)  # an image, or a text-only model's text
+        return image_set, groups, lm, clip
+
+    def _run(self, image_set: ImageSet, groups: list[Group], lm: LoadedModel, clip: LoadedModel) -> dict:
+        c = self.config
         results, overlap, split_half, robustness = [], {}, {}, []
         tasks = [(scope, g) for scope in c.scopes for g in groups]
         bar = tqdm(tasks, desc="searches", disable=not self.progress, unit="search")
@@ -416,7 +478,9 @@ class Experiment:
                 split_half[scope] = self._split_half(lm, scope, pooled, k)
         self.timings.add("stability", t)
         t = time.perf_counter()
-        activations = self._activations(lm, image_set.images[:STUDY_IMAGES])
+        # a text-only model reads its texts (the captions its groups continue)
+        texts = [r.caption for r in image_set.records] if not lm.family.takes_images else None
+        activations = self._activations(lm, (texts or image_set.images)[:STUDY_IMAGES])
         self.timings.add("activations", t)
         peak = activations.peak
         summary = {

@@ -86,7 +86,7 @@ def component_modules(registry: SiteRegistry) -> dict[str, tuple[torch.nn.Module
     return out
 
 
-def _activation_elements(module: torch.nn.Module, component: str, tokens: int, layers: int) -> int:
+def _activation_elements(module: torch.nn.Module, component: str, tokens: int, layers: int, widths: set[int]) -> int:
     """Elements saved for the backward pass with frozen weights, per sample.
 
     Per token and layer: 8 x hidden (norm inputs, q/k/v, attention and MLP outputs) plus
@@ -98,7 +98,8 @@ def _activation_elements(module: torch.nn.Module, component: str, tokens: int, l
     if cfg is None or component == "projector":
         width = max((m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)), default=0)
         return 4 * width * tokens
-    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    # the MLP's narrowest site is its output (the hidden size), its widest its hidden units
+    hidden, inter = min(widths), max(widths)
     eager = getattr(cfg, "_attn_implementation", None) in (None, "eager")
     heads = getattr(cfg, "num_attention_heads", 1) if eager else 0
     return layers * tokens * (8 * hidden + 4 * inter + heads * tokens)
@@ -112,7 +113,7 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
         groups.setdefault((site.component, site.kind), []).append(site)
     rows = []
     for (component, kind), sites in groups.items():
-        params = sum(p.numel() for s in sites for p in registry.weight(s).parameters())
+        params = sum(p.numel() // s.parts for s in sites for p in registry.weight(s).parameters())
         sizes = {s.size for s in sites}
         per_layer = sizes.pop() if len(sizes) == 1 else 0
         rows.append(SiteKindRow(component, kind, len(sites), per_layer, sum(s.size for s in sites), params))
@@ -121,7 +122,8 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
     for component, (owner, stack) in component_modules(registry).items():
         layers = len({s.layer for s in registry.sites if s.component == component})
         tokens = registry.family.tokens(model.config, component, TEXT_TOKENS)
-        elements = _activation_elements(owner, component, tokens, layers)
+        widths = {s.size for s in registry.sites if s.component == component}
+        elements = _activation_elements(owner, component, tokens, layers, widths)
         components.append(
             ComponentRow(component, layers, sum(p.numel() for p in stack.parameters()), tokens, elements * itemsize)
         )

@@ -112,9 +112,15 @@ class _Entry:
 
 
 def _decoder_layers(registry: SiteRegistry) -> list[tuple[Site, torch.nn.Module]]:
-    """(down_proj site, the decoder layer holding it) for every layer of the language model, in order."""
-    sites = registry.select("language.down_proj")
-    inside = "." + registry.family.site_kinds["language"]["down_proj"].module  # the site's path inside its layer
+    """(down_proj site, the layer holding it) for every layer of the language model that reads the prompt
+    and the caption together, in order (of an encoder-decoder, the encoder: its decoder reads the caption alone)."""
+    family = registry.family
+    sites = [
+        s
+        for s in registry.select("language.down_proj")
+        if not family.encoder_decoder or family.encoder_site(s.module_path)
+    ]
+    inside = "." + family.kinds(registry.model, "language")["down_proj"].module  # the site's path inside its layer
     return [(s, registry.model.get_submodule(s.module_path.removesuffix(inside))) for s in sites]
 
 
@@ -131,10 +137,11 @@ def massive_activations(
 ) -> ActivationReport:
     """Measure the residual stream of ``lm``'s language model on prompt + caption for every image.
 
-    ``captions`` default to the model's own greedy captions (what it reads while it captions).
+    ``captions`` default to the model's own greedy captions (what it reads while it captions). A
+    text-only model reads texts in place of images (and its continuations of them).
     """
-    if not (lm.family.takes_images and lm.family.generates):
-        raise InputError(f"{lm.source} is a {lm.kind} model; activations are measured on vision-language models")
+    if not lm.family.generates:
+        raise InputError(f"{lm.source} is a {lm.kind} model; activations are measured on language models")
     if not images:
         raise InputError("measuring activations needs at least one image")
     if ratio <= 1:
@@ -175,7 +182,8 @@ def massive_activations(
             mask = enc["attention_mask"].bool()
             positions = mask.long().cumsum(1) - 1
             ids = enc["input_ids"]
-            writes = torch.stack([written[s.layer] for s, _ in layers])  # (layers, batch, tokens, dims)
+            # (layers, batch, tokens, dims); OPT's MLP writes rows and positions flattened into one
+            writes = torch.stack([written[s.layer].reshape(residual[s.layer].shape) for s, _ in layers])
             for site, _ in layers:
                 _collect(
                     site.layer, residual[site.layer], mask, positions, ids, writes, ratio, tokenizer, best, entries

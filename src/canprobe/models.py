@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
@@ -55,6 +57,13 @@ class LoadedModel:
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """The weights' fingerprint, part of every artifact's identity (``canprobe.identity``)."""
+        from canprobe.identity import weights_fingerprint
+
+        return weights_fingerprint(self.model)
+
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map a built-in name to its shipped folder; pass local paths and hub ids through."""
@@ -76,6 +85,11 @@ def resolve_model_path(name_or_path: str) -> str:
             "otherwise give a local checkpoint folder or a hub id like llava-hf/llava-1.5-7b-hf (needs network)"
         )
     return name_or_path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_model(
@@ -122,6 +136,9 @@ def load_model(
         hf_logging.disable_progress_bar()
     try:
         model = family.model_class().from_pretrained(path, **kwargs)
+        processor = family.load_processor(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise ModelLoadError(f"cannot load {name_or_path!r}: {_first_line(exc)}") from None
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
@@ -130,6 +147,5 @@ def load_model(
     model.eval().requires_grad_(False)
     if sites is not None:
         attach(model, family)
-    processor = family.load_processor(path, trust_remote_code=trust_remote_code)
     log.info("loaded %s (%s, %s family, %s)", name_or_path, config.model_type, family.name, dtype)
     return LoadedModel(model, processor, family, name_or_path)

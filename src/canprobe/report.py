@@ -21,15 +21,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from canprobe.errors import InputError  # noqa: E402
 from canprobe.runfolder import (  # noqa: E402
     ACTIVATIONS_FILE,
     CURVE_FILE,
     RANKING_FILE,
     REPORT_FILE,
+    SUMMARY_FILE,
     atomic_write_text,
     read_json,
     read_jsonl,
-    read_summary,
 )
 
 CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
@@ -84,7 +85,10 @@ def _table(header: list[str], rows: list[list], left: int = 1) -> str:
 
 def load_curve(search_dir: Path) -> pd.DataFrame:
     """Every evaluated point of one search, as a table (empty when nothing was evaluated)."""
-    rows = read_jsonl(search_dir / CURVE_FILE)
+    path = search_dir / CURVE_FILE
+    rows = read_jsonl(path)
+    if any(not isinstance(r, dict) or any(c not in r for c in CURVE_COLUMNS) for r in rows):
+        raise InputError(f"{path} holds lines that are not curve points (damaged or foreign); rerun the study")
     return pd.DataFrame(rows)
 
 
@@ -133,7 +137,11 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
             continue
         base = curve[curve["k"] == 0].iloc[0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], "clip_mean", "mean CLIP score")):
+        # text-only models have no CLIP score: their collapse criterion reads the distinct-word ratio
+        quality = ("clip_mean", "mean CLIP score")
+        if np.isnan(float(base["clip_mean"])):
+            quality = ("distinct_mean", "mean distinct-word ratio")
+        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], *quality)):
             for control, style in (("top", "o-"), ("random", "s--")):
                 pts = curve[(curve["control"] == control) & (curve["k"] > 0)].sort_values("k")
                 if not pts.empty:
@@ -279,8 +287,10 @@ def _faults_section(summary: dict) -> str:
                 )
             )
             fig, ax = plt.subplots(figsize=(5, 3.2))
-            for name in names:
-                ax.plot(table.index, table[name], "o-", label=name)
+            # equal rates overlap: each curve its own line style and a smaller marker than the one before
+            for i, name in enumerate(names):
+                style = ("o-", "s--", "^:", "d-.")[i % 4]
+                ax.plot(table.index, table[name], style, label=name, markersize=10 - 2 * (i % 4), alpha=0.8)
             ax.set_xscale("log", base=2)
             ax.set_ylim(-0.05, 1.05)
             ax.set_xlabel("randomly faulted neurons")
@@ -305,6 +315,7 @@ def _fault_kstar_figure(entry: dict, faults: list[str]) -> str:
                 bar.set_hatch("//")
                 bar.set_alpha(0.4)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)  # k* = 1 is a visible bar
     ax.axhline(size, color="gray", lw=0.8, ls=":")
     ax.set_xticks(np.arange(len(faults)) + width, faults, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("k* (hatched: no collapse in scope)")
@@ -353,9 +364,17 @@ def _config_section(summary: dict) -> str:
 
 def _activations_section(run_dir: Path, summary: dict, top_n: int = 12) -> str:
     """Per-layer peaks of the residual stream and the massive activations with their down_proj writers."""
-    data = read_json(run_dir / ACTIVATIONS_FILE)
+    path = run_dir / ACTIVATIONS_FILE
+    data = read_json(path)
     if data is None:
         return ""
+    try:
+        return _activations_tables(summary, data, top_n)
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path} is not a canprobe activations file (damaged); rerun the study") from None
+
+
+def _activations_tables(summary: dict, data: dict, top_n: int) -> str:
     peaks = [
         [p["layer"], p["value"], p["median"], p["ratio"], p["position"], p["token"], p["dim"]] for p in data["layers"]
     ]
@@ -382,6 +401,36 @@ def _activations_section(run_dir: Path, summary: dict, top_n: int = 12) -> str:
     return "".join(parts)
 
 
+RUN_KEYS = {"model": str, "config": dict, "results": list}
+RESULT_KEYS = {"scope": str, "category": str, "path": str, "k_star": (int, type(None)), "n_neurons": int}
+
+
+def _is_run_summary(summary) -> bool:
+    if not isinstance(summary, dict) or any(not isinstance(summary.get(k), t) for k, t in RUN_KEYS.items()):
+        return False
+    if not isinstance(summary["config"].get("images"), str):
+        return False
+    return all(
+        isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in RESULT_KEYS.items()) for r in summary["results"]
+    )
+
+
+def read_run(run_dir: Path | str) -> dict:
+    """A run folder's summary.json, checked to be the summary of a whole study (``canprobe run``)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    summary = read_json(path)
+    if summary is None:
+        raise InputError(f"{run_dir} is not a canprobe run folder (no {SUMMARY_FILE})")
+    if isinstance(summary, dict) and "k_star" in summary and "results" not in summary:
+        raise InputError(
+            f"{run_dir} is a search folder (canprobe search), not a run folder; report and compare read the "
+            "folders of canprobe run"
+        )
+    if not _is_run_summary(summary):
+        raise InputError(f"{path} is not the summary of a canprobe run (damaged or foreign); rerun the study")
+    return summary
+
+
 def _page(title: str, body: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -391,10 +440,10 @@ def _page(title: str, body: str) -> str:
 
 def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> Path:
     """Write one report over one or more run folders (default: ``report.html`` in the first)."""
-    runs = [(Path(d), read_summary(d)) for d in run_dirs]
+    runs = [(Path(d), read_run(d)) for d in run_dirs]
     kstar = _table(KSTAR_HEADER, [row for _, s in runs for row in _kstar_rows(s)], left=3)
     if len(runs) > 1:
-        kstar += _kstar_figure(pd.DataFrame(_headline_rows([s for _, s in runs])))
+        kstar += _kstar_figure(pd.DataFrame(_headline_rows(runs)))
     bodies = {
         "examples": ("Collapse examples (paper Fig. 1)", "".join(_examples_section(d, s) for d, s in runs)),
         "curves": ("PPL and CLIP score against k (paper Figs. 4-5)", "".join(_curves_section(d, s) for d, s in runs)),
@@ -419,9 +468,17 @@ def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> P
     return path
 
 
-def _headline_rows(summaries: list[dict]) -> list[dict]:
+def _run_labels(runs: list[tuple[Path, dict]]) -> list[str]:
+    """One label per run: its model; with its folder when models repeat, and a number when folders do too."""
+    models = [s["model"] for _, s in runs]
+    labels = [m if models.count(m) == 1 else f"{m} ({d.name})" for m, (d, _) in zip(models, runs)]
+    return [label if labels.count(label) == 1 else f"{label} #{i + 1}" for i, label in enumerate(labels)]
+
+
+def _headline_rows(runs: list[tuple[Path, dict]]) -> list[dict]:
     return [
         {
+            "run": label,
             "model": s["model"],
             "scope": r["scope"],
             "category": r["category"],
@@ -429,18 +486,18 @@ def _headline_rows(summaries: list[dict]) -> list[dict]:
             "n_neurons": r["n_neurons"],
             "fraction": None if r.get("k_star") is None else r["k_star"] / r["n_neurons"],
         }
-        for s in summaries
+        for label, (_, s) in zip(_run_labels(runs), runs)
         for r in _headline_results(s)
     ]
 
 
 def _kstar_figure(table: pd.DataFrame) -> str:
-    pivot = table.groupby(["scope", "model"])["k_star"].first().unstack("model")
+    pivot = table.groupby(["scope", "run"], sort=False)["k_star"].first().unstack("run")
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(pivot), 3.2))
     width = 0.8 / max(1, pivot.shape[1])
-    for j, model in enumerate(pivot.columns):
-        values = pivot[model].astype(float).to_numpy()
-        ax.bar(np.arange(len(pivot)) + j * width, np.nan_to_num(values), width, label=model)
+    for j, run in enumerate(pivot.columns):
+        values = pivot[run].astype(float).to_numpy()
+        ax.bar(np.arange(len(pivot)) + j * width, np.nan_to_num(values), width, label=run)
     ax.set_xticks(np.arange(len(pivot)) + width * (pivot.shape[1] - 1) / 2, pivot.index)
     if (pivot.astype(float) > 0).any().any():  # no model collapsed: nothing to put on a log axis
         ax.set_yscale("log")
@@ -453,8 +510,8 @@ def _kstar_figure(table: pd.DataFrame) -> str:
 def compare_runs(run_dirs: list[Path | str], out: Path | str) -> tuple[pd.DataFrame, Path]:
     """k* across runs (models) side by side: one table and one grouped bar figure, as an HTML page."""
     table = pd.DataFrame(
-        _headline_rows([read_summary(d) for d in run_dirs]),
-        columns=["model", "scope", "category", "k_star", "n_neurons", "fraction"],
+        _headline_rows([(Path(d), read_run(d)) for d in run_dirs]),
+        columns=["run", "model", "scope", "category", "k_star", "n_neurons", "fraction"],
     )
     body = _table(list(table.columns), table.values.tolist(), left=3) + _kstar_figure(table)
     out = Path(out)

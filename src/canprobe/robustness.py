@@ -117,7 +117,7 @@ def protection_study(
     """Collapse rates under random faults per protection, and each protection's clean cost (see module doc)."""
     path = out / PROTECTION_FILE
     cached = read_json(path)
-    if cached is not None and cached.get("identity") == json.loads(json.dumps(identity)):
+    if isinstance(cached, dict) and cached.get("identity") == json.loads(json.dumps(identity)):
         return cached
     variants: dict[str, tuple] = {"none": ()}
     guard = ProtectedSet(top.prefix(min(k_protect, len(top))))

@@ -33,7 +33,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from canprobe.checks import printable
 from canprobe.errors import CanprobeError, InputError
+from canprobe.identity import differences
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,20 @@ CAPTIONS_FILE = "captions.jsonl"
 FAULTS_DIR = "faults"  # a study's k* searches per fault model, one folder per (fault, ranking)
 PROTECTION_FILE = "protection.json"  # a study's collapse rates under random faults, per protection
 ACTIVATIONS_FILE = "activations.json"  # a study's massive activations of the language model
+RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
+PAIR_KEY = "canprobe_pair"  # metadata key: the id of the write that made a scores/ranking pair
+ARTIFACT_FILES = (  # what canprobe writes atomically (see ``remove_stray_temporaries``)
+    RUN_FILE,
+    SCORES_FILE,
+    RANKING_FILE,
+    CURVE_FILE,
+    SUMMARY_FILE,
+    CONTROLS_FILE,
+    REPORT_FILE,
+    CAPTIONS_FILE,
+    PROTECTION_FILE,
+    ACTIVATIONS_FILE,
+)
 
 
 class StoreError(CanprobeError):
@@ -107,6 +123,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content, or None when it is absent; a damaged file raises StoreError naming it.
+
+    canprobe writes its JSON files atomically, so a file that does not parse was damaged or
+    replaced by something else: it is never silently treated as missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path} is not valid JSON ({exc}); the file is damaged, move it away") from None
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON object as one line and force it to disk before returning."""
     path = Path(path)
@@ -161,12 +194,6 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """A JSON file's content, or None when it is absent (whole files are written atomically, never torn)."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def resolve_file(path: str | os.PathLike, name: str) -> Path:
     """``path`` itself, or the file ``name`` in the folder ``path``; it must exist."""
     path = Path(path)
@@ -186,29 +213,65 @@ def versions() -> dict[str, str]:
     return {"canprobe": canprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def write_scores(folder: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
-    """``scores.safetensors`` in ``folder``: the tensors, and each metadata value as JSON."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_scores(folder: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
+    """``scores.safetensors`` in ``folder``: the tensors, and each metadata value as JSON.
+
+    Returns the file's pair id (a digest of its content, kept in the metadata under ``PAIR_KEY``),
+    which the ranking written with it carries too (``write_ranking``): a crash between the two
+    writes leaves files whose ids differ.
+    """
+    import hashlib
+
     from safetensors.torch import save
 
     meta = {k: json.dumps(v) for k, v in metadata.items()}
-    atomic_write_bytes(Path(folder) / SCORES_FILE, save(dict(tensors), metadata=meta))
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        digest.update(tensors[name].numpy().tobytes())
+    pair = digest.hexdigest()[:16]  # same content, same id (and same bytes on disk)
+    atomic_write_bytes(Path(folder) / SCORES_FILE, save(dict(tensors), metadata={**meta, PAIR_KEY: pair}))
+    return pair
+
+
+def scores_pair(file: Path) -> str | None:
+    """The pair id in a scores file's header (cheap: the tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get(PAIR_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{printable(file)} is not a readable canprobe scores file ({_first_line(exc)})") from None
 
 
 def read_scores(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensors, metadata) of ``scores.safetensors`` (the file or its folder)."""
-    from safetensors import safe_open
+    """(tensors, metadata) of ``scores.safetensors`` (the file or its folder); the pair id under ``PAIR_KEY``.
+
+    Damaged and foreign files raise InputError naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
 
     file = resolve_file(path, SCORES_FILE)
-    with safe_open(str(file), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        if "sites" not in meta:
-            raise InputError(f"{file} is not a canprobe scores file (no site metadata)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    where = printable(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = f.metadata() or {}
+            if "sites" not in raw:
+                raise InputError(f"{where} is not a canprobe scores file (no site metadata)")
+            meta = {k: v if k == PAIR_KEY else json.loads(v) for k, v in raw.items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{where} is not a readable canprobe scores file ({_first_line(exc)})") from None
     return tensors, meta
 
 
-def write_ranking(folder: str | os.PathLike, ranking: Any, config: Mapping[str, Any]) -> None:
-    """``ranking.parquet`` in ``folder``, the scoring config in the schema metadata."""
+def write_ranking(folder: str | os.PathLike, ranking: Any, config: Mapping[str, Any], pair: str) -> None:
+    """``ranking.parquet`` in ``folder``: the scoring config and the pair id of its scores in the schema metadata."""
     import io
 
     import pyarrow as pa
@@ -217,20 +280,66 @@ def write_ranking(folder: str | os.PathLike, ranking: Any, config: Mapping[str, 
     frame = ranking.copy()
     frame.attrs = {}
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"canprobe": json.dumps(config).encode()})
+    extra = {b"canprobe": json.dumps(config).encode(), PAIR_KEY.encode(): pair.encode()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(Path(folder) / RANKING_FILE, buf.getvalue())
 
 
-def read_ranking(path: str | os.PathLike):
-    """``ranking.parquet`` (the file or its folder) as a DataFrame; the scoring config in ``df.attrs``."""
+def read_ranking(path: str | os.PathLike, check_pair: bool = True):
+    """``ranking.parquet`` (the file or its folder) as a DataFrame, checked to be a canprobe ranking.
+
+    The scoring config is in ``df.attrs["config"]``, the file in ``df.attrs["path"]`` and its pair
+    id in ``df.attrs["pair"]``. Damaged, empty and foreign files raise InputError naming the file;
+    every address must parse; with ``check_pair``, a scores.safetensors beside it must come from
+    the same write.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(resolve_file(path, RANKING_FILE))
-    frame = table.to_pandas()
-    raw = (table.schema.metadata or {}).get(b"canprobe")
-    frame.attrs["config"] = json.loads(raw) if raw else {}
+    from canprobe.sites import is_address
+
+    file = resolve_file(path, RANKING_FILE)
+    where = printable(file)
+    try:
+        table = pq.read_table(file)
+        frame = table.to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        why = _first_line(exc)
+        raise InputError(f"{where} is not a readable parquet file ({why}); write it with `canprobe score`") from None
+    missing = [c for c in RANKING_COLUMNS if c not in frame.columns]
+    metadata = table.schema.metadata or {}
+    raw = metadata.get(b"canprobe")
+    if missing or raw is None:
+        what = f"missing columns {', '.join(missing)}" if missing else "no canprobe metadata"
+        raise InputError(f"{where} is not a canprobe ranking ({what}); write one with `canprobe score`")
+    try:
+        config = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{where}: its canprobe metadata is not valid JSON; the file is damaged") from None
+    if frame.empty:
+        raise InputError(f"{where} holds no neuron; rewrite it with `canprobe score`")
+    addresses = frame["address"]
+    bad = ~addresses.map(is_address).astype(bool)
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise InputError(
+            f"{where}: row {row + 1} holds {addresses.iloc[row]!r}, not a neuron address "
+            f"({int(bad.sum())} such row(s)); the file is damaged, rewrite it with `canprobe score`"
+        )
+    if addresses.duplicated().any():
+        twice = addresses[addresses.duplicated()].iloc[0]
+        raise InputError(f"{where}: neuron {twice} is ranked twice; the file is damaged")
+    frame.attrs["config"] = config if isinstance(config, dict) else {}
+    frame.attrs["path"] = where
+    frame.attrs["pair"] = (metadata.get(PAIR_KEY.encode()) or b"").decode() or None
+    scores_file = file.with_name(SCORES_FILE)
+    if check_pair and scores_file.exists() and scores_pair(scores_file) != frame.attrs["pair"]:
+        raise InputError(
+            f"{where} and the {SCORES_FILE} beside it come from different writes (an interrupted `canprobe score`?); "
+            "rerun canprobe score"
+        )
     return frame
 
 
@@ -243,14 +352,9 @@ def read_summary(folder: str | os.PathLike) -> dict:
     data = read_json(Path(folder) / SUMMARY_FILE)
     if data is None:
         raise InputError(f"{folder} is not a finished canprobe run or search (no {SUMMARY_FILE})")
+    if not isinstance(data, dict):
+        raise InputError(f"{Path(folder) / SUMMARY_FILE} is not a canprobe summary (damaged or foreign)")
     return data
-
-
-def fingerprint(values: Iterable[str]) -> str:
-    """A short stable hash of a list of names (images, ranked addresses) for a run's identity."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
 
 
 def claim(
@@ -268,27 +372,30 @@ def claim(
     ``restart=None``: the caller offers no restart.
     """
     folder = Path(folder)
-    identity = json.loads(json.dumps(identity))
     previous = read_json(folder / RUN_FILE)
     unlabelled = previous is None and any((folder / name).exists() for name in results)
-    if unlabelled or previous not in (None, identity):
+    if unlabelled:
+        changed = [f"it has no {RUN_FILE}"]
+    elif previous is None:
+        changed = []
+    elif not isinstance(previous, dict):
+        changed = [f"its {RUN_FILE} is not a run's identity (damaged or foreign)"]
+    else:
+        changed = differences(previous, identity)
+    if changed:
         if not restart:
-            if unlabelled:
-                changed = f"it has no {RUN_FILE}"
-            else:
-                fields = sorted(k for k in identity.keys() | previous.keys() if identity.get(k) != previous.get(k))
-                changed = "differs in " + ", ".join(fields)
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             how = "" if restart is None else ", or --restart to start over"
             raise InputError(
-                f"{folder} holds a run of another config ({changed}); use the same config to resume or "
-                f"another output folder{how}"
+                f"{folder} holds a run of another config ({'; '.join(changed[:3])}{more}); use the same config "
+                f"to resume or another output folder{how}"
             )
         aside = Path(tempfile.mkdtemp(prefix=f"{folder.name}.replaced-", dir=folder.parent))
         for entry in folder.iterdir():
             if entry.name != LOCK_FILE:
                 shutil.move(entry, aside / entry.name)
         log.warning("%s: moved the previous run (another config) to %s", folder, aside)
-    if previous != identity:
+    if previous is None or changed:
         atomic_write_json(folder / RUN_FILE, identity)
 
 
@@ -297,6 +404,19 @@ def _truncate(path: Path, size: int) -> None:
         f.truncate(size)
         f.flush()
         os.fsync(f.fileno())
+
+
+def remove_stray_temporaries(folder: Path) -> None:
+    """Delete the temporary files that killed atomic writes of canprobe's files left in ``folder`` and below.
+
+    Called by the process that holds the folder, so no live write of another process owns them.
+    Only ``.<canprobe file name>.*.tmp`` is touched: the lock's own temporaries (another process may
+    be about to link one) and other programs' files are left alone.
+    """
+    for tmp in folder.rglob(".*.tmp"):
+        if tmp.is_file() and any(tmp.name.startswith(f".{name}.") for name in ARTIFACT_FILES):
+            log.warning("removing %s, left by an interrupted write", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 class RunLock:
@@ -327,6 +447,7 @@ class RunLock:
                 pass
         finally:
             Path(tmp).unlink(missing_ok=True)
+        remove_stray_temporaries(self.path.parent)
         return self
 
     def _take(self, tmp: str) -> bool:

@@ -31,11 +31,14 @@ from canprobe.config import SearchConfig
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import parse_fault
+from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
+
+RANKING_IDENTITY = ("method", "alpha", "reduction", "loss_text", "weights", "images")  # recorded by scoring
 
 
 @dataclass
@@ -95,19 +98,30 @@ class SearchResult:
 def ranked_in_scope(registry: SiteRegistry, ranking: pd.DataFrame | Sequence[str], scope: str) -> RankedNeurons:
     """The ranking's neurons that fall in ``scope``, most important first, checked against the model."""
     sites = {s.name for s in registry.select(scope)}
+    where = "the ranking"
     if isinstance(ranking, pd.DataFrame):
         if "address" not in ranking.columns:
             raise InputError("the ranking has no 'address' column; write it with `canprobe score`")
+        where = ranking.attrs.get("path", where)
         frame = ranking.sort_values("rank", kind="stable") if "rank" in ranking.columns else ranking
         addresses = frame["address"].astype(str).tolist()
     else:
         addresses = [str(a) for a in ranking]
+    foreign = [a for a in addresses if a.rsplit(":", 1)[0] not in registry.by_name]
+    if foreign:
+        raise InputError(
+            f"{where}: {len(foreign)} ranked neuron(s) are not in this model, e.g. {foreign[0]}; "
+            "it was scored on another model: score this one"
+        )
     kept = [a for a in addresses if a.rsplit(":", 1)[0] in sites]
     if not kept:
-        raise InputError(f"the ranking holds no neuron of scope {scope}; score that scope with --scope {scope}")
+        raise InputError(f"{where} holds no neuron of scope {scope}; score that scope with --scope {scope}")
     if len(kept) < len(addresses):
         log.info("ranking: %d of %d neurons are in scope %s", len(kept), len(addresses), scope)
-    return RankedNeurons.from_addresses(registry, kept)
+    try:
+        return RankedNeurons.from_addresses(registry, kept)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}; it was scored on another model: score this one") from None
 
 
 def growth_ks(max_k: int, growth: float) -> list[int]:
@@ -141,7 +155,7 @@ class CollapseSearch:
         out_dir: str | Path | None = None,
         model_name: str = "",
         ranking_info: dict | None = None,
-        dtype: str = "",
+        identity: dict | None = None,
     ):
         if len(image_names) != evaluator.n_images:
             raise InputError(f"{len(image_names)} image names for {evaluator.n_images} images")
@@ -157,8 +171,9 @@ class CollapseSearch:
         self.out = Path(out_dir) if out_dir is not None else None
         self.world = distributed.world()
         self.writes = self.out is not None and self.world.main  # under torch.distributed, rank 0 writes
-        self.model_name, self.dtype = model_name, dtype
-        self.ranking_info = {**(ranking_info or {}), "fingerprint": runfolder.fingerprint(ranking.addresses)}
+        self.model_name = model_name
+        self.identity = identity or {}
+        self.ranking_info = {**(ranking_info or {}), "fingerprint": texts_fingerprint(ranking.addresses)}
         self.points: dict[tuple[str, int], CurvePoint] = {}
         self.evaluated = 0
         self.resumed = 0
@@ -166,12 +181,12 @@ class CollapseSearch:
 
     # -- persistence -------------------------------------------------------------------------
     def _run_identity(self) -> dict:
+        """What decides the folder's points (``canprobe.identity``): the model's name is not, its weights are."""
         return {
-            "model": self.model_name,
-            "dtype": self.dtype,
+            **self.identity,
             "config": self.config.to_dict(),
             "ranking": self.ranking_info,
-            "images": runfolder.fingerprint(self.image_names),
+            "images": texts_fingerprint(self.image_names),
             "n_images": len(self.image_names),
         }
 
@@ -189,8 +204,12 @@ class CollapseSearch:
         error, stored = distributed.broadcast(self._stored() if self.writes else None)
         if error:
             raise InputError(error)
-        for record in stored:
-            point = CurvePoint.from_json(record)
+        for n, record in enumerate(stored, 1):
+            try:
+                point = CurvePoint.from_json(record)
+            except (KeyError, TypeError, AttributeError):
+                where = self.out / CURVE_FILE
+                raise InputError(f"{where}: point {n} is not a curve point (damaged); use a new --out folder") from None
             self.points[(point.control, point.k)] = point
         self.resumed = len(self.points)
         if self.resumed:
@@ -352,7 +371,7 @@ class CollapseSearch:
                 "first_collapsed": next((p.k for p in random_pts if p.stage == "collapsed"), None),
             },
             "model": self.model_name,
-            "dtype": self.dtype,
+            "dtype": self.identity.get("dtype"),
             "ranking": self.ranking_info,
             "n_images": len(self.image_names),
             "config": self.config.to_dict(),
@@ -377,7 +396,8 @@ def find_k_star(
 ) -> SearchResult:
     """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
 
-    ``lm``: the LoadedModel to probe; ``clip``: a LoadedModel of kind clip; ``ranking``: a ranking
+    ``lm``: the LoadedModel to probe; ``clip``: a CLIP LoadedModel (None for a text-only model, whose
+    ``images`` are then the texts it continues under each mask); ``ranking``: a ranking
     DataFrame (``canprobe score``) or addresses, most important first; ``config.ablation``: the fault
     (``canprobe.faults`` spec); ``means`` or ``stats`` (``activation_stats``) for faults that need clean
     statistics, computed on ``images`` when not given.
@@ -385,9 +405,10 @@ def find_k_star(
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
     config = config or SearchConfig()
-    if config.clip_model not in (None, clip.source):
+    if clip is not None and config.clip_model not in (None, clip.source):
         raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
-    config = replace(config, clip_model=clip.source)  # the summary records the CLIP that scored the captions
+    # the summary records the CLIP that scored the captions (none for a text-only model)
+    config = replace(config, clip_model=None if clip is None else clip.source)
     registry = SiteRegistry.of(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
@@ -411,8 +432,17 @@ def find_k_star(
         stats=stats,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
-    info = {"method": ranking.attrs.get("config", {}).get("method")} if isinstance(ranking, pd.DataFrame) else {}
-    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    source = getattr(lm, "source", "")
-    search = CollapseSearch(evaluator, top, everything, config, names, out_dir, source, info, dtype)
+    scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}
+    info = {k: scored.get(k) for k in RANKING_IDENTITY}
+    identity = {
+        "weights": lm.fingerprint,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "clip_weights": None if clip is None else clip.fingerprint,  # None: a text-only model
+        "ppl_weights": None if ppl_lm is None else ppl_lm.fingerprint,
+        # a text-only model continues texts: their fingerprint stands for the pixels
+        "pixels": images_fingerprint(images) if lm.family.takes_images else texts_fingerprint(images),
+    }
+    search = CollapseSearch(
+        evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info, identity
+    )
     return search.run()

@@ -20,6 +20,7 @@ import torch
 
 from canprobe.errors import InputError, UnsupportedModelError
 from canprobe.families import family_for, known_kinds
+from canprobe.families.base import get_module
 
 # ASCII digits only and no leading zeros, "mlp." exactly where the printed name has it, nothing
 # around the address: every accepted string prints back to itself.
@@ -44,6 +45,13 @@ class Site:
     weight_path: str
     weight_axis: str
     size: int
+    part: int = 0  # the neurons are this slice of the weight's axis (and of a reading that wide), in
+    parts: int = 1  # ``parts`` equal slices (Phi-3's fused gate_up_proj); see ``SiteKind``
+
+    @property
+    def offset(self) -> int:
+        """Index of neuron 0 along the weight's axis."""
+        return self.part * self.size
 
     @property
     def name(self) -> str:
@@ -71,6 +79,11 @@ class Neuron:
         return f"{self.site}:{self.index}"
 
 
+def is_address(text: object) -> bool:
+    """Whether ``text`` has the syntax of a neuron address (cheap: no site-kind check)."""
+    return isinstance(text, str) and _ADDRESS.fullmatch(text) is not None
+
+
 def parse_address(text: str) -> Neuron:
     """Parse a printed address (``language.layers.L.mlp.kind:i``, ``qformer.layers.L.kind:i``,
     ``projector.kind:i``) back into a Neuron; checks syntax and site kinds, not a model's sizes."""
@@ -89,15 +102,6 @@ def parse_address(text: str) -> Neuron:
         raise InputError(f"{text!r}: {comp} has no site {kind!r}; its sites are {', '.join(kinds)}")
     mid = "mlp." if comp in ("language", "vision") else ""
     return Neuron(f"{comp}.layers.{int(layer)}.{mid}{kind}", int(m["index"]))
-
-
-def _get(model: torch.nn.Module, path: str):
-    obj = model
-    for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
@@ -145,20 +149,17 @@ class SiteRegistry:
         self.model = model
         self.sites: list[Site] = []
         for component, candidates in self.family.layer_roots.items():
-            root_path = next((p for p in candidates if _get(model, p) is not None), None)
-            if root_path is None:
+            paths = self.family.layer_paths(model, component)
+            if paths is None:
                 raise UnsupportedModelError(
                     f"cannot find the {component} layers of this {self.family.name} model "
                     f"(looked for {', '.join(candidates)})"
                 )
-            root = _get(model, root_path)
-            layers = (
-                [(0, root_path)] if component == "projector" else [(i, f"{root_path}.{i}") for i in range(len(root))]
-            )
+            layers = list(enumerate(paths))
             for layer, layer_path in layers:
-                for kind, spec in self.family.site_kinds[component].items():
-                    linear = _get(model, f"{layer_path}.{spec.weight}")
-                    if linear is None or _get(model, f"{layer_path}.{spec.module}") is None:
+                for kind, spec in self.family.kinds(model, component).items():
+                    linear = get_module(model, f"{layer_path}.{spec.weight}")
+                    if linear is None or get_module(model, f"{layer_path}.{spec.module}") is None:
                         continue
                     self.sites.append(
                         Site(
@@ -169,20 +170,23 @@ class SiteRegistry:
                             spec.reading,
                             f"{layer_path}.{spec.weight}",
                             spec.axis,
-                            _linear_size(linear, spec.axis, f"{layer_path}.{spec.weight}"),
+                            _linear_size(linear, spec.axis, f"{layer_path}.{spec.weight}") // spec.parts,
+                            spec.part,
+                            spec.parts,
                         )
                     )
             if not any(s.component == component for s in self.sites):
                 inner = ", ".join(
-                    f"{spec.module} ({spec.weight})" for spec in self.family.site_kinds[component].values()
+                    f"{spec.module} ({spec.weight})" for spec in self.family.kinds(model, component).values()
                 )
                 raise UnsupportedModelError(
-                    f"no {component} site of {self.family.name} under {root_path}: looked for {inner}"
+                    f"no {component} site of {self.family.name} under {paths[0] if paths else candidates[0]}: "
+                    f"looked for {inner}"
                 )
 
         seen: dict[tuple[int, str], str] = {}
         for site in self.sites:
-            key = (id(_get(model, site.module_path)), site.hook)
+            key = (id(get_module(model, site.module_path)), site.hook, site.part)
             if key in seen:
                 raise UnsupportedModelError(
                     f"{site.name} and {seen[key]} share one module instance; their neurons cannot be told apart"
@@ -226,25 +230,43 @@ class SiteRegistry:
         return site, neuron.index
 
     def module(self, site: Site) -> torch.nn.Module:
-        return _get(self.model, site.module_path)
+        return get_module(self.model, site.module_path)
 
     def weight(self, site: Site) -> torch.nn.Module:
-        return _get(self.model, site.weight_path)
+        return get_module(self.model, site.weight_path)
+
+    def weights(self, site: Site) -> torch.Tensor:
+        """The site's rows (or columns) of its linear's weight, one per neuron, in neuron order."""
+        weight = self.weight(site).weight
+        span = slice(site.offset, site.offset + site.size)
+        return weight[span] if site.weight_axis == "out" else weight[:, span]
 
     def hook(
         self, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None], where: str = "neurons"
     ) -> torch.utils.hooks.RemovableHandle:
         """Call ``fn`` on every forward pass with a tensor of ``site``; remove the hook with the handle.
 
-        ``where="neurons"``: the tensor whose last axis holds the site's neurons (the module's output
-        or input, as the site reads it). ``where="weight_input"``: the input features of the linear
-        layer that owns the neurons' weights. When ``fn`` returns a tensor, it replaces the one it got.
+        ``where="neurons"``: the site's neurons [..., size], the module's output or input as the site
+        reads it (its slice of it for a fused linear). ``where="weight_input"``: the input features of
+        the linear layer that owns the neurons' weights. A tensor returned replaces the one ``fn`` got;
+        None keeps it.
         """
-        if where == "neurons":
-            module = self.module(site)
-            if site.hook == "output":
-                return module.register_forward_hook(lambda _m, _args, out: fn(out))
-            return module.register_forward_pre_hook(_first_arg(fn))
         if where == "weight_input":
             return self.weight(site).register_forward_pre_hook(_first_arg(fn))
-        raise ValueError(f"hook point {where!r} is not one of {', '.join(HOOK_POINTS)}")
+        if where != "neurons":
+            raise ValueError(f"hook point {where!r} is not one of {', '.join(HOOK_POINTS)}")
+
+        def apply(x: torch.Tensor) -> torch.Tensor | None:
+            if x.shape[-1] == site.size:
+                return fn(x)
+            chunks = list(x.chunk(site.parts, dim=-1))
+            new = fn(chunks[site.part])
+            if new is None:
+                return None
+            chunks[site.part] = new
+            return torch.cat(chunks, dim=-1)
+
+        module = self.module(site)
+        if site.hook == "output":
+            return module.register_forward_hook(lambda _m, _args, output: apply(output))
+        return module.register_forward_pre_hook(_first_arg(apply))

@@ -10,13 +10,41 @@ from __future__ import annotations
 
 from canprobe.errors import UnsupportedModelError
 from canprobe.families.base import Family, SiteKind
+from canprobe.families.blip2 import Blip2, Blip2T5, InstructBlipT5
 from canprobe.families.clip import Clip
 from canprobe.families.decoder import Decoder
+from canprobe.families.gemma import Gemma3, PaliGemma
+from canprobe.families.idefics3 import Idefics3
 from canprobe.families.instructblip import InstructBlip
 from canprobe.families.llava import Llava
+from canprobe.families.mllama import Mllama
+from canprobe.families.onevision import LlavaOnevision
+from canprobe.families.phi3 import Phi3
+from canprobe.families.qwen_vl import Qwen2VL, Qwen3VL, Qwen25VL
 
-FAMILIES: tuple[Family, ...] = (Llava(), InstructBlip(), Decoder(), Clip())
-BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
+FAMILIES: tuple[Family, ...] = (
+    Llava(),
+    LlavaOnevision(),
+    InstructBlipT5(),
+    InstructBlip(),
+    Blip2T5(),
+    Blip2(),
+    Qwen2VL(),
+    Qwen25VL(),
+    Qwen3VL(),
+    PaliGemma(),
+    Gemma3(),
+    Idefics3(),
+    Mllama(),
+    Decoder(),
+    Phi3(),
+    Clip(),
+)
+# model type -> its families, the first whose ``matches(config)`` holds is the model's
+BY_MODEL_TYPE: dict[str, tuple[Family, ...]] = {}
+for _family in FAMILIES:
+    for _type in _family.model_types:
+        BY_MODEL_TYPE[_type] = (*BY_MODEL_TYPE.get(_type, ()), _family)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 ATTRIBUTE = "canprobe_family"  # where a loaded model carries a family given by a site file
 
@@ -25,7 +53,7 @@ __all__ = ["FAMILIES", "Family", "SiteKind", "family_for", "known_kinds", "named
 
 def supported_types() -> list[str]:
     """Model types with an adapter that can be probed (CLIP only scores captions)."""
-    return sorted(t for t, f in BY_MODEL_TYPE.items() if f.site_kinds)
+    return sorted(t for t, fs in BY_MODEL_TYPE.items() if any(f.site_kinds for f in fs))
 
 
 def _unsupported(model_type: str) -> UnsupportedModelError:
@@ -42,7 +70,7 @@ def family_for(model_or_config) -> Family:
         return attached
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None) or type(model_or_config).__name__
-    family = BY_MODEL_TYPE.get(model_type)
+    family = next((f for f in BY_MODEL_TYPE.get(model_type, ()) if f.matches(config)), None)
     if family is None:
         raise _unsupported(model_type)
     return family

@@ -37,16 +37,23 @@ class SiteKind:
     ``module``: path inside the layer of the module whose ``reading`` ("output" or "input") holds the
     neurons in its last dimension. ``weight``: the linear layer whose rows (``axis="out"``) or columns
     (``axis="in"``) belong to the neurons; its size along that axis is the number of neurons.
+    ``part`` of ``parts``: the neurons are that slice of the weight's axis, cut in ``parts`` equal
+    slices, for linears that compute several things at once (Phi-3's ``gate_up_proj``: the gate
+    units, then the up units); where the reading is wider than the site, the same slice of it.
     """
 
     module: str
     reading: str
     weight: str
     axis: str
+    part: int = 0
+    parts: int = 1
 
     def __post_init__(self):
         if self.reading not in READINGS or self.axis not in ("out", "in"):
             raise ValueError(f"bad site kind {self}: reading is output or input, axis is out or in")
+        if not 0 <= self.part < self.parts:
+            raise ValueError(f"bad site kind {self}: part is one of 0 .. parts - 1")
 
 
 # the neurons of a SwiGLU language MLP, ``down_proj(act(gate_proj(x)) * up_proj(x))``
@@ -71,11 +78,27 @@ class Family:
     auto_class: str = "AutoModelForImageTextToText"  # attribute of ``transformers``
     takes_images: bool = True  # captions images (False: a text-only LM, continues texts)
     generates: bool = True  # False: a contrastive image-text scorer (CLIP), never probed
+    # the language model is an encoder-decoder (T5): the prompt goes to the encoder, the text being
+    # written (and scored) to the decoder
+    encoder_decoder: bool = False
     default_prompt: str = "Describe the image briefly."
     layer_roots: Mapping[str, tuple[str, ...]] = {}
     site_kinds: Mapping[str, Mapping[str, SiteKind]] = {}
     # processor outputs only the image encoder reads: dropped from a call that gets cached features
     encoder_inputs: tuple[str, ...] = ("pixel_values",)
+
+    def matches(self, config) -> bool:
+        """Whether a model of one of ``model_types`` with this config is this family's (variants of a
+        type, e.g. BLIP-2 with OPT or with T5, are told apart here); the first family that matches wins."""
+        return True
+
+    def kinds(self, model: torch.nn.Module, component: str) -> Mapping[str, SiteKind]:
+        """The site kinds of a component of this model (``site_kinds``, unless they differ by model)."""
+        return self.site_kinds.get(component, {})
+
+    def encoder_site(self, module_path: str) -> bool:
+        """Whether a language site reads the prompt in an encoder (T5's) rather than the text being written."""
+        return False
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {', '.join(self.model_types)}>"
@@ -86,13 +109,26 @@ class Family:
         """The processor (or, for text-only models, the tokenizer) saved beside the checkpoint."""
         import transformers
 
-        loader = transformers.AutoProcessor if self.takes_images else transformers.AutoTokenizer
-        return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.takes_images:
+            return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tok.pad_token is None:  # Llama-style tokenizers ship none; batches of texts need one
+            tok.pad_token = tok.eos_token
+        return tok
 
     def model_class(self):
         import transformers
 
         return getattr(transformers, self.auto_class)
+
+    def layer_paths(self, model: torch.nn.Module, component: str) -> list[str] | None:
+        """Paths of the component's layers in model order (the projector: its one module), from the
+        first candidate root the model has; None when it has none."""
+        for root in self.layer_roots[component]:
+            found = get_module(model, root)
+            if found is not None:
+                return [root] if component == "projector" else [f"{root}.{i}" for i in range(len(found))]
+        return None
 
     # --- prompts and inputs ---
 
@@ -101,11 +137,25 @@ class Family:
         return list(prompts)
 
     def inputs(self, processor, images, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Processor outputs (CPU tensors) for already wrapped ``texts`` and their ``images``."""
+        """Processor outputs (CPU tensors) for already wrapped ``texts`` and their ``images``.
+
+        Text-only models: the tokenizer, left-padded when the texts differ (generation appends on the right).
+        """
         if not self.takes_images:
             tok = getattr(processor, "tokenizer", processor)
-            return dict(tok(texts, return_tensors="pt"))
+            if len(set(texts)) == 1:
+                return dict(tok(texts, return_tensors="pt"))
+            return dict(tok(texts, return_tensors="pt", padding=True, padding_side="left"))
         return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+    def continue_tokens(self, key: str, value: torch.Tensor, width: int) -> torch.Tensor:
+        """A per-token input ``value`` [rows, prompt, ...] widened to ``width`` tokens for appended text.
+
+        By default each appended token repeats the prompt's last token (a text token), as
+        ``generate`` extends token types and cross-attention masks.
+        """
+        extra = value[:, -1:].expand(value.shape[0], width - value.shape[1], *value.shape[2:])
+        return torch.cat([value, extra], dim=1)
 
     # --- cached image features ---
 
@@ -125,9 +175,10 @@ class Family:
         """``generate`` fed cached features: by default, ``generate`` of ``feature_inputs``."""
         return model.generate(**self.feature_inputs(model, text, rows), **options)
 
-    def text_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module that continues a cached prompt prefix from token ids (``canprobe.evaluation.PrefixCache``)."""
-        return model
+    def text_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module that continues a cached prompt prefix from token ids (``canprobe.evaluation.PrefixCache``);
+        None: PPL passes always run over the whole prompt (the default, until a family is checked)."""
+        return None
 
     # --- scoring positions and dry-run token counts ---
 
@@ -165,3 +216,95 @@ def validates_mm_encoder_outputs(model: torch.nn.Module) -> bool:
     except ValueError:
         return False
     return True
+
+
+def image_only_processor(cls: type) -> type:
+    """``cls``, a processor class that takes a video processor, as one that takes none.
+
+    transformers builds video processors on torchvision, and checks the video processor's class even
+    when none is given, so where torchvision cannot be imported such a processor cannot be built at
+    all, although captioning images never uses its video part. The subclass keeps ``cls``'s name
+    (what ``save_pretrained`` records, so ``AutoProcessor`` reads the folder back as ``cls``) and its
+    other arguments (what ``save_pretrained`` writes to processor_config.json).
+    """
+    import inspect
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    signature = inspect.signature(cls.__init__)
+    __init__.__signature__ = signature.replace(
+        parameters=[p for name, p in signature.parameters.items() if name != "video_processor"]
+    )
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+
+class ImagesOnly:
+    """Mixin for families whose processor holds a video processor, which transformers builds on torchvision.
+
+    Where torchvision is not installed, or does not import against this torch (a CUDA build beside a
+    CPU torch), the processor is built from its image processor, tokenizer and chat template, with
+    the settings of processor_config.json, and one log line says so.
+    """
+
+    processor_class: str = ""  # the transformers processor class
+
+    def load_processor(self, path: str, trust_remote_code: bool = False):
+        import json
+        from pathlib import Path
+
+        import transformers
+        from transformers.utils import cached_file, is_torchvision_available
+
+        if is_torchvision_available():
+            try:
+                return super().load_processor(path, trust_remote_code)
+            except (ImportError, RuntimeError) as exc:
+                reason = f"torchvision does not load ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+        else:
+            reason = "torchvision is not installed"
+        log.info("%s: the %s is built without its video processor", reason, self.processor_class)
+
+        def read(name: str) -> str | None:
+            file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+            return Path(file).read_text() if file else None
+
+        settings = json.loads(read("processor_config.json") or "{}")
+        parts = ("processor_class", "image_processor", "video_processor")
+        kwargs = {k: v for k, v in settings.items() if k not in parts}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        template = read("chat_template.jinja") or json.loads(read("chat_template.json") or "{}").get("chat_template")
+        try:
+            images = transformers.AutoImageProcessor.from_pretrained(path)
+        except ImportError:  # releases (5.6) whose Auto class insists on torchvision: the PIL twin of the saved class
+            saved = settings.get("image_processor") or json.loads(read("preprocessor_config.json") or "{}")
+            images = getattr(transformers, f"{saved['image_processor_type'].removesuffix('Fast')}Pil").from_pretrained(
+                path
+            )
+        return image_only_processor(getattr(transformers, self.processor_class))(
+            images,
+            tokenizer,
+            chat_template=template or getattr(tokenizer, "chat_template", None),
+            **kwargs,
+        )
+
+
+def chat_prompts(processor, prompts: Sequence[str]) -> list[str]:
+    """Each instruction as one user turn holding one image, through the processor's chat template."""
+    return [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+
+
+def get_module(model: torch.nn.Module, path: str):
+    """The submodule at a dotted path (digits index into lists), or None."""
+    obj = model
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj

@@ -1,4 +1,5 @@
-"""Plain decoder language models with a SwiGLU MLP (``llama``, ``mistral``, ``qwen2``): no images;
+"""Plain decoder language models with a SwiGLU MLP (``llama``, ``mistral``, ``qwen2``, ``qwen3``,
+``gemma2``, ``gemma3_text``: Gemma's activation is a tanh GELU, its sites the same): no images;
 they continue the given texts, and collapse is judged on the texts alone."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from canprobe.families.base import SWIGLU, Family
 
 class Decoder(Family):
     name = "decoder"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
     auto_class = "AutoModelForCausalLM"
     takes_images = False
     encoder_inputs = ()

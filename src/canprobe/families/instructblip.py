@@ -33,11 +33,11 @@ class InstructBlip(Family):
 
     # the instruction goes in as it is: the processor adds the query tokens
 
-    def cached_features(self, model):
-        return validates_mm_encoder_outputs(model)
-
     def text_model(self, model):
         return model.language_model  # the top model re-encodes pixels; its language model continues a prefix
+
+    def cached_features(self, model):
+        return validates_mm_encoder_outputs(model)
 
     @torch.no_grad()
     def encode_images(self, model, enc):

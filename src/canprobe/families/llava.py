@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from canprobe.families.base import FC_MLP, SWIGLU, Family, SiteKind, validates_mm_encoder_outputs
+from canprobe.families.base import FC_MLP, SWIGLU, Family, SiteKind, chat_prompts, validates_mm_encoder_outputs
 
 # the LLaVA-1.5 conversation format, for processors saved without a chat template
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -33,14 +33,11 @@ class Llava(Family):
         """The processor's chat template with one image (llava-hf checkpoints ship one); the 1.5
         format ``USER: <image>\\n... ASSISTANT:`` when a processor has none."""
         if getattr(processor, "chat_template", None):
-            return [
-                processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                    add_generation_prompt=True,
-                )
-                for p in prompts
-            ]
+            return chat_prompts(processor, prompts)
         return [FALLBACK_TEMPLATE.format(prompt=p) for p in prompts]
+
+    def text_model(self, model):
+        return model  # text-only continuation: no image tokens, plain 1-D positions
 
     def cached_features(self, model):
         return validates_mm_encoder_outputs(model)

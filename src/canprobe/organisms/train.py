@@ -18,6 +18,7 @@ import torch
 
 from canprobe.data import make_scenes
 from canprobe.errors import InputError
+from canprobe.families import named
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.organisms.build import BUILDERS, OrganismShape
 
@@ -74,7 +75,7 @@ def train_organism(
     torch.manual_seed(config.seed)
     model, processor = BUILDERS[name](shape)
     model.to(device).train()
-    kind = {"toy-llava": "llava", "toy-instructblip": "instructblip", "toy-clip": "clip"}[name]
+    family = named({"toy-llava": "llava", "toy-instructblip": "instructblip", "toy-clip": "clip"}[name])
     pool = make_scenes(config.pool_size, seed=config.seed)
     pixel_cache = processor.image_processor([im for im, _ in pool], return_tensors="pt")["pixel_values"]
     captions = [s.caption for _, s in pool]
@@ -94,10 +95,10 @@ def train_organism(
         idx = rng.sample(range(config.pool_size), min(config.batch_size, config.pool_size))
         images = [pool[i][0] for i in idx]
         caps = [captions[i] for i in idx]
-        if kind == "clip":
+        if not family.generates:  # the contrastive organism
             batch = _clip_batch(processor, images, caps)
         else:
-            batch = teacher_forcing_inputs(processor, kind, images, caps)
+            batch = teacher_forcing_inputs(processor, family, images, caps)
         batch["pixel_values"] = pixel_cache[idx]
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         loss = model(**batch).loss

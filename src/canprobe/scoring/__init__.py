@@ -39,22 +39,35 @@ from canprobe import distributed, features
 from canprobe.captions import generate_captions
 from canprobe.config import REDUCTIONS, default
 from canprobe.errors import InputError
-from canprobe.inputs import teacher_forcing_inputs
+from canprobe.identity import images_fingerprint, texts_fingerprint
+from canprobe.inputs import is_texts, teacher_forcing_inputs
 from canprobe.models import LoadedModel
+from canprobe.runfolder import RANKING_COLUMNS
 from canprobe.scoring import engine
 from canprobe.scoring.engine import checkpointing, per_sample_loss
 from canprobe.scoring.methods import Method, make_method
-from canprobe.scoring.result import RANKING_COLUMNS, ScoreResult, load_ranking, load_scores
+from canprobe.scoring.result import (
+    ScoreResult,
+    check_ranking_identity,
+    check_ranking_model,
+    load_folder_ranking,
+    load_ranking,
+    load_scores,
+)
 from canprobe.sites import SiteRegistry
 
 __all__ = [
     "RANKING_COLUMNS",
     "ScoreResult",
+    "check_ranking_identity",
+    "check_ranking_model",
     "checkpointing",
+    "load_folder_ranking",
     "load_ranking",
     "load_scores",
     "per_sample_loss",
     "score_inputs",
+    "score_identity",
     "score_neurons",
 ]
 
@@ -76,6 +89,7 @@ def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> 
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError("batch size and max new tokens must be positive")
     if not lm.family.takes_images:
+        captions = captions or (list(images) if is_texts(images) else None)
         if not captions:
             raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
         return [None] * len(captions), list(captions)
@@ -151,20 +165,16 @@ def score_neurons(
     _options(method, alpha, seed, reduction)  # fail on bad options before generating captions
     images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
     sites = SiteRegistry.of(lm.model).select(scope)  # fail on a bad scope before generating captions
+    identity = score_identity(lm, images, scope, method, alpha, reduction, captions, prompt, seed, max_new_tokens)
     n_images = len(images)
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
     cache = None
     if reuse_features and features.reusable(lm, [s.name for s in sites]):
         cache = features.FeatureCache(lm, images, prompt, batch_size)
-    if not lm.family.takes_images:
-        source = "text"
-    elif captions is None:
-        source = "self"
+    if identity["loss_text"] == "self":
         feats = None if cache is None else cache.rows(range(len(images)))
         captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size, feats)
-    else:
-        source = "reference"
 
     def batches() -> Iterator[dict]:
         for i in range(0, len(captions), batch_size):
@@ -175,11 +185,42 @@ def score_neurons(
             yield enc
 
     result = score_inputs(lm, batches(), scope, method, alpha, reduction, seed, gradient_checkpointing)
-    result.config.update(
-        loss_text=source,
-        n_images=n_images if lm.family.takes_images else 0,
-        batch_size=batch_size,
-        prompt=prompt,
-        max_new_tokens=max_new_tokens if source == "self" else None,
-    )
+    result.config.update(n_images=n_images if lm.family.takes_images else 0, batch_size=batch_size)
+    result.config.update(identity)
     return result
+
+
+def score_identity(
+    lm: LoadedModel,
+    images: list[Image.Image] | None,
+    scope: str = default("scope"),
+    method: str = default("method"),
+    alpha: float = default("alpha"),
+    reduction: str = default("reduction"),
+    captions: list[str] | None = None,
+    prompt: str | None = None,
+    seed: int = default("seed"),
+    max_new_tokens: int = default("max_new_tokens"),
+) -> dict:
+    """What decides a ranking's numbers (``canprobe.identity``); recorded in both score files.
+
+    Same arguments and defaults as ``score_neurons``, so a folder's ranking can be checked against
+    the scoring a command would do before it is reused.
+    """
+    if not lm.family.takes_images:  # a text-only model scores its texts, given either way
+        captions = captions or (list(images) if is_texts(images) else None)
+    source = "text" if not lm.family.takes_images else ("self" if captions is None else "reference")
+    return {
+        "weights": lm.fingerprint,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "images": images_fingerprint(list(images)) if lm.family.takes_images else None,
+        "scope": scope,
+        "method": method,
+        "alpha": make_method(method, alpha, seed).config()["alpha"],
+        "reduction": reduction,
+        "seed": seed if method == "random" else None,
+        "loss_text": source,
+        "captions": texts_fingerprint(captions),
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens if source == "self" else None,
+    }

@@ -79,8 +79,9 @@ class _Accumulator:
     features of the site's linear layer.
     """
 
-    def __init__(self, site: Site, method: Method, batch: Callable[[], _Batch]):
+    def __init__(self, site: Site, method: Method, batch: Callable[[], _Batch], encoder: bool = False):
         self.site, self.method, self.batch = site, method, batch
+        self.encoder = encoder  # a language site in an encoder (T5's): it reads the prompt, not the caption
         self.score = torch.zeros(site.size, dtype=torch.float32)
         self.signed = torch.zeros(site.size, dtype=torch.float32)
         self.input_sq = None
@@ -92,19 +93,29 @@ class _Accumulator:
         """(score weights, non-pad mask), each [rows, T], for an activation of shape [rows, T, N]."""
         b = self.batch()
         comp = self.site.component
+        if comp in ("vision", "projector") and a.dim() == 2:
+            # one sequence of every image's patches (Qwen-VL): per-patch weights, summed over each
+            # group of patches that the merger folds into one position
+            w = b.vision_rows.to(a.device)
+            if w.numel() % a.shape[0]:
+                raise InputError(f"{self.site.name}: {a.shape[0]} positions for {w.numel()} image patches")
+            w = w.view(a.shape[0], -1).sum(dim=1)
+            return w, torch.ones_like(w)
         if comp in ("vision", "projector"):
             rows, t = a.shape[:2]
             if rows != b.vision_rows.numel():
                 raise InputError(f"{self.site.name}: {rows} image rows for a batch of {b.vision_rows.numel()} crops")
             mask = torch.ones(rows, t, device=a.device)
             return b.vision_rows.to(a.device)[:, None] / t * mask, mask
-        key = comp
+        key = "language_encoder" if self.encoder else comp
         if comp == "qformer":
             key = "qformer_text" if self.site.kind in QFORMER_TEXT_KINDS else "qformer_query"
             if key == "qformer_query":
                 mask = torch.ones(a.shape[:2], device=a.device)
                 return _row_weights(mask), mask
         w, m = b.weights[key].to(a.device), b.masks[key].to(a.device)
+        if a.dim() == 2 and a.shape[0] == w.numel():  # rows and positions flattened into one (OPT's MLP)
+            return w.reshape(-1), m.reshape(-1)
         if w.shape != a.shape[:2]:
             raise InputError(f"{self.site.name}: activation positions {tuple(a.shape[:2])} != inputs {tuple(w.shape)}")
         return w, m
@@ -124,7 +135,7 @@ class _Accumulator:
                 value = self.method.forward_value(a.detach().float())
                 if value is not None:
                     w, _ = self._positions(a)
-                    self.score += torch.einsum("rt,rtn->n", w, value).cpu()
+                    self.score += torch.einsum("...,...n->n", w, value).cpu()
         return _Tap.apply(a, self)
 
     def backward(self, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -133,10 +144,10 @@ class _Accumulator:
         with torch.no_grad():
             af, gf = a.float(), g.float()
             prod = af * gf
-            self.signed -= torch.einsum("rt,rtn->n", m, prod).cpu()
+            self.signed -= torch.einsum("...,...n->n", m, prod).cpu()
             value = self.method.backward_value(af, gf, prod)
             if value is not None:
-                self.score += torch.einsum("rt,rtn->n", w, value).cpu()
+                self.score += torch.einsum("...,...n->n", w, value).cpu()
 
     def weight_input(self, x: torch.Tensor) -> None:
         """Accumulate the mean square of each input feature of the site's linear layer."""
@@ -146,17 +157,23 @@ class _Accumulator:
         self._last_input = batch
         w, _ = self._positions(x)
         with torch.no_grad():
-            sq = torch.einsum("rt,rtd->d", w, x.detach().float().square()).cpu()
+            sq = torch.einsum("...,...d->d", w, x.detach().float().square()).cpu()
         self.input_sq = sq if self.input_sq is None else self.input_sq + sq
 
 
 def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     labels, attn = enc["labels"], enc["attention_mask"]
-    loss_pos = torch.zeros_like(attn)
-    loss_pos[:, :-1] = (labels[:, 1:] != -100).long()
-    lang = loss_pos if reduction == "loss" else attn
-    weights = {"language": _row_weights(lang)}
-    masks = {"language": attn.float()}
+    if "decoder_input_ids" in enc:  # T5: the decoder predicts labels in place; the encoder reads the prompt
+        dec = enc["decoder_attention_mask"]
+        lang = (labels != -100).long() if reduction == "loss" else dec
+        weights = {"language": _row_weights(lang), "language_encoder": _row_weights(attn)}
+        masks = {"language": dec.float(), "language_encoder": attn.float()}
+    else:
+        loss_pos = torch.zeros_like(attn)
+        loss_pos[:, :-1] = (labels[:, 1:] != -100).long()
+        lang = loss_pos if reduction == "loss" else attn
+        weights = {"language": _row_weights(lang)}
+        masks = {"language": attn.float()}
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
@@ -205,6 +222,11 @@ def per_sample_loss(model: torch.nn.Module, enc: dict) -> torch.Tensor:
     """
     labels = enc["labels"]
     inputs = {k: v for k, v in enc.items() if k != "labels"}
+    if "decoder_input_ids" in inputs:  # an encoder-decoder predicts the labels in place
+        logits = model(**inputs, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        mask = (labels != -100).to(nll.dtype)
+        return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     valid = labels[:, 1:] != -100
     first = int(valid.any(dim=0).nonzero()[0])
     keep = labels.shape[1] - first
@@ -226,7 +248,7 @@ def run(
     """Hook ``sites``, run every batch forward and backward, and return their all-reduced sums and the sample count."""
     registry = SiteRegistry.of(lm.model)
     current: list[_Batch] = []
-    accs = [_Accumulator(s, method, lambda: current[0]) for s in sites]
+    accs = [_Accumulator(s, method, lambda: current[0], lm.family.encoder_site(s.module_path)) for s in sites]
     handles = []
     n = 0
     try:

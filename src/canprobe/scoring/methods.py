@@ -101,7 +101,7 @@ class Wanda(Method):
         scores = {}
         for acc in accs:
             norm = (acc.input_sq / n).sqrt()
-            weight = registry.weight(acc.site).weight.detach().float().abs().cpu()
+            weight = registry.weights(acc.site).detach().float().abs().cpu()
             scores[acc.site.name] = weight @ norm if acc.site.weight_axis == "out" else weight.sum(dim=0) * norm
         return scores
 

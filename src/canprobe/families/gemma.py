@@ -1,0 +1,64 @@
+"""PaliGemma (``paligemma``) and Gemma 3 (``gemma3``): a SigLIP vision tower, a one-linear projector
+(no projector sites: its outputs are the language model's image embeddings) and a Gemma decoder.
+
+PaliGemma reads its prompt as a bidirectional prefix (``token_type_ids`` 0) and the text it writes
+causally (1); Gemma 3 marks its image tokens (``token_type_ids`` 1) so they attend to each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from canprobe.families.base import FC_MLP, SWIGLU, Family, chat_prompts
+
+LANGUAGE_ROOTS = ("model.language_model.layers", "language_model.model.layers")
+VISION_ROOTS = (
+    "model.vision_tower.encoder.layers",
+    "model.vision_tower.vision_model.encoder.layers",
+    "vision_tower.vision_model.encoder.layers",
+)
+
+
+class PaliGemma(Family):
+    name = "paligemma"
+    model_types = ("paligemma",)
+    default_prompt = "caption en"
+    layer_roots = {"language": LANGUAGE_ROOTS, "vision": VISION_ROOTS}
+    site_kinds = {"language": SWIGLU, "vision": FC_MLP}
+
+    def prompts(self, processor, prompts):
+        """The image token, then the instruction (no chat template): the processor expands the image
+        token, puts BOS after it and a newline after the instruction."""
+        return [getattr(processor, "image_token", "<image>") + p for p in prompts]
+
+    def inputs(self, processor, images, texts):
+        enc = super().inputs(processor, images, texts)
+        enc.pop("labels", None)  # the processor marks the prompt as not scored: no use without a suffix
+        return enc
+
+    def continue_tokens(self, key, value, width):
+        if key == "token_type_ids":  # the text after the prefix is read causally, as generate does
+            return torch.cat([value, value.new_ones(value.shape[0], width - value.shape[1])], dim=1)
+        return super().continue_tokens(key, value, width)
+
+    def tokens(self, config, component, text_tokens):
+        patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        return patches if component == "vision" else patches + text_tokens + 1
+
+
+class Gemma3(Family):
+    name = "gemma3"
+    model_types = ("gemma3",)
+    layer_roots = {"language": LANGUAGE_ROOTS, "vision": VISION_ROOTS}
+    site_kinds = {"language": SWIGLU, "vision": FC_MLP}
+
+    def prompts(self, processor, prompts):
+        return chat_prompts(processor, prompts)
+
+    def inputs(self, processor, images, texts):
+        # the processor groups images per sample: one list of one image per text
+        return dict(processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True))
+
+    def tokens(self, config, component, text_tokens):
+        patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        return patches if component == "vision" else config.mm_tokens_per_image + text_tokens

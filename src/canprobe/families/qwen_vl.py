@@ -1,0 +1,78 @@
+"""Qwen2-VL (``qwen2_vl``), Qwen2.5-VL (``qwen2_5_vl``) and Qwen3-VL (``qwen3_vl``): a ViT over the
+flattened patches of all images of a batch, a patch merger (the projector) and a Qwen decoder with
+multimodal rotary positions.
+
+The vision tower's activations have no batch dimension: one sequence holds the patches of every
+image in turn (``image_grid_thw`` gives each image's count), and the merger folds each 2 x 2 group
+of neighbouring patches into one image token. Qwen2-VL's vision MLP is ``fc2(act(fc1(x)))``,
+Qwen2.5-VL's a SwiGLU with biases, Qwen3-VL's ``linear_fc2(act_fn(linear_fc1(x)))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from canprobe.families.base import SWIGLU, Family, ImagesOnly, SiteKind, chat_prompts
+
+LANGUAGE_ROOTS = ("model.language_model.layers", "model.layers")
+VISION_ROOTS = ("model.visual.blocks", "visual.blocks")
+MERGER_ROOTS = ("model.visual.merger", "visual.merger")
+
+
+class Qwen2VL(ImagesOnly, Family):
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    processor_class = "Qwen2VLProcessor"
+    layer_roots = {"language": LANGUAGE_ROOTS, "vision": VISION_ROOTS, "projector": MERGER_ROOTS}
+    site_kinds = {
+        "language": SWIGLU,
+        "vision": {
+            "fc1": SiteKind("mlp.act", "output", "mlp.fc1", "out"),
+            "fc2": SiteKind("mlp.fc2", "output", "mlp.fc2", "out"),
+        },
+        "projector": {
+            "linear_1": SiteKind("mlp.1", "output", "mlp.0", "out"),
+            "linear_2": SiteKind("mlp.2", "output", "mlp.2", "out"),
+        },
+    }
+    encoder_inputs = ("pixel_values", "image_grid_thw")
+
+    def prompts(self, processor, prompts):
+        return chat_prompts(processor, prompts)
+
+    def vision_rows(self, model, enc):
+        """Per patch of the flattened vision sequence, 1 / the number of patches of its image."""
+        counts = enc["image_grid_thw"].prod(dim=-1).tolist()
+        return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
+
+    def tokens(self, config, component, text_tokens):
+        vision = config.vision_config
+        patches = (448 // vision.patch_size) ** 2  # a 448 x 448 image, the processors' usual size
+        if component == "vision":
+            return patches
+        merged = patches // vision.spatial_merge_size**2
+        return merged if component == "projector" else merged + text_tokens
+
+
+class Qwen25VL(Qwen2VL):
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    processor_class = "Qwen2_5_VLProcessor"
+    site_kinds = {**Qwen2VL.site_kinds, "vision": SWIGLU}
+
+
+class Qwen3VL(Qwen2VL):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    processor_class = "Qwen3VLProcessor"
+    site_kinds = {
+        "language": SWIGLU,
+        "vision": {
+            "fc1": SiteKind("mlp.act_fn", "output", "mlp.linear_fc1", "out"),
+            "fc2": SiteKind("mlp.linear_fc2", "output", "mlp.linear_fc2", "out"),
+        },
+        "projector": {
+            "linear_1": SiteKind("act_fn", "output", "linear_fc1", "out"),
+            "linear_2": SiteKind("linear_fc2", "output", "linear_fc2", "out"),
+        },
+    }

@@ -1,0 +1,111 @@
+"""A run's identity: everything that changes its results, and nothing that does not.
+
+Every artifact records the identity it was made under, and nothing is reused across identities.
+Identity holds the model's name and a fingerprint of its weights, the dtype, a digest of the
+images' pixels (so a folder of other images under the same file names is not mistaken for the
+old one), and the options that change numbers (scope, method, alpha, reduction, loss text,
+prompt, max new tokens, criterion, ablation, fault, seed). It leaves out what only changes how
+fast or where a run goes: device, device map, batch size (one prompt and same-size images, so no
+padding differs), process count, gradient checkpointing, feature reuse, and how many sample
+captions are kept.
+
+The weights fingerprint is a SHA-256 over every parameter and buffer's name, shape and 64 values
+sampled at even strides (as float32), computed on the loaded model: it costs milliseconds on the
+organisms and well under a second on a 7B model, needs no files (hub and local checkpoints alike),
+and tells apart any two trainings or checkpoints. A change confined to unsampled values would go
+unseen; the config (shapes, names) and the sample catch every retraining and every other model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from canprobe.errors import InputError
+
+SAMPLES_PER_TENSOR = 64
+NOT_IDENTITY = frozenset(
+    {
+        "out",
+        "device",
+        "device_map",
+        "batch_size",
+        "processes",
+        "gradient_checkpointing",
+        "reuse_features",
+        "n_samples",
+        "k_per_round",
+    }
+)
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits that change when any model's weights do (see the module docstring)."""
+    digest = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        count = min(SAMPLES_PER_TENSOR, flat.numel())
+        index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).long()
+        digest.update(flat[index].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def images_fingerprint(images: Sequence[Image.Image]) -> str:
+    """16 hex digits over the decoded pixels of every image, in order."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def texts_fingerprint(texts: Sequence[str] | None) -> str | None:
+    return None if texts is None else hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+
+def identity(record: Mapping[str, Any]) -> dict:
+    """The fields of ``record`` that decide results, as plain JSON values (nested mappings flattened)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if key not in NOT_IDENTITY:
+                    walk(f"{prefix}{key}.", item)
+        else:
+            flat[prefix.rstrip(".")] = value
+
+    walk("", json.loads(json.dumps(record)))
+    return flat
+
+
+def differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'field (was A, now B)' for each field whose value differs between two identities."""
+    before, after = identity(previous), identity(current)
+    return [
+        f"{key} (was {_short(before.get(key))}, now {_short(after.get(key))})"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
+
+
+def check_same(what: str, previous: Mapping[str, Any], current: Mapping[str, Any], remedy: str) -> None:
+    """Raise InputError naming the first fields that differ, and how to start over."""
+    changed = differences(previous, current)
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise InputError(f"{what} differs in {'; '.join(changed[:3])}{more}; {remedy}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
