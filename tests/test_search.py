@@ -393,3 +393,22 @@ def test_bad_input_is_one_line_and_exit_code_2(setup, cli):
     _one_line_error(cli(*search, "--stage1-clip-ratio", 1.5), "stage1-clip-ratio")
     _one_line_error(cli(*search, "--collapse-clip-ratio", 0.95), "collapse-clip-ratio")
     _one_line_error(cli(*search, "--scope", "language.nothing"), "unknown scope")
+
+
+def test_compiled_decoding_finds_the_same_curve(setup, tmp_path):
+    """The whole search with the decoding step compiled (traced on this CPU) equals the eager one, point by point."""
+    from canprobe.models import load_model
+    from tests.test_captions import compile_on_cpu
+
+    reference, _ = _reference(setup)
+    _, ranking, _ = _organism(setup, "toy-llava")
+    lm = load_model(_shipped("toy-llava"))
+    compile_on_cpu(lm)
+    config = SearchConfig(scope="language.down_proj", clip_model=setup["clip_name"], decoding="compiled", **SEARCH)
+    names = [r.name for r in setup["image_set"].records]
+    result = find_k_star(lm, setup["image_set"].images, ranking, setup["clip"], config, tmp_path, names)
+    assert result.k_star == reference.k_star and result.summary["config"]["decoding"] == "compiled"
+    assert [(p.k, p.control) for p in result.points] == [(p.k, p.control) for p in reference.points]
+    for got, want in zip(result.points, reference.points):
+        assert [c["caption"] for c in got.captions] == [c["caption"] for c in want.captions]
+        assert got.metrics.ppl_median == pytest.approx(want.metrics.ppl_median, rel=1e-4)

@@ -519,6 +519,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @option("batch_size")
 @option("n_samples", "--samples")
 @option("images_per_category", "--per-category")
+@option("decoding")
 @runtime_options
 @source_options
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
@@ -660,6 +661,7 @@ def _print_search(result, out: Path) -> None:
 @option("max_new_tokens")
 @option("batch_size")
 @option("images_per_category", "--per-category")
+@option("decoding")
 @dtype_option
 @device_option
 @source_options
@@ -721,6 +723,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         kind=fault,
         stats=stats,
         ppl_lm=_ppl_model(ppl_scorer, rest["device"]),
+        decoding=rest["decoding"],
     )
     unmasked = evaluator.evaluate_baseline()
     (masked,) = evaluator.evaluate([mask])

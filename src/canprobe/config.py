@@ -299,6 +299,7 @@ class SearchConfig:
     max_new_tokens: int = setting("max_new_tokens")
     batch_size: int = setting("batch_size")
     n_samples: int = setting("n_samples")
+    decoding: str = setting("decoding")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -355,6 +356,7 @@ class ExperimentConfig:
     device_map: str | None = setting("device_map")
     gradient_checkpointing: bool = setting("gradient_checkpointing")
     reuse_features: bool = setting("reuse_features")
+    decoding: str = setting("decoding")
 
     def __post_init__(self) -> None:
         validate(self)

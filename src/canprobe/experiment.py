@@ -178,6 +178,7 @@ class Experiment:
             prompt=c.prompt,
             max_new_tokens=c.max_new_tokens,
             batch_size=c.batch_size,
+            decoding=c.decoding,
         )
 
     def _controls(self, lm, clip, scope: str, group: Group, ranking, k_star: int | None, out: Path, search) -> dict:
@@ -233,6 +234,7 @@ class Experiment:
             c.batch_size,
             ppl_lm=self.ppl_lm,
             reuse_features=c.reuse_features,
+            decoding=c.decoding,
             **kwargs,
         )
 

@@ -430,6 +430,7 @@ def find_k_star(
         ppl_lm=ppl_lm,
         reuse_features=reuse_features,
         stats=stats,
+        decoding=config.decoding,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
     scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}
