@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from canprobe.config import SCORE_METHODS
-from canprobe.data import make_scenes
 from canprobe.errors import InputError
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
+from canprobe.organisms.scenes import make_scenes
 from canprobe.scoring import (
     ScoreResult,
     load_ranking,

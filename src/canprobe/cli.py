@@ -91,7 +91,7 @@ def _print_plan(lines: Iterable[str]) -> None:
 
 def _report_skipped(image_set) -> None:
     from canprobe.checks import printable
-    from canprobe.data import CAPTIONS_FILE
+    from canprobe.runfolder import CAPTIONS_FILE
 
     if image_set.skipped:
         click.echo(f"skipped {len(image_set.skipped)} unreadable image(s):", err=True)
@@ -192,7 +192,7 @@ def env_command() -> None:
 @click.option("--resolution", type=click.IntRange(min=16, max=1024), default=96, show_default=True)
 def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
     """Draw synthetic scenes: one folder per category plus captions.jsonl."""
-    from canprobe.data import CATEGORIES, write_scenes
+    from canprobe.organisms.scenes import CATEGORIES, write_scenes
 
     check_output_dir(out)
     write_scenes(out, per_category, seed, resolution)
@@ -856,9 +856,9 @@ def demo(out: Path, per_category: int) -> None:
     Language and vision scopes, stage 1 and k*, random and mean-ablation controls, and the
     language model's massive activations; one summary line per model at the end.
     """
-    from canprobe.data import write_scenes
     from canprobe.demo import ORGANISMS, run_story, story_line
     from canprobe.massive import format_activations
+    from canprobe.organisms.scenes import write_scenes
     from canprobe.report import build_report
     from canprobe.runfolder import REPORT_FILE
 
