@@ -132,6 +132,10 @@ runtime_options = _compose(
     dtype_option, device_option, device_map_option, checkpointing_option, reuse_option, dry_run_option
 )
 source_options = _compose(sites_option, trust_option)
+# how a mask is evaluated (search, ablate): the fault, the metrics' models, the captions
+evaluation_options = _compose(
+    *(option(name) for name in ("ablation", "ppl_scorer", "clip_model", "prompt", "max_new_tokens", "batch_size"))
+)
 
 
 def _versions() -> list[str]:
@@ -511,12 +515,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @option("k_per_round")
 @option("grid_per_octave")
 @option("max_k")
-@option("ablation")
-@option("ppl_scorer")
-@option("clip_model")
-@option("prompt")
-@option("max_new_tokens")
-@option("batch_size")
+@evaluation_options
 @option("n_samples", "--samples")
 @option("images_per_category", "--per-category")
 @runtime_options
@@ -653,12 +652,7 @@ def _print_search(result, out: Path) -> None:
 @click.option("--top", "top_k", type=click.IntRange(min=0), default=None, help="Mask the top K of --ranking.")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
 @option("scope", default=None, show_default=False, help="With --top: count only the ranking's neurons in this scope.")
-@option("ablation")
-@option("ppl_scorer")
-@option("clip_model")
-@option("prompt")
-@option("max_new_tokens")
-@option("batch_size")
+@evaluation_options
 @option("images_per_category", "--per-category")
 @dtype_option
 @device_option
