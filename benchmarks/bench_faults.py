@@ -51,10 +51,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from canprobe.ablation import RankedNeurons, ablate_rows, activation_stats
-    from canprobe.data import make_scenes
     from canprobe.evaluation import MaskEvaluator, default_clip_model
     from canprobe.inputs import caption_inputs
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
     from canprobe.sites import SiteRegistry
 
     lm = load_model(args.model)

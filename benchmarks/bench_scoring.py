@@ -24,9 +24,9 @@ SCOPE = "language,vision"
 
 
 def _toy_inputs(batch_size: int):
-    from canprobe.data import make_scenes
     from canprobe.inputs import teacher_forcing_inputs
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
 
     lm = load_model("toy-llava")
     scenes = make_scenes(batch_size, seed=3)

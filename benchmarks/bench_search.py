@@ -108,10 +108,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from canprobe.config import CollapseCriterion, SearchConfig
-    from canprobe.data import make_scenes
     from canprobe.evaluation import MaskEvaluator, default_clip_model
     from canprobe.metrics import MetricSummary
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
     from canprobe.scoring import score_neurons
     from canprobe.search import find_k_star, growth_ks, ranked_in_scope
     from canprobe.sites import SiteRegistry

@@ -5,11 +5,11 @@ import torch
 
 from canprobe.ablation import RankedNeurons, StandingMasks, ablate, ablate_rows, mean_activations
 from canprobe.captions import generate_captions
-from canprobe.data import make_scenes
 from canprobe.errors import InputError
 from canprobe.inputs import caption_inputs, teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
+from canprobe.organisms.scenes import make_scenes
 from canprobe.sites import SiteRegistry
 from tests.conftest import TINY
 

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from canprobe.captions import CaptionRecord, exact_match_rate, generate_captions, write_captions
-from canprobe.data import make_scenes
 from canprobe.errors import InputError
 from canprobe.models import load_model
+from canprobe.organisms.scenes import make_scenes
 
 
 @pytest.fixture(scope="module")

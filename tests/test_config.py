@@ -143,7 +143,7 @@ def test_each_option_is_one_setting_with_its_one_default_and_choices(command):
 def test_library_entry_points_share_the_settings_defaults():
     import inspect
 
-    from canprobe.ablation import mean_activations
+    from canprobe.ablation import activation_stats
     from canprobe.captions import generate_captions
     from canprobe.config import SETTINGS, SearchConfig
     from canprobe.evaluation import MaskEvaluator, caption_ppl
@@ -152,7 +152,7 @@ def test_library_entry_points_share_the_settings_defaults():
     # the keyword arguments that are the settings themselves (``protections`` there are objects, not names)
     shared = ("scope", "method", "alpha", "reduction", "seed", "batch_size", "max_new_tokens", "ppl_scorer", "ablation")
     checked = 0
-    for func in (score_neurons, generate_captions, mean_activations, MaskEvaluator, caption_ppl):
+    for func in (score_neurons, generate_captions, activation_stats, MaskEvaluator, caption_ppl):
         for name, param in inspect.signature(func).parameters.items():
             if name in shared and param.default is not inspect.Parameter.empty:
                 assert param.default == SETTINGS[name].default, (func.__name__, name)

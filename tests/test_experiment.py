@@ -11,8 +11,8 @@ import pytest
 
 import canprobe.experiment as experiment_module
 from canprobe.config import make_config
-from canprobe.data import write_scenes
 from canprobe.experiment import Experiment
+from canprobe.organisms.scenes import write_scenes
 from canprobe.report import CURVE_COLUMNS, OPTIONAL_SECTIONS, SECTIONS, build_report, compare_runs
 from canprobe.runfolder import read_jsonl
 

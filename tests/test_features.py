@@ -7,10 +7,10 @@ import torch
 
 from canprobe import features
 from canprobe.captions import generate_captions
-from canprobe.data import make_scenes
 from canprobe.evaluation import MaskEvaluator
 from canprobe.features import FeatureCache
 from canprobe.models import load_model
+from canprobe.organisms.scenes import make_scenes
 
 
 @pytest.fixture(scope="module")

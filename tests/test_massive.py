@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from canprobe.data import make_scenes
 from canprobe.massive import ActivationReport, format_activations, massive_activations
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_llava
+from canprobe.organisms.scenes import make_scenes
 from tests.conftest import TINY
 
 PLANTED = 400.0

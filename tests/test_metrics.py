@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from canprobe.data import make_scenes
 from canprobe.evaluation import ClipScorer, MaskEvaluator, PrefixCache, caption_ppl
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.metrics import CaptionMetrics, MetricSummary, word_stats
 from canprobe.models import ORGANISM_DIR, LoadedModel, load_model
 from canprobe.organisms.build import build_clip, build_instructblip, build_llava, build_tokenizer
+from canprobe.organisms.scenes import make_scenes
 from canprobe.sites import SiteRegistry
 from tests.conftest import TINY
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from canprobe.config import make_config
-from canprobe.data import write_scenes
 from canprobe.errors import InputError
 from canprobe.experiment import Experiment
+from canprobe.organisms.scenes import write_scenes
 from canprobe.runfolder import LOCK_FILE, RUN_FILE, RunLock, RunLockedError, atomic_write_text, read_jsonl
 
 SRC = Path(__file__).parents[1] / "src"

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from canprobe.data import write_scenes
+from canprobe.organisms.scenes import write_scenes
 from canprobe.runfolder import PROTECTION_FILE
 
 

@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from canprobe.config import SCORE_METHODS
-from canprobe.data import make_scenes
 from canprobe.errors import InputError
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
+from canprobe.organisms.scenes import make_scenes
 from canprobe.scoring import (
     ScoreResult,
     load_ranking,
     load_scores,
     per_sample_loss,
+    score_identity,
     score_neurons,
 )
 from canprobe.sites import Site, SiteRegistry
@@ -268,6 +269,12 @@ def test_self_captions_are_the_default(tiny_llava, images):
     result = score_neurons(tiny_llava, images[:2], max_new_tokens=4)
     assert result.config["loss_text"] == "self" and result.config["n_images"] == 2
     assert score_neurons(tiny_llava, images[:2], captions=CAPTIONS[:2]).config["loss_text"] == "reference"
+    # the identity a ranking is checked against is the one scoring records, with scoring's defaults
+    recorded = {k: result.config[k] for k in score_identity(tiny_llava, images[:2])}
+    assert recorded == score_identity(tiny_llava, images[:2], max_new_tokens=4)
+    assert recorded["max_new_tokens"] == 4 and score_identity(tiny_llava, images[:2])["max_new_tokens"] == 24
+    with pytest.raises(TypeError, match="batch_size"):
+        score_identity(tiny_llava, images[:2], batch_size=3)  # how fast it runs is not identity
 
 
 def test_decoder_scores_texts():

@@ -205,8 +205,9 @@ def _shipped(name: str) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """12 scenes, a CLIP, and per organism (on first use) a CAN ranking of down_proj and gate_proj."""
-    from canprobe.data import load_image_set, write_scenes
+    from canprobe.data import load_image_set
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import write_scenes
 
     root = tmp_path_factory.mktemp("search")
     images = write_scenes(root / "scenes", per_category=2, seed=21)

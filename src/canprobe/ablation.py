@@ -409,19 +409,10 @@ def ablate_rows(
     return Ablation(lm_or_model, list(rows), True, kind, means, stats, protections)
 
 
-def mean_activations(
-    lm: LoadedModel,
-    images: list[Image.Image],
-    sites: Sequence[Site] | str,
-    captions: list[str] | None = None,
-    prompt: str | None = None,
-    batch_size: int = default("batch_size"),
-    max_new_tokens: int = default("max_new_tokens"),
-) -> dict[str, torch.Tensor]:
+def mean_activations(lm: LoadedModel, images: list[Image.Image], sites: Sequence[Site] | str, **options):
     """Mean activation of every neuron of ``sites`` over reference images (float32, per site name);
-    see ``activation_stats``."""
-    stats = activation_stats(lm, images, sites, captions, prompt, batch_size, max_new_tokens)
-    return {name: s.mean for name, s in stats.items()}
+    ``options`` and everything else as for ``activation_stats``."""
+    return {name: s.mean for name, s in activation_stats(lm, images, sites, **options).items()}
 
 
 @torch.no_grad()

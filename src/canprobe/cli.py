@@ -91,7 +91,7 @@ def _print_plan(lines: Iterable[str]) -> None:
 
 def _report_skipped(image_set) -> None:
     from canprobe.checks import printable
-    from canprobe.data import CAPTIONS_FILE
+    from canprobe.runfolder import CAPTIONS_FILE
 
     if image_set.skipped:
         click.echo(f"skipped {len(image_set.skipped)} unreadable image(s):", err=True)
@@ -132,6 +132,10 @@ runtime_options = _compose(
     dtype_option, device_option, device_map_option, checkpointing_option, reuse_option, dry_run_option
 )
 source_options = _compose(sites_option, trust_option)
+# how a mask is evaluated (search, ablate): the fault, the metrics' models, the captions
+evaluation_options = _compose(
+    *(option(name) for name in ("ablation", "ppl_scorer", "clip_model", "prompt", "max_new_tokens", "batch_size"))
+)
 
 
 def _versions() -> list[str]:
@@ -192,7 +196,7 @@ def env_command() -> None:
 @click.option("--resolution", type=click.IntRange(min=16, max=1024), default=96, show_default=True)
 def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
     """Draw synthetic scenes: one folder per category plus captions.jsonl."""
-    from canprobe.data import CATEGORIES, write_scenes
+    from canprobe.organisms.scenes import CATEGORIES, write_scenes
 
     check_output_dir(out)
     write_scenes(out, per_category, seed, resolution)
@@ -511,12 +515,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @option("k_per_round")
 @option("grid_per_octave")
 @option("max_k")
-@option("ablation")
-@option("ppl_scorer")
-@option("clip_model")
-@option("prompt")
-@option("max_new_tokens")
-@option("batch_size")
+@evaluation_options
 @option("n_samples", "--samples")
 @option("images_per_category", "--per-category")
 @option("decoding")
@@ -654,12 +653,7 @@ def _print_search(result, out: Path) -> None:
 @click.option("--top", "top_k", type=click.IntRange(min=0), default=None, help="Mask the top K of --ranking.")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
 @option("scope", default=None, show_default=False, help="With --top: count only the ranking's neurons in this scope.")
-@option("ablation")
-@option("ppl_scorer")
-@option("clip_model")
-@option("prompt")
-@option("max_new_tokens")
-@option("batch_size")
+@evaluation_options
 @option("images_per_category", "--per-category")
 @option("decoding")
 @dtype_option
@@ -859,9 +853,9 @@ def demo(out: Path, per_category: int) -> None:
     Language and vision scopes, stage 1 and k*, random and mean-ablation controls, and the
     language model's massive activations; one summary line per model at the end.
     """
-    from canprobe.data import write_scenes
     from canprobe.demo import ORGANISMS, run_story, story_line
     from canprobe.massive import format_activations
+    from canprobe.organisms.scenes import write_scenes
     from canprobe.report import build_report
     from canprobe.runfolder import REPORT_FILE
 

@@ -30,6 +30,7 @@ position, -sum_t a_t dL_i/da_t over non-pad positions, averaged over samples.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -165,7 +166,18 @@ def score_neurons(
     _options(method, alpha, seed, reduction)  # fail on bad options before generating captions
     images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
     sites = SiteRegistry.of(lm.model).select(scope)  # fail on a bad scope before generating captions
-    identity = score_identity(lm, images, scope, method, alpha, reduction, captions, prompt, seed, max_new_tokens)
+    identity = score_identity(
+        lm,
+        images,
+        scope,
+        method=method,
+        alpha=alpha,
+        reduction=reduction,
+        captions=captions,
+        prompt=prompt,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+    )
     n_images = len(images)
     world = distributed.world()
     images, captions = world.take(images), world.take(captions)
@@ -190,23 +202,23 @@ def score_neurons(
     return result
 
 
-def score_identity(
-    lm: LoadedModel,
-    images: list[Image.Image] | None,
-    scope: str = default("scope"),
-    method: str = default("method"),
-    alpha: float = default("alpha"),
-    reduction: str = default("reduction"),
-    captions: list[str] | None = None,
-    prompt: str | None = None,
-    seed: int = default("seed"),
-    max_new_tokens: int = default("max_new_tokens"),
-) -> dict:
+IDENTITY_OPTIONS = ("method", "alpha", "reduction", "captions", "prompt", "seed", "max_new_tokens")
+
+
+def score_identity(lm: LoadedModel, images: list[Image.Image] | None, scope: str = default("scope"), **options) -> dict:
     """What decides a ranking's numbers (``canprobe.identity``); recorded in both score files.
 
-    Same arguments and defaults as ``score_neurons``, so a folder's ranking can be checked against
-    the scoring a command would do before it is reused.
+    ``options``: ``score_neurons``' own arguments that decide the numbers (``IDENTITY_OPTIONS``),
+    with its defaults, so a folder's ranking can be checked against the scoring a command would do
+    before it is reused.
     """
+    unknown = sorted(options.keys() - set(IDENTITY_OPTIONS))
+    if unknown:
+        raise TypeError(f"score_identity got {', '.join(unknown)}; it takes {', '.join(IDENTITY_OPTIONS)}")
+    defaults = inspect.signature(score_neurons).parameters
+    method, alpha, reduction, captions, prompt, seed, max_new_tokens = (
+        options.get(name, defaults[name].default) for name in IDENTITY_OPTIONS
+    )
     if not lm.family.takes_images:  # a text-only model scores its texts, given either way
         captions = captions or (list(images) if is_texts(images) else None)
     source = "text" if not lm.family.takes_images else ("self" if captions is None else "reference")
