@@ -156,15 +156,15 @@ def massive_activations(
     written: dict[int, torch.Tensor] = {}
 
     def keep(store: dict, layer: int):
-        def hook(_module, _args, out):
+        def record(out) -> None:
             store[layer] = (out[0] if isinstance(out, tuple) else out).detach().float().cpu()
 
-        return hook
+        return record
 
     handles = []
-    for site, block in layers:
-        handles.append(block.register_forward_hook(keep(residual, site.layer)))
-        handles.append(registry.module(site).register_forward_hook(keep(written, site.layer)))
+    for site, block in layers:  # the residual stream after each block is no neuron site: a plain hook
+        handles.append(block.register_forward_hook(lambda _m, _a, out, record=keep(residual, site.layer): record(out)))
+        handles.append(registry.hook(site, keep(written, site.layer)))
     best: dict[int, LayerPeak] = {}
     entries: dict[tuple[int, int, str], _Entry] = {}
     tokenizer = lm.tokenizer
