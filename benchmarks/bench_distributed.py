@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=8)
     parser.add_argument("--scope", default="language")
     args = parser.parse_args()
-    from canprobe.data import write_scenes
+    from canprobe.organisms.scenes import write_scenes
 
     cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,16 +51,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from canprobe.ablation import RankedNeurons, ablate_rows, activation_stats
-    from canprobe.captions import caption_inputs
-    from canprobe.data import make_scenes
-    from canprobe.metrics import MaskEvaluator, default_clip_model
+    from canprobe.evaluation import MaskEvaluator, default_clip_model
+    from canprobe.inputs import caption_inputs
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
     from canprobe.sites import SiteRegistry
 
     lm = load_model(args.model)
     clip = load_model(default_clip_model(args.model))
     images = [im for im, _ in make_scenes(args.images, seed=17)]
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     scope = RankedNeurons.from_sites(registry.select(args.scope))
     order = torch.randperm(len(scope), generator=torch.Generator().manual_seed(0))
     mask = scope.subset(order).prefix(args.k)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from canprobe.data import make_scenes
 from canprobe.massive import format_activations, massive_activations
 from canprobe.models import load_model
 from canprobe.organisms.build import OrganismShape
 from canprobe.organisms.evaluate import caption_exact_match
+from canprobe.organisms.scenes import make_scenes
 from canprobe.organisms.train import DEFAULT_CONFIGS, train_organism
 
 SHAPE_KEYS = {"layers": "text_layers", "heads": "heads", "text_hidden": "text_hidden", "text_ffn": "text_ffn"}

@@ -154,7 +154,7 @@ def on_device(args) -> None:
     model = build(args.arch, args.layers, args.dtype, args.device)
     kind = "llava" if model.config.model_type == "llava" else "instructblip"
     lm = LoadedModel(model, None, kind, f"{args.arch} (random {args.dtype})")
-    mask = [s.address(i) for s in SiteRegistry(model).select(args.scope) for i in range(s.size)][: args.mask]
+    mask = [s.address(i) for s in SiteRegistry.of(model).select(args.scope) for i in range(s.size)][: args.mask]
     weights_gb = torch.cuda.memory_allocated(device) / 1e9 if cuda else float("nan")
     name = torch.cuda.get_device_name(device) if cuda else str(device)
     print(f"{args.arch}, random {args.dtype} weights on {name}, scope {args.scope}, weights {weights_gb:.1f} GB")
@@ -198,7 +198,7 @@ def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dty
     enc = inputs(model, images)
     kind = "llava" if model.config.model_type == "llava" else "instructblip"
     lm = LoadedModel(model, None, kind, f"{arch} (random {dtype})")
-    mask = [s.address(i) for s in SiteRegistry(model).select(scope) for i in range(s.size)][:n_mask]
+    mask = [s.address(i) for s in SiteRegistry.of(model).select(scope) for i in range(s.size)][:n_mask]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     _run(mode, lm, enc, scope, mask)

@@ -24,9 +24,9 @@ SCOPE = "language,vision"
 
 
 def _toy_inputs(batch_size: int):
-    from canprobe.captions import teacher_forcing_inputs
-    from canprobe.data import make_scenes
+    from canprobe.inputs import teacher_forcing_inputs
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
 
     lm = load_model("toy-llava")
     scenes = make_scenes(batch_size, seed=3)
@@ -48,7 +48,7 @@ def _captum(lm, enc) -> dict[str, torch.Tensor]:
     from canprobe.scoring import per_sample_loss
     from canprobe.sites import SiteRegistry
 
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     # Captum cannot attribute to a layer that never reaches the loss: LLaVA's last vision layer
     # (vision_feature_layer=-2) is left out, which only makes Captum's job smaller
     last_vision = max(s.layer for s in registry.sites if s.component == "vision")

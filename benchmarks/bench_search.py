@@ -17,7 +17,11 @@ In one process, on the same images, CAN ranking, CLIP and settings:
    perplexity pass: time, and whether k* and every caption agree;
 5. the unmasked PPL pass per evaluated k: on each image's cached prefix (``PrefixCache``, the
    prefix encoded once) against the full teacher-forcing pass it replaces, with the largest
-   relative difference of the two PPLs.
+   relative difference of the two PPLs;
+6. masked generation per evaluated k with each decoding (eager, static KV cache, compiled step):
+   time against eager, and whether every caption is the same. transformers compiles the decoding
+   step on GPUs only, so on a CPU ``compiled`` decodes with the static cache uncompiled (the 7B
+   architecture on a GPU: ``benchmarks/bench_evaluation.py``).
 
 Timings are single runs of the whole thing (a sweep is long; repeats would not change the ratio
 by much) on whatever CPU runs it; compare ratios, not seconds, across machines.
@@ -33,8 +37,8 @@ import torch
 
 def prefix_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
     """Section 5: per evaluated k, the cached-prefix PPL pass against the full pass, on that k's captions."""
-    from canprobe.captions import FeatureCache
-    from canprobe.metrics import MaskEvaluator, PrefixCache, caption_ppl
+    from canprobe.evaluation import MaskEvaluator, PrefixCache, caption_ppl
+    from canprobe.features import FeatureCache
 
     n = len(images)
     ev = MaskEvaluator(lm, images, clip, max_new_tokens=max_new_tokens, batch_size=n)
@@ -64,6 +68,29 @@ def prefix_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
     print(f"  over {len(ks)} k: {total_full / total_cached:.2f}x, {amortized:.2f}x with the one-time prefix encoding")
 
 
+def decoding_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
+    """Section 6: per evaluated k, masked generation with each decoding against eager."""
+    from canprobe.evaluation import MaskEvaluator
+
+    masks = [ranked.prefix(k) for k in ks]
+    eager_s, eager = None, None
+    for decoding in ("eager", "static", "compiled"):
+        ev = MaskEvaluator(lm, images, clip, max_new_tokens=max_new_tokens, batch_size=len(images), decoding=decoding)
+        ev.reserve(ranked.site_names)
+        ev.masked_captions(masks[:1])  # warm-up (and, where it compiles, the trace)
+        start = time.perf_counter()
+        captions = [ev.masked_captions([m])[0] for m in masks]
+        seconds = (time.perf_counter() - start) / len(masks)
+        ev.close()
+        if eager is None:
+            eager_s, eager = seconds, captions
+        same = sum(a == b for x, y in zip(captions, eager) for a, b in zip(x, y))
+        print(
+            f"decoding {decoding:8s}: {1000 * seconds:7.1f} ms per evaluated k => {eager_s / seconds:5.2f}x eager; "
+            f"{same}/{len(masks) * len(images)} captions as eager"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy-llava")
@@ -80,11 +107,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from canprobe.data import make_scenes
-    from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+    from canprobe.config import CollapseCriterion, SearchConfig
+    from canprobe.evaluation import MaskEvaluator, default_clip_model
+    from canprobe.metrics import MetricSummary
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
     from canprobe.scoring import score_neurons
-    from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, growth_ks, ranked_in_scope
+    from canprobe.search import find_k_star, growth_ks, ranked_in_scope
     from canprobe.sites import SiteRegistry
 
     lm = load_model(args.model)
@@ -125,8 +154,10 @@ def main() -> None:
         print("no collapse in this scope: nothing to compare")
         return
 
-    ranked = ranked_in_scope(SiteRegistry(lm.model), ranking, args.scope)
-    prefix_pass(lm, images, ranked, [p.k for p in result.curve() if p.k > 0], args.max_new_tokens, clip)
+    ranked = ranked_in_scope(SiteRegistry.of(lm.model), ranking, args.scope)
+    evaluated = [p.k for p in result.curve() if p.k > 0]
+    prefix_pass(lm, images, ranked, evaluated, args.max_new_tokens, clip)
+    decoding_pass(lm, images, ranked, evaluated, args.max_new_tokens, clip)
 
     # 2. the step-one sweep, stopping at the first collapsed k
     ev = evaluator(n)

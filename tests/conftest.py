@@ -52,6 +52,6 @@ def cli(capsys, monkeypatch):
 
 @pytest.fixture(scope="session")
 def scene_dir(tmp_path_factory):
-    from canprobe.data import write_scenes
+    from canprobe.organisms.scenes import write_scenes
 
     return write_scenes(tmp_path_factory.mktemp("scenes"), per_category=2, seed=3)

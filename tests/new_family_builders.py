@@ -14,9 +14,9 @@ import transformers as tf
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from canprobe.data import caption_words
 from canprobe.families.base import image_only_processor
 from canprobe.organisms.build import PROMPT_WORDS
+from canprobe.organisms.scenes import caption_words
 
 BASE_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(BASE_TOKENS))

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from canprobe.ablation import RankedNeurons, ablate, ablate_rows, activation_stats, mean_activations
-from canprobe.captions import caption_inputs, generate_captions, teacher_forcing_inputs
-from canprobe.data import make_scenes
+from canprobe.ablation import RankedNeurons, StandingMasks, ablate, ablate_rows, activation_stats, mean_activations
+from canprobe.captions import generate_captions
 from canprobe.errors import InputError
 from canprobe.faults import ChannelStats
+from canprobe.inputs import caption_inputs, teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
+from canprobe.organisms.scenes import make_scenes
 from canprobe.sites import SiteRegistry
 from tests.conftest import TINY
 
@@ -308,3 +309,34 @@ def test_ranked_prefixes_group_by_site(tiny):
     everything = RankedNeurons.from_sites(registry.select("language.down_proj"))
     assert len(everything) == 2 * TINY.text_hidden
     assert everything.addresses[TINY.text_hidden + 1] == "language.layers.1.mlp.down_proj:1"
+
+
+def test_standing_masks_match_per_row_masks_and_pass_through_between_loads(tiny, images):
+    masks = [_whole_site(tiny, 0, "down_proj")[:20], [], ["language.layers.1.mlp.gate_proj:3"]]
+    sites = ["language.layers.0.mlp.down_proj", "language.layers.1.mlp.gate_proj"]
+    enc = caption_inputs(tiny, images)
+    plain = tiny.model(**enc).logits
+    with ablate_rows(tiny, masks):
+        expected = tiny.model(**enc).logits
+    with ablate_rows(tiny, masks[::-1]):
+        reversed_ = tiny.model(**enc).logits
+    hooks = _hooks(tiny.model)
+    with StandingMasks(tiny, sites, rows=4) as standing:
+        assert _hooks(tiny.model) != hooks
+        assert torch.equal(tiny.model(**enc).logits, plain)  # installed, not loaded: untouched
+        masks_before = {name: mask.data_ptr() for name, mask in standing._masks.items()}
+        with standing.loaded(masks):
+            assert torch.equal(tiny.model(**enc).logits, expected)
+        with standing.loaded(masks[::-1]):
+            assert torch.equal(tiny.model(**enc).logits, reversed_)
+        assert {name: mask.data_ptr() for name, mask in standing._masks.items()} == masks_before  # in place
+        assert torch.equal(tiny.model(**enc).logits, plain)
+        with pytest.raises(InputError, match="not among the sites"):
+            with standing.loaded([["language.layers.1.mlp.down_proj:0"]]):
+                pass
+        with pytest.raises(InputError, match="5 masks"):
+            with standing.loaded([[]] * 5):
+                pass
+    assert _hooks(tiny.model) == hooks
+    with pytest.raises(InputError, match="acts on weights"):
+        StandingMasks(tiny, sites, rows=2, kind="weight_bitflip")

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from canprobe.captions import CaptionRecord, exact_match_rate, generate_captions, write_captions
-from canprobe.data import make_scenes
 from canprobe.errors import InputError
 from canprobe.models import load_model
+from canprobe.organisms.scenes import make_scenes
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +36,32 @@ def test_write_and_score_captions(tmp_path):
     assert lines[1] == {"image": "car/1.png", "category": "car", "caption": "x", "reference": "y"}
     assert exact_match_rate(recs) == 0.5
     assert exact_match_rate([CaptionRecord("a", "b", "c")]) is None
+
+
+def compile_on_cpu(lm):
+    """Let transformers compile the decoding step on this CPU too, traced by dynamo without codegen."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    lm.model.generation_config.compile_config = config
+
+
+def test_every_decoding_gives_the_same_captions_masked_or_not():
+    from canprobe.ablation import ablate
+
+    lm = load_model("toy-llava")
+    compile_on_cpu(lm)
+    images = [im for im, _ in make_scenes(3, seed=4)]
+    mask = {f"language.layers.{layer}.mlp.down_proj": list(range(128)) for layer in range(3)}
+    plain = generate_captions(lm, images, max_new_tokens=10)
+    with ablate(lm, mask):
+        masked = generate_captions(lm, images, max_new_tokens=10)
+    assert masked != plain
+    # compiled first without hooks, then with: the step traced unmasked must not run under the mask
+    for decoding in ("static", "compiled"):
+        assert generate_captions(lm, images, max_new_tokens=10, decoding=decoding) == plain
+        with ablate(lm, mask):
+            assert generate_captions(lm, images, max_new_tokens=10, decoding=decoding) == masked
+    with pytest.raises(InputError, match="unknown decoding"):
+        generate_captions(lm, images, decoding="fast")

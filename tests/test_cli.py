@@ -2,7 +2,7 @@
 
 import json
 
-from canprobe.data import CATEGORIES
+from canprobe.organisms.scenes import CATEGORIES
 
 
 def _one_line_error(result, *needles):

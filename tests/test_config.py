@@ -104,3 +104,61 @@ def test_any_yaml_text_is_read_or_refused(tmp_path_factory, text):
     except InputError:
         return
     assert isinstance(data, dict)
+
+
+# options that are not settings: what a command reads or writes, what it prints, how it runs
+COMMAND_ONLY = {
+    "score": {"out", "top", "dry_run"},
+    "search": {"ranking", "dry_run"},
+    "ablate": {"neurons", "top_k", "ranking"},
+    "run": {"config_file", "restart", "dry_run"},
+}
+# ablate --scope only filters a given ranking: without it, every neuron of the ranking counts
+OWN_DEFAULTS = {("ablate", "scope"): None}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_ONLY))
+def test_each_option_is_one_setting_with_its_one_default_and_choices(command):
+    import click
+
+    from canprobe.cli import main
+    from canprobe.config import SETTINGS, config_fields
+
+    names = set()
+    for param in main.commands[command].params:
+        if param.name in COMMAND_ONLY[command]:
+            continue
+        names.add(param.name)
+        setting = SETTINGS[param.name]  # a KeyError names an option that is no setting
+        if command == "run":
+            assert param.default is None  # the study config's default (or the config file) applies
+        elif not param.required:
+            assert param.default == OWN_DEFAULTS.get((command, param.name), setting.default), param.name
+        if isinstance(param.type, click.Choice):
+            assert tuple(param.type.choices) == setting.choices, param.name
+    if command == "run":
+        assert names == set(config_fields())
+
+
+def test_library_entry_points_share_the_settings_defaults():
+    import inspect
+
+    from canprobe.ablation import activation_stats
+    from canprobe.captions import generate_captions
+    from canprobe.config import SETTINGS, SearchConfig
+    from canprobe.evaluation import MaskEvaluator, caption_ppl
+    from canprobe.scoring import score_neurons
+
+    # the keyword arguments that are the settings themselves (``protections`` there are objects, not names)
+    shared = ("scope", "method", "alpha", "reduction", "seed", "batch_size", "max_new_tokens", "ppl_scorer", "ablation")
+    checked = 0
+    for func in (score_neurons, generate_captions, activation_stats, MaskEvaluator, caption_ppl):
+        for name, param in inspect.signature(func).parameters.items():
+            if name in shared and param.default is not inspect.Parameter.empty:
+                assert param.default == SETTINGS[name].default, (func.__name__, name)
+                checked += 1
+    assert checked >= 12
+    search = SearchConfig()
+    assert (search.max_new_tokens, search.batch_size) == (SETTINGS["max_new_tokens"].default, 16)
+    study = _config()
+    assert (study.max_new_tokens, study.batch_size, study.seed) == (24, 16, 0)

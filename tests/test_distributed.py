@@ -63,7 +63,7 @@ def _canprobe(*args, processes: int = 1) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """toy-llava CAN scores of 10 scenes (5 per process), from 1 process and from 2."""
-    from canprobe.data import write_scenes
+    from canprobe.organisms.scenes import write_scenes
 
     root = tmp_path_factory.mktemp("dist")
     images = write_scenes(root / "scenes", per_category=2, seed=5)
@@ -117,8 +117,8 @@ def _mean_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from canprobe.ablation import mean_activations
-    from canprobe.data import make_scenes
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -136,8 +136,8 @@ def _mean_worker(rank: int, port: int, out: str) -> None:
 def test_mean_activations_are_sharded_and_all_reduced(tmp_path):
     """Each process reads half the images; both end with the means over all of them."""
     from canprobe.ablation import mean_activations
-    from canprobe.data import make_scenes
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import make_scenes
 
     torch.multiprocessing.spawn(_mean_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     images = [image for image, _ in make_scenes(5, seed=3)]

@@ -11,10 +11,10 @@ import pytest
 
 import canprobe.experiment as experiment_module
 from canprobe.config import make_config
-from canprobe.data import write_scenes
 from canprobe.experiment import Experiment
+from canprobe.organisms.scenes import write_scenes
 from canprobe.report import CURVE_COLUMNS, OPTIONAL_SECTIONS, SECTIONS, build_report, compare_runs
-from canprobe.store import read_jsonl
+from canprobe.runfolder import read_jsonl
 
 ALWAYS = [s for s in SECTIONS if s not in OPTIONAL_SECTIONS]  # the default run measures no fault models
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -210,7 +210,7 @@ def test_bad_config_file_names_the_field(cli, scene_dir, tmp_path):
 def test_a_ppl_model_named_by_path_is_loaded_once_per_study(images, tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import canprobe.metrics as evaluation_module
+    import canprobe.evaluation as evaluation_module
     from canprobe.organisms.build import build_tokenizer
 
     tok = build_tokenizer()

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from canprobe.ablation import ablate, ablate_rows, to_model_inputs
-from canprobe.captions import generate_captions, teacher_forcing_inputs
-from canprobe.data import make_scenes
+from canprobe.captions import generate_captions
 from canprobe.families import family_for
+from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel, load_model
+from canprobe.organisms.scenes import make_scenes
 from canprobe.scoring import per_sample_loss, score_neurons
 from canprobe.sites import SiteRegistry
 from tests.conftest import TINY

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from canprobe.ablation import ablate, ablate_rows, activation_stats, mean_activations
-from canprobe.captions import caption_inputs, generate_captions, teacher_forcing_inputs
-from canprobe.data import make_scenes
+from canprobe.captions import generate_captions
 from canprobe.errors import InputError
 from canprobe.faults import ProtectedSet, RangeRestriction, check_fault, flip_bit, parse_fault
+from canprobe.inputs import caption_inputs, teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
+from canprobe.organisms.scenes import make_scenes
 from canprobe.sites import SiteRegistry
 from tests.conftest import TINY
 

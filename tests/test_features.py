@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from canprobe import features
-from canprobe.captions import FeatureCache, generate_captions
-from canprobe.data import make_scenes
-from canprobe.metrics import MaskEvaluator
+from canprobe.captions import generate_captions
+from canprobe.evaluation import MaskEvaluator
+from canprobe.features import FeatureCache
 from canprobe.models import load_model
+from canprobe.organisms.scenes import make_scenes
 
 
 @pytest.fixture(scope="module")

@@ -576,7 +576,7 @@ def test_sigkill_between_the_two_writes_of_a_pair(cli, scene_dir, tmp_path, few_
     import os
     import signal
 
-    import canprobe.scoring as scoring
+    from canprobe import runfolder
     from canprobe.models import load_model
     from canprobe.scoring import load_folder_ranking, load_ranking
 
@@ -588,14 +588,14 @@ def test_sigkill_between_the_two_writes_of_a_pair(cli, scene_dir, tmp_path, few_
     if pid == 0:  # the child writes the new pair and is killed between its two files
         try:
             signal.alarm(60)
-            real = scoring.atomic_write_bytes
+            real = runfolder.atomic_write_bytes
 
             def write_then_die(path, data):
                 real(path, data)
                 if path.name == "scores.safetensors":
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            scoring.atomic_write_bytes = write_then_die
+            runfolder.atomic_write_bytes = write_then_die
             new.save(folder)
         finally:
             os._exit(1)
@@ -613,7 +613,7 @@ def test_sigkill_between_the_two_writes_of_a_pair(cli, scene_dir, tmp_path, few_
 
 
 def test_stray_temporaries_of_killed_writes_are_removed_by_the_next_run(tmp_path):
-    from canprobe.store import RunLock
+    from canprobe.runfolder import RunLock
 
     stray = [tmp_path / ".scores.safetensors.k3j2.tmp", tmp_path / "scopes" / "x" / ".curve.jsonl.abc.tmp"]
     kept = [tmp_path / ".canprobe.lock.q1.tmp", tmp_path / ".someone-else.tmp", tmp_path / "notes.tmp"]

@@ -75,6 +75,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_type_checking_imports_are_not_edges():
+    graph = import_graph()  # faults names Site only in annotations, scoring.engine the Method class
+    assert "canprobe.sites" not in graph["canprobe.faults"] and "canprobe.errors" in graph["canprobe.faults"]
+    assert "canprobe.scoring.methods" not in graph["canprobe.scoring.engine"]
+
+
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from canprobe.data import make_scenes
 from canprobe.massive import ActivationReport, format_activations, massive_activations
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_llava
+from canprobe.organisms.scenes import make_scenes
 from tests.conftest import TINY
 
 PLANTED = 400.0
@@ -57,7 +57,7 @@ def test_planted_activation_is_found_with_its_writer(tiny):
 
 def test_layer_peaks_match_the_models_own_hidden_states(tiny):
     """Layer 0's peak and median equal those of HF's hidden_states[1] (the output of layer 0)."""
-    from canprobe.captions import teacher_forcing_inputs
+    from canprobe.inputs import teacher_forcing_inputs
 
     scenes = make_scenes(3, seed=6)
     images, captions = [im for im, _ in scenes], [s.caption for _, s in scenes]

@@ -6,19 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from canprobe.captions import teacher_forcing_inputs
-from canprobe.data import make_scenes
-from canprobe.metrics import (
-    CaptionMetrics,
-    ClipScorer,
-    MaskEvaluator,
-    MetricSummary,
-    PrefixCache,
-    caption_ppl,
-    word_stats,
-)
+from canprobe.evaluation import ClipScorer, MaskEvaluator, PrefixCache, caption_ppl
+from canprobe.inputs import teacher_forcing_inputs
+from canprobe.metrics import CaptionMetrics, MetricSummary, word_stats
 from canprobe.models import ORGANISM_DIR, LoadedModel, load_model
 from canprobe.organisms.build import build_clip, build_instructblip, build_llava, build_tokenizer
+from canprobe.organisms.scenes import make_scenes
+from canprobe.sites import SiteRegistry
 from tests.conftest import TINY
 
 CAPTIONS = [
@@ -223,3 +217,31 @@ def test_cached_prefix_gives_the_full_pass_ppl(clip_dir, family):
     cached = prefix.nll([2, 0, 1], captions).exp()
     full = caption_ppl(lm, [images[2], images[0], images[1]], captions)
     assert cached.tolist() == pytest.approx(full.tolist(), rel=1e-4)
+
+
+def test_compiled_decoding_reuses_one_trace_for_every_mask(clip_dir):
+    """New masks on the reserved sites change tensors in place: no new graph, the same metrics as eager."""
+    from torch._dynamo.utils import counters
+
+    from tests.test_captions import compile_on_cpu
+
+    lm = load_model("toy-llava")
+    compile_on_cpu(lm)
+    clip = load_model(str(clip_dir))
+    images = [im for im, _ in make_scenes(4, seed=4)]
+    first = [{f"language.layers.{i}.mlp.down_proj": torch.arange(k) for i in range(2)} for k in (8, 64)]
+    second = [{f"language.layers.{i}.mlp.down_proj": torch.arange(k, 2 * k) for i in range(2)} for k in (16, 60)]
+    eager = MaskEvaluator(lm, images, clip, max_new_tokens=10, batch_size=4)
+    compiled = MaskEvaluator(lm, images, clip, max_new_tokens=10, batch_size=4, decoding="compiled")
+    compiled.reserve(s.name for s in SiteRegistry.of(lm.model).select("language.down_proj"))
+    assert [m.caption for m in compiled.evaluate_baseline()] == [m.caption for m in eager.evaluate_baseline()]
+    got = compiled.evaluate(first)
+    graphs = counters["stats"]["unique_graphs"]
+    got += compiled.evaluate(second)
+    assert counters["stats"]["unique_graphs"] == graphs
+    want = eager.evaluate(first) + eager.evaluate(second)
+    assert [[m.caption for m in x] for x in got] == [[m.caption for m in x] for x in want]
+    assert len({m.caption for x in want for m in x}) > 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([m.ppl for m in g], [m.ppl for m in w], rtol=1e-4)
+    compiled.close()

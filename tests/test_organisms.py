@@ -68,7 +68,8 @@ def test_builtins_load_and_caption_offline(tmp_path):
     """All three built-ins load, and both captioners caption 32 scenes, with the hub switched off."""
     code = f"""
 from canprobe.models import load_model
-from canprobe.data import write_scenes, load_image_set
+from canprobe.data import load_image_set
+from canprobe.organisms.scenes import write_scenes
 from canprobe.captions import generate_captions
 root = write_scenes({str(tmp_path)!r}, per_category=6, seed=21)
 images = load_image_set(root).images[:32]

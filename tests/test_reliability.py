@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from canprobe.config import make_config
-from canprobe.data import write_scenes
 from canprobe.errors import InputError
-from canprobe.experiment import RUN_FILE, Experiment
-from canprobe.store import LOCK_FILE, RunLock, RunLockedError, atomic_write_text, read_jsonl
+from canprobe.experiment import Experiment
+from canprobe.organisms.scenes import write_scenes
+from canprobe.runfolder import LOCK_FILE, RUN_FILE, RunLock, RunLockedError, atomic_write_text, read_jsonl
 
 SRC = Path(__file__).parents[1] / "src"
 TIMING = ("seconds",)
@@ -109,7 +109,7 @@ def test_run_folder_of_another_config_refuses_to_resume_unless_restarted(cli, sc
     Experiment(make_config(values), progress=False).run()  # same config: resumes
     assert ran == [1, 1]
     result = cli("run", "--model", "toy-llava", "--images", scene_dir, "--out", out, "--seed", 2, "--max-new-tokens", 9)
-    _one_line_error(result, "another config (config.max_new_tokens (was 20, now 9); config.seed (was 1, now 2))")
+    _one_line_error(result, "another config (config.max_new_tokens (was 24, now 9); config.seed (was 1, now 2))")
     with pytest.raises(InputError, match=r"another config \(config.seed \(was 1, now 2\)\)"):
         Experiment(make_config({**values, "seed": 2}), progress=False).run()
     assert ran == [1, 1]
@@ -146,8 +146,8 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
 DRIVER = """
 import json, os, signal, sys, tempfile
 from pathlib import Path
-import canprobe.scoring as scoring, canprobe.search as search
-from canprobe import store
+import canprobe.search as search
+from canprobe import runfolder
 mode, at = os.environ.get("KILL_MODE", ""), int(os.environ.get("KILL_AT", "0"))
 appended = 0
 
@@ -170,22 +170,22 @@ def append(path, obj):
             f.flush()
             os.fsync(f.fileno())
         die()
-    store.append_jsonl(path, obj)
+    runfolder.append_jsonl(path, obj)
     if mode == "after_line" and appended == at:
         die()
 
 def write_json(path, obj, **kwargs):
     if mode == "mid_summary" and Path(path).name == "summary.json":
         half_temp(path)
-    store.atomic_write_json(path, obj, **kwargs)
+    runfolder.atomic_write_json(path, obj, **kwargs)
 
 def write_bytes(path, data):
     if mode == "mid_ranking" and Path(path).name == "ranking.parquet":
         half_temp(path)
     real_bytes(path, data)
 
-real_bytes = scoring.atomic_write_bytes
-search.append_jsonl, search.atomic_write_json, scoring.atomic_write_bytes = append, write_json, write_bytes
+real_bytes = runfolder.atomic_write_bytes
+search.append_jsonl, search.atomic_write_json, runfolder.atomic_write_bytes = append, write_json, write_bytes
 sys.argv = ["canprobe", *sys.argv[1:]]
 from canprobe.cli import run
 run()
@@ -332,8 +332,9 @@ def _scope_addresses(lm, scope: str) -> list[str]:
 
 
 def _search_with_logits(llava_and_clip, four_scenes, out: Path, fill) -> dict:
+    from canprobe.config import SearchConfig
     from canprobe.data import load_image_set
-    from canprobe.search import SearchConfig, find_k_star
+    from canprobe.search import find_k_star
 
     lm, clip = llava_and_clip
     image_set = load_image_set(four_scenes)
@@ -383,7 +384,7 @@ def test_a_model_that_only_emits_the_end_token_records_empty_captions(llava_and_
 
 def test_bfloat16_model_gets_float32_perplexities_close_to_the_float32_model(llava_and_clip, four_scenes):
     from canprobe.data import load_image_set
-    from canprobe.metrics import caption_ppl
+    from canprobe.evaluation import caption_ppl
     from canprobe.models import load_model
 
     images = load_image_set(four_scenes).images

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from canprobe.data import write_scenes
-from canprobe.robustness import PROTECTION_FILE
+from canprobe.organisms.scenes import write_scenes
+from canprobe.runfolder import PROTECTION_FILE
 
 
 @pytest.fixture(scope="module")

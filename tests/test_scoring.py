@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from canprobe.captions import teacher_forcing_inputs
-from canprobe.data import make_scenes
+from canprobe.config import SCORE_METHODS
 from canprobe.errors import InputError
+from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
+from canprobe.organisms.scenes import make_scenes
 from canprobe.scoring import (
-    SCORE_METHODS,
     ScoreResult,
     load_ranking,
     load_scores,
     per_sample_loss,
+    score_identity,
     score_neurons,
 )
 from canprobe.sites import Site, SiteRegistry
@@ -181,10 +182,10 @@ def test_checkpointing_keeps_no_site_activation_through_the_forward(tiny_llava, 
     """
     import weakref
 
-    from canprobe import scoring
+    from canprobe.scoring import engine
 
     tapped, alive = [], []
-    tap_forward = scoring._Tap.forward
+    tap_forward = engine._Tap.forward
 
     def recording_tap(ctx, a, acc):
         tapped.append(weakref.ref(a))
@@ -196,8 +197,8 @@ def test_checkpointing_keeps_no_site_activation_through_the_forward(tiny_llava, 
         tapped.clear()
         return loss
 
-    monkeypatch.setattr(scoring._Tap, "forward", staticmethod(recording_tap))
-    monkeypatch.setattr(scoring, "per_sample_loss", loss_then_count)
+    monkeypatch.setattr(engine._Tap, "forward", staticmethod(recording_tap))
+    monkeypatch.setattr(engine, "per_sample_loss", loss_then_count)
     sites = len(SiteRegistry(tiny_llava.model).select("language.down_proj"))
     for checkpointed in (False, True):
         score_neurons(tiny_llava, images[:2], captions=CAPTIONS[:2], gradient_checkpointing=checkpointed)
@@ -268,6 +269,12 @@ def test_self_captions_are_the_default(tiny_llava, images):
     result = score_neurons(tiny_llava, images[:2], max_new_tokens=4)
     assert result.config["loss_text"] == "self" and result.config["n_images"] == 2
     assert score_neurons(tiny_llava, images[:2], captions=CAPTIONS[:2]).config["loss_text"] == "reference"
+    # the identity a ranking is checked against is the one scoring records, with scoring's defaults
+    recorded = {k: result.config[k] for k in score_identity(tiny_llava, images[:2])}
+    assert recorded == score_identity(tiny_llava, images[:2], max_new_tokens=4)
+    assert recorded["max_new_tokens"] == 4 and score_identity(tiny_llava, images[:2])["max_new_tokens"] == 24
+    with pytest.raises(TypeError, match="batch_size"):
+        score_identity(tiny_llava, images[:2], batch_size=3)  # how fast it runs is not identity
 
 
 def test_decoder_scores_texts():
@@ -484,3 +491,12 @@ def test_accelerate_placement_scores_like_plain_loading(tiny_llava_dir, images):
     b = score_neurons(placed, images[:4], "language", captions=CAPTIONS[:4])
     for name in a.scores:
         torch.testing.assert_close(b.scores[name], a.scores[name])
+
+
+def test_one_method_class_per_score_method_in_the_settings_order():
+    from canprobe.scoring.methods import METHODS, make_method
+
+    assert tuple(METHODS) == SCORE_METHODS
+    assert [make_method(m).config()["method"] for m in SCORE_METHODS] == list(SCORE_METHODS)
+    with pytest.raises(InputError, match="alpha"):
+        make_method("gradient", alpha=2.0)

@@ -12,18 +12,17 @@ import pytest
 import torch
 
 from canprobe.ablation import RankedNeurons
+from canprobe.config import CollapseCriterion, SearchConfig
 from canprobe.errors import InputError
 from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.models import ORGANISM_DIR
+from canprobe.runfolder import read_jsonl
 from canprobe.search import (
-    CollapseCriterion,
     CollapseSearch,
-    SearchConfig,
     find_k_star,
     grid_ks,
     growth_ks,
 )
-from canprobe.store import read_jsonl
 
 # ---------------------------------------------------------------- the search logic on a synthetic model
 
@@ -37,6 +36,10 @@ class FakeEvaluator:
         self.collapsed, self.degraded, self.fail_after = collapsed, degraded, fail_after
         self.calls: list[list[int]] = []
         self.baseline_set = None
+        self.reserved: list[str] = []
+
+    def reserve(self, sites):
+        self.reserved += sites
 
     def _metrics(self, k: int) -> list[CaptionMetrics]:
         ppl, clip = (1000.0, 5.0) if self.collapsed(k) else (5.0, 28.0) if self.degraded(k) else (2.0, 30.0)
@@ -85,6 +88,7 @@ def test_bisection_finds_the_exact_threshold_with_few_evaluations():
     assert evaluated == [0, 1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
     assert result.summary["evaluations"]["search"] == 13 and result.summary["monotone"]
     assert result.summary["bracket"] == [36, 37]
+    assert ev.reserved == ["s"]  # the scope's sites, reserved once before any mask
     assert [p.stage for p in result.curve()][:2] == ["healthy", "healthy"]
 
 
@@ -142,7 +146,7 @@ def test_resume_after_a_crash_evaluates_nothing_twice(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["k_star"] == 37 and summary["evaluations"]["resumed"] == 6
     assert set(summary["versions"]) == {"torch", "transformers", "canprobe"}
-    with pytest.raises(InputError, match=r"holds a search whose config.seed \(was 0, now 9\) differ"):
+    with pytest.raises(InputError, match=r"another config \(config.seed \(was 0, now 9\)\)"):
         _search(FakeEvaluator(lambda k: k >= 37), out=tmp_path / "run", control="random", seed=9)
 
 
@@ -201,8 +205,9 @@ def _shipped(name: str) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """12 scenes, a CLIP, and per organism (on first use) a CAN ranking of down_proj and gate_proj."""
-    from canprobe.data import load_image_set, write_scenes
+    from canprobe.data import load_image_set
     from canprobe.models import load_model
+    from canprobe.organisms.scenes import write_scenes
 
     root = tmp_path_factory.mktemp("search")
     images = write_scenes(root / "scenes", per_category=2, seed=21)
@@ -389,3 +394,22 @@ def test_bad_input_is_one_line_and_exit_code_2(setup, cli):
     _one_line_error(cli(*search, "--stage1-clip-ratio", 1.5), "stage1-clip-ratio")
     _one_line_error(cli(*search, "--collapse-clip-ratio", 0.95), "collapse-clip-ratio")
     _one_line_error(cli(*search, "--scope", "language.nothing"), "unknown scope")
+
+
+def test_compiled_decoding_finds_the_same_curve(setup, tmp_path):
+    """The whole search with the decoding step compiled (traced on this CPU) equals the eager one, point by point."""
+    from canprobe.models import load_model
+    from tests.test_captions import compile_on_cpu
+
+    reference, _ = _reference(setup)
+    _, ranking, _ = _organism(setup, "toy-llava")
+    lm = load_model(_shipped("toy-llava"))
+    compile_on_cpu(lm)
+    config = SearchConfig(scope="language.down_proj", clip_model=setup["clip_name"], decoding="compiled", **SEARCH)
+    names = [r.name for r in setup["image_set"].records]
+    result = find_k_star(lm, setup["image_set"].images, ranking, setup["clip"], config, tmp_path, names)
+    assert result.k_star == reference.k_star and result.summary["config"]["decoding"] == "compiled"
+    assert [(p.k, p.control) for p in result.points] == [(p.k, p.control) for p in reference.points]
+    for got, want in zip(result.points, reference.points):
+        assert [c["caption"] for c in got.captions] == [c["caption"] for c in want.captions]
+        assert got.metrics.ppl_median == pytest.approx(want.metrics.ppl_median, rel=1e-4)

@@ -225,3 +225,35 @@ def test_shared_modules_are_refused():
     model.model.layers[1].mlp.act_fn = model.model.layers[0].mlp.act_fn
     with pytest.raises(UnsupportedModelError, match="share one module"):
         SiteRegistry(model)
+
+
+def test_one_registry_per_model_and_its_hooks_see_and_replace_the_site_tensors():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_text_config(LlamaConfig)).eval()
+    registry = SiteRegistry.of(model)
+    assert SiteRegistry.of(model) is registry and SiteRegistry.of(LlamaForCausalLM(model.config)) is not registry
+    down = registry.by_name["language.layers.1.mlp.down_proj"]
+    unit = registry.by_name["language.layers.1.mlp.down_proj.input"]
+    mlp = model.model.layers[1].mlp
+    seen: dict[str, torch.Tensor] = {}
+    ids = torch.tensor([[1, 5, 9]])
+    expected = {}
+    handles = [
+        mlp.down_proj.register_forward_hook(lambda _m, args, out: expected.update(x=args[0], out=out)),
+        registry.hook(down, lambda a: seen.update(out=a)),
+        registry.hook(unit, lambda a: seen.update(unit=a)),
+        registry.hook(down, lambda x: seen.update(weight_input=x), where="weight_input"),
+    ]
+    clean = model(ids).logits
+    for h in handles:
+        h.remove()
+    assert torch.equal(seen["out"], expected["out"]) and seen["out"].shape[-1] == down.size == 16
+    assert torch.equal(seen["unit"], expected["x"]) and torch.equal(seen["weight_input"], expected["x"])
+    with_zero = registry.hook(down, torch.zeros_like)
+    zeroed = model(ids).logits
+    with_zero.remove()
+    assert not torch.allclose(zeroed, clean) and torch.equal(model(ids).logits, clean)
+    with pytest.raises(ValueError, match="hook point"):
+        registry.hook(down, torch.zeros_like, where="elsewhere")

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from canprobe.captions import generate_captions
-from canprobe.metrics import MaskEvaluator, MetricSummary, caption_ppl
+from canprobe.config import CollapseCriterion
+from canprobe.evaluation import MaskEvaluator, caption_ppl
+from canprobe.metrics import MetricSummary
 from canprobe.models import load_model
-from canprobe.search import CollapseCriterion
 from tests.test_families import BUILDERS
 
 TEXTS = ["a small red car", "a large blue boat on the left with a white background", "a tree", "a green fish"]

@@ -10,6 +10,7 @@ parameters are never written, so it is bit-identical afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +20,8 @@ import torch
 from PIL import Image
 
 from canprobe import distributed
-from canprobe.captions import _batches, generate_captions, teacher_forcing_inputs
+from canprobe.captions import generate_captions
+from canprobe.config import default
 from canprobe.errors import InputError
 from canprobe.families.base import get_module
 from canprobe.faults import (
@@ -33,29 +35,18 @@ from canprobe.faults import (
     parse_fault,
     resolve_bit,
 )
+from canprobe.inputs import batches, teacher_forcing_inputs, to_model_inputs
 from canprobe.models import LoadedModel
 from canprobe.sites import Neuron, Site, SiteRegistry
 
 log = logging.getLogger(__name__)
 
-ABLATION_KINDS = ("zero", "mean")
 # a neuron set: addresses (strings or parsed), or site name -> index tensor
 NeuronSpec = Iterable[str | Neuron] | Mapping[str, torch.Tensor]
 
 
 def _model_of(lm_or_model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
     return lm_or_model.model if isinstance(lm_or_model, LoadedModel) else lm_or_model
-
-
-def to_model_inputs(enc: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Inputs on the model's device, floating ones in its dtype (anything but a tensor passes through)."""
-    p = next(model.parameters())
-    return {
-        k: (v.to(p.device, dtype=p.dtype) if v.is_floating_point() else v.to(p.device))
-        if isinstance(v, torch.Tensor)
-        else v
-        for k, v in enc.items()
-    }
 
 
 def group_by_site(registry: SiteRegistry, neurons: NeuronSpec) -> dict[str, torch.Tensor]:
@@ -200,15 +191,13 @@ class Ablation:
             raise InputError("per-row ablation needs at least one row")
         self.fault = parse_fault(kind)
         self.model = _model_of(lm_or_model)
-        self.registry = SiteRegistry(self.model)
+        self.registry = SiteRegistry.of(self.model)
         self.kind = self.fault.spec()
         self.rows = len(masks) if per_row else None
         dtype = next(self.model.parameters()).dtype
         self.fault.check(dtype)
-        grouped = [group_by_site(self.registry, m) for m in masks]
-        for protection in protections:
-            if isinstance(protection, ProtectedSet):
-                grouped = [_without(g, group_by_site(self.registry, protection.neurons)) for g in grouped]
+        self._protected = [group_by_site(self.registry, p.neurons) for p in protections if isinstance(p, ProtectedSet)]
+        grouped = self._grouped(masks)
         order = [s.name for s in self.registry.sites]
         names = sorted({name for g in grouped for name in g}, key=order.index)
         stats = _with_means(stats, means)
@@ -254,6 +243,13 @@ class Ablation:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._saved: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = []
 
+    def _grouped(self, masks: Sequence[NeuronSpec]) -> list[dict[str, torch.Tensor]]:
+        """Each row's neurons by site, protected neurons taken out."""
+        grouped = [group_by_site(self.registry, m) for m in masks]
+        for protected in self._protected:
+            grouped = [_without(g, protected) for g in grouped]
+        return grouped
+
     @property
     def masked_sites(self) -> list[str]:
         return list(self._masks)
@@ -267,7 +263,7 @@ class Ablation:
             )
 
     def _row_mask(self, mask: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
-        return mask if self.rows is None else mask.view(self.rows, *([1] * (x.dim() - 2)), size)
+        return mask if self.rows is None else mask[: self.rows].view(self.rows, *([1] * (x.dim() - 2)), size)
 
     def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor:
         if self.rows is not None and site.component == "language" and x.dim() == 2 and x.shape[0] % self.rows == 0:
@@ -361,6 +357,61 @@ class Ablation:
         self._remove()
 
 
+class StandingMasks(Ablation):
+    """Per-row masks on a fixed set of sites whose hooks stay installed while the masks change in place.
+
+    A compiled decoding step (transformers compiles it for a static KV cache on GPUs) keeps the graph
+    traced at its first call, hooks included, and by default does not check the hooks again: hooks
+    added and removed per batch would leave it applying a stale mask. These hooks are installed once
+    and read boolean masks that ``load`` rewrites in place, so a new mask needs no new graph. Outside
+    a ``with standing.loaded(masks)`` block they pass activations through untouched.
+    """
+
+    def __init__(
+        self,
+        lm_or_model: LoadedModel | torch.nn.Module,
+        sites: Sequence[str],
+        rows: int,
+        kind: str | Fault = "zero",
+        means: Mapping[str, torch.Tensor] | None = None,
+        stats: Mapping[str, ChannelStats] | None = None,
+    ):
+        registry = SiteRegistry.of(_model_of(lm_or_model))
+        every = {name: torch.arange(registry.by_name[name].size) for name in sites if name in registry.by_name}
+        if len(every) != len(set(sites)):
+            raise InputError(f"this model has no site {next(n for n in sites if n not in registry.by_name)}")
+        super().__init__(lm_or_model, [every] * rows, True, kind, means, stats)
+        if self.fault.acts_on != "activation":
+            raise InputError(f"{self.fault.name} acts on weights; it has no activation masks to keep installed")
+        self.capacity, self.active = rows, False
+        for mask in self._masks.values():
+            mask.zero_()
+
+    @contextlib.contextmanager
+    def loaded(self, masks: Sequence[NeuronSpec]):
+        """Row i of the batch inside the block gets ``masks[i]`` (at most ``capacity`` rows)."""
+        if not 0 < len(masks) <= self.capacity:
+            raise InputError(f"{len(masks)} masks for standing masks of {self.capacity} rows")
+        grouped = self._grouped(masks)
+        outside = sorted({name for g in grouped for name in g} - set(self._masks))
+        if outside:
+            raise InputError(f"{outside[0]} is not among the sites these standing masks hold")
+        for name, mask in self._masks.items():
+            rows = torch.zeros(mask.shape, dtype=torch.bool)
+            for r, g in enumerate(grouped):
+                if name in g:
+                    rows[r, g[name]] = True
+            mask.copy_(rows)
+        self.rows, self.active = len(masks), True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor | None:
+        return super()._replace(x, site) if self.active else None
+
+
 def _without(grouped: dict[str, torch.Tensor], protected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A grouped mask less the protected neurons (sites left empty are dropped)."""
     out = {}
@@ -407,17 +458,10 @@ def ablate_rows(
     return Ablation(lm_or_model, list(rows), True, kind, means, stats, protections)
 
 
-def mean_activations(
-    lm: LoadedModel,
-    images: list[Image.Image],
-    sites: Sequence[Site] | str,
-    captions: list[str] | None = None,
-    prompt: str | None = None,
-    batch_size: int = 8,
-) -> dict[str, torch.Tensor]:
+def mean_activations(lm: LoadedModel, images: list[Image.Image], sites: Sequence[Site] | str, **options):
     """Mean activation of every neuron of ``sites`` over reference images (float32, per site name);
-    see ``activation_stats``."""
-    return {name: s.mean for name, s in activation_stats(lm, images, sites, captions, prompt, batch_size).items()}
+    ``options`` and everything else as for ``activation_stats``."""
+    return {name: s.mean for name, s in activation_stats(lm, images, sites, **options).items()}
 
 
 @torch.no_grad()
@@ -427,8 +471,8 @@ def activation_stats(
     sites: Sequence[Site] | str,
     captions: list[str] | None = None,
     prompt: str | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 24,
+    batch_size: int = default("batch_size"),
+    max_new_tokens: int = default("max_new_tokens"),
     by_position: bool = False,
 ) -> dict[str, ChannelStats]:
     """Per-channel mean, std, min and max of every neuron of ``sites`` on clean images (float32).
@@ -443,7 +487,7 @@ def activation_stats(
     shard of the images and the sums are all-reduced, so every process gets the statistics over all
     of them.
     """
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     chosen = registry.select(sites) if isinstance(sites, str) else list(sites)
     if not images:
         raise InputError("clean statistics (mean ablation, faults, range restriction) need at least one image")
@@ -492,12 +536,10 @@ def activation_stats(
         for site in chosen:
             handles.append(registry.hook(site, make_hook(site)))
         if captions is None:
-            captions = generate_captions(
-                lm, images, prompt=prompt, max_new_tokens=max_new_tokens, batch_size=batch_size
-            )
+            captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size)
         moments_on[0] = True
         pairs = list(zip(images, captions))
-        for batch in _batches(pairs, batch_size):
+        for batch in batches(pairs, batch_size):
             enc = teacher_forcing_inputs(lm.processor, lm.family, [p[0] for p in batch], [p[1] for p in batch], prompt)
             enc.pop("labels")
             weights["language"] = enc["attention_mask"].to(lm.device, torch.float64)

@@ -6,18 +6,19 @@ This is the generation path that masking wraps: anything active on the model whi
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from canprobe import features as image_features
+from canprobe import runfolder
+from canprobe.config import DECODINGS, default
 from canprobe.data import ImageSet
 from canprobe.errors import InputError
-from canprobe.families import Family, named
+from canprobe.features import generate as generate_from_features
+from canprobe.inputs import caption_inputs, check_prompt_fits
 from canprobe.models import LoadedModel
 
 
@@ -29,152 +30,49 @@ class CaptionRecord:
     reference: str | None = None
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def is_texts(items) -> bool:
-    """Whether generation inputs are texts to continue (a text-only model's) rather than images."""
-    return bool(items) and all(isinstance(x, str) for x in items)
-
-
-def caption_inputs(lm: LoadedModel, images: list[Image.Image] | list[str], prompt: str | None = None) -> dict:
-    """Processor outputs for ``images`` with the family's prompt, on the model's device.
-
-    A text-only model continues texts instead: ``images`` then holds the texts, left-padded.
-    """
-    family = lm.family
-    if not family.generates or family.takes_images == is_texts(images):
-        what = "a text-only model: it continues texts" if not family.takes_images else f"a {family.name} model"
-        raise InputError(f"{lm.source} is {what}; captioning images needs a vision-language model")
-    if family.takes_images:
-        enc = family.inputs(
-            lm.processor, images, family.prompts(lm.processor, [prompt or family.default_prompt]) * len(images)
-        )
-    else:
-        enc = family.inputs(lm.processor, None, list(images))
-    dtype = next(lm.model.parameters()).dtype
-    return {k: v.to(lm.device, dtype=dtype) if v.is_floating_point() else v.to(lm.device) for k, v in enc.items()}
-
-
-def context_length(lm: LoadedModel) -> int | None:
-    """How many positions the language model was trained on (None when its config does not say)."""
-    config = lm.model.config
-    return getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-
-
-def check_prompt_fits(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Prompt (image tokens included) plus the caption to generate must fit the model's context."""
-    limit = context_length(lm)
-    if limit is not None and prompt_tokens + max_new_tokens > limit:
-        raise InputError(
-            f"the prompt takes {prompt_tokens} tokens (image tokens included) and max new tokens adds "
-            f"{max_new_tokens}: {prompt_tokens + max_new_tokens} exceed the {limit}-token context of {lm.source}; "
-            "shorten the prompt or lower max new tokens"
-        )
-
-
-def check_context(lm: LoadedModel, image: Image.Image | str, prompt: str | None, max_new_tokens: int) -> None:
-    """``check_prompt_fits`` for one image (or a text-only model's text), before any work (captions of
-    longer prompts would be garbage)."""
-    check_prompt_fits(lm, caption_inputs(lm, [image], prompt)["input_ids"].shape[1], max_new_tokens)
-
-
-def teacher_forcing_inputs(
-    processor,
-    family: Family | str,
-    images: list[Image.Image] | list[str] | None,
-    captions: list[str],
-    prompt: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Model inputs for scoring ``captions`` as continuations of the prompt (images optional for decoders).
-
-    Each row is ``prompt tokens + caption tokens + end token``, right-padded; ``labels`` holds the
-    caption and end tokens and -100 elsewhere, so ``model(**inputs).loss`` is the caption NLL and
-    ``labels != -100`` marks the positions that carry the loss (shifted by one inside the model).
-    For an encoder-decoder language model (T5) the prompt stays the encoder's input, and the decoder
-    reads ``decoder_input_ids`` (the pad token, T5's start token, then the caption) and predicts
-    ``labels`` at the same positions (no shift). For a text-only family, ``images`` may hold one
-    text per row that replaces the prompt (the text a continuation continues); texts of different
-    lengths are left-padded and get ``position_ids`` that count from each row's first token.
-    """
-    family = named(family)
-    tok = getattr(processor, "tokenizer", processor)
-    if not family.takes_images and is_texts(images):
-        enc = family.inputs(processor, None, list(images))
-    else:
-        text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
-        enc = family.inputs(processor, images if family.takes_images else None, text)
-    caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
-    if family.encoder_decoder:
-        return {**enc, **_decoder_inputs(caption_ids, tok.pad_token_id, tok.eos_token_id)}
-    prompt_ids = enc["input_ids"]
-    n, p = prompt_ids.shape
-    width = p + max(len(c) for c in caption_ids) + 1
-    ids = torch.full((n, width), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    ids[:, :p] = prompt_ids
-    mask[:, :p] = enc["attention_mask"]
-    for i, c in enumerate(caption_ids):
-        seq = torch.tensor(c + [tok.eos_token_id], dtype=torch.long)
-        ids[i, p : p + len(seq)] = seq
-        labels[i, p : p + len(seq)] = seq
-        mask[i, p : p + len(seq)] = 1
-    for key, value in enc.items():  # per-token inputs besides the ids (token types, cross-attention masks)
-        if key not in ("input_ids", "attention_mask") and value.shape[:2] == (n, p):
-            enc[key] = family.continue_tokens(key, value, width)
-    enc.update(input_ids=ids, attention_mask=mask, labels=labels)
-    if not family.takes_images and not bool(enc["attention_mask"][:, 0].all()):  # left-padded texts
-        enc["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    return enc
-
-
-def _decoder_inputs(caption_ids: list[list[int]], pad: int, eos: int) -> dict[str, torch.Tensor]:
-    n, width = len(caption_ids), max(len(c) for c in caption_ids) + 1
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, c in enumerate(caption_ids):
-        seq = torch.tensor(c + [eos], dtype=torch.long)
-        labels[i, : len(seq)] = seq
-        ids[i, 1 : len(seq)] = seq[:-1]
-        mask[i, : len(seq)] = 1
-    return {"decoder_input_ids": ids, "decoder_attention_mask": mask, "labels": labels}
-
-
 @torch.no_grad()
 def generate_captions(
     lm: LoadedModel,
     images: list[Image.Image],
     prompt: str | None = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 16,
+    max_new_tokens: int = default("max_new_tokens"),
+    batch_size: int = default("batch_size"),
     features: Sequence[torch.Tensor] | None = None,
+    decoding: str = default("decoding"),
 ) -> list[str]:
     """Greedy captions, one per image, in order.
 
     ``features``: one cached image encoding per image (``canprobe.features``); the image encoder is
-    then skipped and the images only shape the prompt.
+    then skipped and the images only shape the prompt. ``decoding``: ``eager`` (a growing KV cache),
+    ``static`` (a KV cache of fixed size, transformers' static cache) or ``compiled`` (the static
+    cache with the decoding step compiled, where transformers supports it: CUDA devices; elsewhere
+    it decodes eagerly). The captions are the same either way. A compiled step is traced with the
+    hooks then active and, unlike torch's default, checks them at every call, so a mask added or
+    removed later retraces instead of running stale (``StandingMasks`` avoids the retracing).
     """
     if max_new_tokens <= 0 or batch_size <= 0:
         raise InputError("max new tokens and batch size must be positive")
+    if decoding not in DECODINGS:
+        raise InputError(f"unknown decoding {decoding!r}; choose one of {', '.join(DECODINGS)}")
     tok = lm.tokenizer
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
+    if decoding != "eager":
+        options["cache_implementation"] = "static"
+    options["disable_compile"] = decoding != "compiled"
     captions: list[str] = []
-    for start in range(0, len(images), batch_size):
-        enc = caption_inputs(lm, images[start : start + batch_size], prompt)
-        check_prompt_fits(lm, enc["input_ids"].shape[1], max_new_tokens)
-        if features is None:
-            out = lm.model.generate(**enc, **options)
-        else:
-            out = image_features.generate(lm, enc, features[start : start + batch_size], **options)
-        prompt_len = enc["input_ids"].shape[1]
-        # decoder-style generate returns prompt + continuation; keep only the continuation
-        if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len], enc["input_ids"]):
-            out = out[:, prompt_len:]
-        captions += [c.strip() for c in tok.batch_decode(out, skip_special_tokens=True)]
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        for start in range(0, len(images), batch_size):
+            enc = caption_inputs(lm, images[start : start + batch_size], prompt)
+            check_prompt_fits(lm, enc["input_ids"].shape[1], max_new_tokens)
+            if features is None:
+                out = lm.model.generate(**enc, **options)
+            else:
+                out = generate_from_features(lm, enc, features[start : start + batch_size], **options)
+            prompt_len = enc["input_ids"].shape[1]
+            # decoder-style generate returns prompt + continuation; keep only the continuation
+            if out.shape[1] >= prompt_len and torch.equal(out[:, :prompt_len], enc["input_ids"]):
+                out = out[:, prompt_len:]
+            captions += [c.strip() for c in tok.batch_decode(out, skip_special_tokens=True)]
     return captions
 
 
@@ -184,12 +82,8 @@ def caption_image_set(lm: LoadedModel, image_set: ImageSet, **kwargs) -> list[Ca
 
 
 def write_captions(records: list[CaptionRecord], path: Path) -> None:
-    """JSON lines, one record per image; written to a temporary file then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
-    tmp.replace(path)
+    """JSON lines, one record per image, written atomically."""
+    runfolder.write_jsonl(path, (asdict(r) for r in records))
 
 
 def exact_match_rate(records: list[CaptionRecord]) -> float | None:
@@ -197,22 +91,3 @@ def exact_match_rate(records: list[CaptionRecord]) -> float | None:
     if not scored:
         return None
     return sum(r.caption == r.reference for r in scored) / len(scored)
-
-
-class FeatureCache:
-    """Features of a fixed image list under one prompt, encoded in batches the first time they are asked for."""
-
-    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
-        self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
-        self._features: list[torch.Tensor] | None = None
-        self.encoded = 0  # images run through the encoder (a benchmark and test counter)
-
-    def rows(self, image_ids: Sequence[int]) -> list[torch.Tensor]:
-        if self._features is None:
-            feats: list[torch.Tensor] = []
-            for start in range(0, len(self.images), self.batch_size):
-                batch = self.images[start : start + self.batch_size]
-                feats += [f.cpu() for f in image_features.encode(self.lm, caption_inputs(self.lm, batch, self.prompt))]
-                self.encoded += len(batch)
-            self._features = feats
-        return [self._features[i] for i in image_ids]

@@ -14,9 +14,43 @@ from pathlib import Path
 import click
 
 from canprobe.checks import check_device, check_output_dir, check_output_file
+from canprobe.config import SETTINGS
 from canprobe.errors import CanprobeError
+from canprobe.runfolder import CAPTIONS_FILE
 
 POSITIVE = click.IntRange(min=1)
+
+
+def _click_type(name: str):
+    s = SETTINGS[name]
+    if s.choices is not None:
+        return click.Choice(list(s.choices))
+    bounded = s.low is not None or s.high is not None
+    if s.kind is int:
+        return click.IntRange(min=s.low, max=s.high) if bounded else click.INT
+    if s.kind is float:
+        return click.FloatRange(s.low, s.high, min_open=s.low_open, max_open=s.high_open) if bounded else click.FLOAT
+    return None
+
+
+def option(name: str, *flags: str, **overrides):
+    """The command-line option of setting ``name`` (canprobe.config.SETTINGS): its type, choices, default, help.
+
+    ``flags`` replace the flag derived from the name (``max_new_tokens`` -> ``--max-new-tokens``);
+    ``overrides`` are passed to click (e.g. ``required=True``).
+    """
+    s = SETTINGS[name]
+    flag = flags or ("--" + name.replace("_", "-"),)
+    kwargs = {"default": s.default, "help": s.help, "show_default": s.default is not None}
+    if s.kind is bool:
+        if s.default:
+            flag = (f"{flag[0]}/--no-{flag[0][2:]}",)
+        else:
+            kwargs.update(is_flag=True, show_default=False)
+    else:
+        kwargs["type"] = _click_type(name)
+    kwargs.update(overrides)
+    return click.option(*flag, name, **kwargs)
 
 
 def _load(
@@ -44,7 +78,7 @@ def _join_world(device: str | None):
 def _check_context(lm, image_set, prompt: str | None, max_new_tokens: int) -> None:
     """Refuse a prompt that leaves no room for the caption in the model's context, before any work."""
     if lm.family.takes_images:
-        from canprobe.captions import check_context
+        from canprobe.inputs import check_context
 
         check_context(lm, image_set.images[0], prompt, max_new_tokens)
 
@@ -57,7 +91,7 @@ def _print_plan(lines: Iterable[str]) -> None:
 
 def _report_skipped(image_set) -> None:
     from canprobe.checks import printable
-    from canprobe.data import CAPTIONS_FILE
+    from canprobe.runfolder import CAPTIONS_FILE
 
     if image_set.skipped:
         click.echo(f"skipped {len(image_set.skipped)} unreadable image(s):", err=True)
@@ -71,41 +105,37 @@ def _report_skipped(image_set) -> None:
         )
 
 
-model_option = click.option("--model", required=True, help="Built-in name (toy-llava, ...), local folder or hub id.")
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
-device_option = click.option(
-    "--device",
-    default=None,
-    help="torch device, e.g. cpu or cuda:0.",
-    callback=lambda _ctx, _param, value: check_device(value),
-)
-device_map_option = click.option(
-    "--device-map", default=None, help="accelerate placement for models larger than one GPU, e.g. auto."
-)
-checkpointing_option = click.option(
-    "--gradient-checkpointing", is_flag=True, help="Recompute layer activations in the backward pass (less memory)."
-)
-reuse_option = click.option(
-    "--reuse-features/--no-reuse-features",
-    default=True,
-    show_default=True,
-    help="Encode each image once for all masks that leave the image encoder alone.",
-)
-sites_option = click.option(
-    "--sites",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="YAML site file for a model with no adapter (see README: models without an adapter).",
-)
-fault_option = click.option(
-    "--ablation",
-    default="zero",
-    show_default=True,
-    help="What masking does to a neuron: zero, mean (over all positions), mean:by=position (the mean at the "
-    "token's own position), sign, stuck:value=V, stuck:at=max:factor=F, noise:sigma=S, "
-    "bitflip:bit=exponent|sign|mantissa|N, weight_bitflip:bit=...:weights=largest|all.",
-)
+model_option = option("model", required=True)
+images_option = option("images", type=click.Path(path_type=Path), required=True)
+dtype_option = option("dtype")
+device_option = option("device", callback=lambda _ctx, _param, value: check_device(value))
+device_map_option = option("device_map")
+checkpointing_option = option("gradient_checkpointing")
+reuse_option = option("reuse_features")
+trust_option = option("trust_remote_code")
+sites_option = option("sites", type=click.Path(path_type=Path, dir_okay=False))
 dry_run_option = click.option("--dry-run", is_flag=True, help="Print what would run and the memory it needs; stop.")
+
+
+def _compose(*decorators):
+    """One decorator applying ``decorators`` in order (the options of several commands, declared once)."""
+
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+runtime_options = _compose(
+    dtype_option, device_option, device_map_option, checkpointing_option, reuse_option, dry_run_option
+)
+source_options = _compose(sites_option, trust_option)
+# how a mask is evaluated (search, ablate): the fault, the metrics' models, the captions
+evaluation_options = _compose(
+    *(option(name) for name in ("ablation", "ppl_scorer", "clip_model", "prompt", "max_new_tokens", "batch_size"))
+)
 
 
 def _versions() -> list[str]:
@@ -166,7 +196,7 @@ def env_command() -> None:
 @click.option("--resolution", type=click.IntRange(min=16, max=1024), default=96, show_default=True)
 def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
     """Draw synthetic scenes: one folder per category plus captions.jsonl."""
-    from canprobe.data import CATEGORIES, write_scenes
+    from canprobe.organisms.scenes import CATEGORIES, write_scenes
 
     check_output_dir(out)
     write_scenes(out, per_category, seed, resolution)
@@ -175,14 +205,14 @@ def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
 
 @main.command()
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("captions.jsonl"), show_default=True)
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=16, show_default=True)
+@images_option
+@click.option("--out", type=click.Path(path_type=Path), default=Path(CAPTIONS_FILE), show_default=True)
+@option("prompt")
+@option("max_new_tokens")
+@option("batch_size")
 @dtype_option
 @device_option
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+@trust_option
 def caption(model, images, out, prompt, max_new_tokens, batch_size, dtype, device, trust_remote_code) -> None:
     """Caption every image of an image set (JSON lines)."""
     from canprobe.captions import caption_image_set, exact_match_rate, write_captions
@@ -273,8 +303,7 @@ def organisms_eval(name, count, seed) -> None:
 )
 @click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
 @click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
-@sites_option
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+@source_options
 def inspect_command(
     model: str,
     dtype: str,
@@ -318,33 +347,20 @@ def inspect_command(
 
 @main.command("score")
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
-@click.option("--scope", default="language.down_proj", show_default=True, help="Sites, e.g. language, vision.fc1,all.")
-@click.option("--method", type=click.Choice(["can", "activation", "gradient", "random", "wanda"]), default="can")
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="Gradient exponent.")
-@click.option("--reduction", type=click.Choice(["loss", "all"]), default="loss", show_default=True)
-@click.option(
-    "--captions",
-    "caption_source",
-    type=click.Choice(["self", "reference"]),
-    default="self",
-    show_default=True,
-    help="Loss text: the model's own greedy captions, or the image set's captions.jsonl.",
-)
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
-@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@images_option
+@option("scope")
+@option("method")
+@option("alpha")
+@option("reduction")
+@option("loss_text", "--captions")
+@option("prompt")
+@option("batch_size")
+@option("max_new_tokens")
+@option("seed")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-scores"), show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the ranking to print.")
-@dtype_option
-@device_option
-@device_map_option
-@checkpointing_option
-@reuse_option
-@dry_run_option
-@sites_option
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+@runtime_options
+@source_options
 def score_command(
     model,
     images,
@@ -352,7 +368,7 @@ def score_command(
     method,
     alpha,
     reduction,
-    caption_source,
+    loss_text,
     prompt,
     batch_size,
     max_new_tokens,
@@ -399,7 +415,7 @@ def score_command(
     if world.main:
         _report_skipped(image_set)
     captions = None
-    if caption_source == "reference":
+    if loss_text == "reference":
         missing = [r.name for r in image_set.records if r.caption is None]
         if missing:
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
@@ -423,7 +439,7 @@ def score_command(
     )
     if not world.main:
         return
-    from canprobe.store import RunLock
+    from canprobe.runfolder import RunLock
 
     with RunLock(out):
         result.save(out)
@@ -432,7 +448,7 @@ def score_command(
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
     click.echo(
         f"scored {len(ranking):,} neurons in {len(result.sites)} sites over {len(image_set)} images "
-        f"({method}, reduction {reduction}, {caption_source} captions, {world.size} process(es)); wrote {out}"
+        f"({method}, reduction {reduction}, {loss_text} captions, {world.size} process(es)); wrote {out}"
     )
 
 
@@ -445,7 +461,7 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 def _ppl_model(ppl_scorer: str, device: str | None):
     """The separate causal LM that scores captions, when --ppl-scorer names one."""
-    from canprobe.metrics import PPL_SCORERS
+    from canprobe.config import PPL_SCORERS
 
     return None if ppl_scorer in PPL_SCORERS else _load(ppl_scorer, "float32", device)
 
@@ -482,62 +498,40 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 
 @main.command("search")
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
-@click.option("--scope", default="language.down_proj", show_default=True, help="Sites whose neurons are masked.")
+@images_option
+@option("scope")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
-@click.option(
-    "--method",
-    type=click.Choice(["can", "activation", "gradient", "random", "wanda"]),
-    default="can",
-    show_default=True,
-    help="Scoring method when no --ranking is given (the ranking is then saved in --out).",
-)
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True, help="With --method can.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder; rerun to resume.")
-@click.option("--control", type=click.Choice(["random"]), default=None, help="Add random neurons of the same counts.")
-@click.option(
-    "--control-at",
-    type=click.Choice(["curve", "k_star"]),
-    default="curve",
-    show_default=True,
-    help="Evaluate the control at every k of the curve, or only at k* and the start of stage 1.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random control's draw.")
-@click.option("--stage1-ppl-ratio", type=float, default=2.0, show_default=True)
-@click.option("--stage1-clip-ratio", type=float, default=0.9, show_default=True)
-@click.option("--collapse-ppl-ratio", type=float, default=100.0, show_default=True)
-@click.option("--collapse-clip-ratio", type=float, default=0.5, show_default=True)
-@click.option("--growth", type=float, default=2.0, show_default=True, help="Factor of the geometric growth of k.")
-@click.option("--k-per-round", type=int, default=1, show_default=True, help="k values per batched round.")
-@click.option("--grid-per-octave", type=int, default=1, show_default=True, help="Curve points per doubling; 0: none.")
-@click.option("--max-k", type=int, default=None, help="Largest k to try (default: every neuron of the scope).")
-@fault_option
-@click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
-@click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--max-new-tokens", type=int, default=24, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Generation rows (image x mask).")
-@click.option("--samples", type=int, default=4, show_default=True, help="Sample captions kept per point.")
-@click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
-@dtype_option
-@device_option
-@device_map_option
-@checkpointing_option
-@reuse_option
-@dry_run_option
-@sites_option
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+@option("method", help="Scoring method when no --ranking is given (the ranking is then saved in --out).")
+@option("alpha")
+@option("out", type=click.Path(path_type=Path), required=True, default=None)
+@option("control")
+@option("control_at")
+@option("seed")
+@option("stage1_ppl_ratio")
+@option("stage1_clip_ratio")
+@option("collapse_ppl_ratio")
+@option("collapse_clip_ratio")
+@option("growth")
+@option("k_per_round")
+@option("grid_per_octave")
+@option("max_k")
+@evaluation_options
+@option("n_samples", "--samples")
+@option("images_per_category", "--per-category")
+@option("decoding")
+@runtime_options
+@source_options
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
+    from canprobe.config import CRITERION_FIELDS, CollapseCriterion, SearchConfig
+    from canprobe.evaluation import default_clip_model
     from canprobe.faults import check_fault
-    from canprobe.metrics import default_clip_model
-    from canprobe.search import CollapseCriterion, SearchConfig, find_k_star
-    from canprobe.store import RunLock
+    from canprobe.runfolder import RANKING_FILE, RunLock
+    from canprobe.search import find_k_star
 
     check_fault(options["ablation"], options["dtype"])
-    thresholds = ("stage1_ppl_ratio", "stage1_clip_ratio", "collapse_ppl_ratio", "collapse_clip_ratio")
-    criterion = CollapseCriterion(**{k: options.pop(k) for k in thresholds})
-    per_category, dtype, device = options.pop("per_category"), options.pop("dtype"), options.pop("device")
+    criterion = CollapseCriterion(**{k: options.pop(k) for k in CRITERION_FIELDS})
+    per_category, dtype, device = options.pop("images_per_category"), options.pop("dtype"), options.pop("device")
     device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
     sites, trust_remote_code = options.pop("sites"), options.pop("trust_remote_code")
     checkpointed, reuse = options.pop("gradient_checkpointing"), options.pop("reuse_features")
@@ -549,7 +543,6 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         control_at=control_at,
         seed=seed,
         clip_model=clip_model,
-        n_samples=options.pop("samples"),
         **options,
     )
     check_output_dir(out)
@@ -563,7 +556,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             len(image_set),
             scope,
             dtype,
-            8,
+            config.batch_size,
             config.batch_size,
             config.max_new_tokens,
             world.size,
@@ -577,13 +570,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     inputs = _generation_inputs(lm, image_set)
     _check_context(lm, image_set, config.prompt, config.max_new_tokens)
-    from canprobe.scoring import (
-        RANKING_FILE,
-        check_ranking_identity,
-        check_ranking_model,
-        load_folder_ranking,
-        score_identity,
-    )
+    from canprobe.scoring import check_ranking_identity, check_ranking_model, load_folder_ranking, score_identity
 
     if table is not None:
         check_ranking_model(table, lm)
@@ -661,28 +648,24 @@ def _print_search(result, out: Path) -> None:
 
 @main.command("ablate")
 @model_option
-@click.option("--images", type=click.Path(path_type=Path), required=True, help="Image set folder.")
+@images_option
 @click.option("--neurons", default=None, help="Comma-separated addresses, e.g. language.layers.1.mlp.down_proj:7.")
 @click.option("--top", "top_k", type=click.IntRange(min=0), default=None, help="Mask the top K of --ranking.")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
-@click.option("--scope", default=None, help="With --top: count only the ranking's neurons in this scope.")
-@fault_option
-@click.option("--ppl-scorer", default="unmasked", show_default=True, help="unmasked, masked, or a causal LM path.")
-@click.option("--clip-model", default=None, help="CLIP for the CLIP score (default: toy-clip for organisms).")
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--max-new-tokens", type=POSITIVE, default=24, show_default=True)
-@click.option("--batch-size", type=POSITIVE, default=32, show_default=True)
-@click.option("--per-category", type=POSITIVE, default=None, help="At most N images per category.")
+@option("scope", default=None, show_default=False, help="With --top: count only the ranking's neurons in this scope.")
+@evaluation_options
+@option("images_per_category", "--per-category")
+@option("decoding")
 @dtype_option
 @device_option
-@sites_option
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code shipped with a hub checkpoint.")
+@source_options
 def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
     """Captions and metrics with one mask, side by side with the unmasked model."""
     from canprobe.ablation import activation_stats, group_by_site
     from canprobe.errors import InputError
+    from canprobe.evaluation import MaskEvaluator, default_clip_model
     from canprobe.faults import check_fault
-    from canprobe.metrics import MaskEvaluator, MetricSummary, default_clip_model
+    from canprobe.metrics import MetricSummary
     from canprobe.sites import SiteRegistry, parse_address
 
     fault = check_fault(ablation, rest["dtype"])
@@ -698,11 +681,11 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         click.echo(f"note: --neurons names {len(unique)} distinct neuron(s) in {len(addresses)} addresses")
     addresses = unique
     table = _load_ranking(ranking) if top_k is not None else None  # a bad file fails before the model loads
-    image_set = _image_subset(images, rest["per_category"])
+    image_set = _image_subset(images, rest["images_per_category"])
     lm = _load(model, rest["dtype"], rest["device"], rest["trust_remote_code"], sites=rest["sites"])
     inputs = _generation_inputs(lm, image_set)
     _check_context(lm, image_set, prompt, rest["max_new_tokens"])
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     if top_k is not None:
         from canprobe.scoring import check_ranking_model
         from canprobe.search import ranked_in_scope
@@ -720,7 +703,9 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     stats = None
     if fault.needs and mask:
         sites = [registry.by_name[n] for n in mask]
-        stats = activation_stats(lm, inputs, sites, prompt=prompt, by_position="position_mean" in fault.needs)
+        generation = {"batch_size": rest["batch_size"], "max_new_tokens": rest["max_new_tokens"]}
+        by_position = "position_mean" in fault.needs
+        stats = activation_stats(lm, inputs, sites, prompt=prompt, by_position=by_position, **generation)
     clip = _load(clip_model or default_clip_model(model), "float32", rest["device"]) if lm.family.takes_images else None
     evaluator = MaskEvaluator(
         lm,
@@ -733,6 +718,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         kind=fault,
         stats=stats,
         ppl_lm=_ppl_model(ppl_scorer, rest["device"]),
+        decoding=rest["decoding"],
     )
     unmasked = evaluator.evaluate_baseline()
     (masked,) = evaluator.evaluate([mask])
@@ -752,22 +738,23 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
 
 
 def _config_flags(func):
-    """One flag per ExperimentConfig field (lists comma-separated, booleans as --x/--no-x)."""
+    """One flag per ExperimentConfig field, from the settings table; no default, so a config file's value stands.
+
+    Lists are comma-separated (their choices are checked by the config), booleans are --x/--no-x.
+    """
     from canprobe.config import config_fields
 
     for name, annotation in reversed(list(config_fields().items())):
+        s = SETTINGS[name]
         flag = "--" + name.replace("_", "-")
-        text = str(annotation)
-        if annotation is bool:
-            decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None)
-        elif "list" in text:
-            decl = click.option(flag, name, default=None, metavar="A,B,...", help="comma-separated")
-        elif "int" in text:
-            decl = click.option(flag, name, type=int, default=None)
-        elif "float" in text:
-            decl = click.option(flag, name, type=float, default=None)
-        else:
-            decl = click.option(flag, name, default=None)
+        if s.kind is bool:
+            decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=s.help)
+        elif "list" in str(annotation):
+            decl = click.option(flag, name, default=None, metavar="A,B,...", help=f"{s.help} Comma-separated.")
+        else:  # plain types: the config validates the value and names the field, as for a config file
+            shown = "" if s.default is None else f" [default: {s.default}]"
+            plain = {int: click.INT, float: click.FLOAT}.get(s.kind)
+            decl = click.option(flag, name, type=plain, default=None, help=s.help + shown)
         func = decl(func)
     return func
 
@@ -804,6 +791,7 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
     from canprobe.config import config_fields, make_config, read_config_file
     from canprobe.errors import InputError
     from canprobe.experiment import Experiment
+    from canprobe.runfolder import REPORT_FILE
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError(
@@ -829,7 +817,7 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
         return
     summary = experiment.run()
     _print_summary([summary])
-    click.echo(f"report: {Path(experiment.out) / 'report.html'}")
+    click.echo(f"report: {Path(experiment.out) / REPORT_FILE}")
 
 
 @main.command("report")
@@ -837,7 +825,8 @@ def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: report.html in the first run.")
 def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
     """(Re)build the HTML report of one or more run folders."""
-    from canprobe.report import REPORT_FILE, build_report
+    from canprobe.report import build_report
+    from canprobe.runfolder import REPORT_FILE
 
     check_output_file(out if out is not None else runs[0] / REPORT_FILE)
     click.echo(f"report: {build_report(list(runs), out)}")
@@ -865,10 +854,11 @@ def demo(out: Path, per_category: int) -> None:
     Language and vision scopes, stage 1 and k*, random and mean-ablation controls, and the
     language model's massive activations; one summary line per model at the end.
     """
-    from canprobe.data import write_scenes
     from canprobe.demo import ORGANISMS, run_story, story_line
     from canprobe.massive import format_activations
+    from canprobe.organisms.scenes import write_scenes
     from canprobe.report import build_report
+    from canprobe.runfolder import REPORT_FILE
 
     check_output_dir(out)
     images = write_scenes(out / "scenes", per_category, seed=11)
@@ -876,7 +866,7 @@ def demo(out: Path, per_category: int) -> None:
     for name in ORGANISMS:
         click.echo(f"== {name}")
         stories.append(run_story(name, images, out))
-    path = build_report([d for s in stories for d in s.run_dirs], out / "report.html")
+    path = build_report([d for s in stories for d in s.run_dirs], out / REPORT_FILE)
     _print_summary([summary for s in stories for summary in s.summaries])
     for story in stories:
         click.echo(f"== {story.name}: massive activations on the demo scenes")

@@ -15,14 +15,13 @@ Per organism, on drawn scenes:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from canprobe.config import make_config
 from canprobe.experiment import POOLED, Experiment
 from canprobe.massive import ActivationReport
-from canprobe.report import ACTIVATIONS_FILE
+from canprobe.runfolder import ACTIVATIONS_FILE, read_json
 
 ORGANISMS = ("toy-llava", "toy-instructblip")
 CATEGORY_SCOPES = ["language.down_proj"]
@@ -73,7 +72,7 @@ def run_story(name: str, images: Path, out: Path, progress: bool = True) -> Mode
     by_category, pooled = (
         Experiment(make_config(c), progress=progress).run() for c in study_configs(name, images, out)
     )
-    activations = json.loads((Path(by_category["config"]["out"]) / ACTIVATIONS_FILE).read_text())
+    activations = read_json(Path(by_category["config"]["out"]) / ACTIVATIONS_FILE)
     return ModelStory(name, by_category, pooled, ActivationReport.from_dict(activations))
 
 

@@ -23,44 +23,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
+from canprobe import runfolder
 from canprobe.ablation import RankedNeurons, activation_stats, mean_activations
-from canprobe.captions import check_context
 from canprobe.checks import check_device, check_output_dir, printable
-from canprobe.config import ExperimentConfig, check_image_source
+from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
+from canprobe.evaluation import MaskEvaluator, default_clip_model
 from canprobe.faults import parse_fault
-from canprobe.identity import differences, images_fingerprint, texts_fingerprint
+from canprobe.identity import images_fingerprint, texts_fingerprint
+from canprobe.inputs import check_context
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
-from canprobe.metrics import PPL_SCORERS, MaskEvaluator, MetricSummary, default_clip_model
+from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load_model
 from canprobe.robustness import fault_kstars, protection_study, random_order
-from canprobe.scoring import (
-    ScoreResult,
-    check_ranking_identity,
-    load_folder_ranking,
-    score_identity,
-    score_neurons,
-)
-from canprobe.search import CollapseCriterion, SearchConfig, find_k_star, ranked_in_scope
+from canprobe.runfolder import ACTIVATIONS_FILE, CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
+from canprobe.scoring import ScoreResult, check_ranking_identity, load_folder_ranking, score_identity, score_neurons
+from canprobe.search import find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
-from canprobe.store import LOCK_FILE, RunLock, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
 POOLED = "pooled"
-CONTROLS_FILE = "controls.json"
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -134,7 +125,7 @@ def _score(
         seed=config.seed,
         max_new_tokens=config.max_new_tokens,
     )
-    if (out / "ranking.parquet").exists():
+    if runfolder.has_ranking(out):
         ranking = load_folder_ranking(out)
         remedy = "the study folder was changed by hand: rerun with --restart or a new out folder"
         check_ranking_identity(ranking, score_identity(lm, images, **scoring), remedy)
@@ -168,7 +159,7 @@ class Experiment:
         self.progress = progress
         self.restart = restart
         self.timings = Timings()
-        self.ppl_lm: LoadedModel | None = None  # a PPL model named by path: loaded once, shared by every evaluator
+        self.ppl_lm: LoadedModel | None = None  # the separate PPL model, loaded once per study
         check_image_source(config)
         check_device(config.device, "config field device")
         check_output_dir(self.out, "config field out")
@@ -178,12 +169,7 @@ class Experiment:
         c = self.config
         return SearchConfig(
             scope=scope,
-            criterion=CollapseCriterion(
-                stage1_ppl_ratio=c.stage1_ppl_ratio,
-                stage1_clip_ratio=c.stage1_clip_ratio,
-                collapse_ppl_ratio=c.collapse_ppl_ratio,
-                collapse_clip_ratio=c.collapse_clip_ratio,
-            ),
+            criterion=c.criterion(),
             control="random" if "random" in c.controls else None,
             control_at="curve" if group == POOLED or not c.pooled else "k_star",
             seed=c.seed,
@@ -193,6 +179,7 @@ class Experiment:
             prompt=c.prompt,
             max_new_tokens=c.max_new_tokens,
             batch_size=c.batch_size,
+            decoding=c.decoding,
         )
 
     def _controls(self, lm, clip, scope: str, group: Group, ranking, k_star: int | None, out: Path, search) -> dict:
@@ -211,9 +198,12 @@ class Experiment:
             atomic_write_json(out / CONTROLS_FILE, result)
             return result
         c = self.config
-        registry = SiteRegistry(lm.model)
+        registry = SiteRegistry.of(lm.model)
         criterion = search.criterion
-        baseline = MetricSummary(**search_baseline(out))
+        baseline = runfolder.read_summary(out).get("baseline")
+        if not isinstance(baseline, dict):
+            raise InputError(f"{out / SUMMARY_FILE} is not a search summary (damaged); rerun with --restart")
+        baseline = MetricSummary(**baseline)
         if "activation" in wanted:
             act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
@@ -222,7 +212,9 @@ class Experiment:
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
-            means = mean_activations(lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size)
+            means = mean_activations(
+                lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+            )
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
             ev = self._evaluator(lm, clip, group.images, kind="mean", means=means)
             point = MetricSummary.of(ev.evaluate([mask])[0])
@@ -243,13 +235,14 @@ class Experiment:
             c.batch_size,
             ppl_lm=self.ppl_lm,
             reuse_features=c.reuse_features,
+            decoding=c.decoding,
             **kwargs,
         )
 
     def _robustness(self, lm, clip, scope: str, group: Group, ranking, k_star, out: Path, search) -> dict:
         """k* per fault and ranking, and collapse under random faults per protection (``canprobe.robustness``)."""
         c = self.config
-        registry = SiteRegistry(lm.model)
+        registry = SiteRegistry.of(lm.model)
         everything = RankedNeurons.from_sites(registry.select(scope))
         top = ranked_in_scope(registry, ranking, scope)
         stats = activation_stats(
@@ -331,8 +324,6 @@ class Experiment:
 
     def _activations(self, lm: LoadedModel, images: list) -> ActivationReport:
         """Massive activations of the language model on the study's first images; cached in activations.json."""
-        from canprobe.report import ACTIVATIONS_FILE
-
         cached = read_json(self.out / ACTIVATIONS_FILE)
         if isinstance(cached, dict):
             try:
@@ -358,25 +349,6 @@ class Experiment:
             "images": images_fingerprint(image_set.images),
             "records": texts_fingerprint(records),
         }
-
-    def _claim(self, identity: dict) -> None:
-        """Check that the folder is empty or holds this identity's run; restart moves another run aside."""
-        previous = read_json(self.out / RUN_FILE)
-        unlabelled = previous is None and any((self.out / name).exists() for name in ("summary.json", "scopes"))
-        changed = ["it has no run.json"] if unlabelled else [] if previous is None else differences(previous, identity)
-        if changed:
-            if not self.restart:
-                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-                raise InputError(
-                    f"{self.out} holds a run of another config ({'; '.join(changed[:3])}{more}); use the same "
-                    "config to resume, another out folder, or --restart to start over"
-                )
-            aside = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.replaced-", dir=self.out.parent))
-            for entry in self.out.iterdir():
-                if entry.name != LOCK_FILE:
-                    shutil.move(entry, aside / entry.name)
-            log.warning("%s: moved the previous run (another config) to %s", self.out, aside)
-        atomic_write_json(self.out / RUN_FILE, identity)
 
     def plan(self) -> list[str]:
         """What ``run`` would do and the memory it needs, from the model config alone (``--dry-run``)."""
@@ -412,7 +384,7 @@ class Experiment:
         image_set, groups, lm, clip = self._prepare()
         identity = self._identity(image_set, lm, clip)
         with RunLock(self.out):
-            self._claim(identity)
+            runfolder.claim(self.out, identity, results=(SUMMARY_FILE, "scopes"), restart=self.restart)
             return self._run(image_set, groups, lm, clip)
 
     def _prepare(self) -> tuple[ImageSet, list[Group], LoadedModel, LoadedModel]:
@@ -438,7 +410,7 @@ class Experiment:
         if c.ppl_scorer not in PPL_SCORERS:
             self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
         self.timings.add("load models", start)
-        registry = SiteRegistry(lm.model)
+        registry = SiteRegistry.of(lm.model)
         for scope in c.scopes:
             registry.select(scope)  # fail on a bad scope before any work
         check_context(lm, groups[0].images[0], c.prompt, c.max_new_tokens)  # an image, or a text-only model's text
@@ -523,7 +495,7 @@ class Experiment:
         summary = {
             "model": c.model,
             "config": c.to_dict(),
-            "versions": _versions(),
+            "versions": runfolder.versions(),
             "seed": c.seed,
             "n_images": len(image_set),
             "skipped_images": [str(p) for p, _ in image_set.skipped],
@@ -538,29 +510,11 @@ class Experiment:
             "robustness": robustness,
             "timings": self.timings.seconds,
         }
-        atomic_write_json(self.out / "summary.json", summary)
+        atomic_write_json(self.out / SUMMARY_FILE, summary)
         from canprobe.report import build_report
 
         build_report([self.out])
         return summary
-
-
-def search_baseline(search_dir: Path) -> dict:
-    """The unmasked metrics a finished search recorded in its summary.json."""
-    data = read_json(search_dir / "summary.json")
-    if data is None:
-        raise InputError(f"{search_dir} holds no finished search")
-    if not isinstance(data, dict) or not isinstance(data.get("baseline"), dict):
-        raise InputError(f"{search_dir / 'summary.json'} is not a search summary (damaged); rerun with --restart")
-    return data["baseline"]
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    import canprobe
-
-    return {"canprobe": canprobe.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def run_experiment(config: ExperimentConfig, progress: bool = True, restart: bool = False) -> dict:

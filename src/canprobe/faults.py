@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from canprobe.errors import InputError
-from canprobe.sites import Site
+
+if TYPE_CHECKING:  # only for annotations: faults stay importable by the configuration, below the model code
+    from canprobe.sites import Site
 
 # floating dtype -> (integer dtype of the same width, named bits)
 BIT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, dict[str, int]]] = {
@@ -83,6 +85,7 @@ class Fault:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     acts_on: ClassVar[str] = "activation"
+    compiles: ClassVar[bool] = True  # the same values inside a compiled decoding step
 
     def spec(self) -> str:
         """The spec string that makes this fault again."""
@@ -199,6 +202,7 @@ class Noise(Fault):
 
     name = "noise"
     needs = ("std",)
+    compiles = False  # a compiled step would not draw from the seeded generator in the same order
 
     def __init__(self, sigma: float = 1.0, seed: int = 0):
         if not (math.isfinite(sigma) and sigma >= 0):

@@ -16,7 +16,9 @@ import logging
 from collections.abc import Iterable, Sequence
 
 import torch
+from PIL import Image
 
+from canprobe.inputs import caption_inputs
 from canprobe.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -66,3 +68,22 @@ def model_inputs(lm: LoadedModel, enc: dict[str, torch.Tensor], features: Sequen
 def generate(lm: LoadedModel, enc: dict[str, torch.Tensor], features: Sequence[torch.Tensor], **kwargs):
     """``generate`` from cached features: the same tokens as the model's own generate on the pixels."""
     return lm.family.generate_from_features(lm.model, *_rows(lm, enc, features), **kwargs)
+
+
+class FeatureCache:
+    """Features of a fixed image list under one prompt, encoded in batches the first time they are asked for."""
+
+    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
+        self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
+        self._features: list[torch.Tensor] | None = None
+        self.encoded = 0  # images run through the encoder (a benchmark and test counter)
+
+    def rows(self, image_ids: Sequence[int]) -> list[torch.Tensor]:
+        if self._features is None:
+            feats: list[torch.Tensor] = []
+            for start in range(0, len(self.images), self.batch_size):
+                batch = self.images[start : start + self.batch_size]
+                feats += [f.cpu() for f in encode(self.lm, caption_inputs(self.lm, batch, self.prompt))]
+                self.encoded += len(batch)
+            self._features = feats
+        return [self._features[i] for i in image_ids]

@@ -38,6 +38,7 @@ NOT_IDENTITY = frozenset(
         "processes",
         "gradient_checkpointing",
         "reuse_features",
+        "decoding",
         "n_samples",
         "k_per_round",
     }

@@ -107,7 +107,7 @@ def _activation_elements(module: torch.nn.Module, component: str, tokens: int, l
 
 def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
     """Sites per component and kind, parameters, and the memory a batch-1 scoring pass needs."""
-    registry = SiteRegistry(model)
+    registry = SiteRegistry.of(model)
     groups: dict[tuple[str, str], list[Site]] = {}
     for site in registry.sites:
         groups.setdefault((site.component, site.kind), []).append(site)

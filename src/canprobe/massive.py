@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from canprobe.ablation import to_model_inputs
-from canprobe.captions import generate_captions, teacher_forcing_inputs
+from canprobe.captions import generate_captions
 from canprobe.errors import InputError
+from canprobe.inputs import teacher_forcing_inputs, to_model_inputs
 from canprobe.models import LoadedModel
 from canprobe.sites import Site, SiteRegistry
 
@@ -150,21 +150,21 @@ def massive_activations(
         captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
     if len(captions) != len(images):
         raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     layers = _decoder_layers(registry)
     residual: dict[int, torch.Tensor] = {}
     written: dict[int, torch.Tensor] = {}
 
     def keep(store: dict, layer: int):
-        def hook(_module, _args, out):
+        def record(out) -> None:
             store[layer] = (out[0] if isinstance(out, tuple) else out).detach().float().cpu()
 
-        return hook
+        return record
 
     handles = []
-    for site, block in layers:
-        handles.append(block.register_forward_hook(keep(residual, site.layer)))
-        handles.append(registry.module(site).register_forward_hook(keep(written, site.layer)))
+    for site, block in layers:  # the residual stream after each block is no neuron site: a plain hook
+        handles.append(block.register_forward_hook(lambda _m, _a, out, record=keep(residual, site.layer): record(out)))
+        handles.append(registry.hook(site, keep(written, site.layer)))
     best: dict[int, LayerPeak] = {}
     entries: dict[tuple[int, int, str], _Entry] = {}
     tokenizer = lm.tokenizer

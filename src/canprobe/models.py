@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
+from canprobe.config import DTYPE_NAMES
 from canprobe.errors import ModelLoadError
 from canprobe.families import Family, attach, family_for, named
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
 BUILTIN_MODELS = ("toy-llava", "toy-instructblip", "toy-clip")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from canprobe.config import default
 from canprobe.errors import ModelLoadError
 from canprobe.inventory import (
     SHIPPED_CONFIGS,
@@ -110,19 +111,19 @@ def make_plan(
     model: str,
     n_images: int,
     scope: str,
-    dtype: str = "float32",
-    batch_size: int = 8,
-    generation_rows: int = 32,
-    max_new_tokens: int = 24,
+    dtype: str = default("dtype"),
+    batch_size: int = default("batch_size"),
+    generation_rows: int = default("batch_size"),
+    max_new_tokens: int = default("max_new_tokens"),
     processes: int = 1,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = default("gradient_checkpointing"),
     searches: int = 0,
-    growth: float = 2.0,
+    growth: float = default("growth"),
 ) -> Plan:
     """The plan of scoring ``scope`` over ``n_images`` (and ``searches`` k* searches over it)."""
     net = meta_model(model)
     inv = inventory(net, model, dtype)
-    registry = SiteRegistry(net)
+    registry = SiteRegistry.of(net)
     sites = registry.select(scope)
     neurons = sum(s.size for s in sites)
     per_process = math.ceil(n_images / processes)

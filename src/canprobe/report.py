@@ -22,13 +22,20 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from canprobe.errors import InputError  # noqa: E402
-from canprobe.store import atomic_write_text, read_json, read_jsonl  # noqa: E402
+from canprobe.runfolder import (  # noqa: E402
+    ACTIVATIONS_FILE,
+    CURVE_FILE,
+    RANKING_FILE,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+)
 
-REPORT_FILE = "report.html"
 CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
 SECTIONS = ("examples", "curves", "locations", "kstar", "activations", "faults", "stability", "config")
 OPTIONAL_SECTIONS = ("faults",)  # only in reports of runs that measured them
-ACTIVATIONS_FILE = "activations.json"  # written by canprobe.experiment
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -78,7 +85,7 @@ def _table(header: list[str], rows: list[list], left: int = 1) -> str:
 
 def load_curve(search_dir: Path) -> pd.DataFrame:
     """Every evaluated point of one search, as a table (empty when nothing was evaluated)."""
-    path = search_dir / "curve.jsonl"
+    path = search_dir / CURVE_FILE
     rows = read_jsonl(path)
     if any(not isinstance(r, dict) or any(c not in r for c in CURVE_COLUMNS) for r in rows):
         raise InputError(f"{path} holds lines that are not curve points (damaged or foreign); rerun the study")
@@ -162,7 +169,7 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
 def _locations_section(run_dir: Path, summary: dict, top_n: int = 50) -> str:
     frames = []
     for res in _headline_results(summary):
-        ranking = pd.read_parquet(run_dir / res["path"] / "ranking.parquet")
+        ranking = pd.read_parquet(run_dir / res["path"] / RANKING_FILE)
         n = int(res.get("k_star") or top_n)
         frames.append(ranking.head(max(n, 1)).assign(scope=res["scope"]))
     if not frames:
@@ -410,10 +417,10 @@ def _is_run_summary(summary) -> bool:
 
 def read_run(run_dir: Path | str) -> dict:
     """A run folder's summary.json, checked to be the summary of a whole study (``canprobe run``)."""
-    path = Path(run_dir) / "summary.json"
+    path = Path(run_dir) / SUMMARY_FILE
     summary = read_json(path)
     if summary is None:
-        raise InputError(f"{run_dir} is not a canprobe run folder (no summary.json)")
+        raise InputError(f"{run_dir} is not a canprobe run folder (no {SUMMARY_FILE})")
     if isinstance(summary, dict) and "k_star" in summary and "results" not in summary:
         raise InputError(
             f"{run_dir} is a search folder (canprobe search), not a run folder; report and compare read the "

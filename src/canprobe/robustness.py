@@ -26,13 +26,13 @@ import pandas as pd
 import torch
 
 from canprobe.ablation import RankedNeurons
+from canprobe.config import SearchConfig
+from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
-from canprobe.metrics import MaskEvaluator, MetricSummary
-from canprobe.search import SearchConfig, find_k_star
-from canprobe.store import atomic_write_json, read_json
+from canprobe.metrics import MetricSummary
+from canprobe.runfolder import FAULTS_DIR, PROTECTION_FILE, atomic_write_json, read_json
+from canprobe.search import find_k_star
 
-FAULTS_DIR = "faults"
-PROTECTION_FILE = "protection.json"
 RANKINGS = ("can", "activation", "random")
 
 

@@ -13,147 +13,32 @@ curve. ``summary.json`` (k*, stage 1, baseline, criterion, config, versions) is 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 from PIL import Image
 
-import canprobe
-from canprobe import distributed
+from canprobe import distributed, runfolder
 from canprobe.ablation import RankedNeurons
+from canprobe.config import SearchConfig
 from canprobe.errors import InputError
+from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import parse_fault
-from canprobe.identity import differences, images_fingerprint, texts_fingerprint
-from canprobe.metrics import PPL_SCORERS, CaptionMetrics, MaskEvaluator, MetricSummary
+from canprobe.identity import images_fingerprint, texts_fingerprint
+from canprobe.metrics import CaptionMetrics, MetricSummary
+from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
 from canprobe.sites import SiteRegistry
-from canprobe.store import RunLock, append_jsonl, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
 RANKING_IDENTITY = ("method", "alpha", "reduction", "loss_text", "weights", "images")  # recorded by scoring
-CURVE_FILE = "curve.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_FILE = "run.json"
-
-
-@dataclass(frozen=True)
-class CollapseCriterion:
-    """Stage thresholds, relative to the unmasked model (METHOD.md, "Progressive masking and k*").
-
-    Stage 1 (degraded): median PPL > stage1_ppl_ratio x baseline OR mean CLIP < stage1_clip_ratio x
-    baseline. Stage 2 (collapsed): median PPL >= collapse_ppl_ratio x baseline AND mean CLIP <
-    collapse_clip_ratio x baseline. Text-only models have no CLIP score (the baseline's is NaN):
-    the mean distinct-word ratio of their continuations takes its place, with the same ratios, so
-    collapse = PPL up 100x AND a continuation at most half as varied as the unmasked one (repeated
-    tokens, empty output).
-    """
-
-    stage1_ppl_ratio: float = 2.0
-    stage1_clip_ratio: float = 0.9
-    collapse_ppl_ratio: float = 100.0
-    collapse_clip_ratio: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("stage1_ppl_ratio", "collapse_ppl_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 1):
-                raise InputError(f"{name.replace('_', '-')} must be a finite number above 1, got {value}")
-        for name in ("stage1_clip_ratio", "collapse_clip_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < 1):
-                raise InputError(f"{name.replace('_', '-')} must be between 0 and 1 (exclusive), got {value}")
-        if self.collapse_ppl_ratio < self.stage1_ppl_ratio:
-            raise InputError(
-                f"collapse-ppl-ratio ({self.collapse_ppl_ratio}) must be at least stage1-ppl-ratio "
-                f"({self.stage1_ppl_ratio}): collapse is the later stage"
-            )
-        if self.collapse_clip_ratio > self.stage1_clip_ratio:
-            raise InputError(
-                f"collapse-clip-ratio ({self.collapse_clip_ratio}) must not exceed stage1-clip-ratio "
-                f"({self.stage1_clip_ratio}): collapse is the later stage"
-            )
-
-    def stage(self, point: MetricSummary, baseline: MetricSummary) -> str:
-        """NaN medians compare false, so a point with no scorable caption never counts as collapsed."""
-        ppl, clip, ppl0, clip0 = point.ppl_median, point.clip_mean, baseline.ppl_median, baseline.clip_mean
-        if math.isnan(clip0):  # a text-only model: text statistics in place of CLIP
-            clip, clip0 = point.distinct_mean, baseline.distinct_mean
-        if ppl >= self.collapse_ppl_ratio * ppl0 and clip < self.collapse_clip_ratio * clip0:
-            return "collapsed"
-        if ppl > self.stage1_ppl_ratio * ppl0 or clip < self.stage1_clip_ratio * clip0:
-            return "degraded"
-        return "healthy"
-
-    def describe(self) -> str:
-        return (
-            f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean CLIP < {self.collapse_clip_ratio:.0%} "
-            f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%} "
-            "(text-only models: the mean distinct-word ratio in place of CLIP)"
-        )
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Everything that decides which points a search evaluates and what they measure.
-
-    ``growth``: factor of the geometric growth phase. ``k_per_round``: k values evaluated together
-    in one batched generate during growth and bisection (1 = the classic sequential search, fewest
-    evaluations; more = fewer rounds, some speculative points). ``grid_per_octave``: points per
-    doubling of the plotting grid from 1 to ``grid_max`` (default: the whole scope); 0 = no grid.
-    ``control``: "random" adds random neurons of the same counts, drawn with ``seed`` from the scope
-    (one permutation, so the random sets are nested like the top-k sets), at every k of the top
-    curve (``control_at="curve"``) or only at k* and the start of stage 1 (``"k_star"``, cheap).
-    ``batch_size`` counts generation rows (one row = one image under one mask).
-    """
-
-    scope: str = "language.down_proj"
-    criterion: CollapseCriterion = field(default_factory=CollapseCriterion)
-    growth: float = 2.0
-    k_per_round: int = 1
-    grid_per_octave: int = 1
-    grid_max: int | None = None
-    max_k: int | None = None
-    control: str | None = None
-    control_at: str = "curve"
-    seed: int = 0
-    ablation: str = "zero"
-    ppl_scorer: str = "unmasked"
-    clip_model: str | None = None  # find_k_star records the CLIP it is given
-    prompt: str | None = None
-    max_new_tokens: int = 24
-    batch_size: int = 32
-    n_samples: int = 4
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.growth) and self.growth > 1):
-            raise InputError(f"growth must be a finite factor above 1, got {self.growth}")
-        for name in ("k_per_round", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("grid_per_octave", "n_samples"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        for name in ("grid_max", "max_k"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.control not in (None, "random"):
-            raise InputError(f"unknown control {self.control!r}; the control is 'random' (or none)")
-        if self.control_at not in ("curve", "k_star"):
-            raise InputError(f"control-at must be curve or k_star, got {self.control_at!r}")
-        parse_fault(self.ablation)
-        if not self.ppl_scorer:
-            raise InputError(f"ppl scorer must be {' or '.join(PPL_SCORERS)} or a causal LM path")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -257,10 +142,6 @@ def grid_ks(grid_max: int, per_octave: int) -> list[int]:
     return sorted({min(grid_max, round(2 ** (j / per_octave))) for j in range(n + 1)} | {grid_max})
 
 
-def _fingerprint(values: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
-
-
 class CollapseSearch:
     """Progressive masking of a ranking's top neurons over one image set; resumable through ``out_dir``."""
 
@@ -278,6 +159,7 @@ class CollapseSearch:
     ):
         if len(image_names) != evaluator.n_images:
             raise InputError(f"{len(image_names)} image names for {evaluator.n_images} images")
+        evaluator.reserve(scope_neurons.site_names)  # every mask of the search and its control lies in the scope
         self.evaluator, self.config = evaluator, config
         self.top = ranking
         self.max_k = len(ranking) if config.max_k is None else config.max_k
@@ -291,7 +173,7 @@ class CollapseSearch:
         self.writes = self.out is not None and self.world.main  # under torch.distributed, rank 0 writes
         self.model_name = model_name
         self.identity = identity or {}
-        self.ranking_info = {**(ranking_info or {}), "fingerprint": _fingerprint(ranking.addresses)}
+        self.ranking_info = {**(ranking_info or {}), "fingerprint": texts_fingerprint(ranking.addresses)}
         self.points: dict[tuple[str, int], CurvePoint] = {}
         self.evaluated = 0
         self.resumed = 0
@@ -304,31 +186,17 @@ class CollapseSearch:
             **self.identity,
             "config": self.config.to_dict(),
             "ranking": self.ranking_info,
-            "images": _fingerprint(self.image_names),
+            "images": texts_fingerprint(self.image_names),
             "n_images": len(self.image_names),
         }
 
     def _stored(self) -> tuple[str | None, list[dict]]:
         """(why the folder cannot be resumed, or None; the points it holds), read by the writing process."""
-        identity = self._run_identity()
-        run_file = self.out / RUN_FILE
-        stored = read_jsonl(self.out / CURVE_FILE, repair=True)
-        if run_file.exists():
-            previous = read_json(run_file)
-            if not isinstance(previous, dict):
-                return f"{run_file} is not a search's identity (damaged or foreign); use a new --out folder", []
-            changed = differences(previous, identity)
-            if changed:
-                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-                return (
-                    f"{self.out} holds a search whose {'; '.join(changed[:3])}{more} differ; resume with the "
-                    f"same settings, or start over in a new --out folder (or delete {self.out})"
-                ), []
-        elif stored:
-            return f"{self.out} has a {CURVE_FILE} but no {RUN_FILE}; use a new --out folder", []
-        else:
-            atomic_write_json(run_file, identity)
-        return None, stored
+        try:
+            runfolder.claim(self.out, self._run_identity(), results=(CURVE_FILE,))
+        except InputError as exc:
+            return str(exc), []
+        return None, read_jsonl(self.out / CURVE_FILE, repair=True)
 
     def _resume(self) -> None:
         if self.out is None:
@@ -472,8 +340,6 @@ class CollapseSearch:
         return next((p.k for p in self._top_curve() if p.stage != "healthy"), None)
 
     def _summary(self, k_star: int | None, bracket: tuple[int, int | None], seconds: float) -> dict:
-        import transformers
-
         top = self._top_curve()
         stage1 = self._stage1()
         collapsed = [p.k for p in top if p.stage == "collapsed"]
@@ -505,15 +371,12 @@ class CollapseSearch:
                 "first_collapsed": next((p.k for p in random_pts if p.stage == "collapsed"), None),
             },
             "model": self.model_name,
+            "dtype": self.identity.get("dtype"),
             "ranking": self.ranking_info,
             "n_images": len(self.image_names),
             "config": self.config.to_dict(),
             "seed": self.config.seed,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "canprobe": canprobe.__version__,
-            },
+            "versions": runfolder.versions(),
             "seconds": seconds,
         }
 
@@ -546,21 +409,16 @@ def find_k_star(
         raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
     # the summary records the CLIP that scored the captions (none for a text-only model)
     config = replace(config, clip_model=None if clip is None else clip.source)
-    registry = SiteRegistry(lm.model)
+    registry = SiteRegistry.of(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
     needs = parse_fault(config.ablation).needs
     if needs and means is None and stats is None:
         from canprobe.ablation import activation_stats
 
-        stats = activation_stats(
-            lm,
-            images,
-            config.scope,
-            prompt=config.prompt,
-            batch_size=config.batch_size,
-            by_position="position_mean" in needs,
-        )
+        generation = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens}
+        by_position = "position_mean" in needs
+        stats = activation_stats(lm, images, config.scope, prompt=config.prompt, by_position=by_position, **generation)
     evaluator = MaskEvaluator(
         lm,
         images,
@@ -574,6 +432,7 @@ def find_k_star(
         ppl_lm=ppl_lm,
         reuse_features=reuse_features,
         stats=stats,
+        decoding=config.decoding,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
     scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}

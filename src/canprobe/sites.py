@@ -10,8 +10,11 @@ or several joined by commas.
 from __future__ import annotations
 
 import re
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 
@@ -109,8 +112,35 @@ def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
     return linear.out_features if axis == "out" else linear.in_features
 
 
+HOOK_POINTS = ("neurons", "weight_input")
+
+
+def _first_arg(fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """A forward pre-hook that hands the module's first input to ``fn`` and swaps in what it returns."""
+
+    def pre_hook(_module, args):
+        new = fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+    return pre_hook
+
+
 class SiteRegistry:
-    """Every neuron site of one model, in model order, with scope selection and address lookup."""
+    """Every neuron site of one model, in model order, with scope selection, address lookup and hooks.
+
+    Build it with ``SiteRegistry.of(model)``: one registry per model object, built on first use and
+    kept while the model lives. ``hook`` is the one way canprobe hooks a site.
+    """
+
+    _built: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> SiteRegistry:
+        """The registry of ``model``, built once per model object."""
+        registry = cls._built.get(model)
+        if registry is None:
+            registry = cls._built[model] = cls(model)
+        return registry
 
     def __init__(self, model: torch.nn.Module):
         self.family = family_for(model)
@@ -211,9 +241,20 @@ class SiteRegistry:
         span = slice(site.offset, site.offset + site.size)
         return weight[span] if site.weight_axis == "out" else weight[:, span]
 
-    def hook(self, site: Site, fn) -> torch.utils.hooks.RemovableHandle:
-        """Call ``fn(x)`` on the site's neurons [..., size] at every forward of its module: the output or
-        input it reads (its slice of it for a fused linear). A tensor returned replaces them; None keeps them."""
+    def hook(
+        self, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None], where: str = "neurons"
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Call ``fn`` on every forward pass with a tensor of ``site``; remove the hook with the handle.
+
+        ``where="neurons"``: the site's neurons [..., size], the module's output or input as the site
+        reads it (its slice of it for a fused linear). ``where="weight_input"``: the input features of
+        the linear layer that owns the neurons' weights. A tensor returned replaces the one ``fn`` got;
+        None keeps it.
+        """
+        if where == "weight_input":
+            return self.weight(site).register_forward_pre_hook(_first_arg(fn))
+        if where != "neurons":
+            raise ValueError(f"hook point {where!r} is not one of {', '.join(HOOK_POINTS)}")
 
         def apply(x: torch.Tensor) -> torch.Tensor | None:
             if x.shape[-1] == site.size:
@@ -228,9 +269,4 @@ class SiteRegistry:
         module = self.module(site)
         if site.hook == "output":
             return module.register_forward_hook(lambda _m, _args, output: apply(output))
-
-        def pre_hook(_m, args):
-            new = apply(args[0])
-            return None if new is None else (new, *args[1:])
-
-        return module.register_forward_pre_hook(pre_hook)
+        return module.register_forward_pre_hook(_first_arg(apply))

@@ -176,7 +176,7 @@ class Family:
         return model.generate(**self.feature_inputs(model, text, rows), **options)
 
     def text_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
-        """The module that continues a cached prompt prefix from token ids (``canprobe.metrics.PrefixCache``);
+        """The module that continues a cached prompt prefix from token ids (``canprobe.evaluation.PrefixCache``);
         None: PPL passes always run over the whole prompt (the default, until a family is checked)."""
         return None
 

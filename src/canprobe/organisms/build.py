@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from canprobe.data import caption_words
+from canprobe.organisms.scenes import caption_words
 
 # eos must not be id 2: CLIP's text model treats eos_token_id == 2 as "pool at the largest id".
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<image>", "<s>", "</s>")

@@ -7,8 +7,8 @@ import random
 import torch
 
 from canprobe.captions import generate_captions
-from canprobe.data import CATEGORIES, Scene, make_scenes
 from canprobe.models import LoadedModel
+from canprobe.organisms.scenes import CATEGORIES, Scene, make_scenes
 
 HELD_OUT_SEED = 7  # training uses seed 1234 (organisms.train.TrainConfig)
 

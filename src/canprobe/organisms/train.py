@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from canprobe.captions import teacher_forcing_inputs
-from canprobe.data import make_scenes
 from canprobe.errors import InputError
 from canprobe.families import named
+from canprobe.inputs import teacher_forcing_inputs
 from canprobe.organisms.build import BUILDERS, OrganismShape
+from canprobe.organisms.scenes import make_scenes
 
 log = logging.getLogger(__name__)
 

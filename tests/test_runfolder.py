@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from canprobe.store import StoreError, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from canprobe.runfolder import StoreError, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -93,3 +93,27 @@ def test_any_truncation_reads_back_a_prefix(tmp_path_factory, rows, cut):
     assert len(back) >= path.read_bytes().count(b"\n") and len(back) <= len(rows)
     append_jsonl(path, {"next": 1})
     assert read_jsonl(path) == [*back, {"next": 1}]
+
+
+def test_claim_records_the_identity_and_refuses_another(tmp_path):
+    from canprobe.errors import InputError
+    from canprobe.runfolder import RUN_FILE, claim
+
+    folder = tmp_path / "run"
+    claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))
+    assert json.loads((folder / RUN_FILE).read_text()) == {"seed": 1, "scope": "language"}
+    claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))  # the same run resumes
+    refusal = r"another config \(seed \(was 1, now 2\)\); use the same config to resume or another output folder$"
+    with pytest.raises(InputError, match=refusal):
+        claim(folder, {"seed": 2, "scope": "language"}, results=("curve.jsonl",))
+    (folder / RUN_FILE).write_text("[1, 2]\n")
+    with pytest.raises(InputError, match=r"its run.json is not a run's identity \(damaged or foreign\)"):
+        claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))
+    (folder / RUN_FILE).unlink()
+    (folder / "curve.jsonl").write_text("{}\n")
+    with pytest.raises(InputError, match="it has no run.json.*--restart"):
+        claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",), restart=False)
+    claim(folder, {"seed": 2, "scope": "language"}, results=("curve.jsonl",), restart=True)
+    assert sorted(p.name for p in folder.iterdir()) == [RUN_FILE]
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert (aside / "curve.jsonl").read_text() == "{}\n"
