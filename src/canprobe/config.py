@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from canprobe.errors import InputError
-from canprobe.faults import PROTECTIONS, check_fault, parse_fault
+from canprobe.faults import MEAN_BY, PROTECTIONS, check_fault, parse_fault
 
 # choice lists, written once
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -161,6 +161,13 @@ SETTINGS: dict[str, Setting] = {
     "per_category": _s("study", True, "One search per category."),
     "pooled": _s("study", True, "One search over all images."),
     "controls": _s("study", list(STUDY_CONTROLS), "Controls of the study.", choices=STUDY_CONTROLS),
+    "mean_control": _s(
+        "study",
+        "all",
+        "The mean-ablation control sets each masked neuron to its mean over all positions (all), or to its mean "
+        "at the token's own position (position: Sun et al.'s control for massive activations on the first token).",
+        choices=MEAN_BY,
+    ),
     "split_half": _s("study", True, "Compare the rankings of two disjoint halves of the images."),
     # robustness (canprobe.robustness, on the pooled images)
     "faults": _s("robustness", [], "Fault specs, each searched for k* under three rankings.", kind=str),
@@ -342,6 +349,7 @@ class ExperimentConfig:
     fault_counts: list[int] = setting("fault_counts")
     fault_trials: int = setting("fault_trials")
     controls: list[str] = setting("controls")
+    mean_control: str = setting("mean_control")
     split_half: bool = setting("split_half")
     ppl_scorer: str = setting("ppl_scorer")
     clip_model: str | None = setting("clip_model")

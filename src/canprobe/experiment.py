@@ -31,13 +31,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from canprobe import runfolder
-from canprobe.ablation import RankedNeurons, activation_stats, mean_activations
+from canprobe.ablation import RankedNeurons, activation_stats
 from canprobe.checks import check_device, check_output_dir, printable
 from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig, check_image_source
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator, default_clip_model
-from canprobe.faults import parse_fault
+from canprobe.faults import Mean, parse_fault
 from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.inputs import check_context
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
@@ -212,13 +212,21 @@ class Experiment:
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
-            means = mean_activations(
-                lm, group.images, scope, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+            fault = Mean(by=c.mean_control)
+            stats = activation_stats(
+                lm,
+                group.images,
+                scope,
+                prompt=c.prompt,
+                batch_size=c.batch_size,
+                max_new_tokens=c.max_new_tokens,
+                by_position=fault.by is not None,
             )
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
-            ev = self._evaluator(lm, clip, group.images, kind="mean", means=means)
+            ev = self._evaluator(lm, clip, group.images, kind=fault.spec(), stats=stats)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["mean_ablation"] = dataclasses.asdict(point)
+            result["mean_ablation_fault"] = fault.spec()
             result["mean_ablation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         atomic_write_json(out / CONTROLS_FILE, result)
         return result
