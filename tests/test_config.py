@@ -50,6 +50,34 @@ def test_yaml_is_parsed_safely(tmp_path):
     assert make_config(read_config_file(path)).alpha == 0.5
 
 
+def test_a_study_file_may_group_its_fields_in_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {model: toy-llava, dtype: bfloat16}\ndata: {images: scenes, images_per_category: 3}\n"
+        "scoring: {alpha: 0.5}\nsearch: {collapse_ppl_ratio: 50}\nevaluation: {ablation: mean}\n"
+        "study: {scopes: [language.gate_proj]}\nseed: 7\n"
+    )
+    nested = make_config(read_config_file(path))
+    flat = _config(
+        dtype="bfloat16",
+        images_per_category=3,
+        alpha=0.5,
+        collapse_ppl_ratio=50.0,
+        ablation="mean",
+        scopes=["language.gate_proj"],
+        seed=7,
+    )
+    assert nested == flat and nested.alpha == 0.5 and nested.ablation == "mean"
+    for text, match in [
+        ("scoring: {dtype: bfloat16}", "section scoring: 'dtype' is not one of its fields"),
+        ("alpha: 0.5\nscoring: {alpha: 0.2}", "alpha is given twice"),
+        ("scoring: {alpha: 0.2}\nalpha: 0.5", "alpha is given twice"),
+    ]:
+        path.write_text(f"model: toy-llava\nimages: scenes\n{text}\n")
+        with pytest.raises(InputError, match=match):
+            read_config_file(path)
+
+
 def test_image_source_checked_before_loading(tmp_path, scene_dir):
     with pytest.raises(InputError, match="images"):
         check_image_source(_config(images=str(tmp_path / "missing")))

@@ -425,11 +425,33 @@ def read_config_file(path: Path | str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-    return data
+    return flatten_sections(data)
+
+
+def flatten_sections(values: dict) -> dict:
+    """Study fields from a mapping that may group them under their sections (``scoring: {alpha: 0.5}``).
+
+    A key that names a section and holds a mapping is a section; its keys must be settings of that
+    section. Flat keys and sections mix; a field given both ways is refused.
+    """
+    names = {s.section for s in SETTINGS.values()}
+    sections = {k: v for k, v in values.items() if isinstance(k, str) and k in names and isinstance(v, dict)}
+    flat = {k: v for k, v in values.items() if k not in sections}
+    for key, section in sections.items():
+        for name, value in section.items():
+            setting = SETTINGS.get(name) if isinstance(name, str) else None
+            if setting is None or setting.section != key:
+                own = sorted(n for n, s in SETTINGS.items() if s.section == key)
+                raise InputError(f"config section {key}: {name!r} is not one of its fields ({', '.join(own)})")
+            if name in flat:
+                raise InputError(f"config field {name} is given twice (in section {key} and at the top level)")
+            flat[name] = value
+    return flat
 
 
 def make_config(values: dict) -> ExperimentConfig:
-    """Build and validate a config from a mapping; unknown and missing keys are named."""
+    """Build and validate a config from a mapping, flat or in sections; unknown and missing keys are named."""
+    values = flatten_sections(values)
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     for key in values:
         if key not in known:

@@ -147,6 +147,7 @@ class SiteRegistry:
         if not self.family.site_kinds:
             raise UnsupportedModelError(f"{self.family.name} models have no neuron sites to probe")
         self.model = model
+        self._modules: dict[str, torch.nn.Module] = {}
         self.sites: list[Site] = []
         for component, candidates in self.family.layer_roots.items():
             paths = self.family.layer_paths(model, component)
@@ -230,10 +231,17 @@ class SiteRegistry:
         return site, neuron.index
 
     def module(self, site: Site) -> torch.nn.Module:
-        return get_module(self.model, site.module_path)
+        return self._submodule(site.module_path)
 
     def weight(self, site: Site) -> torch.nn.Module:
-        return get_module(self.model, site.weight_path)
+        return self._submodule(site.weight_path)
+
+    def _submodule(self, path: str) -> torch.nn.Module:
+        """The module at ``path``, looked up once: hooks are installed per batch on every site."""
+        found = self._modules.get(path)
+        if found is None:
+            found = self._modules[path] = get_module(self.model, path)
+        return found
 
     def weights(self, site: Site) -> torch.Tensor:
         """The site's rows (or columns) of its linear's weight, one per neuron, in neuron order."""

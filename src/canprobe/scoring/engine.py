@@ -51,6 +51,12 @@ def _row_weights(mask: torch.Tensor) -> torch.Tensor:
     return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
 
+def _weighted_sum(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """sum over positions of w[...] * value[..., n], on the CPU: one vector-matrix product (cheaper
+    to dispatch than the equivalent einsum, which matters at batch 1 with one call per site)."""
+    return (w.reshape(1, -1) @ value.reshape(w.numel(), -1)).view(-1).cpu()
+
+
 class _Tap(torch.autograd.Function):
     """Identity whose backward hands (activation, gradient) to an accumulator.
 
@@ -135,7 +141,7 @@ class _Accumulator:
                 value = self.method.forward_value(a.detach().float())
                 if value is not None:
                     w, _ = self._positions(a)
-                    self.score += torch.einsum("...,...n->n", w, value).cpu()
+                    self.score += _weighted_sum(w, value)
         return _Tap.apply(a, self)
 
     def backward(self, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -144,10 +150,10 @@ class _Accumulator:
         with torch.no_grad():
             af, gf = a.float(), g.float()
             prod = af * gf
-            self.signed -= torch.einsum("...,...n->n", m, prod).cpu()
+            self.signed -= _weighted_sum(m, prod)
             value = self.method.backward_value(af, gf, prod)
             if value is not None:
-                self.score += torch.einsum("...,...n->n", w, value).cpu()
+                self.score += _weighted_sum(w, value)
 
     def weight_input(self, x: torch.Tensor) -> None:
         """Accumulate the mean square of each input feature of the site's linear layer."""
@@ -157,7 +163,7 @@ class _Accumulator:
         self._last_input = batch
         w, _ = self._positions(x)
         with torch.no_grad():
-            sq = torch.einsum("...,...d->d", w, x.detach().float().square()).cpu()
+            sq = _weighted_sum(w, x.detach().float().square())
         self.input_sq = sq if self.input_sq is None else self.input_sq + sq
 
 
