@@ -16,7 +16,7 @@ def test_studies_cover_language_and_vision_scopes_of_the_organism(tmp_path, scen
     assert by_category.scopes == CATEGORY_SCOPES and by_category.per_category and by_category.pooled
     assert not pooled.per_category and pooled.pooled
     for config in (by_category, pooled):
-        assert "mean" in config.controls and "random" in config.controls
+        assert "mean" in config.controls and "random" in config.controls and config.mean_control == "position"
     registry = SiteRegistry(BUILDERS[name](TINY)[0])
     components = {s.component for scope in pooled.scopes for s in registry.select(scope)}
     assert components == {"language", "vision", "projector" if name == "toy-llava" else "qformer"}

@@ -7,7 +7,8 @@ Per organism, on drawn scenes:
   and the bridge to the language model (the projector, or the Q-Former), so the report answers
   "language or vision?" (pooled only: the question is where, not which category, and it keeps the
   demo within minutes);
-* each with the random-neuron control and mean ablation at k* (the searches record stage 1 and k*);
+* each with the random-neuron control and mean ablation at k* (each neuron's mean at the token's own
+  position; the searches record stage 1 and k*);
 * the language model's massive activations (``canprobe.massive``), which every study measures.
 
 ``story_line`` condenses one organism's results to the sentence the demo ends with.
@@ -30,8 +31,9 @@ POOLED_SCOPES = {
     "toy-instructblip": ["language.gate_proj", "vision.fc1", "vision.fc2", "qformer"],
 }
 # toy-clip still rates word salad made of scene words at 50-57% of the unmasked CLIP score,
-# so the organisms need a collapse threshold of 60% where the paper's CLIP uses 50%
-DEMO_SETTINGS = {"batch_size": 48, "max_new_tokens": 16, "collapse_clip_ratio": 0.6}
+# so the organisms need a collapse threshold of 60% where the paper's CLIP uses 50%; the mean
+# control sets each neuron to its mean at the token's own position, as Sun et al. do
+DEMO_SETTINGS = {"batch_size": 48, "max_new_tokens": 16, "collapse_clip_ratio": 0.6, "mean_control": "position"}
 
 
 @dataclass
