@@ -213,15 +213,7 @@ class Experiment:
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
             fault = Mean(by=c.mean_control)
-            stats = activation_stats(
-                lm,
-                group.images,
-                scope,
-                prompt=c.prompt,
-                batch_size=c.batch_size,
-                max_new_tokens=c.max_new_tokens,
-                by_position=fault.by is not None,
-            )
+            stats = self._clean_stats(lm, group.images, scope, by_position=fault.by is not None)
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
             ev = self._evaluator(lm, clip, group.images, kind=fault.spec(), stats=stats)
             point = MetricSummary.of(ev.evaluate([mask])[0])
@@ -230,6 +222,12 @@ class Experiment:
             result["mean_ablation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         atomic_write_json(out / CONTROLS_FILE, result)
         return result
+
+    def _clean_stats(self, lm, images, scope: str, by_position: bool) -> dict:
+        """Clean-image statistics of the scope's channels under the study's prompt and generation settings."""
+        c = self.config
+        generation = {"batch_size": c.batch_size, "max_new_tokens": c.max_new_tokens}
+        return activation_stats(lm, images, scope, prompt=c.prompt, by_position=by_position, **generation)
 
     def _evaluator(self, lm, clip, images, **kwargs) -> MaskEvaluator:
         c = self.config
@@ -253,15 +251,8 @@ class Experiment:
         registry = SiteRegistry.of(lm.model)
         everything = RankedNeurons.from_sites(registry.select(scope))
         top = ranked_in_scope(registry, ranking, scope)
-        stats = activation_stats(
-            lm,
-            group.images,
-            scope,
-            prompt=c.prompt,
-            batch_size=c.batch_size,
-            max_new_tokens=c.max_new_tokens,
-            by_position=any("position_mean" in parse_fault(f).needs for f in [*c.faults, c.random_fault]),
-        )
+        by_position = any("position_mean" in parse_fault(f).needs for f in [*c.faults, c.random_fault])
+        stats = self._clean_stats(lm, group.images, scope, by_position)
         rankings = {
             "can": ranking,
             "activation": _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0),
