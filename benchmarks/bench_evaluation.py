@@ -34,25 +34,11 @@ from bench_scale import build
 
 def tokenizer(vocab_size: int, image_token_id: int):
     """A word-level tokenizer over the whole vocabulary with Llama's specials and the config's image token."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from canprobe.organisms.build import word_level_tokenizer
 
     names = {0: "<unk>", 1: "<s>", 2: "</s>", image_token_id: "<image>", image_token_id + 1: "<pad>"}
     vocab = {names.get(i, f"w{i}"): i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in names.values()])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=4096,
-    )
+    return word_level_tokenizer(vocab, list(names.values()), "<s> $A", "left", {"image_token": "<image>"}, 4096)
 
 
 def loaded(args):

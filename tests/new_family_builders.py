@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from canprobe.families.base import image_only_processor
-from canprobe.organisms.build import PROMPT_WORDS
+from canprobe.organisms.build import PROMPT_WORDS, word_level_tokenizer
 from canprobe.organisms.scenes import caption_words
 
 BASE_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
@@ -27,22 +26,8 @@ def tokenizer(specials=(), attributes=None, bos=True, padding_side="left") -> Pr
     """Word-level tokenizer: the base and the family's special tokens, then the scene and prompt words."""
     special = list(BASE_TOKENS) + [t for t in specials if t not in BASE_TOKENS]
     words = list(dict.fromkeys(caption_words() + PROMPT_WORDS))
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + words)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side=padding_side,
-        extra_special_tokens=attributes,
-        model_max_length=512,
-    )
+    vocab = {t: i for i, t in enumerate(special + words)}
+    return word_level_tokenizer(vocab, special, "<s> $A" if bos else None, padding_side, attributes, 512)
 
 
 def _template(turn: str, image: str, end: str, generation: str, start: str = "") -> str:

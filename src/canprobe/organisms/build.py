@@ -8,6 +8,7 @@ load exactly as they load llava-hf or Salesforce checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,14 +78,28 @@ def build_tokenizer(
     """
     words = list(dict.fromkeys(caption_words() + PROMPT_WORDS))
     vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + words)}
+    template = ("<s> " if bos else "") + "$A" + (" </s>" if eos else "")
+    attributes = {"image_token": "<image>"} if image_token_attribute else None
+    return word_level_tokenizer(vocab, SPECIAL_TOKENS, template, padding_side, attributes, model_max_length=128)
+
+
+def word_level_tokenizer(
+    vocab: dict[str, int],
+    specials: Sequence[str],
+    template: str | None,
+    padding_side: str = "left",
+    extra_special_tokens: dict[str, str] | None = None,
+    model_max_length: int = 128,
+) -> PreTrainedTokenizerFast:
+    """A lowercasing word-level tokenizer over ``vocab`` with Llama's named specials (``<s>``, ``</s>``,
+    ``<pad>``, ``<unk>``, all in ``vocab``); ``template`` (e.g. ``"<s> $A"``) wraps every text."""
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
-    template = ("<s> " if bos else "") + "$A" + (" </s>" if eos else "")
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
-    )
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    if template is not None:
+        ends = [(t, vocab[t]) for t in ("<s>", "</s>")]
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=ends)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -92,8 +107,8 @@ def build_tokenizer(
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side=padding_side,
-        extra_special_tokens={"image_token": "<image>"} if image_token_attribute else None,
-        model_max_length=128,
+        extra_special_tokens=extra_special_tokens,
+        model_max_length=model_max_length,
     )
 
 
