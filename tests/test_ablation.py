@@ -162,11 +162,8 @@ def test_bad_masks_are_input_errors(tiny, images):
     assert _hooks(tiny.model) == hooks
 
 
-def test_mean_activations_match_an_unpadded_one_by_one_computation(tiny, images):
-    """Batched means over padded prompt+caption rows equal the plain mean over every real position."""
-    captions = ["a red car", "a small blue house on the left", ""]
-    site = SiteRegistry(tiny.model).by_name["language.layers.1.mlp.down_proj"]
-    means = mean_activations(tiny, images, [site], captions=captions, batch_size=3)
+def _unpadded_outputs(tiny: LoadedModel, images, captions) -> list[torch.Tensor]:
+    """Layer 1's down_proj output over each image's prompt + caption, one unpadded row at a time."""
     rows = []
     down, _ = _layer(tiny, 1)
     handle = down.register_forward_hook(lambda _m, _a, out: rows.append(out[0]))
@@ -177,6 +174,15 @@ def test_mean_activations_match_an_unpadded_one_by_one_computation(tiny, images)
             tiny.model(**enc)
     finally:
         handle.remove()
+    return rows
+
+
+def test_mean_activations_match_an_unpadded_one_by_one_computation(tiny, images):
+    """Batched means over padded prompt+caption rows equal the plain mean over every real position."""
+    captions = ["a red car", "a small blue house on the left", ""]
+    site = SiteRegistry(tiny.model).by_name["language.layers.1.mlp.down_proj"]
+    means = mean_activations(tiny, images, [site], captions=captions, batch_size=3)
+    rows = _unpadded_outputs(tiny, images, captions)
     expected = torch.cat(rows).double().mean(0).float()
     torch.testing.assert_close(means[site.name], expected, rtol=1e-5, atol=1e-6)
 
@@ -203,16 +209,7 @@ def test_position_means_match_a_one_by_one_average_per_position(tiny, images):
     captions = ["a red car", "a small blue house on the left", ""]
     site = SiteRegistry(tiny.model).by_name["language.layers.1.mlp.down_proj"]
     stats = activation_stats(tiny, images, [site], captions=captions, batch_size=3, by_position=True)[site.name]
-    rows = []
-    down, _ = _layer(tiny, 1)
-    handle = down.register_forward_hook(lambda _m, _a, out: rows.append(out[0].double()))
-    try:
-        for im, cap in zip(images, captions):
-            enc = teacher_forcing_inputs(tiny.processor, tiny.kind, [im], [cap])
-            enc.pop("labels")
-            tiny.model(**enc)
-    finally:
-        handle.remove()
+    rows = [r.double() for r in _unpadded_outputs(tiny, images, captions)]
     longest = max(len(r) for r in rows)
     assert stats.position_mean.shape == (longest, site.size)
     for p in (0, len(rows[2]) - 1, len(rows[2]), longest - 1):
