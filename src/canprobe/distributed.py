@@ -10,6 +10,7 @@ single process is world 0 of 1.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ def init_from_env(device: str | None = None) -> tuple[World, str | None]:
         if use_cuda:
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        # left to interpreter shutdown, gloo's threads can abort the process ("terminate called
+        # without an active exception") after the work is done
+        atexit.register(dist.destroy_process_group)
     return world(), device
 
 
