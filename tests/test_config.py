@@ -190,3 +190,47 @@ def test_library_entry_points_share_the_settings_defaults():
     assert (search.max_new_tokens, search.batch_size) == (SETTINGS["max_new_tokens"].default, 16)
     study = _config()
     assert (study.max_new_tokens, study.batch_size, study.seed) == (24, 16, 0)
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"seed": 2**63}, "config field seed"),  # the case
+        ({"seed": -1}, "config field seed"),
+        ({"scopes": ["language.down_proj", "language.down_proj"]}, "'language.down_proj' is given twice"),
+        ({"fault_counts": [1, 2, 2]}, "config field fault_counts: 2 is given twice"),
+        ({"categories": ["car", "car"]}, "config field categories: 'car' is given twice"),
+        ({"faults": ["stuck:value=1e39"]}, "infinite in float32"),
+        ({"faults": ["stuck:value=1000000"], "dtype": "float16"}, "infinite in float16"),
+        ({"random_fault": "bitflip:bit=3.5"}, "is not a bit"),
+    ],
+)
+def test_numbers_and_lists_are_checked_in_the_type_and_range_of_their_use(changes, needle):
+    with pytest.raises(InputError) as caught:
+        _config(**changes)
+    assert needle in str(caught.value)
+    _config(seed=2**63 - 1)  # the largest int64 is a seed
+
+
+@pytest.mark.parametrize("text", ["scoring:\n", "scoring:\nsearch: {}\n"])
+def test_an_empty_section_is_an_empty_section_not_an_unknown_field(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: toy-llava\nimages: scenes\n" + text)
+    assert make_config(read_config_file(path)).alpha == 1.0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("inspect", "toy-llava", "--activations", "--images", "IMAGES", "--ratio", "nan"),  # the case
+        ("score", "--model", "toy-llava", "--images", "IMAGES", "--alpha", "nan", "--dry-run"),
+        ("search", "--model", "toy-llava", "--images", "IMAGES", "--out", "OUT", "--growth", "inf", "--dry-run"),
+        ("score", "--model", "toy-llava", "--images", "IMAGES", "--seed", str(2**64), "--dry-run"),
+        ("run", "--model", "toy-llava", "--images", "IMAGES", "--out", "OUT", "--seed", str(2**63), "--dry-run"),
+        ("run", "--model", "toy-llava", "--images", "IMAGES", "--out", "OUT", "--alpha", "nan", "--dry-run"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_on_the_command_line_are_one_line(cli, scene_dir, tmp_path, args):
+    args = [str(scene_dir) if a == "IMAGES" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    result = cli(*args)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, (result.out, result.err)

@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canprobe.ablation import ablate, ablate_rows, activation_stats, mean_activations
 from canprobe.captions import generate_captions
 from canprobe.errors import InputError
-from canprobe.faults import ProtectedSet, RangeRestriction, check_fault, flip_bit, parse_fault
+from canprobe.faults import FAULTS, ProtectedSet, RangeRestriction, check_fault, flip_bit, parse_fault
 from canprobe.inputs import caption_inputs, teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_instructblip, build_llava
@@ -264,11 +266,110 @@ def test_bad_fault_specs_are_input_errors():
         parse_fault("stuck:value=inf")
     with pytest.raises(InputError, match="finite"):
         parse_fault("stuck:value=nan")
-    with pytest.raises(InputError, match="takes no parameters"):
+    with pytest.raises(InputError, match="sign has no parameter 'bit'"):
         parse_fault("sign:bit=3")
     with pytest.raises(InputError, match="key=value"):
         parse_fault("noise:3")
     assert parse_fault("stuck:at=max:factor=2").spec() == "stuck:at=max:factor=2"
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("bitflip:bit=3.5", "bit '3.5' is not a bit"),  # the issue's cases
+        ("bitflip:bit=1e1", "bit '1e1' is not a bit"),
+        ("weight_bitflip:bit=0x3", "bit '0x3' is not a bit"),
+        ("noise:sigma=3:sigma=4", "sigma is given twice"),
+        ("bitflip:bit=3:bit=5", "bit is given twice"),
+        ("noise:seed=1.5", "seed must be a whole number"),
+        ("noise:seed=9223372036854775808", "noise seed must be a whole number in [0, 2^63 - 1]"),
+        ("noise:seed=-1", "noise seed"),
+        ("noise:sigma=abc", "sigma must be a number"),
+        ("stuck:value=3:colour=red", "stuck has no parameter 'colour'"),
+    ],
+)
+def test_fault_parameters_are_read_in_the_type_their_fault_declares(spec, needle):
+    with pytest.raises(InputError) as caught:
+        check_fault(spec, "float32")
+    assert needle in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "spec, dtype, fine",
+    [
+        ("stuck:value=1e39", "float32", False),  # finite in Python, inf in float32
+        ("stuck:value=-1e39", "float32", False),
+        ("stuck:value=1e38", "bfloat16", True),  # bfloat16 has nearly float32's range
+        ("stuck:value=65519", "float16", True),  # rounds to float16's largest, 65504
+        ("stuck:value=65520", "float16", False),  # rounds to inf
+        ("stuck:value=70000", "float16", False),
+        ("stuck:value=65504", "float16", True),
+        ("stuck:at=max:factor=1e5", "float16", False),
+        ("stuck:value=3e38", "float32", True),
+    ],
+)
+def test_a_stuck_at_value_must_be_finite_in_the_models_dtype(spec, dtype, fine):
+    if fine:
+        check_fault(spec, dtype)
+    else:
+        with pytest.raises(InputError, match=f"infinite in {dtype}"):
+            check_fault(spec, dtype)
+
+
+def _check_all_dtypes(spec: str) -> None:
+    for dtype in ("float32", "float16", "bfloat16"):
+        fault = check_fault(spec, dtype)
+        # a valid spec: its canonical spec string makes the same fault again
+        assert check_fault(fault.spec(), dtype).spec() == fault.spec()
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.builds(
+            lambda name, params: ":".join([name, *params]),
+            st.sampled_from([*FAULTS, "zer0", ""]),
+            st.lists(
+                st.builds(
+                    lambda k, v: f"{k}={v}",
+                    st.sampled_from(["bit", "value", "at", "factor", "sigma", "seed", "by", "weights", "x", ""]),
+                    st.one_of(
+                        st.sampled_from(["exponent", "sign", "mantissa", "max", "min", "all", "position", "largest"]),
+                        st.integers(-(2**70), 2**70).map(str),
+                        st.floats(allow_nan=True, allow_infinity=True).map(str),
+                        st.text(max_size=5),
+                    ),
+                ),
+                max_size=3,
+            ),
+        ),
+    )
+)
+def test_any_string_is_a_valid_fault_spec_or_an_input_error(text):
+    try:
+        _check_all_dtypes(text)
+    except InputError:
+        pass
+
+
+@pytest.mark.parametrize("spec, ok", [("bitflip:bit=1e1", False), ("noise:sigma=nan", False), ("bitflip:bit=7", True)])
+def test_a_fault_spec_on_the_command_line_is_one_line_or_runs(cli, scene_dir, tmp_path, spec, ok):
+    out = cli(
+        "search",
+        "--model",
+        "toy-llava",
+        "--images",
+        scene_dir,
+        "--out",
+        tmp_path / "s",
+        f"--ablation={spec}",
+        "--dry-run",
+    )
+    if ok:
+        assert out.code == 0 and "dry run" in out.out, out.err
+    else:
+        assert out.code == 2 and len(out.err.strip().splitlines()) == 1, out.err
 
 
 @pytest.mark.parametrize("spec", ["sign", "stuck:at=min:factor=3", "bitflip:bit=exponent", "mean"])

@@ -63,3 +63,48 @@ def test_run_dry_run_plans_every_scope_and_group(cli, scene_dir, tmp_path):
     assert "7 image group(s)" in result.out  # 6 categories + pooled
     assert result.out.count("== scope") == 2 and "search: 7 k* search(es)" in result.out
     assert not out.exists()
+
+
+@pytest.fixture
+def broken_category(tmp_path, scene_dir):
+    """The scenes plus a category whose only image does not decode: the real run refuses it."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(scene_dir, images)
+    (images / "truck").mkdir()
+    (images / "truck" / "0.png").write_bytes(b"not a png")
+    return images
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ((), "category 'truck' has no readable image"),  # the issue's dropped category
+        (("--categories", "car,truck"), "category 'truck' has no readable image"),
+        (("--categories", "car", "--seed", str(2**63)), "config field seed"),  # the issue's huge seed
+        (("--categories", "car", "--faults", "bitflip:bit=1e1"), "is not a bit"),  # the issue's bad fault spec
+        (("--categories", "car", "--protections", "range", "--fault-counts", "1,100000"), "scope language"),
+    ],
+)
+def test_a_dry_run_checks_everything_that_needs_no_weights(cli, broken_category, tmp_path, extra, needle):
+    out = tmp_path / "never"
+    args = ("run", "--model", "toy-llava", "--images", broken_category, "--out", out, "--scopes", "language.down_proj")
+    result = cli(*args, *extra, "--dry-run")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, (result.out, result.err)
+    assert needle in result.err
+    assert not out.exists()
+
+
+def test_a_dry_run_checks_the_ranking_and_reference_captions(cli, scene_dir, tmp_path):
+    bad = tmp_path / "ranking.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    out = tmp_path / "never"
+    search = cli("search", "--model", "toy-llava", "--images", scene_dir, "--out", out, "--ranking", bad, "--dry-run")
+    assert search.code == 2 and "not a readable parquet file" in search.err, search.err
+    bare = tmp_path / "bare"
+    (bare / "car").mkdir(parents=True)
+    (bare / "car" / "0.png").write_bytes((scene_dir / "car" / "0000.png").read_bytes())
+    score = cli("score", "--model", "toy-llava", "--images", bare, "--captions", "reference", "--out", out, "--dry-run")
+    assert score.code == 2 and "no caption for 1 image" in score.err, score.err
+    assert not out.exists()

@@ -6,6 +6,7 @@ Every error a user can fix ends as one line on stderr and exit code 2, never a t
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -19,6 +20,19 @@ from canprobe.errors import CanprobeError
 from canprobe.runfolder import CAPTIONS_FILE
 
 POSITIVE = click.IntRange(min=1)
+SEED = click.IntRange(min=0, max=SETTINGS["seed"].high)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is a number: click's FloatRange lets nan (and inf when unbounded) through."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def _click_type(name: str):
@@ -29,7 +43,7 @@ def _click_type(name: str):
     if s.kind is int:
         return click.IntRange(min=s.low, max=s.high) if bounded else click.INT
     if s.kind is float:
-        return click.FloatRange(s.low, s.high, min_open=s.low_open, max_open=s.high_open) if bounded else click.FLOAT
+        return FiniteFloat(s.low, s.high, min_open=s.low_open, max_open=s.high_open)
     return None
 
 
@@ -192,7 +206,7 @@ def env_command() -> None:
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the image set to.")
 @click.option("--per-category", type=POSITIVE, default=20, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--resolution", type=click.IntRange(min=16, max=1024), default=96, show_default=True)
 def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
     """Draw synthetic scenes: one folder per category plus captions.jsonl."""
@@ -242,7 +256,7 @@ def organisms() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Defaults to the shipped location.")
 @click.option("--steps", type=POSITIVE, default=None, help="Optimizer steps (default per organism).")
 @click.option("--batch-size", type=POSITIVE, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None)
 @device_option
 def organisms_train(name, out, steps, batch_size, seed, device) -> None:
     """Train organism NAME on drawn scenes and save it as a Hugging Face checkpoint."""
@@ -266,7 +280,7 @@ def organisms_train(name, out, steps, batch_size, seed, device) -> None:
 @organisms.command("eval")
 @click.argument("name")
 @click.option("--n", "count", type=POSITIVE, default=200, show_default=True)
-@click.option("--seed", type=int, default=7, show_default=True, help="Scene seed; training uses 1234.")
+@click.option("--seed", type=SEED, default=7, show_default=True, help="Scene seed; training uses 1234.")
 def organisms_eval(name, count, seed) -> None:
     """Held-out accuracy of a captioning or CLIP model on drawn scenes."""
     from canprobe.organisms.evaluate import caption_exact_match, clip_category_accuracy
@@ -296,7 +310,7 @@ def organisms_eval(name, count, seed) -> None:
 @click.option("--per-category", type=POSITIVE, default=4, show_default=True, help="Images per category read.")
 @click.option(
     "--ratio",
-    type=click.FloatRange(min=1.0, min_open=True),
+    type=FiniteFloat(min=1.0, min_open=True),
     default=100.0,
     show_default=True,
     help="An activation is massive at this many times its sequence's median |h|.",
@@ -395,6 +409,12 @@ def score_command(
     check_output_dir(out)
     world, device = _join_world(device)
     image_set = load_image_set(images)
+    captions = None
+    if loss_text == "reference":
+        missing = [r.name for r in image_set.records if r.caption is None]
+        if missing:
+            raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
+        captions = [r.caption for r in image_set.records]
     if dry_run:
         from canprobe.plan import make_plan
 
@@ -414,12 +434,6 @@ def score_command(
         return
     if world.main:
         _report_skipped(image_set)
-    captions = None
-    if loss_text == "reference":
-        missing = [r.name for r in image_set.records if r.caption is None]
-        if missing:
-            raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
-        captions = [r.caption for r in image_set.records]
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     _check_context(lm, image_set, prompt, max_new_tokens)
     result = score_neurons(
@@ -548,6 +562,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     check_output_dir(out)
     world, device = _join_world(device)
     image_set = _image_subset(images, per_category, report=world.main)
+    table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before any work
     if dry_run:
         from canprobe.plan import make_plan
 
@@ -566,7 +581,6 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         )
         _print_plan(plan.lines)
         return
-    table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before the model loads
     lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
     inputs = _generation_inputs(lm, image_set)
     _check_context(lm, image_set, config.prompt, config.max_new_tokens)

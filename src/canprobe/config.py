@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from canprobe.errors import InputError
-from canprobe.faults import MEAN_BY, PROTECTIONS, check_fault, parse_fault
+from canprobe.faults import MEAN_BY, PROTECTIONS, SEED_MAX, check_fault, parse_fault
 
 # choice lists, written once
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -59,6 +59,10 @@ class Setting:
         """Raise InputError naming ``name`` when ``value`` is not allowed (None passes: optional)."""
         if value is None:
             return
+        if isinstance(value, list):
+            twice = next((v for i, v in enumerate(value) if v in value[:i]), None)
+            if twice is not None:
+                raise InputError(f"config field {name}: {twice!r} is given twice; give each once")
         for item in value if isinstance(value, list) else [value]:
             if self.choices is not None and item not in self.choices:
                 raise InputError(f"config field {name}: {item!r} is not one of {', '.join(self.choices)}")
@@ -123,7 +127,7 @@ SETTINGS: dict[str, Setting] = {
         "Loss text: own greedy captions, or the image set's captions.jsonl.",
         choices=LOSS_TEXTS,
     ),
-    "seed": _s("scoring", 0, "Seed of the random score method and of the random control's draw."),
+    "seed": _s("scoring", 0, "Seed of the random score method and of the random control's draw.", low=0, high=SEED_MAX),
     # search: the k* algorithm and its collapse criterion
     "scope": _s("search", "language.down_proj", "Sites, e.g. language, vision.fc1, all."),
     "stage1_ppl_ratio": _s("search", 2.0, "Stage 1: median PPL above this x unmasked ...", low=1.0, low_open=True),
@@ -435,7 +439,12 @@ def flatten_sections(values: dict) -> dict:
     section. Flat keys and sections mix; a field given both ways is refused.
     """
     names = {s.section for s in SETTINGS.values()}
-    sections = {k: v for k, v in values.items() if isinstance(k, str) and k in names and isinstance(v, dict)}
+    # ``scoring:`` with nothing under it is an empty section (YAML reads it as null), not an unknown field
+    sections = {
+        k: v or {}
+        for k, v in values.items()
+        if isinstance(k, str) and k in names and (isinstance(v, dict) or (v is None and k not in SETTINGS))
+    }
     flat = {k: v for k, v in values.items() if k not in sections}
     for key, section in sections.items():
         for name, value in section.items():

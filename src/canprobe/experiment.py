@@ -86,6 +86,15 @@ def _check_categories(config: ExperimentConfig, image_set: ImageSet) -> None:
             )
 
 
+def _check_fault_counts(config: ExperimentConfig, scope: str, neurons: int) -> None:
+    """The protection study draws each fault count from the scope's neurons: a count above them cannot be drawn."""
+    if config.protections and max(config.fault_counts) > neurons:
+        raise InputError(
+            f"config field fault_counts: {max(config.fault_counts)} random faults, but scope {scope} has "
+            f"{neurons} neurons; give counts up to {neurons}"
+        )
+
+
 def scope_dir_name(scope: str) -> str:
     return scope.replace("/", "_")
 
@@ -357,6 +366,7 @@ class Experiment:
         image_set = load_image_set(
             c.images, categories=c.categories, limit=c.images_per_category, annotations=c.annotations
         )
+        _check_categories(c, image_set)
         groups = _groups(c, image_set)
         lines = [f"{len(groups)} image group(s): " + ", ".join(f"{g.name} ({len(g.images)})" for g in groups)]
         for scope in c.scopes:
@@ -371,6 +381,7 @@ class Experiment:
                 gradient_checkpointing=c.gradient_checkpointing,
                 searches=len(groups),
             )
+            _check_fault_counts(c, scope, plan.neurons)
             lines += [f"== scope {scope} (largest group)", *plan.lines]
         return lines
 
@@ -410,8 +421,8 @@ class Experiment:
             self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
         self.timings.add("load models", start)
         registry = SiteRegistry.of(lm.model)
-        for scope in c.scopes:
-            registry.select(scope)  # fail on a bad scope before any work
+        for scope in c.scopes:  # fail on a bad scope before any work
+            _check_fault_counts(c, scope, sum(site.size for site in registry.select(scope)))
         check_context(lm, groups[0].images[0], c.prompt, c.max_new_tokens)  # an image, or a text-only model's text
         return image_set, groups, lm, clip
 

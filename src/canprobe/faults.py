@@ -18,7 +18,9 @@ on clean images (Ranger); ``ProtectedSet`` names neurons that faults cannot touc
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -36,6 +38,8 @@ BIT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, dict[str, int]]] = {
     torch.float16: (torch.int16, {"sign": 15, "exponent": 14, "mantissa": 9}),
     torch.float32: (torch.int32, {"sign": 31, "exponent": 30, "mantissa": 22}),
 }
+BIT_NAMES = ("sign", "exponent", "mantissa")
+SEED_MAX = 2**63 - 1  # seeds are int64 everywhere (torch generators, numpy, the run identity)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -64,9 +68,22 @@ def resolve_bit(bit: int | str, dtype: torch.dtype) -> int:
         if bit not in names:
             raise InputError(f"unknown bit {bit!r}; give a position 0-{width - 1} or one of {', '.join(names)}")
         return names[bit]
+    if not isinstance(bit, int) or isinstance(bit, bool):
+        raise InputError(
+            f"bit {bit!r} is not a bit position; give a whole number 0-{width - 1} or one of {', '.join(names)}"
+        )
     if not 0 <= bit < width:
         raise InputError(
             f"bit {bit} is out of range for {str(dtype).removeprefix('torch.')}: it has bits 0-{width - 1}"
+        )
+    return bit
+
+
+def _bit(bit: int | str) -> int | str:
+    """A bit as a fault's constructor takes it: a position (checked against the dtype later) or a name."""
+    if isinstance(bit, bool) or not isinstance(bit, (int, str)) or (isinstance(bit, str) and bit not in BIT_NAMES):
+        raise InputError(
+            f"bit {bit!r} is not a bit; give a whole number (0 = least significant) or one of {', '.join(BIT_NAMES)}"
         )
     return bit
 
@@ -173,6 +190,16 @@ class StuckAt(Fault):
                 raise InputError(f"stuck-at {label} must be a finite number, got {v}")
         self.value, self.at, self.factor = value, at, None if at is None else factor
 
+    def check(self, dtype):
+        """The value (or factor) must stay finite in the model's dtype: 1e39 is inf in float32, 7e4 in float16."""
+        for label, v in (("value", self.value), ("factor", self.factor)):
+            if v is not None and dtype.is_floating_point and not torch.tensor(float(v)).to(dtype).isfinite():
+                name = str(dtype).removeprefix("torch.")
+                raise InputError(
+                    f"stuck-at {label} {v:g} is infinite in {name} (its largest finite value is "
+                    f"{torch.finfo(dtype).max:.4g}); give a smaller {label} or another --dtype"
+                )
+
     @property
     def needs(self) -> tuple[str, ...]:
         return () if self.at is None else (self.at,)
@@ -207,6 +234,8 @@ class Noise(Fault):
     def __init__(self, sigma: float = 1.0, seed: int = 0):
         if not (math.isfinite(sigma) and sigma >= 0):
             raise InputError(f"noise sigma must be a finite number >= 0, got {sigma}")
+        if not 0 <= seed <= SEED_MAX:
+            raise InputError(f"noise seed must be a whole number in [0, 2^63 - 1], got {seed}")
         self.sigma, self.seed = sigma, int(seed)
         self._generator: torch.Generator | None = None
 
@@ -230,7 +259,7 @@ class BitFlip(Fault):
     name = "bitflip"
 
     def __init__(self, bit: int | str = "exponent"):
-        self.bit = bit
+        self.bit = _bit(bit)
 
     def check(self, dtype):
         resolve_bit(self.bit, dtype)
@@ -258,7 +287,7 @@ class WeightBitFlip(Fault):
     def __init__(self, bit: int | str = "exponent", weights: str = "largest"):
         if weights not in ("largest", "all"):
             raise InputError(f"weight_bitflip: weights must be largest or all, got {weights!r}")
-        self.bit, self.weights = bit, weights
+        self.bit, self.weights = _bit(bit), weights
 
     def check(self, dtype):
         resolve_bit(self.bit, dtype)
@@ -289,17 +318,32 @@ FAULTS: dict[str, type[Fault]] = {
 }
 
 
-def _value(text: str):
-    for convert in (int, float):
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+
+
+def _convert(fault: str, key: str, text: str, annotation: str):
+    """One parameter's text in the type its fault declares (``int``, ``float``, ``str``, or ``int | str``)."""
+    kinds = set(annotation.replace(" ", "").split("|")) - {"None"}
+    if "int" in kinds and _WHOLE.fullmatch(text):
+        return int(text)
+    if kinds == {"int"}:
+        raise InputError(f"fault {fault}: {key} must be a whole number, got {text!r}")
+    if "float" in kinds:
         try:
-            return convert(text)
+            number = float(text)
         except ValueError:
-            pass
+            raise InputError(f"fault {fault}: {key} must be a number, got {text!r}") from None
+        # a whole number stays an int, so the fault's spec() reads as it was written (factor=2, not 2.0)
+        return int(number) if _WHOLE.fullmatch(text) and math.isfinite(number) else number
     return text
 
 
 def parse_fault(spec: str | Fault) -> Fault:
-    """A fault from its spec string: ``name`` or ``name:key=value:key=value``."""
+    """A fault from its spec string: ``name`` or ``name:key=value:key=value``.
+
+    Each value is read in the type the fault's constructor declares (a bit position is a whole
+    number, never ``3.5`` or ``1e1``); a parameter given twice or unknown to the fault is refused.
+    """
     if isinstance(spec, Fault):
         return spec
     if not isinstance(spec, str) or not spec.strip():
@@ -308,16 +352,20 @@ def parse_fault(spec: str | Fault) -> Fault:
     cls = FAULTS.get(name)
     if cls is None:
         raise InputError(f"unknown fault {name!r}; choose from {', '.join(FAULTS)}")
+    kinds = {k: str(p.annotation) for k, p in inspect.signature(cls).parameters.items()}
+    shown = repr(spec.strip())
     kwargs = {}
     for param in params:
         key, sep, value = param.partition("=")
         if not sep or not key:
-            raise InputError(f"fault {spec!r}: parameters are key=value, separated by ':'")
-        kwargs[key] = _value(value)
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        raise InputError(f"fault {spec!r}: {name} takes no parameters {', '.join(kwargs)}") from None
+            raise InputError(f"fault {shown}: parameters are key=value, separated by ':'")
+        if key not in kinds:
+            takes = ", ".join(kinds) or "no parameters"
+            raise InputError(f"fault {shown}: {name} has no parameter {key!r} (it takes {takes})")
+        if key in kwargs:
+            raise InputError(f"fault {shown}: {key} is given twice")
+        kwargs[key] = _convert(shown, key, value, kinds[key])
+    return cls(**kwargs)
 
 
 def check_fault(spec: str | Fault, dtype: str | torch.dtype) -> Fault:

@@ -95,7 +95,7 @@ def _draws(neurons: RankedNeurons, counts: Sequence[int], trials: int, seed: int
     draws = []
     for n in counts:
         for t in range(trials):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + n * 1_009 + t)
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + n * 1_009 + t) % 2**63)  # seeds are int64
             draws.append((n, t, neurons.subset(torch.randperm(len(neurons), generator=gen)[:n]).prefix(n)))
     return draws
 
