@@ -257,14 +257,35 @@ def organisms() -> None:
 @click.option("--steps", type=POSITIVE, default=None, help="Optimizer steps (default per organism).")
 @click.option("--batch-size", type=POSITIVE, default=None)
 @click.option("--seed", type=SEED, default=None)
+@click.option(
+    "--recipe",
+    type=click.Choice(["scenes", "sink"]),
+    default="scenes",
+    show_default=True,
+    help="scenes: captioning from scratch (the shipped weights). sink (toy-llava, needs --out): the language "
+    "model pretrained on packed text first (Stage A), then aligned to images with it frozen, then at a low "
+    "learning rate (Stage B); curves in sink_curve.jsonl. Its default budget is a GPU job (minutes on an H200, "
+    "days on 2 CPU cores).",
+)
+@click.option("--text-tokens", type=POSITIVE, default=None, help="sink recipe: Stage A's token budget.")
 @device_option
-def organisms_train(name, out, steps, batch_size, seed, device) -> None:
+def organisms_train(name, out, steps, batch_size, seed, recipe, text_tokens, device) -> None:
     """Train organism NAME on drawn scenes and save it as a Hugging Face checkpoint."""
     import dataclasses
 
+    from canprobe.errors import InputError
     from canprobe.models import ORGANISM_DIR
     from canprobe.organisms.train import DEFAULT_CONFIGS, train_organism
 
+    if recipe == "sink":
+        if name != "toy-llava" or out is None or steps is not None:
+            raise InputError(
+                "--recipe sink trains toy-llava into a folder given with --out (no --steps: --text-tokens)"
+            )
+        _train_sink(check_output_dir(out), batch_size, seed, text_tokens, device or "cpu")
+        return
+    if text_tokens is not None:
+        raise InputError("--text-tokens belongs to --recipe sink")
     config = DEFAULT_CONFIGS[name]
     changes = {k: v for k, v in dict(steps=steps, batch_size=batch_size, seed=seed).items() if v is not None}
     config = dataclasses.replace(config, **changes)
@@ -274,6 +295,28 @@ def organisms_train(name, out, steps, batch_size, seed, device) -> None:
     click.echo(
         f"trained {name} ({result.parameters:,} parameters) in {result.seconds:.0f} s: "
         f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {out}"
+    )
+
+
+def _train_sink(out: Path, batch_size: int | None, seed: int | None, text_tokens: int | None, device: str) -> None:
+    import dataclasses
+
+    from canprobe.organisms.sink import CURVE_FILE, AlignConfig, PretrainConfig, train_sink_recipe
+
+    changes = dict(batch_size=batch_size, seed=seed, tokens=text_tokens)
+    pretrain = dataclasses.replace(PretrainConfig(), **{k: v for k, v in changes.items() if v is not None})
+    align = AlignConfig() if seed is None else dataclasses.replace(AlignConfig(), seed=seed)
+    logging.getLogger("canprobe").setLevel(logging.INFO)
+    stage_a, stage_b = train_sink_recipe(out, pretrain, align, device=device)
+    last = stage_a.curve[-1]
+    peak = last["layers"][last["peak_layer"]]
+    click.echo(
+        f"Stage A: {stage_a.tokens:,} tokens in {stage_a.seconds:.0f} s ({stage_a.tokens / stage_a.seconds:,.0f}/s); "
+        f"first-token max|h|/median {peak['first_ratio']:.0f}x at layer {last['peak_layer']} "
+        f"(other tokens {peak['rest_ratio']:.0f}x)"
+    )
+    click.echo(
+        f"Stage B: {stage_b.steps} steps in {stage_b.seconds:.0f} s; saved to {out}, curves in {out / CURVE_FILE}"
     )
 
 

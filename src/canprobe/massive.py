@@ -111,7 +111,7 @@ class _Entry:
     layers: dict[int, list] = field(default_factory=dict)  # layer -> [count, sum value, sum ratio, writer sums]
 
 
-def _decoder_layers(registry: SiteRegistry) -> list[tuple[Site, torch.nn.Module]]:
+def decoder_layers(registry: SiteRegistry) -> list[tuple[Site, torch.nn.Module]]:
     """(down_proj site, the layer holding it) for every layer of the language model that reads the prompt
     and the caption together, in order (of an encoder-decoder, the encoder: its decoder reads the caption alone)."""
     family = registry.family
@@ -151,7 +151,7 @@ def massive_activations(
     if len(captions) != len(images):
         raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
     registry = SiteRegistry.of(lm.model)
-    layers = _decoder_layers(registry)
+    layers = decoder_layers(registry)
     residual: dict[int, torch.Tensor] = {}
     written: dict[int, torch.Tensor] = {}
 

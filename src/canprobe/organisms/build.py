@@ -66,6 +66,7 @@ class OrganismShape:
     heads: int = 4
     qformer_layers: int = 2
     num_query_tokens: int = 16
+    context: int = 128  # the language model's max_position_embeddings
 
 
 def build_tokenizer(
@@ -120,7 +121,7 @@ def _text_config(shape: OrganismShape, vocab_size: int) -> LlamaConfig:
         num_hidden_layers=shape.text_layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.heads,
-        max_position_embeddings=128,
+        max_position_embeddings=shape.context,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from canprobe.errors import InputError
-from canprobe.families import named
+from canprobe.families import Family, named
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.organisms.build import BUILDERS, OrganismShape
 from canprobe.organisms.scenes import make_scenes
@@ -53,10 +53,39 @@ class TrainResult:
     parameters: int = 0
 
 
-def _clip_batch(processor, images, captions: list[str]) -> dict[str, torch.Tensor]:
-    enc = processor(images=images, text=captions, return_tensors="pt", padding=True)
-    enc["return_loss"] = True
-    return dict(enc)
+def warmup_cosine(warmup: int, steps: int):
+    """The learning-rate factor at each step: linear warm-up, then cosine decay to 5%."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class ScenePool:
+    """Drawn scenes with their pixel values computed once; ``batch`` builds training inputs from some of
+    them (teacher-forced captions, or contrastive pairs for CLIP)."""
+
+    def __init__(self, processor, family: Family, scenes: list):
+        self.processor, self.family, self.scenes = processor, family, scenes
+        self.pixels = processor.image_processor([im for im, _ in scenes], return_tensors="pt")["pixel_values"]
+
+    def sample(self, rng: random.Random, size: int) -> list[int]:
+        return rng.sample(range(len(self.scenes)), min(size, len(self.scenes)))
+
+    def batch(self, idx: list[int], device: str | torch.device) -> dict[str, torch.Tensor]:
+        images = [self.scenes[i][0] for i in idx]
+        captions = [self.scenes[i][1].caption for i in idx]
+        if self.family.generates:
+            batch = teacher_forcing_inputs(self.processor, self.family, images, captions)
+        else:  # the contrastive organism
+            batch = dict(self.processor(images=images, text=captions, return_tensors="pt", padding=True))
+            batch["return_loss"] = True
+        batch["pixel_values"] = self.pixels[idx]
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train_organism(
@@ -76,32 +105,14 @@ def train_organism(
     model, processor = BUILDERS[name](shape)
     model.to(device).train()
     family = named({"toy-llava": "llava", "toy-instructblip": "instructblip", "toy-clip": "clip"}[name])
-    pool = make_scenes(config.pool_size, seed=config.seed)
-    pixel_cache = processor.image_processor([im for im, _ in pool], return_tensors="pt")["pixel_values"]
-    captions = [s.caption for _, s in pool]
+    pool = ScenePool(processor, family, make_scenes(config.pool_size, seed=config.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    def lr_at(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(config.warmup, config.steps))
     rng = random.Random(config.seed + 1)
     result = TrainResult(name, parameters=sum(p.numel() for p in model.parameters()))
     start = time.perf_counter()
     for step in range(config.steps):
-        idx = rng.sample(range(config.pool_size), min(config.batch_size, config.pool_size))
-        images = [pool[i][0] for i in idx]
-        caps = [captions[i] for i in idx]
-        if not family.generates:  # the contrastive organism
-            batch = _clip_batch(processor, images, caps)
-        else:
-            batch = teacher_forcing_inputs(processor, family, images, caps)
-        batch["pixel_values"] = pixel_cache[idx]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        loss = model(**batch).loss
+        loss = model(**pool.batch(pool.sample(rng, config.batch_size), device)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
