@@ -10,6 +10,7 @@ Every file canprobe writes goes through this module. A run folder holds::
     controls.json        a study's controls at k* (activation-only ranking, mean ablation)
     faults/, protection.json   a study's robustness: k* per fault model; random faults per protection
     activations.json     a study's massive activations (``canprobe.massive``)
+    neurons.parquet, neurons.json   the top neurons per position, patch and image (``canprobe.neurons``)
     report.html          figures and tables drawn from the files above
     captions.jsonl       ``canprobe caption``: one record per image
 
@@ -51,6 +52,8 @@ CAPTIONS_FILE = "captions.jsonl"
 FAULTS_DIR = "faults"  # a study's k* searches per fault model, one folder per (fault, ranking)
 PROTECTION_FILE = "protection.json"  # a study's collapse rates under random faults, per protection
 ACTIVATIONS_FILE = "activations.json"  # a study's massive activations of the language model
+NEURONS_FILE = "neurons.parquet"  # the top neurons' activations per image and position (canprobe.neurons)
+NEURON_STATS_FILE = "neurons.json"  # their statistics, the images and the scopes they come from
 RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
 PAIR_KEY = "canprobe_pair"  # metadata key: the id of the write that made a scores/ranking pair
 ARTIFACT_FILES = (  # what canprobe writes atomically (see ``remove_stray_temporaries``)
@@ -64,6 +67,8 @@ ARTIFACT_FILES = (  # what canprobe writes atomically (see ``remove_stray_tempor
     CAPTIONS_FILE,
     PROTECTION_FILE,
     ACTIVATIONS_FILE,
+    NEURONS_FILE,
+    NEURON_STATS_FILE,
 )
 
 

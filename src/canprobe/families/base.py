@@ -11,8 +11,9 @@ A family is what canprobe knows about one architecture (one or more ``config.mod
 - how the user's instruction is wrapped (``prompts``) and turned into model inputs (``inputs``);
 - optionally, how image features are encoded once and fed back in place of pixels
   (``cached_features`` says whether the installed transformers supports it, decided once per model);
-- which rows of a vision activation belong to which sample (``vision_rows``), and the sequence
-  length per component that ``--dry-run`` assumes (``tokens``).
+- which rows of a vision activation belong to which sample (``vision_rows``), where an image's rows
+  sit on its grid of patches (``patch_grid``), and the sequence length per component that
+  ``--dry-run`` assumes (``tokens``).
 
 Nothing outside ``canprobe.families`` branches on a family's name: code asks the family.
 """
@@ -68,6 +69,24 @@ FC_MLP = {
     "fc1": SiteKind("mlp.activation_fn", "output", "mlp.fc1", "out"),
     "fc2": SiteKind("mlp.fc2", "output", "mlp.fc2", "out"),
 }
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Where one image's activation rows sit on its patches: row i covers cell ``cells[i]`` of a
+    ``shape`` grid (row-major), or no cell (-1: a class token, a crop or row break beyond the grid)."""
+
+    shape: tuple[int, int]
+    cells: torch.Tensor
+
+    @classmethod
+    def square(cls, side: int, rows: int, leading: int = 0) -> PatchGrid:
+        """``leading`` rows that are no patch (class tokens), then a ``side`` x ``side`` grid row by row,
+        then rows beyond it (none of the grid's)."""
+        cells = torch.full((rows,), -1, dtype=torch.long)
+        n = max(0, min(side * side, rows - leading))
+        cells[leading : leading + n] = torch.arange(n)
+        return cls((side, side), cells)
 
 
 class Family:
@@ -185,6 +204,20 @@ class Family:
     def vision_rows(self, model: torch.nn.Module, enc: dict) -> torch.Tensor:
         """Per row of a vision-tower activation, the weight of that row in its sample (1 / crops)."""
         return torch.ones(enc["input_ids"].shape[0])
+
+    def patch_grid(self, model: torch.nn.Module, enc: dict, component: str, image: int, rows: int) -> PatchGrid | None:
+        """Where the ``rows`` activation rows of image ``image`` of a processor batch sit on its patches.
+
+        ``component``: "language" (the image's image-token rows, in order), "vision" or "projector" (its
+        rows of that component; of its first crop when it has several). None: the rows are no patches
+        (learned queries) or their layout is unknown. By default a ViT's rows: the square patch grid of
+        the vision config, after a class token when there is one more row than patches.
+        """
+        vision = getattr(model.config, "vision_config", None)
+        if component != "vision" or vision is None or not getattr(vision, "patch_size", None):
+            return None
+        side = vision.image_size // vision.patch_size
+        return PatchGrid.square(side, rows, rows - side * side) if rows - side * side in (0, 1) else None
 
     def tokens(self, config, component: str, text_tokens: int) -> int:
         """Sequence length per sample of ``component`` for one image and ``text_tokens`` text tokens."""

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from canprobe.families.base import FC_MLP, SWIGLU, Family, SiteKind, chat_prompts, validates_mm_encoder_outputs
+from canprobe.families.base import (
+    FC_MLP,
+    SWIGLU,
+    Family,
+    PatchGrid,
+    SiteKind,
+    chat_prompts,
+    validates_mm_encoder_outputs,
+)
 
 # the LLaVA-1.5 conversation format, for processors saved without a chat template
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -74,3 +82,12 @@ class Llava(Family):
             for size in enc["image_sizes"]
         ]
         return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
+
+    def patch_grid(self, model, enc, component, image, rows):
+        """Image tokens and projector rows are the vision tower's patches (after its class token with the
+        ``full`` feature strategy); LLaVA-NeXT's image tokens start with the whole image's grid, then crops."""
+        if component == "vision":
+            return super().patch_grid(model, enc, component, image, rows)
+        cfg = model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        return PatchGrid.square(side, rows, int(cfg.vision_feature_select_strategy == "full"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from canprobe.families.base import SWIGLU, Family, ImagesOnly, SiteKind, chat_prompts
+from canprobe.families.base import SWIGLU, Family, ImagesOnly, PatchGrid, SiteKind, chat_prompts
 
 LANGUAGE_ROOTS = ("model.language_model.layers", "model.layers")
 VISION_ROOTS = ("model.visual.blocks", "visual.blocks")
@@ -44,6 +44,19 @@ class Qwen2VL(ImagesOnly, Family):
         """Per patch of the flattened vision sequence, 1 / the number of patches of its image."""
         counts = enc["image_grid_thw"].prod(dim=-1).tolist()
         return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
+
+    def patch_grid(self, model, enc, component, image, rows):
+        """Image tokens and merger rows: one per ``m`` x ``m`` group of patches, row by row over the merged grid.
+        Vision rows: the patches of each group in turn (the processor orders them so), groups row by row."""
+        t, h, w = (int(v) for v in enc["image_grid_thw"][image])
+        m = model.config.vision_config.spatial_merge_size
+        if component != "vision":
+            return PatchGrid((h // m, w // m), torch.arange(rows) % (h // m * w // m))
+        index = torch.arange(rows) % (h * w)
+        group, inside = index // (m * m), index % (m * m)
+        r = group // (w // m) * m + inside // m
+        c = group % (w // m) * m + inside % m
+        return PatchGrid((h, w), r * w + c)
 
     def tokens(self, config, component, text_tokens):
         vision = config.vision_config

@@ -1,0 +1,347 @@
+"""Where each critical neuron fires: over token positions, over image patches, and on which images.
+
+One teacher-forced pass over a few images (prompt + the model's own greedy caption, as the scores
+were taken) records, through ``SiteRegistry.hook``, the activation of each chosen neuron at every
+row its site reads, per image:
+
+* language sites: every token position, labelled ``first token``, ``prompt``, ``image`` (the image
+  tokens) or ``caption``; an image token's row is mapped back to the patch it stands for by the family
+  (``Family.patch_grid``: LLaVA's one token per patch, Qwen-VL's one token per merged group of patches);
+* vision sites: the rows of the image's patches (``class token`` and ``patch``), mapped to the patch
+  grid; projector rows (``image token``) and Q-Former rows (``query``, ``prompt``) likewise where they
+  are patches;
+* per image, the mean |activation| of every neuron of each hooked site over the image's rows: a neuron
+  is *consistent* on an image when it is among the ``most_active`` neurons of its site there (the
+  paper's "consistently activated"); its consistency is the share of images where it is.
+
+The result is a plain table (``neurons.parquet``: neuron, image, position, kind, value, and the patch
+cell of the row) plus per-neuron statistics (``neurons.json``), which the report draws from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from canprobe.captions import generate_captions
+from canprobe.errors import InputError
+from canprobe.inputs import teacher_forcing_inputs, to_model_inputs
+from canprobe.models import LoadedModel
+from canprobe.runfolder import NEURON_STATS_FILE, NEURONS_FILE, atomic_write_bytes, atomic_write_json, read_json
+from canprobe.sites import Site, SiteRegistry
+
+log = logging.getLogger(__name__)
+
+VIEW_IMAGES = 8  # images of one pass: a few, spread over the categories
+MAX_NEURONS = 16  # the k* set of a scope, at most this many
+MOST_ACTIVE = 10  # "among the most active neurons of its site": among this many, by mean |activation|
+WRITES = 3  # the residual channels a unit writes most, listed per neuron
+TABLE_COLUMNS = ("neuron", "image", "position", "kind", "value", "cell", "grid_rows", "grid_cols")
+
+
+@dataclass
+class NeuronView:
+    """The activations of some neurons on a few images, and a statistics row per neuron.
+
+    ``table``: one row per (neuron, image, position): ``value``, the position's ``kind``, and the patch
+    ``cell`` it covers in a ``grid_rows`` x ``grid_cols`` grid of the image (-1: none).
+    """
+
+    table: pd.DataFrame
+    stats: list[dict]
+    images: list[str]
+    most_active: int = MOST_ACTIVE
+    scopes: dict[str, dict] = field(default_factory=dict)  # scope -> {"k_star", "shown", "size"}
+
+    def save(self, folder: Path | str) -> None:
+        import io
+
+        folder = Path(folder)
+        buf = io.BytesIO()
+        self.table.to_parquet(buf, index=False)
+        atomic_write_bytes(folder / NEURONS_FILE, buf.getvalue())
+        meta = {"images": self.images, "most_active": self.most_active, "scopes": self.scopes, "neurons": self.stats}
+        atomic_write_json(folder / NEURON_STATS_FILE, meta)
+
+    @classmethod
+    def load(cls, folder: Path | str) -> NeuronView | None:
+        """The view saved in ``folder``; None when it holds none."""
+        folder = Path(folder)
+        meta = read_json(folder / NEURON_STATS_FILE)
+        if meta is None or not (folder / NEURONS_FILE).is_file():
+            return None
+        try:
+            table = pd.read_parquet(folder / NEURONS_FILE)
+            if list(table.columns) != list(TABLE_COLUMNS):
+                raise ValueError("columns")
+            return cls(table, list(meta["neurons"]), list(meta["images"]), int(meta["most_active"]), meta["scopes"])
+        except (KeyError, TypeError, ValueError, OSError):
+            raise InputError(f"{folder / NEURONS_FILE} is not a canprobe neuron table (damaged); rerun it") from None
+
+
+def spread_images(names: Sequence[str], n: int = VIEW_IMAGES) -> list[int]:
+    """Indices of ``n`` images taken in turn from each category (the folder in a name), in order."""
+    by_category: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        by_category.setdefault(str(Path(name).parent), []).append(i)
+    queues = list(by_category.values())
+    chosen: list[int] = []
+    while len(chosen) < min(n, len(names)):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def top_neurons(ranking: pd.DataFrame, k_star: int | None, top: int | None = None) -> pd.DataFrame:
+    """The neurons a view shows: the first ``top`` of the ranking, or its k* set (at most MAX_NEURONS)."""
+    n = top if top is not None else min(k_star or 0, MAX_NEURONS)
+    return ranking.sort_values("rank").head(n)
+
+
+class _Batch:
+    """One processor batch: which rows of a site's activation are each image's, and what they are."""
+
+    def __init__(self, lm: LoadedModel, enc: dict, labels: torch.Tensor | None):
+        self.lm, self.enc, self.labels = lm, enc, labels
+        self.n = enc["input_ids"].shape[0]
+        self.family = lm.family
+
+    def _decoder(self, site: Site) -> bool:
+        return self.family.encoder_decoder and not self.family.encoder_site(site.module_path)
+
+    def _mask(self, site: Site) -> torch.Tensor:
+        return self.enc["decoder_attention_mask" if self._decoder(site) else "attention_mask"].bool()
+
+    def split(self, site: Site, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, its rows of ``x`` [rows, size]: the attended tokens of a language site, in order; the
+        image's rows of a vision, projector or Q-Former site (its first crop's when it has several)."""
+        if site.component == "language":
+            mask = self._mask(site)
+            x = x.reshape(*mask.shape, x.shape[-1])  # OPT's MLP sees rows and positions flattened
+            return [x[i][mask[i].to(x.device)] for i in range(self.n)]
+        if x.dim() == 3 and x.shape[0] == self.n:
+            return list(x)
+        weights = self.family.vision_rows(self.lm.model, self.enc).tolist()  # per row: 1 / its image's rows
+        sizes, i = [], 0
+        while i < len(weights):
+            sizes.append(round(1 / weights[i]))
+            i += sizes[-1]
+        if x.dim() == 3:  # crops: the first of each image
+            starts = np.cumsum([0, *sizes[:-1]])
+            return [x[int(s)] for s in starts]
+        total = sum(sizes)  # one sequence of every image's rows; a merger folds them by a common factor
+        return list(x.split([s * x.shape[0] // total for s in sizes]))
+
+    def describe(self, site: Site, image: int, rows: int) -> tuple[list[str], np.ndarray, tuple[int, int]]:
+        """The kind of each of the image's ``rows`` rows, the patch cell each covers (-1: none), the grid."""
+        cells = np.full(rows, -1)
+        grid = (0, 0)
+        if site.component == "language":
+            mask = self._mask(site)[image]
+            if self._decoder(site):
+                return ["caption"] * rows, cells, grid
+            ids = self.enc["input_ids"][image][mask]
+            token = getattr(self.lm.model.config, "image_token_id", None)
+            is_image = (ids == token).numpy() if token is not None else np.zeros(rows, dtype=bool)
+            kinds = np.array(["prompt"] * rows, dtype=object)
+            kinds[0] = "first token"
+            if self.labels is not None and not self.family.encoder_decoder:
+                kinds[(self.labels[image][mask] != -100).numpy()] = "caption"
+            kinds[is_image] = "image"
+            if is_image.any():
+                patches = self.family.patch_grid(self.lm.model, self.enc, "language", image, int(is_image.sum()))
+                if patches is not None:
+                    cells[is_image], grid = patches.cells.numpy(), patches.shape
+            return kinds.tolist(), cells, grid
+        patches = self.family.patch_grid(self.lm.model, self.enc, site.component, image, rows)
+        if patches is not None:
+            cells, grid = patches.cells.numpy(), patches.shape
+        if site.component == "vision":
+            kinds = ["patch" if c >= 0 or patches is None else "class token" for c in cells]
+        elif site.component == "projector":
+            kinds = ["image token"] * rows
+        else:
+            kinds = ["query" if site.kind.endswith("_query") else "prompt"] * rows
+        return kinds, cells, grid
+
+
+def _writes(registry: SiteRegistry, site: Site, index: int) -> list[dict]:
+    """The residual channels a unit writes most: the largest |weights| of its column in the linear that reads
+    it (its own linear for an input reading; for gate and up units, the layer's down_proj). Output channels
+    of a residual writer (down_proj, fc2) are residual channels themselves: none."""
+    reader = site if site.weight_axis == "in" else None
+    if reader is None:
+        reader = next(
+            (
+                s
+                for s in registry.sites
+                if (s.component, s.layer, s.weight_axis, s.size) == (site.component, site.layer, "in", site.size)
+            ),
+            None,
+        )
+    if reader is None:
+        return []
+    writer = next(
+        (s for s in registry.sites if s.weight_path == reader.weight_path and s.weight_axis == "out" and s.part == 0),
+        None,
+    )
+    column = registry.weights(reader)[:, index].detach().float().cpu()
+    order = column.abs().argsort(descending=True)[:WRITES]
+    return [
+        {"channel": writer.address(int(j)) if writer is not None else int(j), "weight": float(column[j])} for j in order
+    ]
+
+
+@torch.no_grad()
+def record_neurons(
+    lm: LoadedModel,
+    images: list,
+    names: list[str],
+    neurons: Sequence[str],
+    prompt: str | None = None,
+    captions: list[str] | None = None,
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+    most_active: int = MOST_ACTIVE,
+) -> NeuronView:
+    """Record ``neurons`` (addresses) over ``images`` in one teacher-forced pass (see the module doc).
+
+    ``captions`` default to the model's own greedy captions. Statistics per neuron: mean, spread, the
+    largest |value| and where it sits, the mean per kind of position, consistency and the channels
+    written; a caller adds score and rank.
+    """
+    if not images or len(names) != len(images):
+        raise InputError("a neuron view needs at least one image, and one name per image")
+    if not neurons:
+        raise InputError("no neuron to show")
+    registry = SiteRegistry.of(lm.model)
+    resolved = [registry.resolve(a) for a in neurons]
+    chosen: dict[str, list[int]] = {}
+    for site, index in resolved:
+        chosen.setdefault(site.name, []).append(index)
+    if captions is None:
+        captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    values: dict[tuple[str, int], list] = {}  # (site, image) -> [values rows x chosen, kinds, cells, grid]
+    activity: dict[tuple[str, int], torch.Tensor] = {}  # (site, image) -> mean |a| of every neuron of the site
+    state: dict = {}
+
+    def recorder(site: Site):
+        idx = torch.tensor(chosen[site.name])
+
+        def record(x: torch.Tensor) -> None:
+            batch, offset = state["batch"], state["offset"]
+            for i, rows in enumerate(batch.split(site, x.detach())):
+                rows = rows.float()
+                kinds, cells, grid = batch.describe(site, i, rows.shape[0])
+                values[(site.name, offset + i)] = [rows[:, idx.to(rows.device)].cpu(), kinds, cells, grid]
+                activity[(site.name, offset + i)] = rows.abs().mean(0).cpu()
+
+        return record
+
+    sites = {site.name: site for site, _ in resolved}
+    handles = [registry.hook(site, recorder(site)) for site in sites.values()]
+    try:
+        for start in range(0, len(images), batch_size):
+            enc = teacher_forcing_inputs(
+                lm.processor,
+                lm.family,
+                images[start : start + batch_size],
+                captions[start : start + batch_size],
+                prompt,
+            )
+            labels = enc.pop("labels")
+            state.update(batch=_Batch(lm, enc, labels), offset=start)
+            lm.model(**to_model_inputs(enc, lm.model))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted({s for s in sites if (s, 0) not in values})
+    if missing:
+        raise InputError(f"{', '.join(missing)}: not reached while the model read the images; no view of them")
+    frames, stats = [], []
+    for address, (site, index) in zip(neurons, resolved):
+        column = chosen[site.name].index(index)
+        per_image = []
+        for image in range(len(images)):
+            rows, kinds, cells, grid = values[(site.name, image)]
+            v = rows[:, column].numpy()
+            per_image.append(
+                pd.DataFrame(
+                    {
+                        "neuron": address,
+                        "image": names[image],
+                        "position": np.arange(len(v)),
+                        "kind": kinds,
+                        "value": v,
+                        "cell": cells,
+                        "grid_rows": grid[0],
+                        "grid_cols": grid[1],
+                    }
+                )
+            )
+        table = pd.concat(per_image, ignore_index=True)
+        frames.append(table)
+        ranks = [
+            int((activity[(site.name, image)] > activity[(site.name, image)][index]).sum())
+            for image in range(len(images))
+        ]
+        stats.append(_statistics(address, site, table, ranks, most_active, _writes(registry, site, index)))
+    table = pd.concat(frames, ignore_index=True).astype({"cell": "int64", "grid_rows": "int64", "grid_cols": "int64"})
+    return NeuronView(table, stats, list(names), most_active)
+
+
+def _statistics(address: str, site: Site, table: pd.DataFrame, ranks: list[int], most_active: int, writes) -> dict:
+    """One neuron's numbers: mean, spread and largest |value| over every row of every image, and where."""
+    peak = table.loc[table["value"].abs().idxmax()]
+    return {
+        "neuron": address,
+        "site": site.name,
+        "scope": site.scope,
+        "mean": float(table["value"].mean()),
+        "std": float(table["value"].std(ddof=0)),
+        "max": float(peak["value"]),
+        "max_image": str(peak["image"]),
+        "max_position": int(peak["position"]),
+        "max_kind": str(peak["kind"]),
+        "by_kind": {k: float(v) for k, v in table.groupby("kind", sort=False)["value"].mean().items()},
+        "activity_rank": ranks,  # per image: neurons of the site more active than it (0: the most active)
+        "consistency": float(np.mean([r < most_active for r in ranks])),
+        "writes": writes,
+    }
+
+
+def position_profile(table: pd.DataFrame) -> pd.DataFrame:
+    """Per position of one neuron's rows: mean, std, min and max over the images that have it, its kind
+    (the most frequent), and how many images have it."""
+    grouped = table.groupby("position")
+    profile = grouped["value"].agg(["mean", "min", "max", "count"])
+    profile["std"] = grouped["value"].std(ddof=0)
+    profile["kind"] = grouped["kind"].agg(lambda k: k.mode().iloc[0])
+    return profile.reset_index()
+
+
+def patch_map(rows: pd.DataFrame, side: int | None = None) -> np.ndarray | None:
+    """One neuron's values on one image's patch grid (mean of the rows covering a cell; NaN: no row), average-
+    pooled to at most ``side`` cells a side; None when its rows cover no patch."""
+    patches = rows[rows["cell"] >= 0]
+    if patches.empty:
+        return None
+    h, w = int(patches["grid_rows"].iloc[0]), int(patches["grid_cols"].iloc[0])
+    sums = np.bincount(patches["cell"], weights=patches["value"], minlength=h * w)[: h * w]
+    counts = np.bincount(patches["cell"], minlength=h * w)[: h * w]
+    with np.errstate(invalid="ignore"):
+        grid = (sums / counts).reshape(h, w)
+    if side is None or max(h, w) <= side:
+        return grid
+    size = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(np.nan_to_num(grid))[None], size)
+    weight = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy((~np.isnan(grid)).astype(float))[None], size)
+    with np.errstate(invalid="ignore"):
+        return (pooled / weight)[0].numpy()
