@@ -111,6 +111,18 @@ def teacher_forcing_inputs(
     return enc
 
 
+def forced_batches(
+    lm: LoadedModel, images: list, captions: list[str], prompt: str | None, batch_size: int
+) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
+    """Per batch of ``images``, (index of its first image, teacher-forcing inputs of prompt + caption on the
+    CPU without their ``labels``, the labels): for passes that read activations rather than the loss."""
+    for start in range(0, len(images), batch_size):
+        enc = teacher_forcing_inputs(
+            lm.processor, lm.family, images[start : start + batch_size], captions[start : start + batch_size], prompt
+        )
+        yield start, enc, enc.pop("labels")
+
+
 def _decoder_inputs(caption_ids: list[list[int]], pad: int, eos: int) -> dict[str, torch.Tensor]:
     n, width = len(caption_ids), max(len(c) for c in caption_ids) + 1
     labels = torch.full((n, width), -100, dtype=torch.long)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from canprobe.captions import generate_captions
 from canprobe.errors import InputError
-from canprobe.inputs import teacher_forcing_inputs, to_model_inputs
+from canprobe.inputs import forced_batches, to_model_inputs
 from canprobe.models import LoadedModel
 from canprobe.sites import Site, SiteRegistry
 
@@ -169,15 +169,7 @@ def massive_activations(
     entries: dict[tuple[int, int, str], _Entry] = {}
     tokenizer = lm.tokenizer
     try:
-        for start in range(0, len(images), batch_size):
-            enc = teacher_forcing_inputs(
-                lm.processor,
-                lm.family,
-                images[start : start + batch_size],
-                captions[start : start + batch_size],
-                prompt,
-            )
-            enc.pop("labels")
+        for _, enc, _ in forced_batches(lm, images, captions, prompt, batch_size):
             lm.model(**to_model_inputs(enc, lm.model))
             mask = enc["attention_mask"].bool()
             positions = mask.long().cumsum(1) - 1

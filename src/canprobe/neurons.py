@@ -31,7 +31,7 @@ import torch
 
 from canprobe.captions import generate_captions
 from canprobe.errors import InputError
-from canprobe.inputs import teacher_forcing_inputs, to_model_inputs
+from canprobe.inputs import forced_batches, to_model_inputs
 from canprobe.models import LoadedModel
 from canprobe.runfolder import NEURON_STATS_FILE, NEURONS_FILE, atomic_write_bytes, atomic_write_json, read_json
 from canprobe.sites import Site, SiteRegistry
@@ -248,15 +248,7 @@ def record_neurons(
     sites = {site.name: site for site, _ in resolved}
     handles = [registry.hook(site, recorder(site)) for site in sites.values()]
     try:
-        for start in range(0, len(images), batch_size):
-            enc = teacher_forcing_inputs(
-                lm.processor,
-                lm.family,
-                images[start : start + batch_size],
-                captions[start : start + batch_size],
-                prompt,
-            )
-            labels = enc.pop("labels")
+        for start, enc, labels in forced_batches(lm, images, captions, prompt, batch_size):
             state.update(batch=_Batch(lm, enc, labels), offset=start)
             lm.model(**to_model_inputs(enc, lm.model))
     finally:
