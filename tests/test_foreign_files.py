@@ -9,7 +9,9 @@ assert that they do.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -573,7 +575,6 @@ def test_study_resumes_on_another_device_and_batch_size_but_not_another_alpha(cl
 
 
 def test_sigkill_between_the_two_writes_of_a_pair(cli, scene_dir, tmp_path, few_images):
-    import os
     import signal
 
     from canprobe import runfolder
@@ -588,14 +589,14 @@ def test_sigkill_between_the_two_writes_of_a_pair(cli, scene_dir, tmp_path, few_
     if pid == 0:  # the child writes the new pair and is killed between its two files
         try:
             signal.alarm(60)
-            real = runfolder.atomic_write_bytes
+            real = os.replace
 
-            def write_then_die(path, data):
-                real(path, data)
-                if path.name == "scores.safetensors":
+            def replace_then_die(src, dst):  # both files are staged; the kill falls between the two renames
+                real(src, dst)
+                if Path(dst).name == runfolder.SCORES_FILE:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            runfolder.atomic_write_bytes = write_then_die
+            os.replace = replace_then_die
             new.save(folder)
         finally:
             os._exit(1)
@@ -687,3 +688,89 @@ def test_study_with_a_damaged_run_json(cli, scene_dir, tmp_path, monkeypatch, no
     monkeypatch.setattr("canprobe.experiment.Experiment._identity", lambda self, *prepared: {"config": {}})
     refused(cli("run", "--model", "toy-llava", "--images", scene_dir, "--out", out), out / "run.json")
     assert snapshot(out) == before
+
+
+# --- outputs that would destroy something: devices, pipes, input files, folders inside inputs -----
+
+
+def _special(tmp_path: Path, kind: str) -> Path:
+    if kind == "device":
+        return Path("/dev/null")  # as root, replacing it would turn the device into a regular file
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    if kind == "link to a pipe":
+        (tmp_path / "link").symlink_to(pipe)
+        return tmp_path / "link"
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["device", "pipe", "link to a pipe"])
+@pytest.mark.parametrize("command", FILE_OUTPUTS)
+def test_an_output_file_that_is_a_device_or_a_pipe_is_refused_untouched(
+    cli, scene_dir, fake_run, tmp_path, command, kind, no_model
+):
+    target = _special(tmp_path, kind)
+    before = os.stat(target)
+    refused(cli(*_commands(scene_dir, target, fake_run)[command]), "canprobe writes only regular files")
+    after = os.stat(target)
+    assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev)
+
+
+@pytest.mark.parametrize("name", ["scores.safetensors", "curve.jsonl"])
+def test_a_run_folder_whose_artifact_is_a_pipe_is_refused_before_any_work(cli, scene_dir, tmp_path, name, no_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / name)
+    refused(cli("score", "--model", "toy-llava", "--images", scene_dir, "--out", out), name, "is a pipe")
+
+
+def test_caption_never_overwrites_the_image_sets_own_captions(cli, tmp_path, no_model, monkeypatch):
+    images = tmp_path / "set"
+    shutil.copytree(_scenes(tmp_path), images)
+    before = snapshot(images)
+    monkeypatch.chdir(images)  # the case: the default --out captions.jsonl, run inside the set
+    refused(cli("caption", "--model", "toy-llava", "--images", "."), "captions.jsonl", "which this command reads")
+    refused(cli("caption", "--model", "toy-llava", "--images", images, "--out", images / "car" / "c.jsonl"), "inside")
+    assert snapshot(images) == before
+
+
+@pytest.mark.parametrize("command", ["score", "search", "run"])
+def test_an_output_folder_inside_the_image_folder_is_refused(cli, tmp_path, command, no_model):
+    images = tmp_path / "set"
+    shutil.copytree(_scenes(tmp_path), images)
+    args = [command, "--model", "toy-llava", "--images", images, "--out", images / "runs" / "a"]
+    refused(cli(*args), "inside", "which this command reads")
+    refused(cli(*args[:-1], images), "inside")  # the image folder itself
+    assert not (images / "runs").exists()
+
+
+def test_report_never_overwrites_a_file_of_the_runs_it_reads(cli, fake_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    before = snapshot(run)
+    refused(cli("report", run, "--out", run / "summary.json"), "which this command reads", ".html")
+    refused(cli("compare", run, "--out", run / "notes.txt"), "which this command reads")
+    assert snapshot(run) == before
+
+
+def test_report_on_a_run_in_progress_says_so(cli, fake_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")  # a study that has claimed its folder and not finished
+    refused(cli("report", run), "has not finished", "resume")
+    refused(cli("compare", fake_run, run, "--out", tmp_path / "c.html"), "has not finished")
+    refused(cli("report", tmp_path), "not a canprobe run folder")  # a folder with no run at all
+
+
+@pytest.mark.parametrize("command", ["score", "search", "run"])
+def test_a_locked_folder_is_refused_before_the_model_loads(cli, scene_dir, tmp_path, command, no_model):
+    out = tmp_path / "held"
+    out.mkdir()
+    (out / ".canprobe.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    refused(cli(command, "--model", "toy-llava", "--images", scene_dir, "--out", out), "in use by another")
+
+
+def _scenes(tmp_path: Path) -> Path:
+    from canprobe.organisms.scenes import write_scenes
+
+    return write_scenes(tmp_path / "scenes-src", per_category=1, seed=5)

@@ -179,13 +179,14 @@ def write_json(path, obj, **kwargs):
         half_temp(path)
     runfolder.atomic_write_json(path, obj, **kwargs)
 
-def write_bytes(path, data):
-    if mode == "mid_ranking" and Path(path).name == "ranking.parquet":
-        half_temp(path)
-    real_bytes(path, data)
+def write_files(files):
+    for path in files:
+        if mode == "mid_ranking" and Path(path).name == "ranking.parquet":
+            half_temp(path)
+    real_files(files)
 
-real_bytes = runfolder.atomic_write_bytes
-search.append_jsonl, search.atomic_write_json, runfolder.atomic_write_bytes = append, write_json, write_bytes
+real_files = runfolder.atomic_write_files
+search.append_jsonl, search.atomic_write_json, runfolder.atomic_write_files = append, write_json, write_files
 sys.argv = ["canprobe", *sys.argv[1:]]
 from canprobe.cli import run
 run()

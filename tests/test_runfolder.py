@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from canprobe.runfolder import StoreError, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from canprobe.errors import InputError
+from canprobe.runfolder import (
+    RANKING_FILE,
+    SCORES_FILE,
+    StoreError,
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+)
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -27,7 +36,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="cannot write .*a.txt .disk full.; replaced: nothing"):
         atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
@@ -117,3 +126,69 @@ def test_claim_records_the_identity_and_refuses_another(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [RUN_FILE]
     (aside,) = tmp_path.glob("run.replaced-*")
     assert (aside / "curve.jsonl").read_text() == "{}\n"
+
+
+# --- outputs never destroy anything: regular files or new paths, symlinks written through ---
+
+
+def test_a_symlink_is_written_through_and_stays_a_link(tmp_path):
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    atomic_write_json(link, {"new": 1})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"new": 1}
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "sub" / "later.json")  # a link to a new path creates its target
+    atomic_write_text(dangling, "made")
+    assert dangling.is_symlink() and (tmp_path / "sub" / "later.json").read_text() == "made"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link to a fifo", "char device"])
+def test_a_target_that_is_not_a_regular_file_is_refused_untouched(tmp_path, kind):
+    path = tmp_path / "out.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "link to a fifo":
+        os.mkfifo(tmp_path / "pipe")
+        path.symlink_to(tmp_path / "pipe")
+    else:
+        path = "/dev/null"
+    before = os.stat(path).st_mode
+    with pytest.raises(InputError, match="canprobe writes only regular files"):
+        atomic_write_json(path, {"k": 1})
+    with pytest.raises(InputError, match="canprobe writes only regular files"):
+        append_jsonl(path, {"k": 1})
+    assert os.stat(path).st_mode == before
+
+
+def test_a_pair_whose_second_file_cannot_be_written_keeps_the_first(tmp_path):
+    """scores.safetensors and ranking.parquet: both contents are staged before either replaces its file."""
+    from canprobe.scoring import load_folder_ranking
+
+    result = _scores(tmp_path, seed=0)
+    result.save(tmp_path)
+    before = (tmp_path / SCORES_FILE).read_bytes()
+    (tmp_path / RANKING_FILE).unlink()
+    (tmp_path / RANKING_FILE).mkdir()  # the issue's unwritable ranking: here a folder of that name
+    with pytest.raises(InputError, match="ranking.parquet is a folder"):
+        _scores(tmp_path, seed=1).save(tmp_path)
+    assert (tmp_path / SCORES_FILE).read_bytes() == before
+    (tmp_path / RANKING_FILE).rmdir()
+    again = _scores(tmp_path, seed=1)
+    again.save(tmp_path)  # once the way is clear, the pair is written and reads back consistent
+    expected = sorted(again.scores[again.sites[0].name].tolist(), reverse=True)
+    assert load_folder_ranking(tmp_path)["score"].tolist() == pytest.approx(expected)
+
+
+def _scores(folder, seed):
+    import torch
+
+    from canprobe.scoring.result import ScoreResult
+    from canprobe.sites import Site
+
+    site = Site("language", 0, "down_proj", "m.layers.0.mlp.down_proj", "output", "m.layers.0.mlp.down_proj", "out", 5)
+    values = torch.rand(5, generator=torch.Generator().manual_seed(seed))
+    return ScoreResult({site.name: values}, {site.name: -values}, [site], {"seed": seed})

@@ -5,12 +5,19 @@ output location is checked first: of the right kind (a folder where a folder is 
 where a file is) and writable. Writability is tried with a real temporary file, because permission
 bits do not tell the whole story (root, read-only mounts, pseudo file systems). The probe leaves
 nothing behind and creates no folder.
+
+An output never destroys something: canprobe writes only regular files or new paths (never a
+device, a pipe, a socket or a folder, even as root), never inside a folder the same command reads
+(an image set, a run folder being reported), and a symlink is written through (its target gets the
+new content; the link stays).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from canprobe.errors import InputError
@@ -44,20 +51,78 @@ def _probe_writable(folder: Path, what: str, target: Path) -> None:
         ) from None
 
 
-def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """``path`` is a folder (or can become one) that this process can write into."""
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_regular(path: str | os.PathLike) -> str | None:
+    """What ``path`` (through symlinks) is when it is neither a regular file nor absent: "a pipe", ...; else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return f"not usable ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_regular(path: str | os.PathLike, what: str) -> None:
+    """Refuse to write over anything but a regular file: replacing a device or a pipe destroys it."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise InputError(
+            f"{what} {printable(path)} is {kind}; canprobe writes only regular files or new paths, give another"
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
+def _check_not_inside(path: Path, inputs: Iterable[str | os.PathLike], what: str, allowed: str) -> None:
+    for folder in inputs:
+        if folder is not None and Path(folder).is_dir() and _inside(path, Path(folder)):
+            raise InputError(
+                f"{what} {printable(path)} is inside {printable(folder)}, which this command reads; "
+                f"give {allowed} outside it"
+            )
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out", inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """``path`` is a folder (or can become one) that this process can write into, outside the folders in
+    ``inputs``; canprobe's files already in it are regular files."""
+    from canprobe.runfolder import ARTIFACT_FILES
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{what} {printable(path)} is a file; give a folder (new or existing)")
+    _check_not_inside(path, inputs, what, "a folder")
+    if path.is_dir():
+        for name in ARTIFACT_FILES:
+            check_regular(path / name, f"{what} {printable(path)}: its")
     _probe_writable(_nearest_existing(path, what, path), what, path)
     return path
 
 
-def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
-    """``path`` names a file (new or existing, not a folder) that this process can write."""
+def check_output_file(
+    path: str | os.PathLike, what: str = "--out", inputs: Iterable[str | os.PathLike] = (), suffix: str | None = None
+) -> Path:
+    """``path`` names a regular file (new or existing) that this process can write, outside the folders
+    in ``inputs`` (inside them only a file ending in ``suffix``, e.g. a report among the runs it reads)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{what} {printable(path)} is a folder; give a file name inside it")
+    check_regular(path, what)
+    if suffix is None or path.suffix.lower() != suffix:
+        _check_not_inside(path, inputs, what, "a file" if suffix is None else f"a {suffix} file there, or a file")
     _probe_writable(_nearest_existing(path.parent, what, path), what, path)
     return path
 

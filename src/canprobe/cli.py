@@ -232,7 +232,7 @@ def caption(model, images, out, prompt, max_new_tokens, batch_size, dtype, devic
     from canprobe.captions import caption_image_set, exact_match_rate, write_captions
     from canprobe.data import load_image_set
 
-    check_output_file(out)
+    check_output_file(out, inputs=(images,))
     image_set = load_image_set(images)
     _report_skipped(image_set)
     lm = _load(model, dtype, device, trust_remote_code)
@@ -449,7 +449,7 @@ def score_command(
     from canprobe.errors import InputError
     from canprobe.scoring import score_neurons
 
-    check_output_dir(out)
+    check_output_dir(out, inputs=(images,))
     world, device = _join_world(device)
     image_set = load_image_set(images)
     captions = None
@@ -477,29 +477,30 @@ def score_command(
         return
     if world.main:
         _report_skipped(image_set)
-    lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
-    _check_context(lm, image_set, prompt, max_new_tokens)
-    result = score_neurons(
-        lm,
-        _generation_inputs(lm, image_set),
-        scope=scope,
-        method=method,
-        alpha=alpha,
-        reduction=reduction,
-        captions=captions,
-        prompt=prompt,
-        batch_size=batch_size,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        gradient_checkpointing=gradient_checkpointing,
-        reuse_features=reuse_features,
-    )
-    if not world.main:
-        return
     from canprobe.runfolder import RunLock
 
-    with RunLock(out):
-        result.save(out)
+    with RunLock(out) if world.main else nullcontext():  # a folder in use is refused before any work
+        lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+        _check_context(lm, image_set, prompt, max_new_tokens)
+        result = score_neurons(
+            lm,
+            _generation_inputs(lm, image_set),
+            scope=scope,
+            method=method,
+            alpha=alpha,
+            reduction=reduction,
+            captions=captions,
+            prompt=prompt,
+            batch_size=batch_size,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            gradient_checkpointing=gradient_checkpointing,
+            reuse_features=reuse_features,
+        )
+        if world.main:
+            result.save(out)
+    if not world.main:
+        return
     ranking = result.ranking()
     for row in ranking.head(top).itertuples():
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
@@ -602,7 +603,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         clip_model=clip_model,
         **options,
     )
-    check_output_dir(out)
+    check_output_dir(out, inputs=(images,))
     world, device = _join_world(device)
     image_set = _image_subset(images, per_category, report=world.main)
     table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before any work
@@ -624,19 +625,24 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         )
         _print_plan(plan.lines)
         return
-    lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
-    inputs = _generation_inputs(lm, image_set)
-    _check_context(lm, image_set, config.prompt, config.max_new_tokens)
-    from canprobe.scoring import check_ranking_identity, check_ranking_model, load_folder_ranking, score_identity
-
-    if table is not None:
-        check_ranking_model(table, lm)
-    # the loss captions are generated like the captions the search evaluates: same length limit
-    scoring = dict(
-        scope=scope, method=method, alpha=alpha, prompt=config.prompt, seed=seed, max_new_tokens=config.max_new_tokens
-    )
-    # rank 0 holds the folder from the scoring on, not only while the search appends to it
+    # rank 0 holds the folder before the model loads, and while the search appends to it
     with RunLock(out) if world.main else nullcontext():
+        lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+        inputs = _generation_inputs(lm, image_set)
+        _check_context(lm, image_set, config.prompt, config.max_new_tokens)
+        from canprobe.scoring import check_ranking_identity, check_ranking_model, load_folder_ranking, score_identity
+
+        if table is not None:
+            check_ranking_model(table, lm)
+        # the loss captions are generated like the captions the search evaluates: same length limit
+        scoring = dict(
+            scope=scope,
+            method=method,
+            alpha=alpha,
+            prompt=config.prompt,
+            seed=seed,
+            max_new_tokens=config.max_new_tokens,
+        )
         if table is None and (out / RANKING_FILE).exists():
             table = load_folder_ranking(out)
             remedy = "resume with the same --method, --alpha, --scope and images, or use a new --out folder"
@@ -885,7 +891,7 @@ def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
     from canprobe.report import build_report
     from canprobe.runfolder import REPORT_FILE
 
-    check_output_file(out if out is not None else runs[0] / REPORT_FILE)
+    check_output_file(out if out is not None else runs[0] / REPORT_FILE, inputs=runs, suffix=".html")
     click.echo(f"report: {build_report(list(runs), out)}")
 
 
@@ -896,7 +902,7 @@ def compare_command(runs: tuple[Path, ...], out: Path) -> None:
     """k* of several runs (models) side by side: a table here and a figure in --out."""
     from canprobe.report import compare_runs
 
-    check_output_file(out)
+    check_output_file(out, inputs=runs, suffix=".html")
     table, path = compare_runs(list(runs), out)
     click.echo(table.to_string(index=False))
     click.echo(f"figure: {path}")

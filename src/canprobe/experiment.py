@@ -171,7 +171,7 @@ class Experiment:
         self.ppl_lm: LoadedModel | None = None  # the separate PPL model, loaded once per study
         check_image_source(config)
         check_device(config.device, "config field device")
-        check_output_dir(self.out, "config field out")
+        check_output_dir(self.out, "config field out", inputs=(config.images,))
 
     def _search_config(self, scope: str, group: str) -> SearchConfig:
         """Per-category searches run the random control only at k* and stage 1; the figures use pooled curves."""
@@ -391,9 +391,9 @@ class Experiment:
         Nothing is written before the images, models, scopes and prompt have passed their checks, so
         a study that fails validation does not claim its folder.
         """
-        image_set, groups, lm, clip = self._prepare()
-        identity = self._identity(image_set, lm, clip)
-        with RunLock(self.out):
+        with RunLock(self.out):  # a folder in use is refused before the models load
+            image_set, groups, lm, clip = self._prepare()
+            identity = self._identity(image_set, lm, clip)
             runfolder.claim(self.out, identity, results=(SUMMARY_FILE, "scopes"), restart=self.restart)
             return self._run(image_set, groups, lm, clip)
 

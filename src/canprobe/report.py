@@ -25,8 +25,10 @@ from canprobe.errors import InputError  # noqa: E402
 from canprobe.runfolder import (  # noqa: E402
     ACTIVATIONS_FILE,
     CURVE_FILE,
+    LOCK_FILE,
     RANKING_FILE,
     REPORT_FILE,
+    RUN_FILE,
     SUMMARY_FILE,
     atomic_write_text,
     read_json,
@@ -419,6 +421,11 @@ def read_run(run_dir: Path | str) -> dict:
     """A run folder's summary.json, checked to be the summary of a whole study (``canprobe run``)."""
     path = Path(run_dir) / SUMMARY_FILE
     summary = read_json(path)
+    if summary is None and any((Path(run_dir) / name).exists() for name in (RUN_FILE, LOCK_FILE)):
+        raise InputError(
+            f"{run_dir} holds a run that has not finished (no {SUMMARY_FILE} yet): wait for it, or rerun "
+            "its `canprobe run` to resume it, then report"
+        )
     if summary is None:
         raise InputError(f"{run_dir} is not a canprobe run folder (no {SUMMARY_FILE})")
     if isinstance(summary, dict) and "k_star" in summary and "results" not in summary:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from canprobe.checks import printable
+from canprobe.checks import check_regular, printable
 from canprobe.errors import CanprobeError, InputError
 from canprobe.identity import differences
 
@@ -93,20 +93,44 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
+    """Write several files so that each is old or new, never partial, and no target is replaced before
+    every new content is on disk: a pair (scores and ranking) whose second file cannot be written keeps
+    its first file too.
+
+    A symlink is written through (its target gets the new content, the link stays); a target that is
+    not a regular file (a device, a pipe, a folder) is refused before anything is written.
+    """
+    targets = {Path(os.path.realpath(path)): data for path, data in files.items()}
+    for path in targets:
+        check_regular(path, "output")
+    staged: list[tuple[str, Path]] = []
+    replaced: list[Path] = []
+    current = next(iter(targets))
     try:
-        os.fchmod(fd, _file_mode(path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        for current, data in targets.items():
+            current.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".tmp", dir=current.parent)
+            staged.append((tmp, current))
+            os.fchmod(fd, _file_mode(current))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, current in staged:
+            os.replace(tmp, current)
+            replaced.append(current)
+    except OSError as exc:
+        done = ", ".join(printable(p) for p in replaced) or "nothing"
+        raise StoreError(f"cannot write {printable(current)} ({exc.strerror or exc}); replaced: {done}") from None
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+    for folder in {path.parent for path in targets}:
+        _fsync_dir(folder)
 
 
 def _file_mode(path: Path) -> int:
@@ -148,6 +172,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON object as one line and force it to disk before returning."""
     path = Path(path)
+    check_regular(path, "output")
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(obj, separators=(",", ":"))
     if "\n" in line:
@@ -223,12 +248,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def write_scores(folder: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
-    """``scores.safetensors`` in ``folder``: the tensors, and each metadata value as JSON.
+def write_scores(
+    folder: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any], ranking: Any = None
+) -> str:
+    """``scores.safetensors`` in ``folder``: the tensors, and each metadata value as JSON; with ``ranking``
+    (a DataFrame) also ``ranking.parquet``, the two written together (``atomic_write_files``).
 
     Returns the file's pair id (a digest of its content, kept in the metadata under ``PAIR_KEY``),
-    which the ranking written with it carries too (``write_ranking``): a crash between the two
-    writes leaves files whose ids differ.
+    which the ranking written with it carries too (``write_ranking``): files of different writes
+    (a crash between the two renames) have ids that differ.
     """
     import hashlib
 
@@ -239,7 +267,10 @@ def write_scores(folder: str | os.PathLike, tensors: Mapping[str, Any], metadata
     for name in sorted(tensors):
         digest.update(tensors[name].numpy().tobytes())
     pair = digest.hexdigest()[:16]  # same content, same id (and same bytes on disk)
-    atomic_write_bytes(Path(folder) / SCORES_FILE, save(dict(tensors), metadata={**meta, PAIR_KEY: pair}))
+    files = {Path(folder) / SCORES_FILE: save(dict(tensors), metadata={**meta, PAIR_KEY: pair})}
+    if ranking is not None:
+        files[Path(folder) / RANKING_FILE] = _ranking_bytes(ranking, metadata.get("config", {}), pair)
+    atomic_write_files(files)
     return pair
 
 
@@ -277,6 +308,10 @@ def read_scores(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
 
 def write_ranking(folder: str | os.PathLike, ranking: Any, config: Mapping[str, Any], pair: str) -> None:
     """``ranking.parquet`` in ``folder``: the scoring config and the pair id of its scores in the schema metadata."""
+    atomic_write_bytes(Path(folder) / RANKING_FILE, _ranking_bytes(ranking, config, pair))
+
+
+def _ranking_bytes(ranking: Any, config: Mapping[str, Any], pair: str) -> bytes:
     import io
 
     import pyarrow as pa
@@ -289,7 +324,7 @@ def write_ranking(folder: str | os.PathLike, ranking: Any, config: Mapping[str, 
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    atomic_write_bytes(Path(folder) / RANKING_FILE, buf.getvalue())
+    return buf.getvalue()
 
 
 def read_ranking(path: str | os.PathLike, check_pair: bool = True):
@@ -438,9 +473,11 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / LOCK_FILE
         self.owned = False
+        self.created = False
         self._me = {"pid": os.getpid(), "host": socket.gethostname()}
 
     def __enter__(self) -> RunLock:
+        self.created = not self.path.parent.exists()  # a folder made only to hold the lock goes again on exit
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_FILE}.", suffix=".tmp", dir=self.path.parent)
         try:
@@ -483,6 +520,8 @@ class RunLock:
     def __exit__(self, *exc_info: object) -> None:
         if self.owned and _parse_holder(_read_or_none(self.path) or b"") == self._me:
             self.path.unlink(missing_ok=True)
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()  # the work failed before writing anything: no empty folder left
         self.owned = False
 
 

@@ -66,18 +66,19 @@ class ScoreResult:
         return [self.sites[j].address(int(i - starts[j])) for i, j in zip(chosen, site_of[chosen])]
 
     def save(self, out_dir: str | Path) -> None:
-        """Write scores.safetensors, then ranking.parquet, each atomically, both marked with one pair id.
+        """Write scores.safetensors and ranking.parquet, both marked with one pair id.
 
-        A crash between the two leaves the new scores beside the old ranking; their pair ids then
-        differ, and readers rebuild the ranking from the scores (``load_folder_ranking``) or refuse.
+        Both files are on disk before either replaces its old version, so a ranking that cannot be
+        written leaves the old scores too; a crash between the two renames leaves the new scores
+        beside the old ranking, whose pair ids then differ, and readers rebuild the ranking from the
+        scores (``load_folder_ranking``) or refuse.
         """
         tensors = {}
         for s in self.sites:
             tensors[s.name] = self.scores[s.name].float().contiguous()
             tensors[f"{s.name}/signed"] = self.signed[s.name].float().contiguous()
         meta = {"config": self.config, "sites": [asdict(s) for s in self.sites]}
-        self.pair = runfolder.write_scores(out_dir, tensors, meta)
-        runfolder.write_ranking(out_dir, self.ranking(), self.config, self.pair)
+        self.pair = runfolder.write_scores(out_dir, tensors, meta, self.ranking())
 
 
 def load_ranking(path: str | Path, check_pair: bool = True) -> pd.DataFrame:
