@@ -52,16 +52,36 @@ import time
 import torch
 
 MODES = ("bare", "score", "score_ckpt", "generate", "generate_masked")
+ARCHS = ("llava-1.5-7b", "instructblip-vicuna-7b")
 NEW_TOKENS = 20
 
 
-def build(arch: str, layers: int | None, dtype: str, device: str | None = None):
-    """The shipped architecture with random weights (seeded) in ``dtype``, built on ``device`` (default CPU)."""
+TINY = {  # --tiny: every width 1/16 (whole heads of the same size), few layers; sequence shapes and vocabularies kept
+    "text_config": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 2},
+    "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 1},
+    "qformer_config": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 1},
+}
+
+
+def build(arch: str, layers: int | None, dtype: str, device: str | None = None, tiny: bool = False):
+    """The shipped architecture with random weights (seeded) in ``dtype``, built on ``device`` (default CPU).
+
+    ``tiny``: the same architecture and token counts at 1/16 of every width and a few layers (``TINY``),
+    a CPU proxy of the 7B code paths.
+    """
     from transformers import AutoModelForImageTextToText
 
     from canprobe.inventory import build_shipped
 
     config = build_shipped(arch).config
+    for part, sizes in TINY.items() if tiny else ():
+        sub = getattr(config, part, None)
+        for key, value in sizes.items() if sub is not None else ():
+            setattr(sub, key, value)
+            if key == "num_attention_heads" and hasattr(sub, "num_key_value_heads"):
+                sub.num_key_value_heads = value
+    if tiny and hasattr(config, "qformer_config"):
+        config.qformer_config.encoder_hidden_size = config.vision_config.hidden_size
     if layers is not None:
         config.text_config.num_hidden_layers = layers
     if getattr(config, "image_token_index", None) is None:  # older InstructBLIP configs predate the field
@@ -144,17 +164,19 @@ def flops(model, enc) -> float:
     return 4.0 * n_lm * rows * tokens + 2.0 * n_vision * rows * patches
 
 
-def on_device(args) -> None:
-    """Every mode in this process on ``args.device``, per batch size: seconds, peak memory, TFLOP/s."""
+def on_device(args) -> dict:
+    """Every mode in this process on ``args.device``, per batch size: seconds, peak memory, TFLOP/s (returned
+    as ``{"batch": {batch: {mode: {"seconds", "peak_gb", "tflops"}}}}``)."""
     from canprobe.models import LoadedModel
     from canprobe.sites import SiteRegistry
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model = build(args.arch, args.layers, args.dtype, args.device)
+    model = build(args.arch, args.layers, args.dtype, args.device, args.tiny)
     kind = "llava" if model.config.model_type == "llava" else "instructblip"
     lm = LoadedModel(model, None, kind, f"{args.arch} (random {args.dtype})")
     mask = [s.address(i) for s in SiteRegistry.of(model).select(args.scope) for i in range(s.size)][: args.mask]
+    figures: dict = {"arch": args.arch, "dtype": args.dtype, "scope": args.scope, "batch": {}}
     weights_gb = torch.cuda.memory_allocated(device) / 1e9 if cuda else float("nan")
     name = torch.cuda.get_device_name(device) if cuda else str(device)
     print(f"{args.arch}, random {args.dtype} weights on {name}, scope {args.scope}, weights {weights_gb:.1f} GB")
@@ -177,6 +199,7 @@ def on_device(args) -> None:
             peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
             rate = flops(model, enc) / seconds / 1e12 if mode in ("bare", "score", "score_ckpt") else float("nan")
             results[mode] = (seconds, peak)
+            figures["batch"].setdefault(batch, {})[mode] = {"seconds": seconds, "peak_gb": peak, "tflops": rate}
             print(
                 f"  batch {batch:3d}  {mode:16s} {seconds:8.3f} s   peak allocated {peak:6.1f} GB   "
                 f"{rate:6.1f} TFLOP/s",
@@ -188,6 +211,7 @@ def on_device(args) -> None:
                     f"  batch {batch:3d}  {a} / {b}: time {results[a][0] / results[b][0]:.2f}x, "
                     f"peak memory {results[a][1] / results[b][1]:.2f}x"
                 )
+    return figures
 
 
 def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dtype: str, images: int) -> None:
@@ -209,7 +233,7 @@ def child(arch: str, mode: str, layers: int | None, scope: str, n_mask: int, dty
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["llava-1.5-7b", "instructblip-vicuna-7b"], default="llava-1.5-7b")
+    parser.add_argument("--arch", choices=ARCHS, default=ARCHS[0])
     parser.add_argument("--layers", type=int, default=None, help="Language layers (default: the real count).")
     parser.add_argument("--scope", default="language.down_proj")
     parser.add_argument(
@@ -225,10 +249,15 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="Build and run on this device, in this process (e.g. cuda).")
     parser.add_argument("--batch-sizes", default="1,8", help="With --device: batch sizes, one run each.")
     parser.add_argument("--repeats", type=int, default=3, help="With --device: timed runs per mode (median).")
+    parser.add_argument("--tiny", action="store_true", help="With --device: 1/16 widths, few layers (a CPU proxy).")
+    parser.add_argument("--json", default=None, help="With --device: also write the figures to this JSON file.")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device:
-        on_device(args)
+        figures = on_device(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=1)
         return
     if args.child:
         child(args.arch, args.child, args.layers, args.scope, args.mask, args.dtype, args.images)

@@ -168,6 +168,34 @@ def test_per_row_masks_give_the_same_captions_and_metrics_as_each_mask_alone(cli
         assert MetricSummary.of(alone).exact_match == MetricSummary.of(batched).exact_match
 
 
+@pytest.mark.parametrize("name", ["toy-llava", "toy-instructblip"])
+def test_evaluator_processes_each_image_batch_once_for_every_language_mask(clip_dir, monkeypatch, name):
+    """With cached features only the prompt reaches the model: the processor runs once per batch of
+    images, not once per mask; captions and metrics equal those of processing the images every time."""
+    lm = load_model(name)
+    processed = []
+    family_inputs = lm.family.inputs
+    monkeypatch.setattr(lm.family, "inputs", lambda *a: processed.append(len(a[1])) or family_inputs(*a))
+    images = [im for im, _ in make_scenes(3, seed=6)]
+    masks = [{"language.layers.1.mlp.down_proj": torch.arange(k)} for k in (4, 32, 96)]
+    clip = load_model(str(clip_dir))
+    cached = MaskEvaluator(lm, images, clip, max_new_tokens=8, batch_size=2)
+    got = cached.evaluate(masks[:1])
+    # images (0, 1) and (2,), once each for the features, the masked prompts, the prefix cache, the unmasked captions
+    assert processed == [2, 1] * 4
+    got += cached.evaluate(masks[1:2]) + cached.evaluate(masks[2:])
+    assert processed == [2, 1] * 4
+    got += cached.evaluate(masks) + cached.evaluate(masks)
+    assert processed == [2, 1] * 4 + [2, 2]  # rows (mask, image) in twos: new batches (2, 0) and (1, 2), once
+    fresh = MaskEvaluator(lm, images, clip, max_new_tokens=8, batch_size=2, reuse_features=False)
+    want = [fresh.evaluate([m])[0] for m in masks] + fresh.evaluate(masks) * 2
+    assert [[m.caption for m in x] for x in got] == [[m.caption for m in x] for x in want]
+    assert len({m.caption for x in want for m in x}) > 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([m.ppl for m in g], [m.ppl for m in w], rtol=1e-4)
+        np.testing.assert_allclose([m.clip for m in g], [m.clip for m in w], atol=1e-4)
+
+
 def test_per_row_evaluation_on_instructblip_matches_each_mask_alone(clip_dir):
     """The Q-Former path: masks on the language model and on the Q-Former, rows = masks x images."""
     from canprobe.organisms.build import build_instructblip

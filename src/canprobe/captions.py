@@ -39,6 +39,7 @@ def generate_captions(
     batch_size: int = default("batch_size"),
     features: Sequence[torch.Tensor] | None = None,
     decoding: str = default("decoding"),
+    inputs: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> list[str]:
     """Greedy captions, one per image, in order.
 
@@ -49,6 +50,8 @@ def generate_captions(
     it decodes eagerly). The captions are the same either way. A compiled step is traced with the
     hooks then active and, unlike torch's default, checks them at every call, so a mask added or
     removed later retraces instead of running stale (``StandingMasks`` avoids the retracing).
+    ``inputs``: the processor's outputs for each batch of ``batch_size`` images, made earlier by
+    ``caption_inputs`` (a caller that captions the same images again need not process them again).
     """
     if max_new_tokens <= 0 or batch_size <= 0:
         raise InputError("max new tokens and batch size must be positive")
@@ -62,7 +65,8 @@ def generate_captions(
     captions: list[str] = []
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
         for start in range(0, len(images), batch_size):
-            enc = caption_inputs(lm, images[start : start + batch_size], prompt)
+            batch = images[start : start + batch_size]
+            enc = caption_inputs(lm, batch, prompt) if inputs is None else inputs[start // batch_size]
             check_prompt_fits(lm, enc["input_ids"].shape[1], max_new_tokens)
             if features is None:
                 out = lm.model.generate(**enc, **options)

@@ -108,6 +108,7 @@ class PrefixCache:
         self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
         self.text_model = lm.family.text_model(lm.model)  # None: this family has no cached-prefix path
         self._layers: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # per image, per layer (k, v)
+        self._batches: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # as filled, per layer
         self._last: list[torch.Tensor] = []  # per image, the prefix's last logits (float32)
         self._mask: list[torch.Tensor] = []  # per image, the prefix's attention mask
 
@@ -125,6 +126,7 @@ class PrefixCache:
             out = self.lm.model(**inputs, use_cache=True)
             cache = _output_cache(out)
             layers = [(layer.keys, layer.values) for layer in cache.layers]
+            self._batches[tuple(ids)] = layers
             for row in range(len(ids)):
                 self._layers.append([(k[row : row + 1], v[row : row + 1]) for k, v in layers])
                 self._last.append(out.logits[row, -1].float())
@@ -147,16 +149,17 @@ class PrefixCache:
             rows = list(image_ids[start : start + self.batch_size])
             caption_ids = tok(list(captions[start : start + self.batch_size]), add_special_tokens=False)["input_ids"]
             width = max(len(c) for c in caption_ids)
-            device = self._last[rows[0]].device
-            targets = torch.full((len(rows), width + 1), -100, dtype=torch.long, device=device)
+            targets = torch.full((len(rows), width + 1), -100, dtype=torch.long)
             for r, c in enumerate(caption_ids):
                 targets[r, : len(c) + 1] = torch.tensor(c + [tok.eos_token_id])
+            targets = targets.to(self._last[rows[0]].device)  # one copy to the device, not one per row
             logits = torch.stack([self._last[i] for i in rows])[:, None]
             if width:
                 ids = torch.where(targets[:, :width] >= 0, targets[:, :width], pad)
                 prefix_mask = torch.stack([self._mask[i] for i in rows])
                 mask = torch.cat([prefix_mask, (targets[:, :width] >= 0).to(prefix_mask.dtype)], dim=1)
-                layers = [
+                # the rows of a batch as filled (a search's usual call) take its cache as it is, without a copy
+                layers = self._batches.get(tuple(rows)) or [
                     (torch.cat([self._layers[i][n][0] for i in rows]), torch.cat([self._layers[i][n][1] for i in rows]))
                     for n in range(len(self._layers[rows[0]]))
                 ]
@@ -279,6 +282,7 @@ class MaskEvaluator:
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
+        self._prompts: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         reuse = reuse_features and features.supported(lm)
         self.features = FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
         use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.family.takes_images
@@ -309,6 +313,15 @@ class MaskEvaluator:
     def _features(self, image_ids: Sequence[int], reusable: bool = True) -> list[torch.Tensor] | None:
         """Cached encodings of these (local) images, or None: no cache, or a mask touches the encoder."""
         return self.features.rows(image_ids) if self.features is not None and reusable else None
+
+    def _prompt(self, image_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The prompt inputs of a batch of these (local) images without the encoder's (pixels): with cached
+        features nothing else reaches the model, so the processor runs once per batch, not once per mask."""
+        key = tuple(image_ids)
+        if key not in self._prompts:
+            enc = caption_inputs(self.lm, [self.images[i] for i in key], self.prompt)
+            self._prompts[key] = {k: v for k, v in enc.items() if k not in self.lm.family.encoder_inputs}
+        return self._prompts[key]
 
     @property
     def image_features(self) -> torch.Tensor:
@@ -377,13 +390,17 @@ class MaskEvaluator:
         for chunk in batches(rows, self.batch_size):
             ims = [self.images[i] for _, i in chunk]
             chunk_masks = [masks[m] for m, _ in chunk]
-            feats = self._features([i for _, i in chunk], all(reusable[m] for m, _ in chunk))
+            ids = [i for _, i in chunk]
+            feats = self._features(ids, all(reusable[m] for m, _ in chunk))
+            prompts = None if feats is None else [self._prompt(ids)]
             if standing is not None:
                 masking = standing.loaded(chunk_masks)
             else:
                 masking = ablate_rows(self.lm, chunk_masks, self.kind, self.means, self.stats, protections)
             with masking:
-                caps = generate_captions(self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats, decoding)
+                caps = generate_captions(
+                    self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats, decoding, prompts
+                )
                 if self.ppl_scorer == "masked":
                     masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))
             captions += caps

@@ -52,9 +52,15 @@ def _row_weights(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted_sum(w: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """sum over positions of w[...] * value[..., n], on the CPU: one vector-matrix product (cheaper
-    to dispatch than the equivalent einsum, which matters at batch 1 with one call per site)."""
-    return (w.reshape(1, -1) @ value.reshape(w.numel(), -1)).view(-1).cpu()
+    """sum over positions of w[...] * value[..., n], on value's device: one vector-matrix product
+    (cheaper to dispatch than the equivalent einsum, which matters at batch 1 with one call per site)."""
+    return (w.reshape(1, -1) @ value.reshape(w.numel(), -1)).view(-1)
+
+
+def _on(total: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``total`` on ``value``'s device: sums stay where the site runs, so no site waits on a copy to
+    the host (one per site and pass would stall a GPU); ``run`` brings them back once at the end."""
+    return total if total.device == value.device else total.to(value.device)
 
 
 class _Tap(torch.autograd.Function):
@@ -138,10 +144,11 @@ class _Accumulator:
         if batch is not self._last:  # a recomputed forward (checkpointing) is counted once
             self._last = batch
             with torch.no_grad():
-                value = self.method.forward_value(a.detach().float())
+                value = self.method.forward_value(a.detach())
                 if value is not None:
                     w, _ = self._positions(a)
-                    self.score += _weighted_sum(w, value)
+                    value = _weighted_sum(w, value)
+                    self.score = _on(self.score, value) + value
         return _Tap.apply(a, self)
 
     def backward(self, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -150,10 +157,12 @@ class _Accumulator:
         with torch.no_grad():
             af, gf = a.float(), g.float()
             prod = af * gf
-            self.signed -= _weighted_sum(m, prod)
+            signed = _weighted_sum(m, prod)
+            self.signed = _on(self.signed, signed) - signed
             value = self.method.backward_value(af, gf, prod)
             if value is not None:
-                self.score += _weighted_sum(w, value)
+                value = _weighted_sum(w, value)
+                self.score = _on(self.score, value) + value
 
     def weight_input(self, x: torch.Tensor) -> None:
         """Accumulate the mean square of each input feature of the site's linear layer."""
@@ -164,7 +173,7 @@ class _Accumulator:
         w, _ = self._positions(x)
         with torch.no_grad():
             sq = _weighted_sum(w, x.detach().float().square())
-        self.input_sq = sq if self.input_sq is None else self.input_sq + sq
+        self.input_sq = sq if self.input_sq is None else _on(self.input_sq, sq) + sq
 
 
 def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
@@ -281,8 +290,8 @@ def run(
     if n == 0:
         raise InputError("no samples to score")
     for acc in accs:
-        acc.score = distributed.all_reduce_sum(acc.score)
-        acc.signed = distributed.all_reduce_sum(acc.signed)
+        acc.score = distributed.all_reduce_sum(acc.score.cpu())
+        acc.signed = distributed.all_reduce_sum(acc.signed.cpu())
         if acc.input_sq is not None:
-            acc.input_sq = distributed.all_reduce_sum(acc.input_sq)
+            acc.input_sq = distributed.all_reduce_sum(acc.input_sq.cpu())
     return accs, n

@@ -35,7 +35,8 @@ class Method:
     reads_weight_inputs = False  # whether the engine must hook the input of each site's linear layer
 
     def forward_value(self, a: torch.Tensor) -> torch.Tensor | None:
-        """Per position and neuron, from the float32 activation [rows, T, N]; None: nothing."""
+        """Per position and neuron (float32), from the activation [rows, T, N] in the model's dtype; None:
+        nothing (then the engine makes no float32 copy of the activation in the forward pass)."""
         return None
 
     def backward_value(self, a: torch.Tensor, g: torch.Tensor, prod: torch.Tensor) -> torch.Tensor | None:
@@ -57,7 +58,7 @@ class CAN(Method):
         self.alpha = _checked_alpha(alpha)
 
     def forward_value(self, a):
-        return a.abs() if self.alpha == 0 else None
+        return a.float().abs() if self.alpha == 0 else None
 
     def backward_value(self, a, g, prod):
         if self.alpha == 0:
