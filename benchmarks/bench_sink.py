@@ -108,34 +108,37 @@ def main() -> None:
         "last": stage_a.curve[-1],
     }
     print(json.dumps(summary["stage_a"] | {"last": None}))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        text_lm.to("cpu").save_pretrained(folder / TEXT_LM_DIR)
-        if not args.text_only:
-            align = AlignConfig(frozen_steps=args.frozen_steps, joint_steps=args.joint_steps)
-            summary["align"] = dataclasses.asdict(align)
-            start = time.perf_counter()
-            model, processor, stage_b = align_llava(
-                text_lm.to(args.device), align, stream=pretrain.stream, device=args.device, curve_path=curve
-            )
-            summary["stage_b"] = {"steps": stage_b.steps, "seconds": time.perf_counter() - start}
-            summary["stage_b"]["last"] = stage_b.curve[-1]
-            lm = LoadedModel(model, processor, "llava", "toy-llava (sink recipe)")
-            summary["held_out_exact"] = caption_exact_match(lm)
-            report = massive_activations(lm, [im for im, _ in make_scenes(24, seed=11)])
-            summary["activations"] = format_activations(report, limit=5)
-            model.to("cpu").save_pretrained(folder / "toy-llava")
-            processor.save_pretrained(folder / "toy-llava")
-        if args.pack:
-            for name in (TEXT_LM_DIR, "toy-llava"):
-                if (folder / name).exists():
-                    with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
-                        tar.add(folder / name, arcname=name)
+    # what Stage A made is written before Stage B starts: a lease that ends early still brings it back
+    save(text_lm, None, TEXT_LM_DIR, args, summary)
+    if args.text_only:
+        return
+    align = AlignConfig(frozen_steps=args.frozen_steps, joint_steps=args.joint_steps)
+    summary["align"] = dataclasses.asdict(align)
+    start = time.perf_counter()
+    model, processor, stage_b = align_llava(
+        text_lm.to(args.device), align, stream=pretrain.stream, device=args.device, curve_path=curve
+    )
+    summary["stage_b"] = {"steps": stage_b.steps, "seconds": time.perf_counter() - start, "last": stage_b.curve[-1]}
+    lm = LoadedModel(model, processor, "llava", "toy-llava (sink recipe)")
+    summary["held_out_exact"] = caption_exact_match(lm)
+    summary["activations"] = format_activations(massive_activations(lm, [im for im, _ in make_scenes(24, seed=11)]))
+    save(model, processor, "toy-llava", args, summary)
+    print("\n".join(summary["activations"]))
+    print(f"held-out exact captions {summary['held_out_exact']:.1%}")
+
+
+def save(model, processor, name: str, args, summary: dict) -> None:
+    """summary.json, and with --pack the checkpoint as NAME.tar.gz."""
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    for line in summary.get("activations", []):
-        print(line)
-    if "held_out_exact" in summary:
-        print(f"held-out exact captions {summary['held_out_exact']:.1%}")
+    if not args.pack:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / name
+        model.to("cpu").save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        with tarfile.open(args.out / f"{name}.tar.gz", "w:gz") as tar:
+            tar.add(folder, arcname=name)
 
 
 if __name__ == "__main__":
