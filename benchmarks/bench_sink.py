@@ -46,12 +46,15 @@ from canprobe.organisms.sink import (
 
 
 def print_table(curve: Path) -> None:
-    """One line per measurement: tokens, loss, then per layer the first token's ratio / the rest's and
-    the largest head's attention to the first token; the losses under ablation of the peak's writers."""
+    """One line per measurement: tokens, loss, then per layer the first token's max|h|/median / the rest's,
+    n: the first token's L2 norm over the others', a: the largest head's attention to the first token;
+    then the losses with the peak's writers zeroed, at their per-position mean, and random channels zeroed."""
     for line in curve.read_text().splitlines():
         row = json.loads(line)
         layers = " | ".join(
-            f"{p['first_ratio']:5.1f}/{p['rest_ratio']:5.1f} {max(p['first_attention']):.2f}" for p in row["layers"]
+            f"{p['first_ratio']:5.1f}/{p['rest_ratio']:5.1f} n{p.get('norm_ratio', float('nan')):4.1f} "
+            f"a{max(p['first_attention']):.2f}"
+            for p in row["layers"]
         )
         cut = row["ablation"]
         print(

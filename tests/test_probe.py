@@ -54,6 +54,8 @@ def test_ratios_and_attention_match_the_model_outputs(peaked):
     median = h.flatten(1).median(dim=1).values
     assert m.layers[0].first_ratio == pytest.approx(float((h[:, 0].amax(-1) / median).mean()), rel=1e-4)
     assert m.layers[0].rest_ratio == pytest.approx(float((h[:, 1:].flatten(1).amax(-1) / median).mean()), rel=1e-4)
+    norms = out.hidden_states[1].norm(dim=-1)
+    assert m.layers[0].norm_ratio == pytest.approx(float((norms[:, 0] / norms[:, 1:].mean(1)).mean()), rel=1e-4)
     to_first = out.attentions[1][:, :, 1:, 0].mean((0, 2))
     assert torch.allclose(torch.tensor(m.layers[1].first_attention), to_first, atol=1e-5)
     assert m.loss == pytest.approx(float(out.loss), rel=1e-5)

@@ -34,6 +34,7 @@ class SinkLayer:
     first_value: float  # mean signed value of the first token at first_dim
     rest_ratio: float  # at every other attended token
     median: float
+    norm_ratio: float  # the first token's L2 norm over the other tokens' mean (Guo et al.'s measure)
     first_attention: tuple[float, ...]  # per head: mean attention of the later tokens to the first
     image_attention: tuple[float, ...] | None = None  # per head: to all image tokens together
 
@@ -126,6 +127,8 @@ def measure_sink(
         first = x[:, 0] / median[:, None]
         rest = x[:, 1:].masked_fill(~mask[:, 1:, None], 0).flatten(1).amax(dim=1) / median
         dim = int(first.mean(0).argmax())
+        norms = residual[site.layer].norm(dim=-1)
+        others = (norms[:, 1:] * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1).clamp(min=1)
         weights = attention.float()[:, :, 1:]  # [rows, heads, later queries, keys]
         to_first = (weights[..., 0] * queries[:, None]).sum((0, 2)) / n_queries
         to_image = None
@@ -139,6 +142,7 @@ def measure_sink(
                 float(residual[site.layer][:, 0, dim].mean()),
                 float(rest.mean()),
                 float(median.mean()),
+                float((norms[:, 0] / others).mean()),
                 tuple(to_first.tolist()),
                 tuple(to_image.tolist()) if to_image is not None else None,
             )
