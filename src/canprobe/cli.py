@@ -376,8 +376,9 @@ def inspect_command(
 ) -> None:
     """Neuron sites of MODEL per component and kind, and the memory scoring needs.
 
-    MODEL is a shipped config (llava-1.5-7b, instructblip-vicuna-7b: built on the meta device,
-    no weights, no network) or any loadable model. With --activations --images DIR it also lists
+    MODEL is a shipped config (llava-1.5-7b, instructblip-vicuna-7b), a local folder or a hub id:
+    built on the meta device from its config.json alone (no weights read, a folder may hold only
+    the config). With --activations --images DIR it also lists
     the massive activations of the language model's residual stream (layer, position, token, dim,
     value, ratio to the median) and the down_proj channels that write them.
     """
@@ -387,7 +388,7 @@ def inspect_command(
     if activations != (images is not None):
         raise InputError("--activations and --images go together: --activations --images DIR")
     if not activations:
-        inv = inspect_model(model, dtype=dtype, device=device, sites=sites, trust_remote_code=trust_remote_code)
+        inv = inspect_model(model, dtype=dtype, sites=sites, trust_remote_code=trust_remote_code)
         for line in format_inventory(inv):
             click.echo(line)
         return

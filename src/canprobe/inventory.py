@@ -1,7 +1,8 @@
 """Inventory of a model's neuron sites and the memory that scoring it will need.
 
-The paper's two models ship as config files (``configs/*.json``) and are built on the meta
-device, so their true counts come out in seconds with no weights and no network.
+Every model is built from its config alone on the meta device (shapes, no weights): the paper's two
+models ship as config files (``configs/*.json``), and a folder or hub id needs only its config.json,
+so true counts come out in seconds, with no weights read (a 30B model before downloading it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from canprobe.errors import ModelLoadError
-from canprobe.models import DTYPES, LoadedModel
+from canprobe.models import DTYPES
 from canprobe.sites import Site, SiteRegistry
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -113,7 +114,9 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
         groups.setdefault((site.component, site.kind), []).append(site)
     rows = []
     for (component, kind), sites in groups.items():
-        params = sum(p.numel() // s.parts for s in sites for p in registry.weight(s).parameters())
+        # the linears that own the neurons; a mixture of experts' output channels: the whole block
+        owners = [(registry.weight(s) if s.weight_path else registry.module(s), s.parts) for s in sites]
+        params = sum(p.numel() // parts for owner, parts in owners for p in owner.parameters())
         sizes = {s.size for s in sites}
         per_layer = sizes.pop() if len(sizes) == 1 else 0
         rows.append(SiteKindRow(component, kind, len(sites), per_layer, sum(s.size for s in sites), params))
@@ -134,25 +137,49 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
     return Inventory(name, dtype, rows, components, total, total * itemsize, activation)
 
 
-def inspect_model(
-    name: str,
-    dtype: str = "float32",
-    device: str | None = None,
-    sites: str | Path | None = None,
-    trust_remote_code: bool = False,
-) -> Inventory:
-    """Inventory of a shipped config (meta device, no weights) or of any loadable model (``sites``: a site file)."""
+def meta_model(name: str, sites: str | Path | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The architecture of a shipped config, built-in organism, local folder or hub id, on the meta device.
+
+    Only the config is read; ``sites``: a site file whose family is attached to the model.
+    """
     if name in SHIPPED_CONFIGS:
-        return inventory(build_shipped(name), name, dtype)
-    from canprobe.models import BUILTIN_MODELS, load_model
+        return build_shipped(name)
+    from transformers import AutoConfig
+
+    from canprobe.families import attach, family_for
+    from canprobe.models import BUILTIN_MODELS, resolve_model_path
 
     if "/" not in name and name not in BUILTIN_MODELS and not Path(name).exists():
         raise ModelLoadError(
             f"unknown model {name!r}: shipped configs are {', '.join(SHIPPED_CONFIGS)}; built-in models are "
             f"{', '.join(BUILTIN_MODELS)}; otherwise give a local checkpoint folder or a hub id"
         )
-    lm: LoadedModel = load_model(name, dtype=dtype, device=device, sites=sites, trust_remote_code=trust_remote_code)
-    return inventory(lm.model, name, dtype)
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the config of {name!r}: {str(exc).splitlines()[0]}") from None
+    if sites is not None:
+        from canprobe.families.sitefile import read_site_file
+
+        family = read_site_file(sites)
+    else:
+        family = family_for(config)
+    try:
+        with torch.device("meta"):
+            model = family.model_class().from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a config transformers itself cannot build (its defaults, a missing library)
+        raise ModelLoadError(f"cannot build {name!r} from its config: {str(exc).splitlines()[0]}") from None
+    if sites is not None:
+        attach(model, family)
+    return model
+
+
+def inspect_model(
+    name: str, dtype: str = "float32", sites: str | Path | None = None, trust_remote_code: bool = False
+) -> Inventory:
+    """Inventory of any model from its config alone (``sites``: a site file)."""
+    return inventory(meta_model(name, sites, trust_remote_code), name, dtype)
 
 
 def format_inventory(inv: Inventory) -> list[str]:

@@ -15,37 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from canprobe.config import default
-from canprobe.errors import ModelLoadError
 from canprobe.inventory import (
-    SHIPPED_CONFIGS,
     TEXT_TOKENS,
     Inventory,
-    build_shipped,
     component_modules,
     inventory,
+    meta_model,
 )
 from canprobe.sites import SiteRegistry
 
 GIB = 1024**3
-
-
-def meta_model(name: str) -> torch.nn.Module:
-    """The architecture of a shipped config, built-in organism, local folder or hub id, without weights."""
-    if name in SHIPPED_CONFIGS:
-        return build_shipped(name)
-    from transformers import AutoConfig
-
-    from canprobe.families import family_for
-    from canprobe.models import resolve_model_path
-
-    path = resolve_model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the config of {name!r}: {str(exc).splitlines()[0]}") from None
-    family = family_for(config)
-    with torch.device("meta"):
-        return family.model_class().from_config(config)
 
 
 @dataclass(frozen=True)

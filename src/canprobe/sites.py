@@ -112,6 +112,31 @@ def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
     return linear.out_features if axis == "out" else linear.in_features
 
 
+def _site(model: torch.nn.Module, component: str, layer: int, layer_path: str, kind: str, spec) -> Site | None:
+    """The site of one kind in one layer, or None where the layer has not its modules."""
+    if get_module(model, f"{layer_path}.{spec.module}") is None:
+        return None
+    if not spec.weight:  # no one linear owns these neurons: the kind says how many there are
+        return Site(component, layer, kind, f"{layer_path}.{spec.module}", spec.reading, "", spec.axis, spec.size)
+    weight_path = f"{layer_path}.{spec.weight}"
+    linear = get_module(model, weight_path)
+    if linear is None:
+        return None
+    size = _linear_size(linear, spec.axis, weight_path) // spec.parts
+    return Site(
+        component,
+        layer,
+        kind,
+        f"{layer_path}.{spec.module}",
+        spec.reading,
+        weight_path,
+        spec.axis,
+        size,
+        spec.part,
+        spec.parts,
+    )
+
+
 HOOK_POINTS = ("neurons", "weight_input")
 
 
@@ -144,44 +169,29 @@ class SiteRegistry:
 
     def __init__(self, model: torch.nn.Module):
         self.family = family_for(model)
-        if not self.family.site_kinds:
+        if not self.family.generates:
             raise UnsupportedModelError(f"{self.family.name} models have no neuron sites to probe")
         self.model = model
         self._modules: dict[str, torch.nn.Module] = {}
         self.sites: list[Site] = []
-        for component, candidates in self.family.layer_roots.items():
+        for component in self.family.components(model):
             paths = self.family.layer_paths(model, component)
             if paths is None:
                 raise UnsupportedModelError(
                     f"cannot find the {component} layers of this {self.family.name} model "
-                    f"(looked for {', '.join(candidates)})"
+                    f"(looked for {', '.join(self.family.layer_roots[component])})"
                 )
-            layers = list(enumerate(paths))
-            for layer, layer_path in layers:
-                for kind, spec in self.family.kinds(model, component).items():
-                    linear = get_module(model, f"{layer_path}.{spec.weight}")
-                    if linear is None or get_module(model, f"{layer_path}.{spec.module}") is None:
-                        continue
-                    self.sites.append(
-                        Site(
-                            component,
-                            layer,
-                            kind,
-                            f"{layer_path}.{spec.module}",
-                            spec.reading,
-                            f"{layer_path}.{spec.weight}",
-                            spec.axis,
-                            _linear_size(linear, spec.axis, f"{layer_path}.{spec.weight}") // spec.parts,
-                            spec.part,
-                            spec.parts,
-                        )
-                    )
+            for layer, layer_path in enumerate(paths):
+                for kind, spec in self.family.layer_kinds(model, component, layer).items():
+                    site = _site(model, component, layer, layer_path, kind, spec)
+                    if site is not None:
+                        self.sites.append(site)
             if not any(s.component == component for s in self.sites):
                 inner = ", ".join(
                     f"{spec.module} ({spec.weight})" for spec in self.family.kinds(model, component).values()
                 )
                 raise UnsupportedModelError(
-                    f"no {component} site of {self.family.name} under {paths[0] if paths else candidates[0]}: "
+                    f"no {component} site of {self.family.name} under {paths[0] if paths else component}: "
                     f"looked for {inner}"
                 )
 
@@ -234,6 +244,11 @@ class SiteRegistry:
         return self._submodule(site.module_path)
 
     def weight(self, site: Site) -> torch.nn.Module:
+        if not site.weight_path:
+            raise UnsupportedModelError(
+                f"{site.name} is a mixture of experts' output: no one linear layer owns its channels, so faults "
+                "and scores that read or edit weights do not apply to it"
+            )
         return self._submodule(site.weight_path)
 
     def _submodule(self, path: str) -> torch.nn.Module:
@@ -274,7 +289,13 @@ class SiteRegistry:
             chunks[site.part] = new
             return torch.cat(chunks, dim=-1)
 
+        def on_output(_module, _args, output):
+            if isinstance(output, tuple):  # a block that also returns its router's logits (Llama 4's experts)
+                new = apply(output[0])
+                return None if new is None else (new, *output[1:])
+            return apply(output)
+
         module = self.module(site)
         if site.hook == "output":
-            return module.register_forward_hook(lambda _m, _args, output: apply(output))
+            return module.register_forward_hook(on_output)
         return module.register_forward_pre_hook(_first_arg(apply))

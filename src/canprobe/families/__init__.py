@@ -1,16 +1,19 @@
 """Model families: one module per architecture behind one interface (``base.Family``), found by ``config.model_type``.
 
-``family_for(model_or_config)`` is the only dispatch on a model's type in canprobe. A model with
-no family can still be probed through a declarative site file (``sitefile``, ``--sites FILE``);
-the family it defines is attached to the loaded model, and ``family_for`` returns it first.
-Adding a family = one module here defining a ``Family`` subclass, listed in ``FAMILIES``.
+``family_for(model_or_config)`` is the only dispatch on a model's type in canprobe. A
+vision-language model with no adapter (a type of transformers' image-text-to-text table) gets the
+``structure`` family, which reads its sites from the module tree (``structure``). Any other model
+can still be probed through a declarative site file (``sitefile``, ``--sites FILE``); the family it
+defines is attached to the loaded model, and ``family_for`` returns it first.
+Adding a family = one module here defining a ``Family`` subclass, listed in ``FAMILIES``: only
+for what the structure cannot tell (cached image features, crops, encoder-decoders, odd layouts).
 """
 
 from __future__ import annotations
 
 from canprobe.errors import UnsupportedModelError
 from canprobe.families.base import Family, SiteKind
-from canprobe.families.blip2 import Blip2, Blip2T5, InstructBlipT5
+from canprobe.families.blip2 import Blip2, Blip2T5, InstructBlipOpt, InstructBlipT5
 from canprobe.families.clip import Clip
 from canprobe.families.decoder import Decoder
 from canprobe.families.gemma import Gemma3, PaliGemma
@@ -21,11 +24,13 @@ from canprobe.families.mllama import Mllama
 from canprobe.families.onevision import LlavaOnevision
 from canprobe.families.phi3 import Phi3
 from canprobe.families.qwen_vl import Qwen2VL, Qwen3VL, Qwen25VL
+from canprobe.families.structure import KINDS, STRUCTURED
 
 FAMILIES: tuple[Family, ...] = (
     Llava(),
     LlavaOnevision(),
     InstructBlipT5(),
+    InstructBlipOpt(),
     InstructBlip(),
     Blip2T5(),
     Blip2(),
@@ -45,7 +50,7 @@ BY_MODEL_TYPE: dict[str, tuple[Family, ...]] = {}
 for _family in FAMILIES:
     for _type in _family.model_types:
         BY_MODEL_TYPE[_type] = (*BY_MODEL_TYPE.get(_type, ()), _family)
-BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+BY_NAME: dict[str, Family] = {f.name: f for f in (*FAMILIES, STRUCTURED)}
 ATTRIBUTE = "canprobe_family"  # where a loaded model carries a family given by a site file
 
 __all__ = ["FAMILIES", "Family", "SiteKind", "family_for", "known_kinds", "named", "attach", "supported_types"]
@@ -58,7 +63,8 @@ def supported_types() -> list[str]:
 
 def _unsupported(model_type: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"no adapter for model type {model_type!r}; supported: {', '.join(supported_types())}; "
+        f"no adapter for model type {model_type!r}; supported: {', '.join(supported_types())}, and any "
+        "vision-language type of transformers' image-text-to-text table, read from its structure; "
         "for another architecture, describe its neuron sites in a YAML file and pass --sites FILE"
     )
 
@@ -71,9 +77,18 @@ def family_for(model_or_config) -> Family:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None) or type(model_or_config).__name__
     family = next((f for f in BY_MODEL_TYPE.get(model_type, ()) if f.matches(config)), None)
-    if family is None:
-        raise _unsupported(model_type)
-    return family
+    if family is not None:
+        return family
+    if model_type in image_text_types():
+        return STRUCTURED
+    raise _unsupported(model_type)
+
+
+def image_text_types() -> tuple[str, ...]:
+    """The model types of the installed transformers' image-text-to-text table (what ``structure`` may read)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return tuple(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 def named(family: Family | str) -> Family:
@@ -92,4 +107,5 @@ def attach(model, family: Family) -> None:
 
 def known_kinds(component: str) -> list[str]:
     """Every site kind some family defines for ``component`` (what an address may name)."""
-    return list(dict.fromkeys(k for f in FAMILIES for k in f.site_kinds.get(component, {})))
+    adapters = (k for f in FAMILIES for k in f.site_kinds.get(component, {}))
+    return list(dict.fromkeys((*adapters, *KINDS.get(component, ()))))

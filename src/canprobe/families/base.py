@@ -41,6 +41,8 @@ class SiteKind:
     ``part`` of ``parts``: the neurons are that slice of the weight's axis, cut in ``parts`` equal
     slices, for linears that compute several things at once (Phi-3's ``gate_up_proj``: the gate
     units, then the up units); where the reading is wider than the site, the same slice of it.
+    ``weight=""``: no one linear owns the neurons (a mixture of experts' output channels); ``size``
+    gives their number, and faults and methods that edit or read weights refuse the site.
     """
 
     module: str
@@ -49,6 +51,7 @@ class SiteKind:
     axis: str
     part: int = 0
     parts: int = 1
+    size: int = 0
 
     def __post_init__(self):
         if self.reading not in READINGS or self.axis not in ("out", "in"):
@@ -114,6 +117,14 @@ class Family:
     def kinds(self, model: torch.nn.Module, component: str) -> Mapping[str, SiteKind]:
         """The site kinds of a component of this model (``site_kinds``, unless they differ by model)."""
         return self.site_kinds.get(component, {})
+
+    def components(self, model: torch.nn.Module) -> list[str]:
+        """The components of this model that have sites, in forward order."""
+        return list(self.layer_roots)
+
+    def layer_kinds(self, model: torch.nn.Module, component: str, layer: int) -> Mapping[str, SiteKind]:
+        """The site kinds of one layer (``kinds``, unless layers differ: dense and expert layers of one model)."""
+        return self.kinds(model, component)
 
     def encoder_site(self, module_path: str) -> bool:
         """Whether a language site reads the prompt in an encoder (T5's) rather than the text being written."""

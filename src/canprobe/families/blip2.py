@@ -103,6 +103,24 @@ class Blip2T5(T5Language, Blip2):
     layer_roots = {**Blip2.layer_roots, "language": T5_STACKS}
 
 
+class InstructBlipOpt(InstructBlip):
+    """InstructBLIP with an OPT language model (transformers' default config; released checkpoints use
+    Vicuna or Flan-T5): checked on the meta device only, so no cached features or prefix continuation."""
+
+    name = "instructblip-opt"
+    layer_roots = {**InstructBlip.layer_roots, "language": Blip2.layer_roots["language"]}
+    site_kinds = {**InstructBlip.site_kinds, "language": OPT_MLP}
+
+    def matches(self, config) -> bool:
+        return getattr(config.text_config, "model_type", None) == "opt"
+
+    def text_model(self, model):
+        return None
+
+    def cached_features(self, model):
+        return False
+
+
 class InstructBlipT5(T5Language, InstructBlip):
     name = "instructblip-t5"
     layer_roots = {**InstructBlip.layer_roots, "language": T5_STACKS}

@@ -1,0 +1,122 @@
+"""Sites found from a model's structure (``canprobe.families.structure``), and inventories from a config alone.
+
+The sweep saves the default config of every type in the installed transformers' image-text-to-text
+table and runs ``canprobe inspect`` on it: built on the meta device, no weights read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from canprobe.errors import UnsupportedModelError
+from canprobe.families import STRUCTURED, attach, family_for
+from canprobe.sites import SiteRegistry
+
+
+def _row(out: str, site: str) -> list[str] | None:
+    return next((x.split() for x in out.splitlines() if x.split() and x.split()[0] == site), None)
+
+
+def test_every_image_text_type_is_inventoried_from_its_config_or_refused_in_one_line(cli, tmp_path):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as TYPES
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # default configs warn about their own defaults
+    found, refused, unbuildable = [], {}, []
+    try:
+        for model_type in sorted(TYPES):
+            config = AutoConfig.for_model(model_type)
+            folder = tmp_path / model_type
+            config.save_pretrained(folder)
+            result = cli("inspect", folder)
+            if result.code == 0:
+                text = config.get_text_config()
+                row = _row(result.out, "language.down_proj")
+                assert row is not None, (model_type, result.out)
+                if int(row[3].replace(",", "")) == text.num_hidden_layers * text.hidden_size:
+                    found.append(model_type)
+                else:
+                    refused[model_type] = f"{row[3]} down_proj channels"
+                continue
+            lines = result.err.strip().splitlines()
+            assert result.code == 2 and len(lines) == 1 and "Traceback" not in result.err, (model_type, result.err)
+            if "from its config" in lines[0]:  # its default config does not build (transformers' own defaults)
+                unbuildable.append(model_type)
+            else:
+                refused[model_type] = lines[0]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    with_ffn = len(found) + len(refused)
+    print(f"\n{len(found)} of {with_ffn} buildable image-text-to-text types give language down_proj = layers x width")
+    print(f"unbuildable default configs: {', '.join(unbuildable)}")
+    for model_type, why in refused.items():
+        print(f"  {model_type}: {why}")
+    assert len(found) >= 0.9 * with_ffn
+
+
+def _meta(model_type: str, **changes):
+    config = AutoConfig.for_model(model_type, **changes)
+    with torch.device("meta"):
+        return family_for(config).model_class().from_config(config)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "paligemma"])
+def test_structure_finds_what_the_adapters_declare(model_type):
+    """On the types an adapter describes by hand, discovery finds the same sites, module for module."""
+    model = _meta(model_type)
+    declared = {(s.name, s.module_path, s.hook, s.weight_path, s.size, s.part) for s in SiteRegistry(model).sites}
+    attach(model, STRUCTURED)
+    found = {(s.name, s.module_path, s.hook, s.weight_path, s.size, s.part) for s in SiteRegistry(model).sites}
+    assert found == declared
+
+
+def test_moe_blocks_are_sites_with_their_shared_expert():
+    model = _meta("qwen3_5_moe")
+    registry = SiteRegistry(model)
+    text = model.config.text_config
+    block = registry.by_name["language.layers.3.mlp.down_proj"]
+    assert block.module_path == "model.language_model.layers.3.mlp" and block.size == text.hidden_size
+    shared = registry.by_name["language.layers.3.mlp.shared_expert.gate_proj"]
+    assert (
+        shared.module_path.endswith("mlp.shared_expert.act_fn") and shared.size == text.shared_expert_intermediate_size
+    )
+    assert registry.resolve("language.layers.3.mlp.shared_expert.up_proj:7")[1] == 7
+
+
+def test_an_ffn_that_adds_more_than_down_proj_writes_is_refused():
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        text_config=LlamaConfig(
+            hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+        ),
+        vision_config=dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2),
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    attach(model, STRUCTURED)
+    assert SiteRegistry(model).by_name["language.layers.1.mlp.down_proj"].size == 16
+    other = LlavaForConditionalGeneration(config).eval()
+    mlp = other.model.language_model.layers[1].mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: forward(x) + 1.0  # something after down_proj reaches the residual stream
+    attach(other, STRUCTURED)
+    with pytest.raises(UnsupportedModelError, match="layers.1.mlp returns more than its mlp.down_proj writes"):
+        SiteRegistry(other)
+
+
+def test_a_config_only_folder_has_a_dry_run(cli, tmp_path, scene_dir, caplog):
+    config = AutoConfig.for_model("qwen3_5")
+    config.save_pretrained(tmp_path / "qwen3_5")
+    with caplog.at_level(logging.INFO):
+        result = cli(
+            "score", "--model", tmp_path / "qwen3_5", "--images", scene_dir, "--out", tmp_path / "o", "--dry-run"
+        )
+    assert result.code == 0, result.err
+    assert f"{32 * 4096:,}" in result.out  # the language down_proj channels of the default Qwen3.5
+    assert not (tmp_path / "o").exists()
