@@ -157,7 +157,7 @@ def flops(model, enc) -> float:
     n_lm = sum(p.numel() for p in language.parameters()) - model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight
     n_lm += head.numel() if id(head) not in own else 0
-    vision = model.vision_tower if cfg.model_type == "llava" else model.vision_model
+    vision = model.model.vision_tower if cfg.model_type == "llava" else model.vision_model
     n_vision = sum(p.numel() for p in vision.parameters())
     patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
     rows, tokens = enc["input_ids"].shape
