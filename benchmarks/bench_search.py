@@ -107,7 +107,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from canprobe.config import CollapseCriterion, SearchConfig
+    from canprobe.config import SearchConfig
     from canprobe.evaluation import MaskEvaluator, default_clip_model
     from canprobe.metrics import MetricSummary
     from canprobe.models import load_model
@@ -127,15 +127,18 @@ def main() -> None:
         return MaskEvaluator(lm, images, clip, max_new_tokens=args.max_new_tokens, batch_size=batch_rows)
 
     # 1. the search
-    criterion = CollapseCriterion(collapse_clip_ratio=args.collapse_clip_ratio)
-    config = SearchConfig(
-        scope=args.scope, criterion=criterion, grid_per_octave=0, max_new_tokens=args.max_new_tokens, batch_size=n
+    config = SearchConfig.of(
+        scope=args.scope,
+        collapse_clip_ratio=args.collapse_clip_ratio,
+        grid_per_octave=0,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=n,
     )
     start = time.perf_counter()
     result = find_k_star(lm, images, ranking, clip, config)
     search_s = time.perf_counter() - start
     search_n = result.summary["evaluations"]["search"]
-    print(f"{criterion.describe()}")
+    print(f"{config.criterion.describe()}")
     print(f"search: k* = {result.k_star}, {search_n} evaluations, {search_s:.1f} s")
 
     # 4. the same search without reusing the image encoding
@@ -167,7 +170,7 @@ def main() -> None:
     for k in range(1, min(len(ranked), args.sweep_limit) + 1):
         (metrics,) = ev.evaluate([ranked.prefix(k)])
         sweep_n += 1
-        if criterion.stage(MetricSummary.of(metrics), baseline) == "collapsed":
+        if config.criterion.stage(MetricSummary.of(metrics), baseline) == "collapsed":
             first = k
             break
     sweep_s = time.perf_counter() - start

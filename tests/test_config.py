@@ -2,7 +2,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from canprobe.config import ExperimentConfig, check_image_source, make_config, read_config_file
+from canprobe.config import ExperimentConfig, SearchConfig, make_config, read_config_file
+from canprobe.data import check_image_source
 from canprobe.errors import InputError
 
 
@@ -14,7 +15,7 @@ def _config(**changes):
 
 def test_defaults_and_round_trip():
     config = _config(alpha=1, scopes=["language.down_proj"])
-    assert config.alpha == 1.0 and isinstance(config.alpha, float)
+    assert config.scoring.alpha == 1.0 and isinstance(config.scoring.alpha, float)
     assert make_config(config.to_dict()) == config
 
 
@@ -47,7 +48,7 @@ def test_yaml_is_parsed_safely(tmp_path):
     with pytest.raises(InputError, match="mapping"):
         read_config_file(path)
     path.write_text("model: toy-llava\nimages: scenes\nalpha: 0.5\n")
-    assert make_config(read_config_file(path)).alpha == 0.5
+    assert make_config(read_config_file(path)).scoring.alpha == 0.5
 
 
 def test_a_study_file_may_group_its_fields_in_sections(tmp_path):
@@ -67,7 +68,7 @@ def test_a_study_file_may_group_its_fields_in_sections(tmp_path):
         scopes=["language.gate_proj"],
         seed=7,
     )
-    assert nested == flat and nested.alpha == 0.5 and nested.ablation == "mean"
+    assert nested == flat and nested.scoring.alpha == 0.5 and nested.evaluation.ablation == "mean"
     for text, match in [
         ("scoring: {dtype: bfloat16}", "section scoring: 'dtype' is not one of its fields"),
         ("alpha: 0.5\nscoring: {alpha: 0.2}", "alpha is given twice"),
@@ -80,14 +81,14 @@ def test_a_study_file_may_group_its_fields_in_sections(tmp_path):
 
 def test_image_source_checked_before_loading(tmp_path, scene_dir):
     with pytest.raises(InputError, match="images"):
-        check_image_source(_config(images=str(tmp_path / "missing")))
+        check_image_source(_config(images=str(tmp_path / "missing")).data)
     (tmp_path / "imgs" / "car").mkdir(parents=True)
     with pytest.raises(InputError, match="car"):
-        check_image_source(_config(images=str(tmp_path / "imgs")))
-    counts = check_image_source(_config(images=str(scene_dir), categories=["car", "fish"]))
+        check_image_source(_config(images=str(tmp_path / "imgs")).data)
+    counts = check_image_source(_config(images=str(scene_dir), categories=["car", "fish"]).data)
     assert counts == {"car": 2, "fish": 2}
     with pytest.raises(InputError, match="dragon"):
-        check_image_source(_config(images=str(scene_dir), categories=["dragon"]))
+        check_image_source(_config(images=str(scene_dir), categories=["dragon"]).data)
 
 
 yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20))
@@ -140,6 +141,8 @@ COMMAND_ONLY = {
     "search": {"ranking", "dry_run"},
     "ablate": {"neurons", "top_k", "ranking"},
     "run": {"config_file", "restart", "dry_run"},
+    "inspect": {"activations", "ratio"},
+    "caption": {"out"},
 }
 # ablate --scope only filters a given ranking: without it, every neuron of the ranking counts
 OWN_DEFAULTS = {("ablate", "scope"): None}
@@ -187,9 +190,9 @@ def test_library_entry_points_share_the_settings_defaults():
                 checked += 1
     assert checked >= 12
     search = SearchConfig()
-    assert (search.max_new_tokens, search.batch_size) == (SETTINGS["max_new_tokens"].default, 16)
+    assert (search.generation.max_new_tokens, search.generation.batch_size) == (SETTINGS["max_new_tokens"].default, 16)
     study = _config()
-    assert (study.max_new_tokens, study.batch_size, study.seed) == (24, 16, 0)
+    assert (study.generation.max_new_tokens, study.generation.batch_size, study.scoring.seed) == (24, 16, 0)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +219,7 @@ def test_numbers_and_lists_are_checked_in_the_type_and_range_of_their_use(change
 def test_an_empty_section_is_an_empty_section_not_an_unknown_field(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text("model: toy-llava\nimages: scenes\n" + text)
-    assert make_config(read_config_file(path)).alpha == 1.0
+    assert make_config(read_config_file(path)).scoring.alpha == 1.0
 
 
 @pytest.mark.parametrize(
@@ -234,3 +237,70 @@ def test_non_finite_and_out_of_range_numbers_on_the_command_line_are_one_line(cl
     args = [str(scene_dir) if a == "IMAGES" else str(tmp_path / "out") if a == "OUT" else a for a in args]
     result = cli(*args)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, (result.out, result.err)
+
+
+def test_options_shared_by_commands_have_one_default_and_one_help():
+    """Every command's --help shows a shared option with the same help text and the same default."""
+    import click
+
+    from canprobe.cli import main
+    from canprobe.config import SETTINGS
+
+    seen: dict[str, dict[str, set]] = {}
+    for name in COMMAND_ONLY:  # the commands that probe a model (--out names what each one writes)
+        for param in main.commands[name].params:
+            if not isinstance(param, click.Option) or param.name in COMMAND_ONLY[name] | {"out"}:
+                continue
+            if (name, param.name) in OWN_DEFAULTS:
+                continue
+            shown = param.show_default if isinstance(param.show_default, str) else param.default
+            entry = seen.setdefault(param.name, {"help": set(), "default": set(), "commands": set()})
+            entry["help"].add(param.help)
+            entry["default"].add(None if shown is None else str(shown))
+            entry["commands"].add(name)
+    shared = {k: v for k, v in seen.items() if len(v["commands"]) > 1}
+    assert {"batch_size", "prompt", "max_new_tokens", "dtype", "sites", "trust_remote_code"} <= shared.keys()
+    assert shared["batch_size"]["commands"] >= {"inspect", "caption", "score", "search", "ablate", "run"}
+    for name, entry in shared.items():
+        assert entry["help"] == {SETTINGS[name].help}, name
+        default = SETTINGS[name].default
+        assert entry["default"] == {None if default is None else str(default)}, (name, entry["default"])
+
+
+def test_a_study_sets_every_search_setting():
+    study = _config(growth=3.0, k_per_round=2, max_k=24, grid_max=8, grid_per_octave=2, n_samples=1)
+    search = study.search_config("language.down_proj", None, "curve")
+    assert search.search == study.search and search.generation == study.generation
+    assert (search.search.growth, search.search.k_per_round, search.search.max_k, search.search.n_samples) == (
+        3.0,
+        2,
+        24,
+        1,
+    )
+    assert search.to_dict()["growth"] == 3.0 and search.seed == study.scoring.seed
+    with pytest.raises(InputError, match="unknown search setting"):
+        SearchConfig.of(growht=3.0)
+
+
+def test_each_setting_is_in_one_section_object():
+    """The section objects are the table: every setting is a field of exactly one section."""
+    import dataclasses
+
+    from canprobe.config import (
+        SETTINGS,
+        CollapseCriterion,
+        Data,
+        Evaluation,
+        Faults,
+        Generation,
+        Model,
+        Scoring,
+        Search,
+        Study,
+    )
+
+    sections = (Model, Data, Generation, Scoring, CollapseCriterion, Search, Evaluation, Faults, Study)
+    probe = [n for n, s in SETTINGS.items() if s.section == "probe"]  # a search's own: scope and its control
+    fields = [f.name for cls in sections for f in dataclasses.fields(cls) if f.name in SETTINGS] + probe
+    assert sorted(fields) == sorted(set(SETTINGS)) and len(fields) == len(SETTINGS)
+    assert {n for n, s in SETTINGS.items() if not s.identity} >= {"device", "batch_size", "out", "n_samples"}

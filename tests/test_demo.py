@@ -13,14 +13,18 @@ from tests.conftest import TINY
 @pytest.mark.parametrize("name", list(POOLED_SCOPES))
 def test_studies_cover_language_and_vision_scopes_of_the_organism(tmp_path, scene_dir, name):
     by_category, pooled = (make_config(c) for c in study_configs(name, scene_dir, tmp_path))
-    assert by_category.scopes == CATEGORY_SCOPES and by_category.per_category and by_category.pooled
-    assert not pooled.per_category and pooled.pooled
+    assert by_category.study.scopes == CATEGORY_SCOPES and by_category.study.per_category and by_category.study.pooled
+    assert not pooled.study.per_category and pooled.study.pooled
     for config in (by_category, pooled):
-        assert "mean" in config.controls and "random" in config.controls and config.mean_control == "position"
+        assert (
+            "mean" in config.study.controls
+            and "random" in config.study.controls
+            and config.study.mean_control == "position"
+        )
     registry = SiteRegistry(BUILDERS[name](TINY)[0])
-    components = {s.component for scope in pooled.scopes for s in registry.select(scope)}
+    components = {s.component for scope in pooled.study.scopes for s in registry.select(scope)}
     assert components == {"language", "vision", "projector" if name == "toy-llava" else "qformer"}
-    assert by_category.out != pooled.out
+    assert by_category.study.out != pooled.study.out
 
 
 def _result(scope, k_star, n, stage1=None, random=None, mean=None, category="pooled"):

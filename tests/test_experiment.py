@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import canprobe.experiment as experiment_module
 from canprobe.config import make_config
@@ -256,3 +257,22 @@ def test_a_ppl_model_named_by_path_is_loaded_once_per_study(images, tmp_path, mo
     summary = Experiment(make_config(values), progress=False).run()
     assert loads.count(str(tmp_path / "ppl-lm")) == 1, loads
     assert len(summary["results"]) == 3  # three searches and their controls shared the one PPL model
+
+
+def test_a_study_file_sets_the_search_of_every_search(cli, images, tmp_path):
+    """growth, k_per_round and max_k of a study file reach each search's summary.json (0.1 dropped them)."""
+    out = tmp_path / "run"
+    values = _small_config(images, out, controls=["random"], split_half=False, growth=3.0, k_per_round=2, max_k=24)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in values.items() if k != "out"}))
+    result = cli("run", path, "--out", out)
+    assert result.code == 0, result.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["results"]) == 3
+    for row in summary["results"]:
+        search = json.loads((out / row["path"] / "summary.json").read_text())
+        config = search["config"]
+        assert (config["growth"], config["k_per_round"], config["max_k"]) == (3.0, 2, 24), row["path"]
+        assert search["max_k"] == 24
+        ks = [p["k"] for p in read_jsonl(out / row["path"] / "curve.jsonl") if p["phase"] == "grow"]
+        assert ks[:3] == [1, 3, 9][: len(ks[:3])]  # growth 3: 1, 3, 9, ...

@@ -563,7 +563,9 @@ def test_study_resumes_on_another_device_and_batch_size_but_not_another_alpha(cl
     from canprobe.experiment import Experiment
 
     ran = []
-    monkeypatch.setattr(Experiment, "_run", lambda self, *prepared: ran.append(self.config.device) or {"results": []})
+    monkeypatch.setattr(
+        Experiment, "_run", lambda self, *prepared: ran.append(self.config.model.device) or {"results": []}
+    )
     base = ["run", "--model", "toy-llava", "--images", scene_dir, "--out", tmp_path / "run", "--categories", "car"]
     assert cli(*base).code == 0
     assert cli(*base, "--device", "cpu", "--batch-size", 3).code == 0

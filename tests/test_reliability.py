@@ -103,7 +103,7 @@ def test_run_folder_of_another_config_refuses_to_resume_unless_restarted(cli, sc
     out = tmp_path / "run"
     values = {"model": "toy-llava", "images": str(scene_dir), "out": str(out), "seed": 1}
     ran = []
-    monkeypatch.setattr(Experiment, "_run", lambda self, *prepared: ran.append(self.config.seed) or {})
+    monkeypatch.setattr(Experiment, "_run", lambda self, *prepared: ran.append(self.config.scoring.seed) or {})
     Experiment(make_config(values), progress=False).run()
     (out / "summary.json").write_text("{}")
     Experiment(make_config(values), progress=False).run()  # same config: resumes
@@ -342,7 +342,7 @@ def _search_with_logits(llava_and_clip, four_scenes, out: Path, fill) -> dict:
     head = lm.model.get_output_embeddings()
     handle = head.register_forward_hook(lambda module, args, output: fill(output))
     try:
-        config = SearchConfig(max_k=4, grid_per_octave=0, max_new_tokens=6, control="random", control_at="k_star")
+        config = SearchConfig.of(max_k=4, grid_per_octave=0, max_new_tokens=6, control="random", control_at="k_star")
         ranking = _scope_addresses(lm, config.scope)
         names = [r.name for r in image_set.records]
         result = find_k_star(lm, image_set.images, ranking, clip, config, out, names)

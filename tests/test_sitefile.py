@@ -5,6 +5,8 @@ The generic family tests (tests/test_families.py) run a GPT-NeoX model through i
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.test_families import BUILDERS, SITE_FILE
@@ -61,3 +63,18 @@ def test_a_bad_site_file_is_one_line(cli, neox, tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     _one_line_error(cli("inspect", neox, "--sites", path), needle)
+
+
+def test_run_takes_a_site_file_and_trust_remote_code(cli, neox, scene_dir, tmp_path):
+    """A whole study on the site-file model (text-only: it continues the set's captions)."""
+    out = tmp_path / "run"
+    args = ["run", "--model", neox, "--sites", neox / SITE_FILE, "--trust-remote-code", "--images", scene_dir]
+    args += ["--out", out, "--categories", "car", "--scopes", "language.down_proj", "--max-new-tokens", "4"]
+    args += ["--controls", "random", "--no-split-half", "--no-per-category", "--grid-per-octave", "0"]
+    result = cli(*args)
+    assert result.code == 0, result.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["sites"] == str(neox / SITE_FILE) and summary["config"]["trust_remote_code"] is True
+    (row,) = summary["results"]
+    assert row["n_neurons"] == 2 * 16  # 2 layers of 16 residual channels, as the site file addresses them
+    assert (out / row["path"] / "curve.jsonl").is_file()

@@ -148,3 +148,16 @@ def check_device(device: str | None, what: str = "--device") -> str | None:
     elif dev.type != "cpu":
         raise InputError(f"{what} {device}: canprobe runs on cpu, cuda or mps devices")
     return device
+
+
+def read_text_file(path: Path, what: str = "") -> str:
+    """A UTF-8 text file's content; other encodings and unreadable files are one clear error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{printable(path)}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}){what}; "
+            "save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{printable(path)}: cannot be read ({exc.strerror or exc})") from None

@@ -349,8 +349,8 @@ def organisms_eval(name, count, seed) -> None:
     is_flag=True,
     help="Also measure the language model's residual stream on --images: massive activations.",
 )
-@click.option("--images", type=click.Path(path_type=Path), default=None, help="Image set folder (with --activations).")
-@click.option("--per-category", type=POSITIVE, default=4, show_default=True, help="Images per category read.")
+@option("images", type=click.Path(path_type=Path))
+@option("images_per_category", "--per-category")
 @click.option(
     "--ratio",
     type=FiniteFloat(min=1.0, min_open=True),
@@ -358,8 +358,8 @@ def organisms_eval(name, count, seed) -> None:
     show_default=True,
     help="An activation is massive at this many times its sequence's median |h|.",
 )
-@click.option("--prompt", default=None, help="Instruction text; the model family's default when omitted.")
-@click.option("--batch-size", type=POSITIVE, default=8, show_default=True)
+@option("prompt")
+@option("batch_size")
 @source_options
 def inspect_command(
     model: str,
@@ -367,7 +367,7 @@ def inspect_command(
     device: str | None,
     activations: bool,
     images: Path | None,
-    per_category: int,
+    images_per_category: int | None,
     ratio: float,
     prompt: str | None,
     batch_size: int,
@@ -394,7 +394,7 @@ def inspect_command(
         return
     from canprobe.massive import format_activations, massive_activations
 
-    image_set = _image_subset(images, per_category)
+    image_set = _image_subset(images, images_per_category)
     lm = _load(model, dtype, device, trust_remote_code, sites=sites)
     for line in format_inventory(inventory(lm.model, model, dtype)):
         click.echo(line)
@@ -560,7 +560,7 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @images_option
 @option("scope")
 @click.option("--ranking", type=click.Path(path_type=Path), default=None, help="ranking.parquet (or its folder).")
-@option("method", help="Scoring method when no --ranking is given (the ranking is then saved in --out).")
+@option("method")
 @option("alpha")
 @option("out", type=click.Path(path_type=Path), required=True, default=None)
 @option("control")
@@ -581,28 +581,24 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @runtime_options
 @source_options
 def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
-    """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions."""
-    from canprobe.config import CRITERION_FIELDS, CollapseCriterion, SearchConfig
+    """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions.
+
+    Without --ranking, the neurons are scored with --method and --alpha first, and the ranking is saved in --out.
+    """
+    from canprobe.config import SearchConfig
     from canprobe.evaluation import default_clip_model
     from canprobe.faults import check_fault
     from canprobe.runfolder import RANKING_FILE, RunLock
     from canprobe.search import find_k_star
 
     check_fault(options["ablation"], options["dtype"])
-    criterion = CollapseCriterion(**{k: options.pop(k) for k in CRITERION_FIELDS})
     per_category, dtype, device = options.pop("images_per_category"), options.pop("dtype"), options.pop("device")
     device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
     sites, trust_remote_code = options.pop("sites"), options.pop("trust_remote_code")
     checkpointed, reuse = options.pop("gradient_checkpointing"), options.pop("reuse_features")
     clip_model = options.pop("clip_model") or default_clip_model(model)
-    config = SearchConfig(
-        scope=scope,
-        criterion=criterion,
-        control=control,
-        control_at=control_at,
-        seed=seed,
-        clip_model=clip_model,
-        **options,
+    config = SearchConfig.of(
+        scope=scope, control=control, control_at=control_at, seed=seed, clip_model=clip_model, **options
     )
     check_output_dir(out, inputs=(images,))
     world, device = _join_world(device)
@@ -616,13 +612,13 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             len(image_set),
             scope,
             dtype,
-            config.batch_size,
-            config.batch_size,
-            config.max_new_tokens,
+            config.generation.batch_size,
+            config.generation.batch_size,
+            config.generation.max_new_tokens,
             world.size,
             checkpointed,
             searches=1,
-            growth=config.growth,
+            growth=config.search.growth,
         )
         _print_plan(plan.lines)
         return
@@ -630,7 +626,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     with RunLock(out) if world.main else nullcontext():
         lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
         inputs = _generation_inputs(lm, image_set)
-        _check_context(lm, image_set, config.prompt, config.max_new_tokens)
+        _check_context(lm, image_set, config.generation.prompt, config.generation.max_new_tokens)
         from canprobe.scoring import check_ranking_identity, check_ranking_model, load_folder_ranking, score_identity
 
         if table is not None:
@@ -640,9 +636,9 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             scope=scope,
             method=method,
             alpha=alpha,
-            prompt=config.prompt,
+            prompt=config.generation.prompt,
             seed=seed,
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=config.generation.max_new_tokens,
         )
         if table is None and (out / RANKING_FILE).exists():
             table = load_folder_ranking(out)
@@ -657,7 +653,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
                 lm,
                 inputs,
                 **scoring,
-                batch_size=config.batch_size,
+                batch_size=config.generation.batch_size,
                 gradient_checkpointing=checkpointed,
                 reuse_features=reuse,
             )
@@ -665,7 +661,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
                 scores.save(out)
             table = scores.ranking()
         clip = _load(clip_model, "float32", device) if lm.family.takes_images else None
-        ppl_lm = _ppl_model(config.ppl_scorer, device)
+        ppl_lm = _ppl_model(config.evaluation.ppl_scorer, device)
         names = [r.name for r in image_set.records]
         result = find_k_star(lm, inputs, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
     if world.main:
@@ -804,21 +800,22 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
 def _config_flags(func):
     """One flag per ExperimentConfig field, from the settings table; no default, so a config file's value stands.
 
-    Lists are comma-separated (their choices are checked by the config), booleans are --x/--no-x.
+    Help text and the default shown are the setting's, as in every other command. Lists are
+    comma-separated (their choices are checked by the config), booleans are --x/--no-x.
     """
     from canprobe.config import config_fields
 
     for name, annotation in reversed(list(config_fields().items())):
         s = SETTINGS[name]
         flag = "--" + name.replace("_", "-")
+        shown = {"show_default": str(s.default)} if s.default is not None else {}
         if s.kind is bool:
-            decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=s.help)
+            decl = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=s.help, **shown)
         elif "list" in str(annotation):
-            decl = click.option(flag, name, default=None, metavar="A,B,...", help=f"{s.help} Comma-separated.")
+            decl = click.option(flag, name, default=None, metavar="A,B,...", help=s.help, **shown)
         else:  # plain types: the config validates the value and names the field, as for a config file
-            shown = "" if s.default is None else f" [default: {s.default}]"
             plain = {int: click.INT, float: click.FLOAT}.get(s.kind)
-            decl = click.option(flag, name, type=plain, default=None, help=s.help + shown)
+            decl = click.option(flag, name, type=plain, default=None, help=s.help, **shown)
         func = decl(func)
     return func
 

@@ -1,17 +1,24 @@
-"""One configuration model: every setting declared once, with its type, default, choices and bounds.
+"""The settings: one table (``SETTINGS``), and the section objects built from it.
 
-``SETTINGS`` is the single table of settings, grouped in sections (model, data, captions, scoring,
-search and its collapse criterion, evaluation, study). The configuration dataclasses take their
-fields from it with ``setting(name)``, the command line builds its options from it
-(``canprobe.cli``), and ``validate`` checks any of them against it, so an option, its default and
-its choice list exist once:
+Each setting is one row of ``SETTINGS``: its section, type, default, choices, bounds, help text,
+and whether it is part of a run's identity (what decides the numbers, ``canprobe.identity``). The
+sections are small frozen dataclasses whose fields are the table's rows (``@section``), passed
+whole from the command line or a study file down to the code that reads them:
 
-- ``CollapseCriterion`` and ``SearchConfig``: one k* search (``canprobe search``, ``find_k_star``);
-- ``ExperimentConfig``: a whole study (``canprobe run``, study YAML files). Its keys stay flat,
-  as the study files written so far have them; each key names one setting of the table.
+- ``Model`` (which model, how it runs), ``Data`` (which images), ``Generation`` (the captions:
+  prompt, length, batch size, decoding), ``Scoring``, ``Search`` (the k* algorithm and its
+  ``CollapseCriterion``), ``Evaluation`` (the fault a mask applies and the PPL/CLIP scorers),
+  ``Faults`` (the robustness study), ``Study`` (what a whole run searches, where it writes);
+- ``SearchConfig``: one k* search (``canprobe search``, ``find_k_star``): its scope and control,
+  the seed, and the Search, Generation and Evaluation sections;
+- ``ExperimentConfig``: a whole study (``canprobe run``, study YAML files), one field per section.
+  Study files and recorded configs are flat (one key per setting: names are unique across
+  sections); a study file may also group keys under their sections.
 
-Everything is checked before any model loads: unknown keys, wrong types, out-of-range values,
-missing image folders, and categories without images each fail with one line naming the field.
+The command line builds its options from the same rows (``canprobe.cli``), so an option, its
+default, its help and its choice list exist once. Everything is checked before any model loads:
+unknown keys, wrong types, out-of-range values, missing image folders, and categories without
+images each fail with one line naming the field.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from canprobe.checks import read_text_file
 from canprobe.errors import InputError
 from canprobe.faults import MEAN_BY, PROTECTIONS, SEED_MAX, check_fault, parse_fault
 
@@ -43,7 +51,7 @@ DECODINGS = ("eager", "static", "compiled")
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its section, default, help text, and what values it accepts."""
+    """One setting: its section, default, help text, what values it accepts, and whether it decides results."""
 
     section: str
     default: object
@@ -54,6 +62,14 @@ class Setting:
     high: float | None = None  # inclusive upper bound unless high_open
     low_open: bool = False
     high_open: bool = False
+    many: bool = False  # a list of values
+    identity: bool = True  # False: changes only where or how fast a run goes, never its numbers
+
+    @property
+    def annotation(self):
+        """The Python type of the setting's value: ``kind``, a list of it, optional when the default is None."""
+        base = list[self.kind] if self.many else self.kind
+        return base | None if self.default is None else base
 
     def check(self, name: str, value) -> None:
         """Raise InputError naming ``name`` when ``value`` is not allowed (None passes: optional)."""
@@ -84,6 +100,8 @@ class Setting:
 
 
 def _s(section: str, default, help: str, **kw) -> Setting:
+    if isinstance(default, list):
+        kw["many"] = True
     if "kind" not in kw and default is not None:
         kw["kind"] = type(default[0] if isinstance(default, list) else default)
     return Setting(section, default, help, **kw)
@@ -91,32 +109,49 @@ def _s(section: str, default, help: str, **kw) -> Setting:
 
 _POSITIVE = {"low": 1}
 _RATIO = {"low": 0.0, "high": 1.0, "low_open": True, "high_open": True}
+_RUNTIME = {"identity": False}
 
 SETTINGS: dict[str, Setting] = {
-    # model: which model, and how it runs (none of these but dtype changes a number)
+    # model: which model, and how it runs (none of these but model and dtype changes a number)
     "model": _s("model", None, "Built-in name (toy-llava, ...), local folder or hub id."),
     "dtype": _s("model", "float32", "Weights and activations; scores and metrics stay float32.", choices=DTYPE_NAMES),
-    "device": _s("model", None, "torch device, e.g. cpu or cuda:0."),
-    "device_map": _s("model", None, "accelerate placement for models larger than one GPU, e.g. auto."),
-    "trust_remote_code": _s("model", False, "Allow custom code shipped with a hub checkpoint."),
-    "sites": _s("model", None, "YAML site file for a model with no adapter (see README: models without an adapter)."),
-    "batch_size": _s("model", 16, "Images per scoring batch; rows (image x mask) per evaluation batch.", **_POSITIVE),
-    "gradient_checkpointing": _s("model", False, "Recompute layer activations in the backward pass (less memory)."),
-    "decoding": _s(
+    "device": _s("model", None, "torch device, e.g. cpu or cuda:0.", **_RUNTIME),
+    "device_map": _s("model", None, "accelerate placement for models larger than one GPU, e.g. auto.", **_RUNTIME),
+    "trust_remote_code": _s("model", False, "Allow custom code shipped with a hub checkpoint.", **_RUNTIME),
+    "sites": _s(
         "model",
+        None,
+        "YAML site file for a model with no adapter (see README: models without an adapter).",
+        **_RUNTIME,  # the sites it names show in the ranking's addresses, which are identity
+    ),
+    "gradient_checkpointing": _s(
+        "model", False, "Recompute layer activations in the backward pass (less memory).", **_RUNTIME
+    ),
+    "reuse_features": _s(
+        "model", True, "Encode each image once for all masks that leave the image encoder alone.", **_RUNTIME
+    ),
+    # data: which images (their content, names and captions are identity, their location is not)
+    "images": _s("data", None, "Image set folder.", **_RUNTIME),
+    "annotations": _s("data", None, "COCO-style annotation file; images then come from the images folder.", **_RUNTIME),
+    "categories": _s("data", None, "Categories to use (default: all).", many=True),
+    "images_per_category": _s("data", None, "At most N images per category.", kind=int, **_POSITIVE),
+    # generation: the text the model writes, for the loss text and for every evaluated caption
+    "prompt": _s("generation", None, "Instruction text; the model family's default when omitted."),
+    "max_new_tokens": _s("generation", 24, "Length limit of every generated caption.", **_POSITIVE),
+    "batch_size": _s(
+        "generation",
+        16,
+        "Images per scoring batch; rows (image x mask) per evaluation batch.",
+        **_POSITIVE,
+        **_RUNTIME,
+    ),
+    "decoding": _s(
+        "generation",
         "eager",
         "Caption decoding: eager, static (fixed-size KV cache) or compiled (static, its step compiled on GPUs).",
         choices=DECODINGS,
+        **_RUNTIME,
     ),
-    "reuse_features": _s("model", True, "Encode each image once for all masks that leave the image encoder alone."),
-    # data: which images
-    "images": _s("data", None, "Image set folder."),
-    "annotations": _s("data", None, "COCO-style annotation file; images then come from the images folder."),
-    "categories": _s("data", None, "Categories to use (default: all)."),
-    "images_per_category": _s("data", None, "At most N images per category.", kind=int, **_POSITIVE),
-    # captions: the text the model writes, for the loss text and for every evaluated caption
-    "prompt": _s("captions", None, "Instruction text; the model family's default when omitted."),
-    "max_new_tokens": _s("captions", 24, "Length limit of every generated caption.", **_POSITIVE),
     # scoring
     "method": _s("scoring", "can", "Score method.", choices=SCORE_METHODS),
     "alpha": _s("scoring", 1.0, "Gradient exponent of the CAN score.", low=0.0, high=1.0),
@@ -128,27 +163,34 @@ SETTINGS: dict[str, Setting] = {
         choices=LOSS_TEXTS,
     ),
     "seed": _s("scoring", 0, "Seed of the random score method and of the random control's draw.", low=0, high=SEED_MAX),
-    # search: the k* algorithm and its collapse criterion
-    "scope": _s("search", "language.down_proj", "Sites, e.g. language, vision.fc1, all."),
-    "stage1_ppl_ratio": _s("search", 2.0, "Stage 1: median PPL above this x unmasked ...", low=1.0, low_open=True),
-    "stage1_clip_ratio": _s("search", 0.9, "... or mean CLIP below this fraction of the unmasked one.", **_RATIO),
-    "collapse_ppl_ratio": _s(
-        "search", 100.0, "Collapse: median PPL at least this x unmasked ...", low=1.0, low_open=True
-    ),
-    "collapse_clip_ratio": _s("search", 0.5, "... and mean CLIP below this fraction of the unmasked one.", **_RATIO),
-    "growth": _s("search", 2.0, "Factor of the geometric growth of k.", low=1.0, low_open=True),
-    "k_per_round": _s("search", 1, "k values per batched round.", **_POSITIVE),
-    "grid_per_octave": _s("search", 1, "Curve points per doubling; 0: none.", low=0),
-    "grid_max": _s("search", None, "Largest k of the plotting grid (default: the whole scope).", kind=int, **_POSITIVE),
-    "max_k": _s("search", None, "Largest k to try (default: every neuron of the scope).", kind=int, **_POSITIVE),
-    "control": _s("search", None, "Add random neurons of the same counts.", choices=SEARCH_CONTROLS),
+    # probe: what one search masks (a study sets these per search from scopes and controls)
+    "scope": _s("probe", "language.down_proj", "Sites, e.g. language, vision.fc1, all."),
+    "control": _s("probe", None, "Add random neurons of the same counts.", choices=SEARCH_CONTROLS),
     "control_at": _s(
-        "search",
+        "probe",
         "curve",
         "The control at every k of the curve, or at k* and stage 1.",
         choices=CONTROL_AT,
     ),
-    "n_samples": _s("search", 4, "Sample captions kept per point.", low=0),
+    # search: the k* algorithm, and its collapse criterion (search.criterion)
+    "stage1_ppl_ratio": _s(
+        "search.criterion", 2.0, "Stage 1: median PPL above this x unmasked ...", low=1.0, low_open=True
+    ),
+    "stage1_clip_ratio": _s(
+        "search.criterion", 0.9, "... or mean CLIP below this fraction of the unmasked one.", **_RATIO
+    ),
+    "collapse_ppl_ratio": _s(
+        "search.criterion", 100.0, "Collapse: median PPL at least this x unmasked ...", low=1.0, low_open=True
+    ),
+    "collapse_clip_ratio": _s(
+        "search.criterion", 0.5, "... and mean CLIP below this fraction of the unmasked one.", **_RATIO
+    ),
+    "growth": _s("search", 2.0, "Factor of the geometric growth of k.", low=1.0, low_open=True),
+    "k_per_round": _s("search", 1, "k values per batched round.", **_POSITIVE, **_RUNTIME),
+    "grid_per_octave": _s("search", 1, "Curve points per doubling; 0: none.", low=0),
+    "grid_max": _s("search", None, "Largest k of the plotting grid (default: the whole scope).", kind=int, **_POSITIVE),
+    "max_k": _s("search", None, "Largest k to try (default: every neuron of the scope).", kind=int, **_POSITIVE),
+    "n_samples": _s("search", 4, "Sample captions kept per point.", low=0, **_RUNTIME),
     # evaluation: what a mask does and how its captions are measured
     "ablation": _s(
         "evaluation",
@@ -159,8 +201,14 @@ SETTINGS: dict[str, Setting] = {
     ),
     "ppl_scorer": _s("evaluation", "unmasked", "unmasked, masked, or a causal LM path."),
     "clip_model": _s("evaluation", None, "CLIP for the CLIP score (default: toy-clip for organisms)."),
+    # faults: the robustness study (canprobe.robustness, on the pooled images)
+    "faults": _s("faults", [], "Fault specs, each searched for k* under three rankings.", kind=str),
+    "protections": _s("faults", [], "Protections measured under random faults.", kind=str, choices=PROTECTIONS),
+    "random_fault": _s("faults", "bitflip", "The fault drawn at random neurons for the protections."),
+    "fault_counts": _s("faults", [1, 2, 4, 8, 16, 32], "Random fault counts.", **_POSITIVE),
+    "fault_trials": _s("faults", 4, "Random draws per fault count.", **_POSITIVE),
     # study: what a whole run searches, and where it writes
-    "out": _s("study", "canprobe-run", "Run folder; rerun to resume."),
+    "out": _s("study", "canprobe-run", "Run folder; rerun to resume.", **_RUNTIME),
     "scopes": _s("study", ["language.down_proj", "language.gate_proj"], "Scopes to search."),
     "per_category": _s("study", True, "One search per category."),
     "pooled": _s("study", True, "One search over all images."),
@@ -173,12 +221,12 @@ SETTINGS: dict[str, Setting] = {
         choices=MEAN_BY,
     ),
     "split_half": _s("study", True, "Compare the rankings of two disjoint halves of the images."),
-    # robustness (canprobe.robustness, on the pooled images)
-    "faults": _s("robustness", [], "Fault specs, each searched for k* under three rankings.", kind=str),
-    "protections": _s("robustness", [], "Protections measured under random faults.", kind=str, choices=PROTECTIONS),
-    "random_fault": _s("robustness", "bitflip", "The fault drawn at random neurons for the protections."),
-    "fault_counts": _s("robustness", [1, 2, 4, 8, 16, 32], "Random fault counts.", **_POSITIVE),
-    "fault_trials": _s("robustness", 4, "Random draws per fault count.", **_POSITIVE),
+}
+# the sections study files of canprobe 0.1 grouped these settings under (still read)
+FORMER_SECTIONS = {
+    "captions": ("prompt", "max_new_tokens"),
+    "model": ("batch_size", "decoding"),
+    "robustness": ("faults", "protections", "random_fault", "fault_counts", "fault_trials"),
 }
 
 
@@ -227,7 +275,85 @@ def _matches(value, annotation) -> bool:
     return isinstance(value, annotation)
 
 
-@dataclass(frozen=True)
+def section(name: str):
+    """Make ``cls`` a frozen dataclass whose fields are the settings of section ``name``, in table order.
+
+    Fields the class declares itself (a nested section) come first; ``__post_init__`` validates
+    every field against its annotation and its row of ``SETTINGS``, then runs the class's own
+    ``check()`` (checks across fields), if it has one.
+    """
+
+    def build(cls):
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for key, s in SETTINGS.items():
+            if s.section == name:
+                annotations[key] = s.annotation
+                setattr(cls, key, setting(key))
+        cls.__annotations__ = annotations
+        cls.section_name = name
+
+        def __post_init__(self) -> None:
+            validate(self)
+            getattr(self, "check", lambda: None)()
+
+        cls.__post_init__ = __post_init__
+        return dataclass(frozen=True)(cls)
+
+    return build
+
+
+def flat(obj) -> dict:
+    """A section object (or one composed of sections) as one mapping: setting name -> value."""
+    out: dict = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out.update(flat(value) if dataclasses.is_dataclass(value) else {f.name: value})
+    return out
+
+
+def compose(cls, values: dict):
+    """``cls`` (a section, or one composed of sections) from flat setting values; the rest take defaults."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[f.name] = compose(kind, values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def names(cls) -> list[str]:
+    """The setting names of a section (or of one composed of sections), nested ones included."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        out += names(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else [f.name]
+    return out
+
+
+@section("model")
+class Model:
+    """Which model, and how it loads and runs: everything ``canprobe.models.load_model`` reads."""
+
+
+@section("data")
+class Data:
+    """Which images: a folder (or COCO annotations), the categories, how many per category."""
+
+
+@section("generation")
+class Generation:
+    """How the model writes: the prompt, the length limit, rows per batch, and the decoding."""
+
+
+@section("scoring")
+class Scoring:
+    """How neurons are scored and ranked (``canprobe.scoring``); ``seed`` also draws the random control."""
+
+
+@section("search.criterion")
 class CollapseCriterion:
     """Stage thresholds, relative to the unmasked model (METHOD.md, "Progressive masking and k*").
 
@@ -239,13 +365,7 @@ class CollapseCriterion:
     tokens, empty output).
     """
 
-    stage1_ppl_ratio: float = setting("stage1_ppl_ratio")
-    stage1_clip_ratio: float = setting("stage1_clip_ratio")
-    collapse_ppl_ratio: float = setting("collapse_ppl_ratio")
-    collapse_clip_ratio: float = setting("collapse_clip_ratio")
-
-    def __post_init__(self) -> None:
-        validate(self)
+    def check(self) -> None:
         if self.collapse_ppl_ratio < self.stage1_ppl_ratio:
             raise InputError(
                 f"collapse-ppl-ratio ({self.collapse_ppl_ratio}) must be at least stage1-ppl-ratio "
@@ -276,123 +396,128 @@ class CollapseCriterion:
         )
 
 
-CRITERION_FIELDS = tuple(f.name for f in dataclasses.fields(CollapseCriterion))
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Everything that decides which points a search evaluates and what they measure.
+@section("search")
+class Search:
+    """The k* algorithm: the collapse criterion, growth, batched rounds, the plotting grid, the largest k.
 
     ``growth``: factor of the geometric growth phase. ``k_per_round``: k values evaluated together
     in one batched generate during growth and bisection (1 = the classic sequential search, fewest
     evaluations; more = fewer rounds, some speculative points). ``grid_per_octave``: points per
     doubling of the plotting grid from 1 to ``grid_max`` (default: the whole scope); 0 = no grid.
-    ``control``: "random" adds random neurons of the same counts, drawn with ``seed`` from the scope
-    (one permutation, so the random sets are nested like the top-k sets), at every k of the top
-    curve (``control_at="curve"``) or only at k* and the start of stage 1 (``"k_star"``, cheap).
-    ``batch_size`` counts generation rows (one row = one image under one mask). ``clip_model``: the
-    CLIP that scores the captions; ``find_k_star`` records the one it is given (None: whichever).
     """
 
-    scope: str = setting("scope")
     criterion: CollapseCriterion = field(default_factory=CollapseCriterion)
-    growth: float = setting("growth")
-    k_per_round: int = setting("k_per_round")
-    grid_per_octave: int = setting("grid_per_octave")
-    grid_max: int | None = setting("grid_max")
-    max_k: int | None = setting("max_k")
-    control: str | None = setting("control")
-    control_at: str = setting("control_at")
-    seed: int = setting("seed")
-    ablation: str = setting("ablation")
-    ppl_scorer: str = setting("ppl_scorer")
-    clip_model: str | None = setting("clip_model")
-    prompt: str | None = setting("prompt")
-    max_new_tokens: int = setting("max_new_tokens")
-    batch_size: int = setting("batch_size")
-    n_samples: int = setting("n_samples")
-    decoding: str = setting("decoding")
 
-    def __post_init__(self) -> None:
-        validate(self)
+
+@section("evaluation")
+class Evaluation:
+    """What a mask does to its neurons (``ablation``, a ``canprobe.faults`` spec) and which models score captions.
+
+    ``clip_model``: the CLIP that scores the captions; ``find_k_star`` records the one it is given.
+    """
+
+    def check(self) -> None:
         parse_fault(self.ablation)
         if not self.ppl_scorer:
             raise InputError(f"ppl scorer must be {' or '.join(PPL_SCORERS)} or a causal LM path")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
+@section("faults")
+class Faults:
+    """The robustness study (``canprobe.robustness``, on the pooled images).
 
-@dataclass
-class ExperimentConfig:
-    """A whole CAN study on one model: score, search k* per (scope, category), controls, stability.
-
-    Robustness (``canprobe.robustness``, on the pooled images): ``faults`` (fault specs) each get k*
-    with the CAN, activation-only and random rankings; ``protections`` (protect_top, range) each get
-    the collapse rate under ``fault_trials`` random draws of ``fault_counts`` neurons with ``random_fault``.
+    ``faults`` (fault specs) each get k* with the CAN, activation-only and random rankings;
+    ``protections`` (protect_top, range) each get the collapse rate under ``fault_trials`` random
+    draws of ``fault_counts`` neurons with ``random_fault``.
     """
 
-    model: str
-    images: str
-    out: str = setting("out")
-    annotations: str | None = setting("annotations")
-    categories: list[str] | None = setting("categories")
-    images_per_category: int | None = setting("images_per_category")
-    prompt: str | None = setting("prompt")
-    method: str = setting("method")
-    alpha: float = setting("alpha")
-    reduction: str = setting("reduction")
-    loss_text: str = setting("loss_text")
-    scopes: list[str] = setting("scopes")
-    per_category: bool = setting("per_category")
-    pooled: bool = setting("pooled")
-    ablation: str = setting("ablation")
-    faults: list[str] = setting("faults")
-    protections: list[str] = setting("protections")
-    random_fault: str = setting("random_fault")
-    fault_counts: list[int] = setting("fault_counts")
-    fault_trials: int = setting("fault_trials")
-    controls: list[str] = setting("controls")
-    mean_control: str = setting("mean_control")
-    split_half: bool = setting("split_half")
-    ppl_scorer: str = setting("ppl_scorer")
-    clip_model: str | None = setting("clip_model")
-    max_new_tokens: int = setting("max_new_tokens")
-    batch_size: int = setting("batch_size")
-    collapse_ppl_ratio: float = setting("collapse_ppl_ratio")
-    collapse_clip_ratio: float = setting("collapse_clip_ratio")
-    stage1_ppl_ratio: float = setting("stage1_ppl_ratio")
-    stage1_clip_ratio: float = setting("stage1_clip_ratio")
-    seed: int = setting("seed")
-    dtype: str = setting("dtype")
-    device: str | None = setting("device")
-    device_map: str | None = setting("device_map")
-    gradient_checkpointing: bool = setting("gradient_checkpointing")
-    reuse_features: bool = setting("reuse_features")
-    decoding: str = setting("decoding")
+    def check(self) -> None:
+        if not self.fault_counts:
+            raise InputError("config field fault_counts: give at least one count")
 
-    def __post_init__(self) -> None:
-        validate(self)
+
+@section("study")
+class Study:
+    """What a whole study searches (scopes, per category and/or pooled), its controls, and where it writes."""
+
+    def check(self) -> None:
         if not self.scopes:
             raise InputError("config field scopes: give at least one scope, e.g. language.down_proj")
         if not self.per_category and not self.pooled:
             raise InputError("config fields per_category and pooled are both false: nothing to search")
-        for spec in [self.ablation, *self.faults, self.random_fault]:
-            check_fault(spec, self.dtype)
-        if not self.fault_counts:
-            raise InputError("config field fault_counts: give at least one count")
-        self.criterion()  # the thresholds must also agree with each other
 
+
+@section("probe")
+class SearchConfig:
+    """One k* search: its scope and random control, the seed, and the Search, Generation and Evaluation sections.
+
+    ``control``: "random" adds random neurons of the same counts, drawn with ``seed`` from the scope
+    (one permutation, so the random sets are nested like the top-k sets), at every k of the top
+    curve (``control_at="curve"``) or only at k* and the start of stage 1 (``"k_star"``, cheap).
+    ``generation.batch_size`` counts generation rows (one row = one image under one mask).
+    Build one from flat setting names with ``SearchConfig.of(max_k=24, ...)``.
+    """
+
+    search: Search = field(default_factory=Search)
+    generation: Generation = field(default_factory=Generation)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    seed: int = setting("seed")
+
+    @classmethod
+    def of(cls, **values) -> SearchConfig:
+        unknown = sorted(values.keys() - set(names(cls)))
+        if unknown:
+            raise InputError(f"unknown search setting(s) {', '.join(unknown)}; known: {', '.join(names(cls))}")
+        return compose(cls, values)
+
+    @property
     def criterion(self) -> CollapseCriterion:
-        return CollapseCriterion(**{name: getattr(self, name) for name in CRITERION_FIELDS})
+        return self.search.criterion
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return flat(self)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole CAN study on one model: score, search k* per (scope, category), controls, stability.
+
+    One field per section; ``make_config`` builds it from a flat or sectioned mapping, ``to_dict``
+    gives it back flat.
+    """
+
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    generation: Generation = field(default_factory=Generation)
+    scoring: Scoring = field(default_factory=Scoring)
+    search: Search = field(default_factory=Search)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    faults: Faults = field(default_factory=Faults)
+    study: Study = field(default_factory=Study)
+
+    def __post_init__(self) -> None:
+        for spec in [self.evaluation.ablation, *self.faults.faults, self.faults.random_fault]:
+            check_fault(spec, self.model.dtype)
+
+    def search_config(self, scope: str, control: str | None, control_at: str) -> SearchConfig:
+        """The config of one of the study's searches: every setting of the study's sections reaches it."""
+        return SearchConfig(
+            scope=scope,
+            control=control,
+            control_at=control_at,
+            search=self.search,
+            generation=self.generation,
+            evaluation=self.evaluation,
+            seed=self.scoring.seed,
+        )
+
+    def to_dict(self) -> dict:
+        return flat(self)
 
 
 def config_fields() -> dict[str, object]:
-    """Field name -> type annotation of a study config, for building command-line flags."""
-    return typing.get_type_hints(ExperimentConfig)
+    """Setting name -> type annotation of a study config, for building command-line flags."""
+    return {name: SETTINGS[name].annotation for name in names(ExperimentConfig)}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -417,8 +542,6 @@ def read_config_file(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist")
-    from canprobe.data import read_text_file
-
     try:
         data = yaml.load(read_text_file(path), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -432,70 +555,52 @@ def read_config_file(path: Path | str) -> dict:
     return flatten_sections(data)
 
 
-def flatten_sections(values: dict) -> dict:
+def _grouped(section: str) -> set[str]:
+    """The settings a study file may group under ``section``: its own, its subsections', FORMER_SECTIONS'."""
+    own = {n for n, s in SETTINGS.items() if s.section == section or s.section.startswith(section + ".")}
+    return own | set(FORMER_SECTIONS.get(section, ()))
+
+
+def flatten_sections(values: dict, within: str = "") -> dict:
     """Study fields from a mapping that may group them under their sections (``scoring: {alpha: 0.5}``).
 
     A key that names a section and holds a mapping is a section; its keys must be settings of that
-    section. Flat keys and sections mix; a field given both ways is refused.
+    section (a subsection nests: ``search: {criterion: {collapse_ppl_ratio: 50}}``). Flat keys and
+    sections mix; a field given twice is refused.
     """
-    names = {s.section for s in SETTINGS.values()}
-    # ``scoring:`` with nothing under it is an empty section (YAML reads it as null), not an unknown field
-    sections = {
-        k: v or {}
-        for k, v in values.items()
-        if isinstance(k, str) and k in names and (isinstance(v, dict) or (v is None and k not in SETTINGS))
-    }
-    flat = {k: v for k, v in values.items() if k not in sections}
-    for key, section in sections.items():
-        for name, value in section.items():
-            setting = SETTINGS.get(name) if isinstance(name, str) else None
-            if setting is None or setting.section != key:
-                own = sorted(n for n, s in SETTINGS.items() if s.section == key)
-                raise InputError(f"config section {key}: {name!r} is not one of its fields ({', '.join(own)})")
-            if name in flat:
-                raise InputError(f"config field {name} is given twice (in section {key} and at the top level)")
-            flat[name] = value
-    return flat
+    paths = {part for s in SETTINGS.values() for part in _prefixes(s.section)} | set(FORMER_SECTIONS)
+    out: dict = {}
+    for key, value in values.items():
+        path = f"{within}.{key}" if within else key
+        # ``scoring:`` with nothing under it is an empty section (YAML reads it as null), not an unknown field
+        empty = value is None and key not in SETTINGS
+        if isinstance(key, str) and (isinstance(value, dict) or empty) and path in paths:
+            items = flatten_sections(value or {}, path)
+        elif within and key not in _grouped(within):
+            mine = ", ".join(sorted(_grouped(within)))
+            raise InputError(f"config section {within}: {key!r} is not one of its fields ({mine})")
+        else:
+            items = {key: value}
+        for name, item in items.items():
+            if name in out:
+                raise InputError(f"config field {name} is given twice (in a section and at its top level)")
+            out[name] = item
+    return out
+
+
+def _prefixes(section: str) -> list[str]:
+    parts = section.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def make_config(values: dict) -> ExperimentConfig:
     """Build and validate a config from a mapping, flat or in sections; unknown and missing keys are named."""
     values = flatten_sections(values)
-    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    known = set(names(ExperimentConfig))
     for key in values:
         if key not in known:
             raise InputError(f"unknown config field {key!r}; known fields: {', '.join(sorted(known))}")
     for required in ("model", "images"):
         if values.get(required) is None:
             raise InputError(f"config field {required} is required")
-    return ExperimentConfig(**values)
-
-
-def check_image_source(config: ExperimentConfig) -> dict[str, int]:
-    """Images per category, counted from file names (no decoding), before any model loads."""
-    from canprobe.data import coco_candidates, folder_candidates
-
-    root = Path(config.images)
-    if config.annotations is not None:
-        if not Path(config.annotations).is_file():
-            raise InputError(f"config field annotations: {config.annotations} does not exist")
-        if not root.is_dir():
-            raise InputError(f"config field images: folder {root} does not exist")
-        candidates, _ = coco_candidates(Path(config.annotations), root)
-    else:
-        if not root.is_dir():
-            raise InputError(f"config field images: folder {root} does not exist")
-        candidates = folder_candidates(root)
-    counts: dict[str, int] = {}
-    for _, category in candidates:
-        counts[category] = counts.get(category, 0) + 1
-    if root.is_dir() and config.annotations is None:
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            counts.setdefault(sub.name, 0)
-    wanted = config.categories if config.categories is not None else sorted(counts)
-    if not wanted:
-        raise InputError(f"config field images: no images in {root}")
-    for category in wanted:
-        if counts.get(category, 0) == 0:
-            raise InputError(f"config field categories: category {category!r} has no images in {root}")
-    return {c: counts[c] for c in wanted}
+    return compose(ExperimentConfig, values)

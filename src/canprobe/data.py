@@ -13,13 +13,17 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from canprobe.checks import printable
+from canprobe.checks import printable, read_text_file
 from canprobe.errors import InputError
 from canprobe.runfolder import CAPTIONS_FILE
+
+if TYPE_CHECKING:
+    from canprobe.config import Data
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +56,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.records)
-
-
-def read_text_file(path: Path, what: str = "") -> str:
-    """A UTF-8 text file's content; other encodings and unreadable files are one clear error."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{printable(path)}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}){what}; "
-            "save it as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise InputError(f"{printable(path)}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _read_captions(root: Path) -> dict[str, str | None]:
@@ -221,3 +212,31 @@ def load_image_set(
         extra = f" ({len(skipped)} unreadable)" if skipped else ""
         raise InputError(f"no readable {what} in {root}{extra}; expected one folder per category of images")
     return ImageSet(root, records, images, skipped, unmatched)
+
+
+def check_image_source(config: Data) -> dict[str, int]:
+    """Images per category, counted from file names (no decoding), before any model loads."""
+    root = Path(config.images)
+    if config.annotations is not None:
+        if not Path(config.annotations).is_file():
+            raise InputError(f"config field annotations: {config.annotations} does not exist")
+        if not root.is_dir():
+            raise InputError(f"config field images: folder {root} does not exist")
+        candidates, _ = coco_candidates(Path(config.annotations), root)
+    else:
+        if not root.is_dir():
+            raise InputError(f"config field images: folder {root} does not exist")
+        candidates = folder_candidates(root)
+    counts: dict[str, int] = {}
+    for _, category in candidates:
+        counts[category] = counts.get(category, 0) + 1
+    if root.is_dir() and config.annotations is None:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            counts.setdefault(sub.name, 0)
+    wanted = config.categories if config.categories is not None else sorted(counts)
+    if not wanted:
+        raise InputError(f"config field images: no images in {root}")
+    for category in wanted:
+        if counts.get(category, 0) == 0:
+            raise InputError(f"config field categories: category {category!r} has no images in {root}")
+    return {c: counts[c] for c in wanted}

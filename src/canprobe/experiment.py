@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from canprobe import runfolder
 from canprobe.ablation import RankedNeurons, activation_stats
 from canprobe.checks import check_device, check_output_dir, printable
-from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig, check_image_source
-from canprobe.data import ImageSet, load_image_set
+from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig
+from canprobe.data import ImageSet, check_image_source, load_image_set
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator, default_clip_model
 from canprobe.faults import Mean, parse_fault
@@ -74,23 +74,24 @@ class Timings:
 
 def _check_categories(config: ExperimentConfig, image_set: ImageSet) -> None:
     """Every category the study searches has at least one readable image (none is dropped unseen)."""
-    wanted = check_image_source(config)
+    wanted = check_image_source(config.data)
     readable = set(image_set.categories)
     for category in wanted:
         if category not in readable:
             bad = [printable(p) for p, _ in image_set.skipped if Path(p).parent.name == category]
             why = f" ({len(bad)} unreadable, e.g. {bad[0]})" if bad else ""
             raise InputError(
-                f"category {category!r} has no readable image in {config.images}{why}; "
+                f"category {category!r} has no readable image in {config.data.images}{why}; "
                 "fix its images or leave it out with the categories field"
             )
 
 
 def _check_fault_counts(config: ExperimentConfig, scope: str, neurons: int) -> None:
     """The protection study draws each fault count from the scope's neurons: a count above them cannot be drawn."""
-    if config.protections and max(config.fault_counts) > neurons:
+    counts = config.faults.fault_counts
+    if config.faults.protections and max(counts) > neurons:
         raise InputError(
-            f"config field fault_counts: {max(config.fault_counts)} random faults, but scope {scope} has "
+            f"config field fault_counts: {max(counts)} random faults, but scope {scope} has "
             f"{neurons} neurons; give counts up to {neurons}"
         )
 
@@ -104,7 +105,7 @@ def _groups(config: ExperimentConfig, image_set: ImageSet, texts: bool = False) 
 
     def group(name: str, idx: list[int]) -> Group:
         records = [image_set.records[i] for i in idx]
-        captions = [r.caption for r in records] if config.loss_text == "reference" or texts else None
+        captions = [r.caption for r in records] if config.scoring.loss_text == "reference" or texts else None
         if captions is not None and any(c is None for c in captions):
             need = "a text-only model continues the texts of" if texts else "loss_text: 'reference' needs"
             raise InputError(f"{need} a caption for every image (captions.jsonl)")
@@ -112,10 +113,10 @@ def _groups(config: ExperimentConfig, image_set: ImageSet, texts: bool = False) 
         return Group(name, inputs, [r.name for r in records], captions)
 
     groups = []
-    if config.per_category:
+    if config.study.per_category:
         for category in image_set.categories:
             groups.append(group(category, [i for i, r in enumerate(image_set.records) if r.category == category]))
-    if config.pooled:
+    if config.study.pooled:
         groups.append(group(POOLED, list(range(len(image_set)))))
     return groups
 
@@ -128,11 +129,11 @@ def _score(
         scope=scope,
         method=method,
         alpha=alpha,
-        reduction=config.reduction,
+        reduction=config.scoring.reduction,
         captions=captions,
-        prompt=config.prompt,
-        seed=config.seed,
-        max_new_tokens=config.max_new_tokens,
+        prompt=config.generation.prompt,
+        seed=config.scoring.seed,
+        max_new_tokens=config.generation.max_new_tokens,
     )
     if runfolder.has_ranking(out):
         ranking = load_folder_ranking(out)
@@ -143,9 +144,9 @@ def _score(
         lm,
         images,
         **scoring,
-        batch_size=config.batch_size,
-        gradient_checkpointing=config.gradient_checkpointing,
-        reuse_features=config.reuse_features,
+        batch_size=config.generation.batch_size,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        reuse_features=config.model.reuse_features,
     )
     result.save(out)
     return result.ranking()
@@ -159,37 +160,27 @@ def _jaccard(a: list[str], b: list[str]) -> float:
 class Experiment:
     """Runs (or resumes) one ExperimentConfig; ``run()`` returns the run summary.
 
-    ``restart``: start over when ``config.out`` holds a run of another config (its files are moved aside).
+    ``restart``: start over when ``config.study.out`` holds a run of another config (its files are moved aside).
     """
 
     def __init__(self, config: ExperimentConfig, progress: bool = True, restart: bool = False):
         self.config = config
-        self.out = Path(config.out)
+        self.out = Path(config.study.out)
         self.progress = progress
         self.restart = restart
         self.timings = Timings()
         self.ppl_lm: LoadedModel | None = None  # the separate PPL model, loaded once per study
-        check_image_source(config)
-        check_device(config.device, "config field device")
-        check_output_dir(self.out, "config field out", inputs=(config.images,))
+        check_image_source(config.data)
+        check_device(config.model.device, "config field device")
+        check_output_dir(self.out, "config field out", inputs=(config.data.images,))
 
     def _search_config(self, scope: str, group: str) -> SearchConfig:
         """Per-category searches run the random control only at k* and stage 1; the figures use pooled curves."""
         c = self.config
-        return SearchConfig(
-            scope=scope,
-            criterion=c.criterion(),
-            control="random" if "random" in c.controls else None,
-            control_at="curve" if group == POOLED or not c.pooled else "k_star",
-            seed=c.seed,
-            ablation=c.ablation,
-            ppl_scorer=c.ppl_scorer,
-            clip_model=c.clip_model or default_clip_model(c.model),
-            prompt=c.prompt,
-            max_new_tokens=c.max_new_tokens,
-            batch_size=c.batch_size,
-            decoding=c.decoding,
-        )
+        control = "random" if "random" in c.study.controls else None
+        config = c.search_config(scope, control, "curve" if group == POOLED or not c.study.pooled else "k_star")
+        clip_model = c.evaluation.clip_model or default_clip_model(c.model.model)
+        return dataclasses.replace(config, evaluation=dataclasses.replace(c.evaluation, clip_model=clip_model))
 
     def _controls(self, lm, clip, scope: str, group: Group, ranking, k_star: int | None, out: Path, search) -> dict:
         """Activation-only ranking and mean ablation, each evaluated at k*; cached in controls.json.
@@ -200,8 +191,8 @@ class Experiment:
         if isinstance(cached, dict) and cached.get("k_star") == k_star:
             return cached
         result: dict = {"k_star": k_star, "activation_collapsed": None, "mean_ablation_collapsed": None}
-        wanted = [c for c in ("activation", "mean") if c in self.config.controls]
-        if self.config.pooled and group.name != POOLED:
+        wanted = [c for c in ("activation", "mean") if c in self.config.study.controls]
+        if self.config.study.pooled and group.name != POOLED:
             wanted = []  # these controls answer a question about the model, asked once on all images
         if k_star is None or not wanted:
             atomic_write_json(out / CONTROLS_FILE, result)
@@ -221,7 +212,7 @@ class Experiment:
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
-            fault = Mean(by=c.mean_control)
+            fault = Mean(by=c.study.mean_control)
             stats = self._clean_stats(lm, group.images, scope, by_position=fault.by is not None)
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
             ev = self._evaluator(lm, clip, group.images, kind=fault.spec(), stats=stats)
@@ -235,8 +226,8 @@ class Experiment:
     def _clean_stats(self, lm, images, scope: str, by_position: bool) -> dict:
         """Clean-image statistics of the scope's channels under the study's prompt and generation settings."""
         c = self.config
-        generation = {"batch_size": c.batch_size, "max_new_tokens": c.max_new_tokens}
-        return activation_stats(lm, images, scope, prompt=c.prompt, by_position=by_position, **generation)
+        generation = {"batch_size": c.generation.batch_size, "max_new_tokens": c.generation.max_new_tokens}
+        return activation_stats(lm, images, scope, prompt=c.generation.prompt, by_position=by_position, **generation)
 
     def _evaluator(self, lm, clip, images, **kwargs) -> MaskEvaluator:
         c = self.config
@@ -244,13 +235,13 @@ class Experiment:
             lm,
             images,
             clip,
-            c.ppl_scorer,
-            c.prompt,
-            c.max_new_tokens,
-            c.batch_size,
+            c.evaluation.ppl_scorer,
+            c.generation.prompt,
+            c.generation.max_new_tokens,
+            c.generation.batch_size,
             ppl_lm=self.ppl_lm,
-            reuse_features=c.reuse_features,
-            decoding=c.decoding,
+            reuse_features=c.model.reuse_features,
+            decoding=c.generation.decoding,
             **kwargs,
         )
 
@@ -260,46 +251,56 @@ class Experiment:
         registry = SiteRegistry.of(lm.model)
         everything = RankedNeurons.from_sites(registry.select(scope))
         top = ranked_in_scope(registry, ranking, scope)
-        by_position = any("position_mean" in parse_fault(f).needs for f in [*c.faults, c.random_fault])
+        by_position = any("position_mean" in parse_fault(f).needs for f in [*c.faults.faults, c.faults.random_fault])
         stats = self._clean_stats(lm, group.images, scope, by_position)
         rankings = {
             "can": ranking,
             "activation": _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0),
-            "random": random_order(everything, c.seed),
+            "random": random_order(everything, c.scoring.seed),
         }
         rows = fault_kstars(
-            lm, clip, group.images, group.names, rankings, c.faults, search, stats, out, c.reuse_features, self.ppl_lm
+            lm,
+            clip,
+            group.images,
+            group.names,
+            rankings,
+            c.faults.faults,
+            search,
+            stats,
+            out,
+            c.model.reuse_features,
+            self.ppl_lm,
         )
         protection = None
-        if c.protections:
+        if c.faults.protections:
             under = next(
-                (r for r in rows if r["fault"] == c.random_fault and r["ranking"] == "can" and r["k_star"]), None
+                (r for r in rows if r["fault"] == c.faults.random_fault and r["ranking"] == "can" and r["k_star"]), None
             )
             if under is not None:
-                k_protect, source = under["k_star"], f"k* of the CAN ranking under {c.random_fault}"
+                k_protect, source = under["k_star"], f"k* of the CAN ranking under {c.faults.random_fault}"
             elif k_star is not None:
-                k_protect, source = k_star, f"k* of the CAN ranking under {c.ablation}"
+                k_protect, source = k_star, f"k* of the CAN ranking under {c.evaluation.ablation}"
             else:
-                k_protect, source = max(c.fault_counts), "no k* found: the largest fault count"
-            evaluator = self._evaluator(lm, clip, group.images, kind=c.random_fault, stats=stats)
+                k_protect, source = max(c.faults.fault_counts), "no k* found: the largest fault count"
+            evaluator = self._evaluator(lm, clip, group.images, kind=c.faults.random_fault, stats=stats)
             identity = {
                 "scope": scope,
-                "fault": c.random_fault,
-                "counts": c.fault_counts,
-                "trials": c.fault_trials,
-                "protections": c.protections,
+                "fault": c.faults.random_fault,
+                "counts": c.faults.fault_counts,
+                "trials": c.faults.fault_trials,
+                "protections": c.faults.protections,
                 "k_protect": k_protect,
-                "seed": c.seed,
+                "seed": c.scoring.seed,
             }
             protection = protection_study(
                 evaluator,
                 everything,
                 top,
                 k_protect,
-                c.protections,
-                c.fault_counts,
-                c.fault_trials,
-                c.seed,
+                c.faults.protections,
+                c.faults.fault_counts,
+                c.faults.fault_trials,
+                c.scoring.seed,
                 search.criterion,
                 stats,
                 out,
@@ -322,7 +323,7 @@ class Experiment:
             images = [pooled.images[i] for i in idx]
             captions = None if pooled.captions is None else [pooled.captions[i] for i in idx]
             out = self.out / "scopes" / scope_dir_name(scope) / "split_half" / name
-            halves.append(_score(lm, c, scope, images, captions, out, c.method, c.alpha))
+            halves.append(_score(lm, c, scope, images, captions, out, c.scoring.method, c.scoring.alpha))
         a, b = (h.set_index("address")["score"] for h in halves)
         top_a = halves[0].head(k)["address"].tolist()
         top_b = halves[1].head(k)["address"].tolist()
@@ -340,7 +341,11 @@ class Experiment:
                 log.warning("%s: damaged, measured again", self.out / ACTIVATIONS_FILE)
         c = self.config
         report = massive_activations(
-            lm, images, prompt=c.prompt, batch_size=c.batch_size, max_new_tokens=c.max_new_tokens
+            lm,
+            images,
+            prompt=c.generation.prompt,
+            batch_size=c.generation.batch_size,
+            max_new_tokens=c.generation.max_new_tokens,
         )
         atomic_write_json(self.out / ACTIVATIONS_FILE, report.to_dict())
         return report
@@ -348,10 +353,9 @@ class Experiment:
     def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel | None) -> dict:
         """What decides the folder's results (``canprobe.identity``): the config without the locations of
         the output and the images, plus the weights and the images' content, names, categories and captions."""
-        config = {k: v for k, v in self.config.to_dict().items() if k not in ("out", "images", "annotations")}
         records = [f"{r.name}\t{r.category}\t{r.caption}" for r in image_set.records]
         return {
-            "config": config,
+            "config": self.config.to_dict(),  # canprobe.identity leaves out what SETTINGS marks as no identity
             "weights": lm.fingerprint,
             "clip_weights": clip.fingerprint if clip is not None else None,  # None: a text-only model
             "images": images_fingerprint(image_set.images),
@@ -364,21 +368,24 @@ class Experiment:
 
         c = self.config
         image_set = load_image_set(
-            c.images, categories=c.categories, limit=c.images_per_category, annotations=c.annotations
+            c.data.images,
+            categories=c.data.categories,
+            limit=c.data.images_per_category,
+            annotations=c.data.annotations,
         )
         _check_categories(c, image_set)
         groups = _groups(c, image_set)
         lines = [f"{len(groups)} image group(s): " + ", ".join(f"{g.name} ({len(g.images)})" for g in groups)]
-        for scope in c.scopes:
+        for scope in c.study.scopes:
             plan = make_plan(
-                c.model,
+                c.model.model,
                 max(len(g.images) for g in groups),
                 scope,
-                c.dtype,
-                batch_size=c.batch_size,
-                generation_rows=c.batch_size,
-                max_new_tokens=c.max_new_tokens,
-                gradient_checkpointing=c.gradient_checkpointing,
+                c.model.dtype,
+                batch_size=c.generation.batch_size,
+                generation_rows=c.generation.batch_size,
+                max_new_tokens=c.generation.max_new_tokens,
+                gradient_checkpointing=c.model.gradient_checkpointing,
                 searches=len(groups),
             )
             _check_fault_counts(c, scope, plan.neurons)
@@ -401,7 +408,10 @@ class Experiment:
         c = self.config
         start = time.perf_counter()
         image_set = load_image_set(
-            c.images, categories=c.categories, limit=c.images_per_category, annotations=c.annotations
+            c.data.images,
+            categories=c.data.categories,
+            limit=c.data.images_per_category,
+            annotations=c.data.annotations,
         )
         if image_set.skipped:
             log.warning("skipped %d unreadable images", len(image_set.skipped))
@@ -411,32 +421,41 @@ class Experiment:
         groups = _groups(c, image_set)
         self.timings.add("load images", start)
         start = time.perf_counter()
-        lm = load_model(c.model, dtype=c.dtype, device=c.device, device_map=c.device_map)
+        lm = load_model(
+            c.model.model,
+            dtype=c.model.dtype,
+            device=c.model.device,
+            device_map=c.model.device_map,
+            trust_remote_code=c.model.trust_remote_code,
+            sites=c.model.sites,
+        )
         if not lm.family.takes_images:
             groups = _groups(c, image_set, texts=True)
         clip = (
-            load_model(c.clip_model or default_clip_model(c.model), device=c.device) if lm.family.takes_images else None
+            load_model(c.evaluation.clip_model or default_clip_model(c.model.model), device=c.model.device)
+            if lm.family.takes_images
+            else None
         )
-        if c.ppl_scorer not in PPL_SCORERS:
-            self.ppl_lm = load_model(c.ppl_scorer, device=c.device)
+        if c.evaluation.ppl_scorer not in PPL_SCORERS:
+            self.ppl_lm = load_model(c.evaluation.ppl_scorer, device=c.model.device)
         self.timings.add("load models", start)
         registry = SiteRegistry.of(lm.model)
-        for scope in c.scopes:  # fail on a bad scope before any work
+        for scope in c.study.scopes:  # fail on a bad scope before any work
             _check_fault_counts(c, scope, sum(site.size for site in registry.select(scope)))
-        check_context(lm, groups[0].images[0], c.prompt, c.max_new_tokens)  # an image, or a text-only model's text
+        check_context(lm, groups[0].images[0], c.generation.prompt, c.generation.max_new_tokens)
         return image_set, groups, lm, clip
 
     def _run(self, image_set: ImageSet, groups: list[Group], lm: LoadedModel, clip: LoadedModel) -> dict:
         c = self.config
         results, overlap, split_half, robustness = [], {}, {}, []
-        tasks = [(scope, g) for scope in c.scopes for g in groups]
+        tasks = [(scope, g) for scope in c.study.scopes for g in groups]
         bar = tqdm(tasks, desc="searches", disable=not self.progress, unit="search")
         rankings: dict[tuple[str, str], pd.DataFrame] = {}
         for scope, group in bar:
             bar.set_postfix_str(f"{scope} / {group.name}")
             out = self.out / "scopes" / scope_dir_name(scope) / group.name
             t = time.perf_counter()
-            ranking = _score(lm, c, scope, group.images, group.captions, out, c.method, c.alpha)
+            ranking = _score(lm, c, scope, group.images, group.captions, out, c.scoring.method, c.scoring.alpha)
             rankings[(scope, group.name)] = ranking
             self.timings.add("scoring", t)
             t = time.perf_counter()
@@ -450,13 +469,13 @@ class Experiment:
                 out,
                 group.names,
                 ppl_lm=self.ppl_lm,
-                reuse_features=c.reuse_features,
+                reuse_features=c.model.reuse_features,
             )
             self.timings.add("search", t)
             t = time.perf_counter()
             controls = self._controls(lm, clip, scope, group, ranking, found.k_star, out, search_config)
             self.timings.add("controls", t)
-            if (c.faults or c.protections) and (group.name == POOLED or not c.pooled):
+            if (c.faults.faults or c.faults.protections) and (group.name == POOLED or not c.study.pooled):
                 t = time.perf_counter()
                 robustness.append(self._robustness(lm, clip, scope, group, ranking, found.k_star, out, search_config))
                 self.timings.add("robustness", t)
@@ -480,7 +499,7 @@ class Experiment:
                 }
             )
         t = time.perf_counter()
-        for scope in c.scopes:
+        for scope in c.study.scopes:
             by_group = {r["category"]: r for r in results if r["scope"] == scope}
             k = next((r["k_star"] for r in (by_group.get(POOLED),) if r and r["k_star"]), None)
             k = k or max([r["k_star"] or 0 for r in by_group.values()] + [10])
@@ -493,7 +512,7 @@ class Experiment:
                     "jaccard": [[_jaccard(tops[a], tops[b]) for b in cats] for a in cats],
                 }
             pooled = next((g for g in groups if g.name == POOLED), None)
-            if c.split_half and pooled is not None and len(pooled.images) >= 2:
+            if c.study.split_half and pooled is not None and len(pooled.images) >= 2:
                 split_half[scope] = self._split_half(lm, scope, pooled, k)
         self.timings.add("stability", t)
         t = time.perf_counter()
@@ -503,10 +522,10 @@ class Experiment:
         self.timings.add("activations", t)
         peak = activations.peak
         summary = {
-            "model": c.model,
+            "model": c.model.model,
             "config": c.to_dict(),
             "versions": runfolder.versions(),
-            "seed": c.seed,
+            "seed": c.scoring.seed,
             "n_images": len(image_set),
             "skipped_images": [str(p) for p, _ in image_set.skipped],
             "results": results,

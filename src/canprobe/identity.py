@@ -3,11 +3,11 @@
 Every artifact records the identity it was made under, and nothing is reused across identities.
 Identity holds the model's name and a fingerprint of its weights, the dtype, a digest of the
 images' pixels (so a folder of other images under the same file names is not mistaken for the
-old one), and the options that change numbers (scope, method, alpha, reduction, loss text,
-prompt, max new tokens, criterion, ablation, fault, seed). It leaves out what only changes how
-fast or where a run goes: device, device map, batch size (one prompt and same-size images, so no
-padding differs), process count, gradient checkpointing, feature reuse, and how many sample
-captions are kept.
+old one), and the settings that change numbers (scope, method, alpha, reduction, loss text,
+prompt, max new tokens, criterion, ablation, fault, seed). ``SETTINGS`` marks those that only
+change how fast or where a run goes (``identity=False``): device, device map, batch size (one
+prompt and same-size images, so no padding differs), gradient checkpointing, feature reuse,
+decoding, k values per round, and how many sample captions are kept.
 
 The weights fingerprint is a SHA-256 over every parameter and buffer's name, shape and 64 values
 sampled at even strides (as float32), computed on the loaded model: it costs milliseconds on the
@@ -29,20 +29,6 @@ from PIL import Image
 from canprobe.errors import InputError
 
 SAMPLES_PER_TENSOR = 64
-NOT_IDENTITY = frozenset(
-    {
-        "out",
-        "device",
-        "device_map",
-        "batch_size",
-        "processes",
-        "gradient_checkpointing",
-        "reuse_features",
-        "decoding",
-        "n_samples",
-        "k_per_round",
-    }
-)
 
 
 @torch.no_grad()
@@ -74,24 +60,46 @@ def texts_fingerprint(texts: Sequence[str] | None) -> str | None:
 
 
 def identity(record: Mapping[str, Any]) -> dict:
-    """The fields of ``record`` that decide results, as plain JSON values (nested mappings flattened)."""
+    """The fields of ``record`` that decide results, as plain JSON values (nested mappings flattened).
+
+    Inside a ``config`` mapping, keys are setting names (unique across sections, so nesting is
+    dropped: ``config.criterion.collapse_ppl_ratio`` and ``config.collapse_ppl_ratio`` are one
+    field), and the settings that ``SETTINGS`` marks as no part of the identity are left out.
+    """
+    from canprobe.config import SETTINGS
+
     flat: dict[str, Any] = {}
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                if key not in NOT_IDENTITY:
-                    walk(f"{prefix}{key}.", item)
-        else:
+    def walk(prefix: str, value: Any, config: bool) -> None:
+        if not isinstance(value, Mapping):
             flat[prefix.rstrip(".")] = value
+            return
+        for key, item in value.items():
+            setting = SETTINGS.get(key) if config else None
+            if setting is not None and not setting.identity:
+                continue
+            if config and isinstance(item, Mapping):
+                walk(prefix, item, True)
+            else:
+                walk(f"{prefix}{key}.", item, config or key == "config")
 
-    walk("", json.loads(json.dumps(record)))
+    walk("", json.loads(json.dumps(record)), False)
     return flat
 
 
 def differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """'field (was A, now B)' for each field whose value differs between two identities."""
+    """'field (was A, now B)' for each field whose value differs between two identities.
+
+    A setting that ``previous`` lacks was added by a later release: it reads as its default, the
+    value every earlier run had.
+    """
+    from canprobe.config import SETTINGS
+
     before, after = identity(previous), identity(current)
+    for key in after.keys() - before.keys():
+        name = key.removeprefix("config.")
+        if name != key and name in SETTINGS:
+            before[key] = json.loads(json.dumps(SETTINGS[name].default))
     return [
         f"{key} (was {_short(before.get(key))}, now {_short(after.get(key))})"
         for key in sorted(before.keys() | after.keys())

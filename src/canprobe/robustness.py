@@ -57,7 +57,12 @@ def fault_kstars(
     rows = []
     for spec in faults:
         for name, ranking in rankings.items():
-            search_config = dataclasses.replace(config, ablation=spec, control=None, grid_per_octave=0)
+            search_config = dataclasses.replace(
+                config,
+                control=None,
+                search=dataclasses.replace(config.search, grid_per_octave=0),
+                evaluation=dataclasses.replace(config.evaluation, ablation=spec),
+            )
             folder = out / FAULTS_DIR / fault_dir_name(spec) / name
             found = find_k_star(
                 lm,

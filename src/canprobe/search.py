@@ -162,7 +162,7 @@ class CollapseSearch:
         evaluator.reserve(scope_neurons.site_names)  # every mask of the search and its control lies in the scope
         self.evaluator, self.config = evaluator, config
         self.top = ranking
-        self.max_k = len(ranking) if config.max_k is None else config.max_k
+        self.max_k = len(ranking) if config.search.max_k is None else config.search.max_k
         if self.max_k > len(ranking):
             raise InputError(f"max k {self.max_k} is larger than the {len(ranking)} ranked neurons in {config.scope}")
         gen = torch.Generator().manual_seed(config.seed)
@@ -269,23 +269,23 @@ class CollapseSearch:
             for k, metrics in zip(todo, results):
                 summary = MetricSummary.of(metrics)
                 stage = self.config.criterion.stage(summary, self.baseline)
-                samples = self._samples(metrics, self.config.n_samples)
+                samples = self._samples(metrics, self.config.search.n_samples)
                 self._record(CurvePoint(k, control, self.config.scope, phase, summary, stage, samples, seconds))
         return [self.points[(control, k)] for k in ks]
 
     def _independent(self, ks: Sequence[int], control: str, phase: str) -> None:
         """Points that do not depend on each other: batch as many as fill a generate batch."""
-        per_round = max(self.config.k_per_round, self.config.batch_size // len(self.image_names))
+        per_round = max(self.config.search.k_per_round, self.config.generation.batch_size // len(self.image_names))
         todo = [k for k in ks if (control, k) not in self.points]
         for i in range(0, len(todo), per_round):
             self.evaluate(todo[i : i + per_round], control, phase)
 
     def _grow(self) -> tuple[int, int | None]:
         """Last non-collapsed k and first collapsed k of the geometric growth (None: no collapse)."""
-        ks = growth_ks(self.max_k, self.config.growth)
+        ks = growth_ks(self.max_k, self.config.search.growth)
         lo = 0
-        for i in range(0, len(ks), self.config.k_per_round):
-            for point in self.evaluate(ks[i : i + self.config.k_per_round], "top", "grow"):
+        for i in range(0, len(ks), self.config.search.k_per_round):
+            for point in self.evaluate(ks[i : i + self.config.search.k_per_round], "top", "grow"):
                 if point.stage == "collapsed":
                     return lo, point.k
                 lo = point.k
@@ -293,7 +293,7 @@ class CollapseSearch:
 
     def _bisect(self, lo: int, hi: int) -> tuple[int, int]:
         """Narrow (lo non-collapsed, hi collapsed) until adjacent; m points per round split it m+1 ways."""
-        m = self.config.k_per_round
+        m = self.config.search.k_per_round
         while hi - lo > 1:
             width = hi - lo
             ks = sorted({lo + max(1, min(width - 1, round(width * j / (m + 1)))) for j in range(1, m + 1)})
@@ -318,8 +318,8 @@ class CollapseSearch:
         if hi is not None:
             lo, hi = self._bisect(lo, hi)
             k_star = hi
-        grid_max = min(self.config.grid_max or self.max_k, self.max_k)
-        self._independent(grid_ks(grid_max, self.config.grid_per_octave), "top", "grid")
+        grid_max = min(self.config.search.grid_max or self.max_k, self.max_k)
+        self._independent(grid_ks(grid_max, self.config.search.grid_per_octave), "top", "grid")
         if self.config.control == "random":
             if self.config.control_at == "curve":
                 ks = sorted(k for c, k in self.points if c == "top" and k > 0)
@@ -398,41 +398,46 @@ def find_k_star(
 
     ``lm``: the LoadedModel to probe; ``clip``: a CLIP LoadedModel (None for a text-only model, whose
     ``images`` are then the texts it continues under each mask); ``ranking``: a ranking
-    DataFrame (``canprobe score``) or addresses, most important first; ``config.ablation``: the fault
+    DataFrame (``canprobe score``) or addresses, most important first; ``config.evaluation.ablation``: the fault
     (``canprobe.faults`` spec); ``means`` or ``stats`` (``activation_stats``) for faults that need clean
     statistics, computed on ``images`` when not given.
     ``reuse_features``: encode each image once for all masks of a language scope (same results).
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
     """
     config = config or SearchConfig()
-    if clip is not None and config.clip_model not in (None, clip.source):
-        raise InputError(f"the search config names CLIP {config.clip_model} but the CLIP given is {clip.source}")
+    if clip is not None and config.evaluation.clip_model not in (None, clip.source):
+        raise InputError(
+            f"the search config names CLIP {config.evaluation.clip_model} but the CLIP given is {clip.source}"
+        )
     # the summary records the CLIP that scored the captions (none for a text-only model)
-    config = replace(config, clip_model=None if clip is None else clip.source)
+    clip_model = None if clip is None else clip.source
+    config = replace(config, evaluation=replace(config.evaluation, clip_model=clip_model))
     registry = SiteRegistry.of(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
-    needs = parse_fault(config.ablation).needs
+    needs = parse_fault(config.evaluation.ablation).needs
     if needs and means is None and stats is None:
         from canprobe.ablation import activation_stats
 
-        generation = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens}
+        generation = {"batch_size": config.generation.batch_size, "max_new_tokens": config.generation.max_new_tokens}
         by_position = "position_mean" in needs
-        stats = activation_stats(lm, images, config.scope, prompt=config.prompt, by_position=by_position, **generation)
+        stats = activation_stats(
+            lm, images, config.scope, prompt=config.generation.prompt, by_position=by_position, **generation
+        )
     evaluator = MaskEvaluator(
         lm,
         images,
         clip,
-        ppl_scorer=config.ppl_scorer,
-        prompt=config.prompt,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        kind=config.ablation,
+        ppl_scorer=config.evaluation.ppl_scorer,
+        prompt=config.generation.prompt,
+        max_new_tokens=config.generation.max_new_tokens,
+        batch_size=config.generation.batch_size,
+        kind=config.evaluation.ablation,
         means=means,
         ppl_lm=ppl_lm,
         reuse_features=reuse_features,
         stats=stats,
-        decoding=config.decoding,
+        decoding=config.generation.decoding,
     )
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
     scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}
