@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from canprobe import runfolder
 from canprobe.ablation import RankedNeurons, activation_stats
 from canprobe.checks import check_device, check_output_dir, printable
-from canprobe.config import PPL_SCORERS, ExperimentConfig, SearchConfig
+from canprobe.config import PPL_SCORERS, SETTINGS, ExperimentConfig, SearchConfig
 from canprobe.data import ImageSet, check_image_source, load_image_set
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator, default_clip_model
@@ -401,7 +401,8 @@ class Experiment:
         with RunLock(self.out):  # a folder in use is refused before the models load
             image_set, groups, lm, clip = self._prepare()
             identity = self._identity(image_set, lm, clip)
-            runfolder.claim(self.out, identity, results=(SUMMARY_FILE, "scopes"), restart=self.restart)
+            results = (SUMMARY_FILE, "scopes")
+            runfolder.claim(self.out, identity, results, restart=self.restart, settings=SETTINGS)
             return self._run(image_set, groups, lm, clip)
 
     def _prepare(self) -> tuple[ImageSet, list[Group], LoadedModel, LoadedModel]:

@@ -59,15 +59,15 @@ def texts_fingerprint(texts: Sequence[str] | None) -> str | None:
     return None if texts is None else hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
-def identity(record: Mapping[str, Any]) -> dict:
+def identity(record: Mapping[str, Any], settings: Mapping[str, Any] | None = None) -> dict:
     """The fields of ``record`` that decide results, as plain JSON values (nested mappings flattened).
 
     Inside a ``config`` mapping, keys are setting names (unique across sections, so nesting is
     dropped: ``config.criterion.collapse_ppl_ratio`` and ``config.collapse_ppl_ratio`` are one
-    field), and the settings that ``SETTINGS`` marks as no part of the identity are left out.
+    field), and the settings that ``settings`` (``canprobe.config.SETTINGS``) marks as no part of
+    the identity are left out.
     """
-    from canprobe.config import SETTINGS
-
+    settings = settings or {}
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any, config: bool) -> None:
@@ -75,7 +75,7 @@ def identity(record: Mapping[str, Any]) -> dict:
             flat[prefix.rstrip(".")] = value
             return
         for key, item in value.items():
-            setting = SETTINGS.get(key) if config else None
+            setting = settings.get(key) if config else None
             if setting is not None and not setting.identity:
                 continue
             if config and isinstance(item, Mapping):
@@ -87,19 +87,19 @@ def identity(record: Mapping[str, Any]) -> dict:
     return flat
 
 
-def differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def differences(
+    previous: Mapping[str, Any], current: Mapping[str, Any], settings: Mapping[str, Any] | None = None
+) -> list[str]:
     """'field (was A, now B)' for each field whose value differs between two identities.
 
-    A setting that ``previous`` lacks was added by a later release: it reads as its default, the
-    value every earlier run had.
+    A setting of ``settings`` that ``previous`` lacks was added by a later release: it reads as its
+    default, the value every earlier run had.
     """
-    from canprobe.config import SETTINGS
-
-    before, after = identity(previous), identity(current)
+    before, after = identity(previous, settings), identity(current, settings)
     for key in after.keys() - before.keys():
         name = key.removeprefix("config.")
-        if name != key and name in SETTINGS:
-            before[key] = json.loads(json.dumps(SETTINGS[name].default))
+        if name != key and name in (settings or {}):
+            before[key] = json.loads(json.dumps(settings[name].default))
     return [
         f"{key} (was {_short(before.get(key))}, now {_short(after.get(key))})"
         for key in sorted(before.keys() | after.keys())

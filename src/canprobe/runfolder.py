@@ -402,8 +402,12 @@ def claim(
     identity: Mapping[str, Any],
     results: Iterable[str],
     restart: bool | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> None:
     """Check that ``folder`` is new or holds this identity's run, then record the identity in run.json.
+
+    ``settings`` (``canprobe.config.SETTINGS``) says which fields of the identity's ``config`` are
+    part of it (``canprobe.identity.differences``).
 
     ``identity`` is everything that decides the folder's results; ``results`` are the entries that
     show a run was made there (a folder holding one of them without run.json is someone else's).
@@ -421,7 +425,7 @@ def claim(
     elif not isinstance(previous, dict):
         changed = [f"its {RUN_FILE} is not a run's identity (damaged or foreign)"]
     else:
-        changed = differences(previous, identity)
+        changed = differences(previous, identity, settings)
     if changed:
         if not restart:
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""

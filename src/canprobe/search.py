@@ -27,7 +27,7 @@ from PIL import Image
 
 from canprobe import distributed, runfolder
 from canprobe.ablation import RankedNeurons
-from canprobe.config import SearchConfig
+from canprobe.config import SETTINGS, SearchConfig
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import parse_fault
@@ -193,7 +193,7 @@ class CollapseSearch:
     def _stored(self) -> tuple[str | None, list[dict]]:
         """(why the folder cannot be resumed, or None; the points it holds), read by the writing process."""
         try:
-            runfolder.claim(self.out, self._run_identity(), results=(CURVE_FILE,))
+            runfolder.claim(self.out, self._run_identity(), results=(CURVE_FILE,), settings=SETTINGS)
         except InputError as exc:
             return str(exc), []
         return None, read_jsonl(self.out / CURVE_FILE, repair=True)
