@@ -53,7 +53,7 @@ class PretrainConfig:
     batch_size: int = 256
     lr: float = 3e-3
     warmup: int = 200
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1  # the usual value in LM pretraining; Gu et al. report it strengthening the sink
     measure_every: int = 200
     measure_rows: int = 16
     seed: int = 1234
