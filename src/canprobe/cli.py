@@ -108,7 +108,7 @@ def _report_skipped(image_set) -> None:
     from canprobe.runfolder import CAPTIONS_FILE
 
     if image_set.skipped:
-        click.echo(f"skipped {len(image_set.skipped)} unreadable image(s):", err=True)
+        click.echo(f"skipped {len(image_set.skipped)} unreadable image(s) or nested folder(s):", err=True)
         for path, why in image_set.skipped:
             click.echo(f"  {printable(path)}: {why}", err=True)
     if image_set.unmatched_captions:
