@@ -509,6 +509,13 @@ def score_command(
         f"scored {len(ranking):,} neurons in {len(result.sites)} sites over {len(image_set)} images "
         f"({method}, reduction {reduction}, {loss_text} captions, {world.size} process(es)); wrote {out}"
     )
+    nan = int(ranking["score"].isna().sum())
+    if nan:  # kept on disk as computed; search, ablate and run refuse to use them
+        click.echo(
+            f"warning: {nan} neuron(s) have NaN scores (an overflow, or NaN from the model): search, ablate and "
+            "run refuse this ranking; try --dtype float32",
+            err=True,
+        )
 
 
 # --- search and ablate: masking, collapse metrics and the k* search ---

@@ -348,7 +348,10 @@ def get_module(model: torch.nn.Module, path: str):
     """The submodule at a dotted path (digits index into lists), or None."""
     obj = model
     for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if part.isdigit() and isinstance(obj, (list, tuple, torch.nn.ModuleList, torch.nn.Sequential)):
+            obj = obj[int(part)] if int(part) < len(obj) else None
+        else:
+            obj = getattr(obj, part, None)  # also a digit-named child of a ModuleDict; nothing else indexes
         if obj is None:
             return None
     return obj

@@ -62,12 +62,14 @@ def _split(pattern: object, where: str) -> tuple[str, str]:
 
 def read_site_file(path: str | Path) -> SiteFileFamily:
     """Parse and check a site file (see the module docstring); every problem is one InputError line."""
+    from canprobe.data import read_text_file
     from canprobe.families import known_kinds
 
     path = Path(path)
+    text = read_text_file(path, " (a site file)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise InputError(f"cannot read site file {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or not isinstance(data.get("sites"), list) or not data["sites"]:
         raise InputError(f"{path}: a site file is a mapping with a non-empty 'sites' list (and 'loader')")
@@ -75,7 +77,7 @@ def read_site_file(path: str | Path) -> SiteFileFamily:
     if unknown:
         raise InputError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; a site file has loader and sites")
     loader = data.get("loader", "causal-lm")
-    if loader not in LOADERS:
+    if not isinstance(loader, str) or loader not in LOADERS:
         raise InputError(f"{path}: loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     roots: dict[str, tuple[str, ...]] = {}
     kinds: dict[str, dict[str, SiteKind]] = {}
