@@ -815,3 +815,26 @@ def _scenes(tmp_path: Path) -> Path:
     from canprobe.organisms.scenes import write_scenes
 
     return write_scenes(tmp_path / "scenes-src", per_category=1, seed=5)
+
+
+# --- prompts that write the image token themselves ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "<image>\nDescribe the image.",  # the case: LLaVA users type it by habit
+        "USER: <image>\nWhat is in the picture? ASSISTANT:",  # the whole format copied from the model card
+    ],
+)
+@pytest.mark.parametrize("command", ["caption", "score", "ablate", "inspect"])
+def test_a_prompt_holding_the_image_token_is_one_line_before_any_work(cli, scene_dir, tmp_path, command, prompt):
+    model = ["--model", "toy-llava", "--images", scene_dir]
+    args = {
+        "caption": ["caption", *model, "--out", tmp_path / "c.jsonl"],
+        "score": ["score", *model, "--out", tmp_path / "s"],
+        "ablate": ["ablate", *model, "--neurons", "language.layers.0.mlp.down_proj:1"],
+        "inspect": ["inspect", "toy-llava", "--activations", "--images", scene_dir],
+    }[command]
+    refused(cli(*args, "--prompt", prompt), "holds the image token '<image>'", "canprobe places the image itself")
+    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "s" / "scores.safetensors").exists()

@@ -182,3 +182,43 @@ def test_odd_site_files_found_by_the_property_are_one_line(cli, neox, tmp_path, 
     path.write_text(text)
     result = cli("inspect", neox, "--sites", path)
     _one_line_error(result)
+
+
+LLAVA_SITES = """\
+loader: image-text-to-text
+sites:
+  - {component: language, module: model.language_model.layers.*.mlp.down_proj, kind: down_proj}
+"""
+
+
+@pytest.mark.parametrize(
+    "prompt, ok",
+    [
+        (None, True),  # the issue's case: the default prompt, placed by the processor's chat template
+        ("USER: <image>\nWhat is this? ASSISTANT:", True),  # the image token once: the prompt as given
+        ("<image> and <image>", False),  # twice: one image cannot fill two places
+    ],
+)
+def test_a_site_file_model_that_takes_images_places_the_image_once(cli, scene_dir, tmp_path, prompt, ok):
+    path = tmp_path / "llava-sites.yaml"
+    path.write_text(LLAVA_SITES)
+    args = ["inspect", "toy-llava", "--sites", path, "--activations", "--images", scene_dir, "--per-category", "1"]
+    result = cli(*args, *(["--prompt", prompt] if prompt else []))
+    if ok:
+        assert result.code == 0, result.err
+        assert "language.down_proj" in result.out
+    else:
+        _one_line_error(result, "holds the image token 2 times")
+
+
+def test_the_site_file_prompt_without_a_chat_template_puts_the_image_token_first():
+    from types import SimpleNamespace
+
+    from canprobe.families.sitefile import SiteFileFamily
+
+    family = SiteFileFamily("f", "image-text-to-text", {}, {})
+    processor = SimpleNamespace(image_token="<img>", tokenizer=None, chat_template=None)
+    assert family.prompt(processor, "Describe.") == "<img>\nDescribe."
+    assert family.prompt(processor, "Look: <img> now") == "Look: <img> now"
+    text_only = SiteFileFamily("f", "causal-lm", {}, {})
+    assert text_only.prompt(processor, "Once upon a time") == "Once upon a time"
