@@ -192,7 +192,8 @@ def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
-    return _Batch(weights, masks, lm.family.vision_rows(lm.model, enc))
+    # on the inputs' device once per batch, not copied there by every vision site's hook
+    return _Batch(weights, masks, lm.family.vision_rows(lm.model, enc).to(attn.device))
 
 
 @contextmanager
