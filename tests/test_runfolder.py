@@ -106,11 +106,11 @@ def test_any_truncation_reads_back_a_prefix(tmp_path_factory, rows, cut):
 
 def test_claim_records_the_identity_and_refuses_another(tmp_path):
     from canprobe.errors import InputError
-    from canprobe.runfolder import RUN_FILE, claim
+    from canprobe.runfolder import FORMAT, RUN_FILE, claim
 
     folder = tmp_path / "run"
     claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))
-    assert json.loads((folder / RUN_FILE).read_text()) == {"seed": 1, "scope": "language"}
+    assert json.loads((folder / RUN_FILE).read_text()) == {"format": FORMAT, "seed": 1, "scope": "language"}
     claim(folder, {"seed": 1, "scope": "language"}, results=("curve.jsonl",))  # the same run resumes
     refusal = r"another config \(seed \(was 1, now 2\)\); use the same config to resume or another output folder$"
     with pytest.raises(InputError, match=refusal):

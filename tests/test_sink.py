@@ -1,6 +1,5 @@
 """The sink recipe: Stage A's text pretraining and its curve, Stage B's frozen-then-joint alignment."""
 
-import functools
 import json
 
 import pytest
@@ -114,16 +113,3 @@ def test_cli_refuses_misplaced_sink_options_in_one_line(cli, tmp_path, args):
     result = cli("organisms", "train", *[str(tmp_path / a) if a == "x" else a for a in args])
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
-
-
-def test_cli_sink_recipe_trains_and_reports(cli, tmp_path, monkeypatch):
-    from canprobe.organisms import sink
-
-    small = {**PRETRAIN.__dict__, "batch_size": 2, "stream": STREAM, "measure_rows": 2}
-    monkeypatch.setattr(sink, "PretrainConfig", functools.partial(PretrainConfig, **small))
-    monkeypatch.setattr(sink, "AlignConfig", functools.partial(AlignConfig, **ALIGN.__dict__))
-    result = cli("organisms", "train", "toy-llava", "--recipe", "sink", "--out", tmp_path, "--text-tokens", 200)
-    assert result.code == 0, result.err
-    assert "Stage A: 222 tokens" in result.out  # 3 steps of 2 rows of 37 tokens
-    assert load_model(str(tmp_path)).family.name == "llava"
-    assert len((tmp_path / CURVE_FILE).read_text().splitlines()) == 2 + 3

@@ -44,7 +44,15 @@ from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load_model
 from canprobe.robustness import fault_kstars, protection_study, random_order
-from canprobe.runfolder import ACTIVATIONS_FILE, CONTROLS_FILE, SUMMARY_FILE, RunLock, atomic_write_json, read_json
+from canprobe.runfolder import (
+    ACTIVATIONS_FILE,
+    CONTROLS_FILE,
+    SUMMARY_FILE,
+    RunLock,
+    atomic_write_json,
+    read_json,
+    stamped,
+)
 from canprobe.scoring import ScoreResult, check_ranking_identity, load_folder_ranking, score_identity, score_neurons
 from canprobe.search import find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
@@ -195,7 +203,7 @@ class Experiment:
         if self.config.study.pooled and group.name != POOLED:
             wanted = []  # these controls answer a question about the model, asked once on all images
         if k_star is None or not wanted:
-            atomic_write_json(out / CONTROLS_FILE, result)
+            atomic_write_json(out / CONTROLS_FILE, stamped(result))
             return result
         c = self.config
         registry = SiteRegistry.of(lm.model)
@@ -203,7 +211,7 @@ class Experiment:
         baseline = runfolder.read_summary(out).get("baseline")
         if not isinstance(baseline, dict):
             raise InputError(f"{out / SUMMARY_FILE} is not a search summary (damaged); rerun with --restart")
-        baseline = MetricSummary(**baseline)
+        baseline = MetricSummary.from_dict(baseline)
         if "activation" in wanted:
             act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
@@ -220,7 +228,7 @@ class Experiment:
             result["mean_ablation"] = dataclasses.asdict(point)
             result["mean_ablation_fault"] = fault.spec()
             result["mean_ablation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
-        atomic_write_json(out / CONTROLS_FILE, result)
+        atomic_write_json(out / CONTROLS_FILE, stamped(result))
         return result
 
     def _clean_stats(self, lm, images, scope: str, by_position: bool) -> dict:
@@ -347,7 +355,7 @@ class Experiment:
             batch_size=c.generation.batch_size,
             max_new_tokens=c.generation.max_new_tokens,
         )
-        atomic_write_json(self.out / ACTIVATIONS_FILE, report.to_dict())
+        atomic_write_json(self.out / ACTIVATIONS_FILE, stamped(report.to_dict()))
         return report
 
     def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel | None) -> dict:
@@ -540,7 +548,7 @@ class Experiment:
             "robustness": robustness,
             "timings": self.timings.seconds,
         }
-        atomic_write_json(self.out / SUMMARY_FILE, summary)
+        atomic_write_json(self.out / SUMMARY_FILE, stamped(summary))
         from canprobe.report import build_report
 
         build_report([self.out])

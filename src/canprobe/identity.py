@@ -75,6 +75,8 @@ def identity(record: Mapping[str, Any], settings: Mapping[str, Any] | None = Non
             flat[prefix.rstrip(".")] = value
             return
         for key, item in value.items():
+            if key == "format" and not prefix:
+                continue  # the artifact format of run.json (canprobe.runfolder), not a setting of the run
             setting = settings.get(key) if config else None
             if setting is not None and not setting.identity:
                 continue

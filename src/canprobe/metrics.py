@@ -10,8 +10,8 @@ never raise. The passes that compute PPL and CLIP under masks live in ``canprobe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -65,6 +65,11 @@ class MetricSummary:
             distinct_mean=sum(m.distinct for m in metrics) / n,
             exact_match=sum(m.exact_match for m in metrics) / n,
         )
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> MetricSummary:
+        """A summary as any release wrote it: a metric added since reads as missing (NaN), not as damage."""
+        return cls(**{f.name: d["n_images"] if f.name == "n_images" else d.get(f.name, math.nan) for f in fields(cls)})
 
 
 def _median(values: torch.Tensor) -> float:

@@ -25,17 +25,20 @@ from canprobe.errors import InputError  # noqa: E402
 from canprobe.runfolder import (  # noqa: E402
     ACTIVATIONS_FILE,
     CURVE_FILE,
+    FORMAT_KEY,
     LOCK_FILE,
     RANKING_FILE,
     REPORT_FILE,
     RUN_FILE,
     SUMMARY_FILE,
     atomic_write_text,
+    check_format,
     read_json,
     read_jsonl,
 )
 
 CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
+POINT_KEYS = ("control", "k", "phase", "stage")  # what every curve point of every format holds; metrics may be missing
 SECTIONS = ("examples", "curves", "locations", "kstar", "activations", "faults", "stability", "config")
 OPTIONAL_SECTIONS = ("faults",)  # only in reports of runs that measured them
 CSS = """
@@ -89,9 +92,12 @@ def load_curve(search_dir: Path) -> pd.DataFrame:
     """Every evaluated point of one search, as a table (empty when nothing was evaluated)."""
     path = search_dir / CURVE_FILE
     rows = read_jsonl(path)
-    if any(not isinstance(r, dict) or any(c not in r for c in CURVE_COLUMNS) for r in rows):
+    if any(not isinstance(r, dict) or any(c not in r for c in POINT_KEYS) for r in rows):
         raise InputError(f"{path} holds lines that are not curve points (damaged or foreign); rerun the study")
-    return pd.DataFrame(rows)
+    for n, row in enumerate(rows, 1):
+        check_format(row.get(FORMAT_KEY), f"{path}:{n}")
+    frame = pd.DataFrame(rows)  # a metric that a point of an earlier format lacks reads as NaN
+    return frame.reindex(columns=list(dict.fromkeys([*frame.columns, *CURVE_COLUMNS])))
 
 
 def _headline_results(summary: dict) -> list[dict]:
@@ -428,6 +434,8 @@ def read_run(run_dir: Path | str) -> dict:
         )
     if summary is None:
         raise InputError(f"{run_dir} is not a canprobe run folder (no {SUMMARY_FILE})")
+    if isinstance(summary, dict):
+        check_format(summary.get(FORMAT_KEY), path)
     if isinstance(summary, dict) and "k_star" in summary and "results" not in summary:
         raise InputError(
             f"{run_dir} is a search folder (canprobe search), not a run folder; report and compare read the "

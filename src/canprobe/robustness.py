@@ -30,7 +30,7 @@ from canprobe.config import SearchConfig
 from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
 from canprobe.metrics import MetricSummary
-from canprobe.runfolder import FAULTS_DIR, PROTECTION_FILE, atomic_write_json, read_json
+from canprobe.runfolder import FAULTS_DIR, PROTECTION_FILE, atomic_write_json, read_json, stamped
 from canprobe.search import find_k_star
 
 RANKINGS = ("can", "activation", "random")
@@ -173,5 +173,5 @@ def protection_study(
         "rates": rates,
         "seconds": time.perf_counter() - start,
     }
-    atomic_write_json(path, result)
+    atomic_write_json(path, stamped(result))
     return result

@@ -20,6 +20,13 @@ reader sees the old file or the new one, never half of one. Logs of results are 
 one at a time with flush + fsync; a kill can tear only the last line, and the reader drops it.
 An output folder is held by one live process at a time through a lock file (``RunLock``): two runs
 appending to the same ``curve.jsonl`` would interleave their points.
+
+Every artifact records the format that wrote it (``FORMAT``, under ``"format"``: ``stamped``
+records of run.json, summary.json, controls.json, protection.json, activations.json and each
+curve.jsonl line, and the metadata of the scores and ranking files); files of canprobe 0.1 have
+none and read as format 1. Readers accept every earlier format: a field added
+by a later format reads as missing, not as damage. A file of a newer format is refused with a
+line that says to upgrade.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ PROTECTION_FILE = "protection.json"  # a study's collapse rates under random fau
 ACTIVATIONS_FILE = "activations.json"  # a study's massive activations of the language model
 NEURONS_FILE = "neurons.parquet"  # the top neurons' activations per image and position (canprobe.neurons)
 NEURON_STATS_FILE = "neurons.json"  # their statistics, the images and the scopes they come from
+FORMAT = 2  # the artifact format this release writes; 1: canprobe 0.1, which recorded none
+FORMAT_KEY = "format"
 RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
 PAIR_KEY = "canprobe_pair"  # metadata key: the id of the write that made a scores/ranking pair
 ARTIFACT_FILES = (  # what canprobe writes atomically (see ``remove_stray_temporaries``)
@@ -147,6 +156,22 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     atomic_write_bytes(path, text.encode(encoding))
 
 
+def stamped(obj: Any) -> Any:
+    """An artifact's record with the format that writes it, first."""
+    return {FORMAT_KEY: FORMAT, **obj}
+
+
+def check_format(version: Any, where: object) -> int:
+    """The format an artifact was written in (1 when it records none); a newer one is refused."""
+    version = 1 if version is None else version
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT:
+        raise StoreError(
+            f"{where} was written in artifact format {version!r} by a newer canprobe (this one reads formats "
+            f"up to {FORMAT}); upgrade canprobe to read it"
+        )
+    return version
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """JSON with a trailing newline; non-finite floats are written as Infinity/NaN (Python's reading)."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
@@ -162,11 +187,12 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path} is not valid JSON ({exc}); the file is damaged, move it away") from None
     except OSError as exc:
         raise StoreError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    return data
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
@@ -262,7 +288,7 @@ def write_scores(
 
     from safetensors.torch import save
 
-    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    meta = {k: json.dumps(v) for k, v in stamped(dict(metadata)).items()}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
         digest.update(tensors[name].numpy().tobytes())
@@ -300,6 +326,7 @@ def read_scores(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
             if "sites" not in raw:
                 raise InputError(f"{where} is not a canprobe scores file (no site metadata)")
             meta = {k: v if k == PAIR_KEY else json.loads(v) for k, v in raw.items()}
+            check_format(meta.get(FORMAT_KEY), where)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise InputError(f"{where} is not a readable canprobe scores file ({_first_line(exc)})") from None
@@ -321,6 +348,7 @@ def _ranking_bytes(ranking: Any, config: Mapping[str, Any], pair: str) -> bytes:
     frame.attrs = {}
     table = pa.Table.from_pandas(frame, preserve_index=False)
     extra = {b"canprobe": json.dumps(config).encode(), PAIR_KEY.encode(): pair.encode()}
+    extra[FORMAT_KEY.encode()] = str(FORMAT).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -356,8 +384,10 @@ def read_ranking(path: str | os.PathLike, check_pair: bool = True):
         raise InputError(f"{where} is not a canprobe ranking ({what}); write one with `canprobe score`")
     try:
         config = json.loads(raw)
+        version = json.loads(metadata.get(FORMAT_KEY.encode(), b"null"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f"{where}: its canprobe metadata is not valid JSON; the file is damaged") from None
+    check_format(version, where)
     if frame.empty:
         raise InputError(f"{where} holds no neuron; rewrite it with `canprobe score`")
     addresses = frame["address"]
@@ -371,7 +401,6 @@ def read_ranking(path: str | os.PathLike, check_pair: bool = True):
     if addresses.duplicated().any():
         twice = addresses[addresses.duplicated()].iloc[0]
         raise InputError(f"{where}: neuron {twice} is ranked twice; the file is damaged")
-    check_finite_scores(frame, where)
     frame.attrs["config"] = config if isinstance(config, dict) else {}
     frame.attrs["path"] = where
     frame.attrs["pair"] = (metadata.get(PAIR_KEY.encode()) or b"").decode() or None
@@ -382,20 +411,6 @@ def read_ranking(path: str | os.PathLike, check_pair: bool = True):
             "rerun canprobe score"
         )
     return frame
-
-
-def check_finite_scores(frame: Any, where: str) -> None:
-    """A ranking whose scores hold NaN has no order to trust (a scoring pass that overflowed, e.g. in
-    float16): it is refused where it would be used, with the count and an example."""
-    if "score" not in frame.columns:
-        return
-    nan = frame["score"].isna()
-    if nan.any():
-        raise InputError(
-            f"{where}: {int(nan.sum())} of {len(frame)} neuron(s) have NaN scores, e.g. "
-            f"{frame['address'][nan].iloc[0]}; the scoring overflowed or the model gave NaN (try --dtype float32 "
-            "and rescore)"
-        )
 
 
 def has_ranking(folder: str | os.PathLike) -> bool:
@@ -409,6 +424,7 @@ def read_summary(folder: str | os.PathLike) -> dict:
         raise InputError(f"{folder} is not a finished canprobe run or search (no {SUMMARY_FILE})")
     if not isinstance(data, dict):
         raise InputError(f"{Path(folder) / SUMMARY_FILE} is not a canprobe summary (damaged or foreign)")
+    check_format(data.get(FORMAT_KEY), Path(folder) / SUMMARY_FILE)
     return data
 
 
@@ -455,7 +471,7 @@ def claim(
                 shutil.move(entry, aside / entry.name)
         log.warning("%s: moved the previous run (another config) to %s", folder, aside)
     if previous is None or changed:
-        atomic_write_json(folder / RUN_FILE, identity)
+        atomic_write_json(folder / RUN_FILE, stamped(identity))
 
 
 def _truncate(path: Path, size: int) -> None:

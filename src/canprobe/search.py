@@ -33,15 +33,7 @@ from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import parse_fault
 from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.metrics import CaptionMetrics, MetricSummary
-from canprobe.runfolder import (
-    CURVE_FILE,
-    SUMMARY_FILE,
-    RunLock,
-    append_jsonl,
-    atomic_write_json,
-    check_finite_scores,
-    read_jsonl,
-)
+from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -80,7 +72,7 @@ class CurvePoint:
 
     @classmethod
     def from_json(cls, d: dict) -> CurvePoint:
-        metrics = MetricSummary(**{f: d[f] for f in MetricSummary.__dataclass_fields__})
+        metrics = MetricSummary.from_dict(d)
         return cls(d["k"], d["control"], d["scope"], d["phase"], metrics, d["stage"], d["captions"], d["seconds"])
 
 
@@ -111,7 +103,6 @@ def ranked_in_scope(registry: SiteRegistry, ranking: pd.DataFrame | Sequence[str
         if "address" not in ranking.columns:
             raise InputError("the ranking has no 'address' column; write it with `canprobe score`")
         where = ranking.attrs.get("path", where)
-        check_finite_scores(ranking, where)
         frame = ranking.sort_values("rank", kind="stable") if "rank" in ranking.columns else ranking
         addresses = frame["address"].astype(str).tolist()
     else:
@@ -214,6 +205,8 @@ class CollapseSearch:
         if error:
             raise InputError(error)
         for n, record in enumerate(stored, 1):
+            if isinstance(record, dict):
+                runfolder.check_format(record.get(runfolder.FORMAT_KEY), f"{self.out / CURVE_FILE}:{n}")
             try:
                 point = CurvePoint.from_json(record)
             except (KeyError, TypeError, AttributeError):
@@ -228,7 +221,7 @@ class CollapseSearch:
         self.points[(point.control, point.k)] = point
         self.evaluated += 1
         if self.writes:
-            append_jsonl(self.out / CURVE_FILE, point.to_json())
+            append_jsonl(self.out / CURVE_FILE, runfolder.stamped(point.to_json()))
         log.info(
             "k=%d %s (%s): PPL %.4g, CLIP %.3g -> %s",
             point.k,
@@ -338,7 +331,7 @@ class CollapseSearch:
         points = list(self.points.values())
         summary = self._summary(k_star, (lo, hi), time.perf_counter() - start)
         if self.writes:
-            atomic_write_json(self.out / SUMMARY_FILE, summary)
+            atomic_write_json(self.out / SUMMARY_FILE, runfolder.stamped(summary))
         return SearchResult(k_star, summary["stage1_k"], self.baseline, points, summary, self.evaluated, self.resumed)
 
     def _top_curve(self) -> list[CurvePoint]:

@@ -53,7 +53,7 @@ class PretrainConfig:
     batch_size: int = 256
     lr: float = 3e-3
     warmup: int = 200
-    weight_decay: float = 0.1  # the usual value in LM pretraining; Gu et al. report it strengthening the sink
+    weight_decay: float = 0.0
     measure_every: int = 200
     measure_rows: int = 16
     seed: int = 1234
@@ -134,13 +134,7 @@ def pretrain_text(
     model = LlamaForCausalLM(_text_config(text_shape(shape, config.stream), stream.vocab_size)).to(device)
     held_out = TextStream(config.stream, seed=MEASURE_SEED, device=device).batch(config.measure_rows)
     probe_inputs = {"input_ids": held_out, "labels": held_out}
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        betas=(0.9, 0.95),
-        fused=device.type == "cuda",  # one kernel for the whole update: a step of this small model is launch-bound
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / config.warmup))
     result = StageResult()
     steps, per_step = config.steps(), config.batch_size * config.stream.length
