@@ -148,3 +148,76 @@ def test_mean_activations_are_sharded_and_all_reduced(tmp_path):
         assert saved["rows"] == rows and means.keys() == alone.keys()
         for name, value in alone.items():
             torch.testing.assert_close(means[name], value, rtol=1e-5, atol=1e-7)
+
+
+def _launch_ranks(argv_of_rank, port: int, timeout: float = 90) -> list[tuple[int, str, float]]:
+    """Start the ranks the way torchrun does (RANK, WORLD_SIZE, MASTER_*), each with its own command line.
+
+    Per-rank command lines stand for what differs between machines (a node-local path, say).
+    Returns each rank's (exit code, stdout + stderr, seconds to end).
+    """
+    import time
+
+    procs, start = [], time.monotonic()
+    for rank, argv in enumerate(argv_of_rank):
+        env = {
+            **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(len(argv_of_rank)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        }  # fmt: skip
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    ended = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        ended.append((proc.returncode, out, time.monotonic() - start))
+    return ended
+
+
+def test_a_bad_input_on_one_rank_ends_every_rank_with_its_one_line(scored):
+    """Rank 1 cannot read its ranking while rank 0 goes on into the search's collectives: both end with exit 2."""
+    root, images, _, _ = scored
+    search = [sys.executable, "-m", "canprobe.cli", "search", "--model", "toy-llava", "--images", str(images)]
+    search += ["--max-new-tokens", "8", "--grid-per-octave", "0"]
+    ranks = [
+        [*search, "--ranking", str(root / "one"), "--out", str(root / "bad-rank-0")],
+        [*search, "--ranking", str(root / "no-such-ranking"), "--out", str(root / "bad-rank-1")],
+    ]
+    ended = _launch_ranks(ranks, _free_port())
+    assert [code for code, _, _ in ended] == [2, 2], [out[-2000:] for _, out, _ in ended]
+    assert max(seconds for _, _, seconds in ended) < 60
+    lines = [line for _, out, _ in ended for line in out.splitlines() if not line.startswith("ignored ")]
+    assert lines == [
+        f"canprobe: error: {root / 'no-such-ranking'} does not exist; write it with `canprobe score --out DIR`"
+    ]
+    assert not (root / "bad-rank-0" / "summary.json").exists()
+
+
+def test_a_rank_failing_before_it_joins_the_group_ends_the_others_too(scored):
+    """Rank 1's --out is a file, refused before it joins; rank 0, waiting for it to join, ends with its line."""
+    root, images, _, _ = scored
+    (root / "a-file").write_text("")
+    score = [sys.executable, "-m", "canprobe.cli", "score", "--model", "toy-llava", "--images", str(images)]
+    ended = _launch_ranks(
+        [[*score, "--out", str(root / "early-0")], [*score, "--out", str(root / "a-file")]], _free_port()
+    )
+    assert [code for code, _, _ in ended] == [2, 2]
+    lines = [line for _, out, _ in ended for line in out.splitlines() if not line.startswith("ignored ")]
+    assert lines == [f"canprobe: error: --out {root / 'a-file'} is a file; give a folder (new or existing)"]
+
+
+TEARDOWN = """
+import os, sys, torch
+from canprobe.distributed import Ending, all_reduce_sum, init_from_env
+ending = Ending.start()
+init_from_env()
+import transformers.modeling_utils  # imports torch.distributed.fsdp after the group exists, as loading a model does
+total = all_reduce_sum(torch.ones(2))
+ending.succeed()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(int(total[0]), sorted(t for t in threads if "gloo" in t))
+"""
+
+
+def test_each_rank_tears_its_group_down_before_interpreter_shutdown():
+    """No gloo thread outlives the command: left to interpreter shutdown, one can abort a finished rank."""
+    ended = _launch_ranks([[sys.executable, "-c", TEARDOWN]] * 2, _free_port())
+    assert [(code, out.strip().splitlines()[-1]) for code, out, _ in ended] == [(0, "2 []")] * 2

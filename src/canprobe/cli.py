@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import traceback
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -847,14 +848,13 @@ def _print_summary(summaries: list[dict]) -> None:
 @_config_flags
 def run_command(config_file: Path | None, restart: bool, dry_run: bool, **flags) -> None:
     """Run a whole CAN study from CONFIG_FILE (YAML) and/or flags; rerunning resumes."""
-    import os
-
     from canprobe.config import config_fields, make_config, read_config_file
+    from canprobe.distributed import launched
     from canprobe.errors import InputError
     from canprobe.experiment import Experiment
     from canprobe.runfolder import REPORT_FILE
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched():
         raise InputError(
             "canprobe run is one process per study (its stages resume from files); launch "
             "`canprobe score` and `canprobe search` under torchrun for data parallelism, or one run per GPU"
@@ -939,18 +939,36 @@ def demo(out: Path, per_category: int) -> None:
 
 
 def run() -> None:
-    """Entry point: click's usage errors and canprobe's own errors become one line and exit 2."""
+    """Entry point: click's usage errors and canprobe's own errors become one line and exit 2.
+
+    Under torchrun the ranks end together (``distributed.Ending``): every rank meets the others
+    before tearing its group down, and a failure on one rank ends all of them with its line and code.
+    """
+    from canprobe.distributed import Ending
+
+    ending = Ending.start()
     try:
         main.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("canprobe: aborted", err=True)
-        sys.exit(130)
+        _leave(ending, 130, "canprobe: aborted")
     except click.ClickException as exc:
-        click.echo(f"canprobe: error: {exc.format_message()}", err=True)
-        sys.exit(2)
+        _leave(ending, 2, f"canprobe: error: {exc.format_message()}")
     except CanprobeError as exc:
-        click.echo(f"canprobe: error: {exc}", err=True)
-        sys.exit(2)
+        _leave(ending, 2, f"canprobe: error: {exc}")
+    except Exception as exc:
+        if ending is not None:  # a bug on this rank: the others stop too, not at the collective's timeout
+            traceback.print_exc()
+            _leave(ending, 1, f"canprobe: rank {ending.rank} stopped: {type(exc).__name__}: {exc}")
+        raise
+    if ending is not None:
+        ending.succeed()
+
+
+def _leave(ending, code: int, line: str) -> None:
+    if ending is None:
+        click.echo(line, err=True)
+        sys.exit(code)
+    ending.fail(code, line)
 
 
 if __name__ == "__main__":
