@@ -30,7 +30,11 @@ def test_every_image_text_type_is_inventoried_from_its_config_or_refused_in_one_
     found, refused, unbuildable = [], {}, []
     try:
         for model_type in sorted(TYPES):
-            config = AutoConfig.for_model(model_type)
+            try:
+                config = AutoConfig.for_model(model_type)
+            except ValueError:  # no default config at all (5.6's vision-encoder-decoder wants its two halves)
+                unbuildable.append(model_type)
+                continue
             folder = tmp_path / model_type
             config.save_pretrained(folder)
             result = cli("inspect", folder)

@@ -213,7 +213,7 @@ class Ablation:
         self._neurons: dict[str, list[torch.Tensor]] = {}
         for name in names:
             site = self.registry.by_name[name]
-            weight = self.registry.weight(site).weight
+            weight = self.registry.placed(site)
             mask = torch.zeros(len(grouped), site.size, dtype=torch.bool)
             for r, g in enumerate(grouped):
                 if name in g:
@@ -237,7 +237,7 @@ class Ablation:
             if isinstance(protection, RangeRestriction):
                 for name in sorted(protection.stats, key=order.index):
                     site = self.registry.by_name[name]
-                    weight = self.registry.weight(site).weight
+                    weight = self.registry.placed(site)
                     self._bounds[name] = protection.bounds(name, weight.device, weight.dtype)
         self._positions = TokenPositions()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

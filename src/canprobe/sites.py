@@ -258,6 +258,13 @@ class SiteRegistry:
             found = self._modules[path] = get_module(self.model, path)
         return found
 
+    def placed(self, site: Site) -> torch.Tensor:
+        """A parameter beside the site's neurons, for the device and dtype of masks: its linear's weight, or
+        (a mixture of experts' output) the block's first parameter."""
+        if site.weight_path:
+            return self.weight(site).weight
+        return next(self.module(site).parameters())
+
     def weights(self, site: Site) -> torch.Tensor:
         """The site's rows (or columns) of its linear's weight, one per neuron, in neuron order."""
         weight = self.weight(site).weight

@@ -262,6 +262,9 @@ def validates_mm_encoder_outputs(model: torch.nn.Module) -> bool:
     return True
 
 
+NOT_FOR_IMAGES = ("video_processor",)  # processor parts that transformers builds on torchvision
+
+
 def image_only_processor(cls: type) -> type:
     """``cls``, a processor class that takes a video processor, as one that takes none.
 
@@ -273,12 +276,19 @@ def image_only_processor(cls: type) -> type:
     """
     import inspect
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
     signature = inspect.signature(cls.__init__)
+    dropped = dict.fromkeys(n for n in signature.parameters if n in NOT_FOR_IMAGES)
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        cls.__init__(
+            self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **dropped, **kwargs
+        )
+        for name in dropped:  # code paths that look for the part (SmolVLM's) find none
+            if not hasattr(self, name):
+                setattr(self, name, None)
+
     __init__.__signature__ = signature.replace(
-        parameters=[p for name, p in signature.parameters.items() if name != "video_processor"]
+        parameters=[p for name, p in signature.parameters.items() if name not in NOT_FOR_IMAGES]
     )
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
 
@@ -294,11 +304,7 @@ class ImagesOnly:
     processor_class: str = ""  # the transformers processor class
 
     def load_processor(self, path: str, trust_remote_code: bool = False):
-        import json
-        from pathlib import Path
-
-        import transformers
-        from transformers.utils import cached_file, is_torchvision_available
+        from transformers.utils import is_torchvision_available
 
         if is_torchvision_available():
             try:
@@ -307,41 +313,59 @@ class ImagesOnly:
                 reason = f"torchvision does not load ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
         else:
             reason = "torchvision is not installed"
-        log.info("%s: the %s is built without its video processor", reason, self.processor_class)
+        return processor_for_images(path, self.processor_class, reason)
 
-        def read(name: str) -> str | None:
-            file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
-            return Path(file).read_text() if file else None
 
-        settings = json.loads(read("processor_config.json") or "{}")
-        parts = ("processor_class", "image_processor", "video_processor")
-        kwargs = {k: v for k, v in settings.items() if k not in parts}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        template = read("chat_template.jinja") or json.loads(read("chat_template.json") or "{}").get("chat_template")
-        try:
-            images = transformers.AutoImageProcessor.from_pretrained(path)
-        except ImportError:  # releases (5.6) whose Auto class insists on torchvision: the PIL twin of the saved class
-            saved = settings.get("image_processor") or json.loads(read("preprocessor_config.json") or "{}")
-            images = getattr(transformers, f"{saved['image_processor_type'].removesuffix('Fast')}Pil").from_pretrained(
-                path
-            )
-        return image_only_processor(getattr(transformers, self.processor_class))(
-            images,
-            tokenizer,
-            chat_template=template or getattr(tokenizer, "chat_template", None),
-            **kwargs,
-        )
+def processor_for_images(path: str, processor_class: str, reason: str):
+    """The processor saved at ``path`` built from its image processor, tokenizer and chat template alone
+    (``processor_class``: its class; empty: the one processor_config.json names), with one log line."""
+    import json
+    from pathlib import Path
+
+    import transformers
+    from transformers.utils import cached_file
+
+    def read(name: str) -> str | None:
+        file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        return Path(file).read_text() if file else None
+
+    settings = json.loads(read("processor_config.json") or "{}")
+    processor_class = processor_class or settings.get("processor_class", "")
+    log.info("%s: the %s is built without its video processor", reason, processor_class)
+    parts = ("processor_class", "image_processor", "video_processor", "feature_extractor")
+    kwargs = {k: v for k, v in settings.items() if k not in parts}
+    if "feature_extractor" in settings:  # an audio part (Gemma 4's), built on numpy
+        kwargs["feature_extractor"] = transformers.AutoFeatureExtractor.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    template = read("chat_template.jinja") or json.loads(read("chat_template.json") or "{}").get("chat_template")
+    try:
+        images = transformers.AutoImageProcessor.from_pretrained(path)
+    except ImportError:  # releases (5.6) whose Auto class insists on torchvision: the PIL twin of the saved class
+        saved = settings.get("image_processor") or json.loads(read("preprocessor_config.json") or "{}")
+        images = getattr(transformers, f"{saved['image_processor_type'].removesuffix('Fast')}Pil").from_pretrained(path)
+    return image_only_processor(getattr(transformers, processor_class))(
+        images,
+        tokenizer,
+        chat_template=template or getattr(tokenizer, "chat_template", None),
+        **kwargs,
+    )
+
+
+def patch_rows(enc: dict) -> torch.Tensor:
+    """Per patch of a flattened vision sequence (every image's patches in turn, ``image_grid_thw`` giving
+    each image's count), 1 / the number of patches of its image."""
+    counts = enc["image_grid_thw"].prod(dim=-1).tolist()
+    return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
+
+
+def chat(prompts: Sequence[str]) -> list[list[dict]]:
+    """Each instruction as a conversation of one user turn holding one image."""
+    return [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
 
 
 def chat_prompts(processor, prompts: Sequence[str]) -> list[str]:
     """Each instruction as one user turn holding one image, through the processor's chat template."""
-    return [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-            add_generation_prompt=True,
-        )
-        for p in prompts
-    ]
+    return [processor.apply_chat_template(m, add_generation_prompt=True) for m in chat(prompts)]
 
 
 def get_module(model: torch.nn.Module, path: str):

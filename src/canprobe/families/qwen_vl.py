@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from canprobe.families.base import SWIGLU, Family, ImagesOnly, PatchGrid, SiteKind, chat_prompts
+from canprobe.families.base import SWIGLU, Family, ImagesOnly, PatchGrid, SiteKind, chat_prompts, patch_rows
 
 LANGUAGE_ROOTS = ("model.language_model.layers", "model.layers")
 VISION_ROOTS = ("model.visual.blocks", "visual.blocks")
@@ -41,9 +41,7 @@ class Qwen2VL(ImagesOnly, Family):
         return chat_prompts(processor, prompts)
 
     def vision_rows(self, model, enc):
-        """Per patch of the flattened vision sequence, 1 / the number of patches of its image."""
-        counts = enc["image_grid_thw"].prod(dim=-1).tolist()
-        return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
+        return patch_rows(enc)
 
     def patch_grid(self, model, enc, component, image, rows):
         """Image tokens and merger rows: one per ``m`` x ``m`` group of patches, row by row over the merged grid.

@@ -9,7 +9,8 @@ from the module tree and the config, and checks what it found on the model:
   an FFN. A layer's FFN is its first submodule (outside attention) whose children match a layout
   in ``GATED``, ``FUSED`` or ``TWO_LAYER``, or that holds ``experts`` (a mixture of experts);
 - vision: the list of the vision config's layer count under a vision tower, each layer an MLP;
-- projector: a module named like one (``PROJECTORS``) that is ``linear, activation, linear``.
+- projector: a module named like one (``PROJECTORS``) that is ``linear, activation, linear`` and
+  takes the image features alone (one that also takes the image grid runs once per image).
 
 Checks, before any site is used: every language FFN writes H channels and the layer count is the
 config's; each FFN module, called alone, calls each site module once and returns exactly what its
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from canprobe.errors import UnsupportedModelError
-from canprobe.families.base import Family, SiteKind, chat_prompts, get_module
+from canprobe.families.base import Family, SiteKind, chat, chat_prompts, get_module, patch_rows, processor_for_images
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,13 @@ def _vision(model: torch.nn.Module, structure: Structure) -> None:
 
 def _projector(model: torch.nn.Module, structure: Structure) -> None:
     """The first module named like a projector whose children (or its ``mlp``'s) are linear, activation, linear."""
+    import inspect
+
     for path, module in model.named_modules():
         if path.rsplit(".", 1)[-1] not in PROJECTORS:
+            continue
+        required = [p for p in inspect.signature(module.forward).parameters.values() if p.default is p.empty]
+        if len(required) > 1:  # it also takes the image grid and runs once per image (PaddleOCR-VL's): rows unknown
             continue
         for inner, holder in ((path, module), (f"{path}.mlp", getattr(module, "mlp", None))):
             if not isinstance(holder, torch.nn.Module):
@@ -370,6 +376,13 @@ class Structured(Family):
 
     name = "structure"
 
+    def load_processor(self, path, trust_remote_code=False):
+        """``AutoProcessor``; where it fails (a video processor needs torchvision): the processor without video."""
+        try:
+            return super().load_processor(path, trust_remote_code)
+        except (ImportError, ValueError, RuntimeError, OSError) as exc:
+            return processor_for_images(path, "", (str(exc).splitlines() or [type(exc).__name__])[0])
+
     def components(self, model):
         return list(find(model).paths)
 
@@ -388,7 +401,16 @@ class Structured(Family):
     def prompts(self, processor, prompts):
         """The processor's chat template with one image; the image token and the instruction without one."""
         if getattr(processor, "chat_template", None):
-            return chat_prompts(processor, prompts)
+            try:
+                return chat_prompts(processor, prompts)
+            except (
+                AttributeError
+            ):  # an override that reads the video part built without (SmolVLM's): the plain template
+                from transformers.processing_utils import ProcessorMixin
+
+                return [
+                    ProcessorMixin.apply_chat_template(processor, m, add_generation_prompt=True) for m in chat(prompts)
+                ]
         return [f"{getattr(processor, 'image_token', '<image>')}{p}" for p in prompts]
 
     def inputs(self, processor, images, texts):
@@ -397,6 +419,8 @@ class Structured(Family):
     def vision_rows(self, model, enc):
         """Per image row (crop) the vision tower encodes, 1 / the crops of its sample; crops are assigned to
         samples in order, in proportion to each sample's image tokens (the config's image token id)."""
+        if "image_grid_thw" in enc:  # one sequence of every image's patches (Qwen-VL, GLM-4V)
+            return patch_rows(enc)
         pixels = enc.get("pixel_values")
         samples = enc["input_ids"].shape[0]
         if pixels is None or pixels.dim() != 4 or pixels.shape[0] == samples:
