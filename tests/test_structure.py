@@ -69,7 +69,7 @@ def _meta(model_type: str, **changes):
         return family_for(config).model_class().from_config(config)
 
 
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "paligemma"])
+@pytest.mark.parametrize("model_type", ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma"])
 def test_structure_finds_what_the_adapters_declare(model_type):
     """On the types an adapter describes by hand, discovery finds the same sites, module for module."""
     model = _meta(model_type)
@@ -124,3 +124,28 @@ def test_a_config_only_folder_has_a_dry_run(cli, tmp_path, scene_dir, caplog):
     assert result.code == 0, result.err
     assert f"{32 * 4096:,}" in result.out  # the language down_proj channels of the default Qwen3.5
     assert not (tmp_path / "o").exists()
+
+
+def _readme_types(header: str) -> set[str]:
+    """The model types in the first column of the README table under ``header``."""
+    import re
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1])
+    return {t for row in rows for t in re.findall(r"`([^`]+)`", row)}
+
+
+def test_the_readme_tables_are_the_families_in_the_code():
+    from canprobe.families import BY_MODEL_TYPE
+    from tests.test_families import STRUCTURED as TESTED
+
+    adapters = {t for t, fs in BY_MODEL_TYPE.items() if any(f.generates for f in fs)}
+    assert _readme_types("| `model_type` | models | language sites |") == adapters
+    assert _readme_types("| `model_type` | models | what structure finds |") == set(TESTED)
+    assert not adapters & set(TESTED)  # the end-to-end structure families have no adapter

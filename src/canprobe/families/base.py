@@ -316,6 +316,20 @@ class ImagesOnly:
         return processor_for_images(path, self.processor_class, reason)
 
 
+def pil_image_processor(name: str) -> type:
+    """The PIL image processor class ``name``, imported from its own module (5.6's top-level name for some,
+    Idefics2's, insists on torchvision although the class does not use it)."""
+    import importlib
+    from pathlib import Path
+
+    import transformers
+
+    for file in sorted((Path(transformers.__file__).parent / "models").glob("*/image_processing_pil_*.py")):
+        if f"class {name}(" in file.read_text():
+            return getattr(importlib.import_module(f"transformers.models.{file.parent.name}.{file.stem}"), name)
+    raise ImportError(f"this transformers has no image processor {name}")
+
+
 def processor_for_images(path: str, processor_class: str, reason: str):
     """The processor saved at ``path`` built from its image processor, tokenizer and chat template alone
     (``processor_class``: its class; empty: the one processor_config.json names), with one log line."""
@@ -342,7 +356,7 @@ def processor_for_images(path: str, processor_class: str, reason: str):
         images = transformers.AutoImageProcessor.from_pretrained(path)
     except ImportError:  # releases (5.6) whose Auto class insists on torchvision: the PIL twin of the saved class
         saved = settings.get("image_processor") or json.loads(read("preprocessor_config.json") or "{}")
-        images = getattr(transformers, f"{saved['image_processor_type'].removesuffix('Fast')}Pil").from_pretrained(path)
+        images = pil_image_processor(f"{saved['image_processor_type'].removesuffix('Fast')}Pil").from_pretrained(path)
     return image_only_processor(getattr(transformers, processor_class))(
         images,
         tokenizer,
