@@ -25,6 +25,7 @@ from tests.new_family_builders import (
 
 CHAT = _template("{{ '<|user|> ' if message['role'] == 'user' else '' }}", "<image> ", " ", "<|assistant|> ")
 CHAT_TOKENS = ["<|user|>", "<|assistant|>"]
+VIT = dict(hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2, num_attention_heads=HEADS)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
 
@@ -112,10 +113,7 @@ def build_idefics2():
     tok = tokenizer(["<image>", "<fake_token_around_image>", "<end_of_utterance>", *CHAT_TOKENS])
     config = tf.Idefics2Config(
         vision_config=dict(
-            hidden_size=HIDDEN,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
+            **VIT,
             image_size=16,
             patch_size=4,
         ),
@@ -146,10 +144,7 @@ def build_smolvlm():
     tok.fake_image_token, tok.global_image_token = "<fake_token_around_image>", "<global-img>"
     config = tf.SmolVLMConfig(
         vision_config=dict(
-            hidden_size=HIDDEN,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
+            **VIT,
             image_size=16,
             patch_size=4,
         ),
@@ -183,10 +178,7 @@ def build_internvl():
         setattr(tok, f"{name}_id", tok.convert_tokens_to_ids(getattr(tok, name)))
     config = tf.InternVLConfig(
         vision_config=dict(
-            hidden_size=HIDDEN,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
+            **VIT,
             image_size=[16, 16],
             patch_size=[4, 4],
         ),
@@ -315,10 +307,7 @@ def build_paddleocr_vl():
     config = tf.PaddleOCRVLConfig(
         text_config=_lm(tok, head_dim=16, rope_parameters=rope),
         vision_config=dict(
-            hidden_size=HIDDEN,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
+            **VIT,
             image_size=32,
             patch_size=8,
             spatial_merge_size=2,

@@ -164,11 +164,11 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
-def _new_family(name: str) -> Callable[[Path], None]:
+def _new_family(name: str, builders: str = "new_family_builders") -> Callable[[Path], None]:
     def build(out: Path) -> None:
-        from tests import new_family_builders
+        import importlib
 
-        model, processor = getattr(new_family_builders, f"build_{name}")()
+        model, processor = getattr(importlib.import_module(f"tests.{builders}"), f"build_{name}")()
         model.save_pretrained(out)
         processor.save_pretrained(out)
 
@@ -183,19 +183,7 @@ BUILDERS.update({name: _new_family(name) for name in NEW_DECODERS + NEW_VLMS})
 STRUCTURED = ("vipllava", "aya_vision", "idefics2", "smolvlm", "internvl", "paddleocr_vl", "qwen3_5")
 STRUCTURED += ("glm4v", "glm46v", "glm4v_moe", "qwen3_vl_moe", "qwen3_5_moe")
 
-
-def _structured_family(name: str) -> Callable[[Path], None]:
-    def build(out: Path) -> None:
-        from tests import structure_builders
-
-        model, processor = getattr(structure_builders, f"build_{name}")()
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-
-    return build
-
-
-BUILDERS.update({name: _structured_family(name) for name in STRUCTURED})
+BUILDERS.update({name: _new_family(name, "structure_builders") for name in STRUCTURED})
 DECODERS = ("llama", "mistral", "qwen2", "gpt_neox-sites", *NEW_DECODERS)
 
 
