@@ -99,6 +99,7 @@ def rankings(tmp_path_factory, few_images):
         ("good", llava, "language.down_proj"),
         ("vision", llava, "vision.fc1"),
         ("other_model", blip, "qformer"),
+        ("float16", load_model("toy-llava", dtype="float16"), "language.down_proj"),
         ("same_shape_model", blip, "language.down_proj"),  # the addresses exist in toy-llava too
     ):
         fake_scores(lm, few_images, scope).save(root / name)
@@ -128,6 +129,16 @@ def _twice(df):
     return df
 
 
+def _nan_scores(df):
+    df["score"] = np.nan  # what a float16 scoring pass that overflowed writes
+    return df
+
+
+def _one_nan(df):
+    df.loc[len(df) - 1, "score"] = np.nan
+    return df
+
+
 def _bad_ranking(kind: str, rankings, folder: Path) -> Path:
     good = rankings["good"].read_bytes()
     path = folder / "ranking.parquet"
@@ -141,6 +152,8 @@ def _bad_ranking(kind: str, rankings, folder: Path) -> Path:
         "garbage address": lambda: _rewrite_ranking(rankings["good"], path, _garbage_row),
         "a neuron twice": lambda: _rewrite_ranking(rankings["good"], path, _twice),
         "no rows": lambda: _rewrite_ranking(rankings["good"], path, lambda df: df.iloc[:0]),
+        "NaN scores": lambda: _rewrite_ranking(rankings["good"], path, _nan_scores),
+        "one NaN score": lambda: _rewrite_ranking(rankings["good"], path, _one_nan),
     }
     writers[kind]()
     return path
@@ -156,6 +169,8 @@ RANKING_DAMAGE = [
     "garbage address",
     "a neuron twice",
     "no rows",
+    "NaN scores",
+    "one NaN score",
 ]
 
 
@@ -174,6 +189,30 @@ def test_ranking_of_another_model_or_scope_is_refused(cli, scene_dir, rankings, 
     args = ("--model", "toy-llava", "--images", scene_dir, "--per-category", 1, "--ranking", rankings[kind])
     refused(cli("search", *args, "--out", held), rankings[kind], needle)
     refused(cli("ablate", *args, "--top", 2, "--scope", "language.down_proj"), rankings[kind], needle)
+
+
+@pytest.mark.parametrize(
+    "ranking, scored, dtype",
+    [("float16", "float16", "float32"), ("good", "float32", "bfloat16")],  # the first is the case
+)
+def test_a_ranking_of_the_same_model_in_another_dtype_says_so(cli, scene_dir, rankings, ranking, scored, dtype):
+    args = ("--model", "toy-llava", "--images", scene_dir, "--per-category", 1, "--ranking", rankings[ranking])
+    result = cli("ablate", *args, "--top", 2, "--dtype", dtype)
+    refused(result, f"scored in {scored} and this model runs in {dtype}", f"give --dtype {scored}")
+    assert "another model" not in result.err
+
+
+def test_a_ranking_with_nan_scores_in_memory_is_refused_where_it_is_used(rankings):
+    from canprobe.errors import InputError
+    from canprobe.models import load_model
+    from canprobe.scoring import load_ranking
+    from canprobe.search import ranked_in_scope
+    from canprobe.sites import SiteRegistry
+
+    table = load_ranking(rankings["good"])
+    table.loc[5, "score"] = np.nan
+    with pytest.raises(InputError, match="1 of .* neuron.s. have NaN scores"):
+        ranked_in_scope(SiteRegistry.of(load_model("toy-llava").model), table, "language.down_proj")
 
 
 def test_damaged_ranking_in_the_search_folder_is_refused(cli, scene_dir, tmp_path, no_model, monkeypatch):
@@ -776,3 +815,26 @@ def _scenes(tmp_path: Path) -> Path:
     from canprobe.organisms.scenes import write_scenes
 
     return write_scenes(tmp_path / "scenes-src", per_category=1, seed=5)
+
+
+# --- prompts that write the image token themselves ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "<image>\nDescribe the image.",  # the case: LLaVA users type it by habit
+        "USER: <image>\nWhat is in the picture? ASSISTANT:",  # the whole format copied from the model card
+    ],
+)
+@pytest.mark.parametrize("command", ["caption", "score", "ablate", "inspect"])
+def test_a_prompt_holding_the_image_token_is_one_line_before_any_work(cli, scene_dir, tmp_path, command, prompt):
+    model = ["--model", "toy-llava", "--images", scene_dir]
+    args = {
+        "caption": ["caption", *model, "--out", tmp_path / "c.jsonl"],
+        "score": ["score", *model, "--out", tmp_path / "s"],
+        "ablate": ["ablate", *model, "--neurons", "language.layers.0.mlp.down_proj:1"],
+        "inspect": ["inspect", "toy-llava", "--activations", "--images", scene_dir],
+    }[command]
+    refused(cli(*args, "--prompt", prompt), "holds the image token '<image>'", "canprobe places the image itself")
+    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "s" / "scores.safetensors").exists()

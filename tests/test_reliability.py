@@ -425,7 +425,7 @@ def test_truncated_fake_and_huge_images_are_reported_and_skipped(cli, four_scene
     out = tmp_path / "captions.jsonl"
     result = cli("caption", "--model", "toy-llava", "--images", images, "--out", out, "--max-new-tokens", 6)
     assert result.code == 0, result.err
-    assert "skipped 3 unreadable image(s):" in result.err
+    assert "skipped 3 unreadable image(s) or nested folder(s):" in result.err
     reported = {line.strip().split(":")[0] for line in result.err.splitlines() if line.startswith("  ")}
     assert reported == {str(images / p) for p in ("boat/truncated.png", "car/notes.jpg", "fish/huge.png")}
     assert "20000x20000" in result.err or "decompression bomb" in result.err.lower()

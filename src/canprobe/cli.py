@@ -109,7 +109,7 @@ def _report_skipped(image_set) -> None:
     from canprobe.runfolder import CAPTIONS_FILE
 
     if image_set.skipped:
-        click.echo(f"skipped {len(image_set.skipped)} unreadable image(s):", err=True)
+        click.echo(f"skipped {len(image_set.skipped)} unreadable image(s) or nested folder(s):", err=True)
         for path, why in image_set.skipped:
             click.echo(f"  {printable(path)}: {why}", err=True)
     if image_set.unmatched_captions:
@@ -510,6 +510,13 @@ def score_command(
         f"scored {len(ranking):,} neurons in {len(result.sites)} sites over {len(image_set)} images "
         f"({method}, reduction {reduction}, {loss_text} captions, {world.size} process(es)); wrote {out}"
     )
+    nan = int(ranking["score"].isna().sum())
+    if nan:  # kept on disk as computed; search, ablate and run refuse to use them
+        click.echo(
+            f"warning: {nan} neuron(s) have NaN scores (an overflow, or NaN from the model): search, ablate and "
+            "run refuse this ranking; try --dtype float32",
+            err=True,
+        )
 
 
 # --- search and ablate: masking, collapse metrics and the k* search ---

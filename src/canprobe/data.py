@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from canprobe.checks import printable, read_text_file
 from canprobe.errors import InputError
@@ -81,12 +81,14 @@ def _read_captions(root: Path) -> dict[str, str | None]:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Decode one image as RGB; raises ValueError/OSError for unreadable or oversized files."""
+    """Decode one image as RGB, turned upright by its EXIF orientation; raises ValueError/OSError for
+    unreadable or oversized files."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"{im.width}x{im.height} exceeds the {MAX_IMAGE_PIXELS} pixel limit")
+            ImageOps.exif_transpose(im, in_place=True)  # upright as the camera meant, as transformers' load_image
             return _to_rgb(im)
 
 
@@ -120,14 +122,32 @@ def _bits(im: Image.Image) -> int | None:
     return 16 if im.format == "PNG" else None
 
 
-def folder_candidates(root: Path) -> list[tuple[Path, str]]:
-    """(image path, category) for every image file of a folder-per-category image set."""
+def _visible(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, without hidden ones (.ipynb_checkpoints, .git, ._ files): ignored everywhere."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def category_folders(root: Path) -> list[Path]:
+    """The category folders of a folder-per-category image set."""
+    return [p for p in _visible(root) if p.is_dir()]
+
+
+def folder_candidates(root: Path, nested: list[tuple[Path, str]] | None = None) -> list[tuple[Path, str]]:
+    """(image path, category) for every image file of a folder-per-category image set.
+
+    A folder inside a category folder is not read (a category is one level deep); each is appended
+    to ``nested`` with the reason, so it is listed as skipped rather than left out unseen.
+    """
     if not root.is_dir():
         raise InputError(f"image folder {root} does not exist or is not a folder")
     candidates: list[tuple[Path, str]] = []
-    for p in sorted(root.iterdir()):
+    for p in _visible(root):
         if p.is_dir():
-            candidates += [(f, p.name) for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            for f in _visible(p):
+                if f.is_dir() and nested is not None:
+                    nested.append((f, "a folder inside a category folder: not read (one folder level per category)"))
+                elif f.suffix.lower() in IMAGE_EXTENSIONS:
+                    candidates.append((f, p.name))
         elif p.suffix.lower() in IMAGE_EXTENSIONS:
             candidates.append((p, UNCATEGORIZED))
     return candidates
@@ -175,14 +195,16 @@ def load_image_set(
     """
     root = Path(root)
     unmatched: list[str] = []
+    skipped: list[tuple[Path, str]] = []
     if annotations is not None:
         candidates, captions = coco_candidates(Path(annotations), root)
     else:
-        candidates, captions = folder_candidates(root), _read_captions(root)
+        candidates, captions = folder_candidates(root, skipped), _read_captions(root)
         files = {p.relative_to(root).as_posix() for p, _ in candidates}
         unmatched = sorted(name for name in captions if name not in files)
     if categories is not None:
         candidates = [(p, c) for p, c in candidates if c in categories]
+        skipped = [(p, why) for p, why in skipped if p.parent.name in categories]
     if limit is not None:
         if limit <= 0:
             raise InputError(f"the number of images per category must be positive, got {limit}")
@@ -193,7 +215,7 @@ def load_image_set(
             if seen[category] <= limit:
                 capped.append((path, category))
         candidates = capped
-    records, images, skipped = [], [], []
+    records, images = [], []
     for path, category in candidates:
         rel = path.relative_to(root).as_posix()
         try:
@@ -231,7 +253,7 @@ def check_image_source(config: Data) -> dict[str, int]:
     for _, category in candidates:
         counts[category] = counts.get(category, 0) + 1
     if root.is_dir() and config.annotations is None:
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        for sub in category_folders(root):
             counts.setdefault(sub.name, 0)
     wanted = config.categories if config.categories is not None else sorted(counts)
     if not wanted:

@@ -33,7 +33,7 @@ def caption_inputs(lm: LoadedModel, images: list[Image.Image] | list[str], promp
         what = "a text-only model: it continues texts" if not family.takes_images else f"a {family.name} model"
         raise InputError(f"{lm.source} is {what}; captioning images needs a vision-language model")
     if family.takes_images:
-        text = family.prompts(lm.processor, [prompt or family.default_prompt]) * len(images)
+        text = [family.prompt(lm.processor, prompt)] * len(images)
         return to_model_inputs(family.inputs(lm.processor, images, text), lm.model)
     return to_model_inputs(family.inputs(lm.processor, None, list(images)), lm.model)
 
@@ -84,7 +84,7 @@ def teacher_forcing_inputs(
     if not family.takes_images and is_texts(images):
         enc = family.inputs(processor, None, list(images))
     else:
-        text = family.prompts(processor, [prompt or family.default_prompt]) * len(captions)
+        text = [family.prompt(processor, prompt)] * len(captions)
         enc = family.inputs(processor, images if family.takes_images else None, text)
     caption_ids = tok(list(captions), add_special_tokens=False)["input_ids"]
     if family.encoder_decoder:

@@ -401,6 +401,7 @@ def read_ranking(path: str | os.PathLike, check_pair: bool = True):
     if addresses.duplicated().any():
         twice = addresses[addresses.duplicated()].iloc[0]
         raise InputError(f"{where}: neuron {twice} is ranked twice; the file is damaged")
+    check_finite_scores(frame, where)
     frame.attrs["config"] = config if isinstance(config, dict) else {}
     frame.attrs["path"] = where
     frame.attrs["pair"] = (metadata.get(PAIR_KEY.encode()) or b"").decode() or None
@@ -411,6 +412,20 @@ def read_ranking(path: str | os.PathLike, check_pair: bool = True):
             "rerun canprobe score"
         )
     return frame
+
+
+def check_finite_scores(frame: Any, where: str) -> None:
+    """A ranking whose scores hold NaN has no order to trust (a scoring pass that overflowed, e.g. in
+    float16): it is refused where it would be used, with the count and an example."""
+    if "score" not in frame.columns:
+        return
+    nan = frame["score"].isna()
+    if nan.any():
+        raise InputError(
+            f"{where}: {int(nan.sum())} of {len(frame)} neuron(s) have NaN scores, e.g. "
+            f"{frame['address'][nan].iloc[0]}; the scoring overflowed or the model gave NaN (try --dtype float32 "
+            "and rescore)"
+        )
 
 
 def has_ranking(folder: str | os.PathLike) -> bool:

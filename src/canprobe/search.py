@@ -33,7 +33,15 @@ from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import parse_fault
 from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.metrics import CaptionMetrics, MetricSummary
-from canprobe.runfolder import CURVE_FILE, SUMMARY_FILE, RunLock, append_jsonl, atomic_write_json, read_jsonl
+from canprobe.runfolder import (
+    CURVE_FILE,
+    SUMMARY_FILE,
+    RunLock,
+    append_jsonl,
+    atomic_write_json,
+    check_finite_scores,
+    read_jsonl,
+)
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
@@ -103,6 +111,7 @@ def ranked_in_scope(registry: SiteRegistry, ranking: pd.DataFrame | Sequence[str
         if "address" not in ranking.columns:
             raise InputError("the ranking has no 'address' column; write it with `canprobe score`")
         where = ranking.attrs.get("path", where)
+        check_finite_scores(ranking, where)
         frame = ranking.sort_values("rank", kind="stable") if "rank" in ranking.columns else ranking
         addresses = frame["address"].astype(str).tolist()
     else:

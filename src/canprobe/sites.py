@@ -104,6 +104,21 @@ def parse_address(text: str) -> Neuron:
     return Neuron(f"{comp}.layers.{int(layer)}.{mid}{kind}", int(m["index"]))
 
 
+def _width_error(site: Site, width: int) -> InputError:
+    return InputError(
+        f"{site.name}: the {site.hook} of {site.module_path} has {width} features, but its weight "
+        f"{site.weight_path} gives {site.size * site.parts} neurons; name the linear layer whose "
+        f"{'rows' if site.weight_axis == 'out' else 'columns'} are these features (a site file's weight:)"
+    )
+
+
+def _reading_width(module: torch.nn.Module, reading: str) -> int | None:
+    """The width of a linear module's output or input (None for other modules: known only when they run)."""
+    if not isinstance(module, torch.nn.Linear):
+        return None
+    return module.out_features if reading == "output" else module.in_features
+
+
 def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
     if not isinstance(linear, torch.nn.Linear):
         raise UnsupportedModelError(
@@ -114,7 +129,8 @@ def _linear_size(linear: torch.nn.Module, axis: str, path: str) -> int:
 
 def _site(model: torch.nn.Module, component: str, layer: int, layer_path: str, kind: str, spec) -> Site | None:
     """The site of one kind in one layer, or None where the layer has not its modules."""
-    if get_module(model, f"{layer_path}.{spec.module}") is None:
+    module = get_module(model, f"{layer_path}.{spec.module}")
+    if module is None:
         return None
     if not spec.weight:  # no one linear owns these neurons: the kind says how many there are
         return Site(component, layer, kind, f"{layer_path}.{spec.module}", spec.reading, "", spec.axis, spec.size)
@@ -123,7 +139,7 @@ def _site(model: torch.nn.Module, component: str, layer: int, layer_path: str, k
     if linear is None:
         return None
     size = _linear_size(linear, spec.axis, weight_path) // spec.parts
-    return Site(
+    site = Site(
         component,
         layer,
         kind,
@@ -135,6 +151,10 @@ def _site(model: torch.nn.Module, component: str, layer: int, layer_path: str, k
         spec.part,
         spec.parts,
     )
+    width = _reading_width(module, spec.reading)
+    if width is not None and width not in (site.size, site.size * site.parts):
+        raise _width_error(site, width)
+    return site
 
 
 HOOK_POINTS = ("neurons", "weight_input")
@@ -289,6 +309,8 @@ class SiteRegistry:
         def apply(x: torch.Tensor) -> torch.Tensor | None:
             if x.shape[-1] == site.size:
                 return fn(x)
+            if x.shape[-1] != site.size * site.parts:
+                raise _width_error(site, x.shape[-1])
             chunks = list(x.chunk(site.parts, dim=-1))
             new = fn(chunks[site.part])
             if new is None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from canprobe.errors import InputError
+
 log = logging.getLogger(__name__)
 
 READINGS = ("output", "input")
@@ -161,6 +163,24 @@ class Family:
         return None
 
     # --- prompts and inputs ---
+
+    places_image: bool = True  # the family's format puts the image in: a user's image token is refused
+
+    def prompt(self, processor, prompt: str | None) -> str:
+        """The user's instruction (the family's default when none) wrapped by ``prompts``, the image in it once.
+
+        An instruction that writes the image token itself (``<image>``, typed by habit from model cards)
+        would place a second image the processor cannot fill: it is refused with one line.
+        """
+        text = prompt or self.default_prompt
+        if self.takes_images and self.places_image:
+            token = next((t for t in image_tokens(processor) if t in text), None)
+            if token is not None:
+                raise InputError(
+                    f"the prompt {text!r} holds the image token {token!r}: canprobe places the image itself, once, "
+                    f"where {self.name} models expect it; give only the instruction, e.g. {self.default_prompt!r}"
+                )
+        return self.prompts(processor, [text])[0]
 
     def prompts(self, processor, prompts: Sequence[str]) -> list[str]:
         """Each instruction wrapped the way the model was trained to see it (as given, by default)."""
@@ -377,6 +397,14 @@ def chat(prompts: Sequence[str]) -> list[list[dict]]:
     return [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
 
 
+def image_tokens(processor) -> list[str]:
+    """The texts a processor expands into an image's positions (its image token, Gemma 3's begin-of-image)."""
+    tok = getattr(processor, "tokenizer", None)
+    found = [getattr(processor, "image_token", None), getattr(processor, "boi_token", None)]
+    found.append(getattr(tok, "image_token", None))
+    return list(dict.fromkeys(t for t in found if isinstance(t, str) and t))
+
+
 def chat_prompts(processor, prompts: Sequence[str]) -> list[str]:
     """Each instruction as one user turn holding one image, through the processor's chat template."""
     return [processor.apply_chat_template(m, add_generation_prompt=True) for m in chat(prompts)]
@@ -386,7 +414,10 @@ def get_module(model: torch.nn.Module, path: str):
     """The submodule at a dotted path (digits index into lists), or None."""
     obj = model
     for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if part.isdigit() and isinstance(obj, (list, tuple, torch.nn.ModuleList, torch.nn.Sequential)):
+            obj = obj[int(part)] if int(part) < len(obj) else None
+        else:
+            obj = getattr(obj, part, None)  # also a digit-named child of a ModuleDict; nothing else indexes
         if obj is None:
             return None
     return obj

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from canprobe.errors import InputError
-from canprobe.families.base import READINGS, Family, SiteKind
+from canprobe.families.base import READINGS, Family, SiteKind, chat_prompts, image_tokens
 
 LOADERS = {"causal-lm": ("AutoModelForCausalLM", False), "image-text-to-text": ("AutoModelForImageTextToText", True)}
 COMPONENTS = ("language", "vision", "qformer")
@@ -38,7 +38,14 @@ FIELDS = ("component", "module", "kind", "reading", "weight")
 
 
 class SiteFileFamily(Family):
-    """The family a site file describes (layer roots and site kinds from the file, the rest generic)."""
+    """The family a site file describes (layer roots and site kinds from the file, the rest generic).
+
+    Its prompt format is not known, so the user may write the image token: a prompt holding it once
+    is used as given; without it, the processor's chat template places the image (one user turn),
+    or, with no template, the image token goes before the instruction on its own line.
+    """
+
+    places_image = False
 
     def __init__(self, name: str, loader: str, layer_roots: dict, site_kinds: dict):
         self.name = name
@@ -46,6 +53,23 @@ class SiteFileFamily(Family):
         self.encoder_inputs = ("pixel_values",) if self.takes_images else ()
         self.layer_roots = layer_roots
         self.site_kinds = site_kinds
+
+    def prompts(self, processor, prompts):
+        tokens = image_tokens(processor) if self.takes_images else []
+        if not tokens:
+            return list(prompts)
+        wrapped = []
+        for p in prompts:
+            count = sum(p.count(t) for t in tokens)
+            if count > 1:
+                raise InputError(f"the prompt {p!r} holds the image token {count} times; one image is placed, once")
+            if count == 1:
+                wrapped.append(p)
+            elif getattr(processor, "chat_template", None):
+                wrapped += chat_prompts(processor, [p])
+            else:
+                wrapped.append(f"{tokens[0]}\n{p}")
+        return wrapped
 
 
 def _split(pattern: object, where: str) -> tuple[str, str]:
@@ -62,12 +86,14 @@ def _split(pattern: object, where: str) -> tuple[str, str]:
 
 def read_site_file(path: str | Path) -> SiteFileFamily:
     """Parse and check a site file (see the module docstring); every problem is one InputError line."""
+    from canprobe.data import read_text_file
     from canprobe.families import known_kinds
 
     path = Path(path)
+    text = read_text_file(path, " (a site file)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise InputError(f"cannot read site file {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or not isinstance(data.get("sites"), list) or not data["sites"]:
         raise InputError(f"{path}: a site file is a mapping with a non-empty 'sites' list (and 'loader')")
@@ -75,7 +101,7 @@ def read_site_file(path: str | Path) -> SiteFileFamily:
     if unknown:
         raise InputError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; a site file has loader and sites")
     loader = data.get("loader", "causal-lm")
-    if loader not in LOADERS:
+    if not isinstance(loader, str) or loader not in LOADERS:
         raise InputError(f"{path}: loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     roots: dict[str, tuple[str, ...]] = {}
     kinds: dict[str, dict[str, SiteKind]] = {}

@@ -127,6 +127,12 @@ def check_ranking_model(ranking: pd.DataFrame, lm: LoadedModel) -> None:
     stored = ranking.attrs.get("config", {})
     where = ranking.attrs.get("path", "the ranking")
     if stored.get("weights") != lm.fingerprint:
+        dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+        if stored.get("dtype") not in (None, dtype):  # the same checkpoint in another precision
+            raise InputError(
+                f"{where} was scored in {stored['dtype']} and this model runs in {dtype}: its weights differ in "
+                f"that precision; give --dtype {stored['dtype']}, or score again with --dtype {dtype}"
+            )
         was = f"{stored.get('model')} (weights {stored.get('weights')})" if stored.get("weights") else "no model"
         raise InputError(
             f"{where} was scored on another model: it records {was}, this is {lm.source} (weights "
