@@ -126,6 +126,12 @@ def test_a_weight_whose_width_differs_from_an_activations_is_refused_when_it_run
     assert not (tmp_path / "o" / "scores.safetensors").exists()
 
 
+ODD = [
+    "sites: [{component: language, module: gpt_neox.layers.*.99, kind: up_proj}]",
+    "loader: [causal-lm]\nsites: [{component: language, module: a.*.b, kind: up_proj}]",
+]
+
+
 def _family_or_error(model, path):
     from canprobe.errors import CanprobeError
     from canprobe.families import attach
@@ -163,17 +169,26 @@ def test_any_site_file_is_a_registry_or_one_input_error(neox_model, tmp_path, te
         assert registry.sites and all(s.size > 0 for s in registry.sites)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.sampled_from(ODD), st.text(max_size=80), _values.map(lambda v: yaml.safe_dump(v))))
+def test_any_site_file_on_the_command_line_is_one_line_and_exit_2_or_an_inventory(
+    cli, neox, neox_model, tmp_path, text
+):
+    path = tmp_path / "any.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    result = cli("inspect", neox, "--sites", path)
+    if _family_or_error(neox_model, path) is None:
+        _one_line_error(result)
+        assert result.err.startswith("canprobe: error:") and "Traceback" not in result.err
+    else:
+        assert result.code == 0 and "language." in result.out, result.err
+
+
 @pytest.fixture(scope="module")
 def neox_model(neox):
     from canprobe.models import load_model
 
     return load_model(str(neox), sites=neox / SITE_FILE).model
-
-
-ODD = [
-    "sites: [{component: language, module: gpt_neox.layers.*.99, kind: up_proj}]",
-    "loader: [causal-lm]\nsites: [{component: language, module: a.*.b, kind: up_proj}]",
-]
 
 
 @pytest.mark.parametrize("text", ODD)
