@@ -96,17 +96,17 @@ def _check_not_inside(path: Path, inputs: Iterable[str | os.PathLike], what: str
             )
 
 
-def check_output_dir(path: str | os.PathLike, what: str = "--out", inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def check_output_dir(
+    path: str | os.PathLike, what: str = "--out", inputs: Iterable[str | os.PathLike] = (), files: Iterable[str] = ()
+) -> Path:
     """``path`` is a folder (or can become one) that this process can write into, outside the folders in
-    ``inputs``; canprobe's files already in it are regular files."""
-    from canprobe.runfolder import ARTIFACT_FILES
-
+    ``inputs``; the ``files`` it will write there (``runfolder.check_run_folder``) are regular files or absent."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{what} {printable(path)} is a file; give a folder (new or existing)")
     _check_not_inside(path, inputs, what, "a folder")
     if path.is_dir():
-        for name in ARTIFACT_FILES:
+        for name in files:
             check_regular(path / name, f"{what} {printable(path)}: its")
     _probe_writable(_nearest_existing(path, what, path), what, path)
     return path

@@ -18,7 +18,7 @@ import click
 from canprobe.checks import check_device, check_output_dir, check_output_file
 from canprobe.config import SETTINGS
 from canprobe.errors import CanprobeError
-from canprobe.runfolder import CAPTIONS_FILE
+from canprobe.runfolder import CAPTIONS_FILE, check_run_folder
 
 POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(min=0, max=SETTINGS["seed"].high)
@@ -213,7 +213,7 @@ def scenes(out: Path, per_category: int, seed: int, resolution: int) -> None:
     """Draw synthetic scenes: one folder per category plus captions.jsonl."""
     from canprobe.organisms.scenes import CATEGORIES, write_scenes
 
-    check_output_dir(out)
+    check_run_folder(out)
     write_scenes(out, per_category, seed, resolution)
     click.echo(f"wrote {per_category * len(CATEGORIES)} scenes ({len(CATEGORIES)} categories) to {out}")
 
@@ -451,7 +451,7 @@ def score_command(
     from canprobe.errors import InputError
     from canprobe.scoring import score_neurons
 
-    check_output_dir(out, inputs=(images,))
+    check_run_folder(out, inputs=(images,))
     world, device = _join_world(device)
     image_set = load_image_set(images)
     captions = None
@@ -608,7 +608,7 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
     config = SearchConfig.of(
         scope=scope, control=control, control_at=control_at, seed=seed, clip_model=clip_model, **options
     )
-    check_output_dir(out, inputs=(images,))
+    check_run_folder(out, inputs=(images,))
     world, device = _join_world(device)
     image_set = _image_subset(images, per_category, report=world.main)
     table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before any work
@@ -928,7 +928,7 @@ def demo(out: Path, per_category: int) -> None:
     from canprobe.report import build_report
     from canprobe.runfolder import REPORT_FILE
 
-    check_output_dir(out)
+    check_run_folder(out)
     images = write_scenes(out / "scenes", per_category, seed=11)
     stories = []
     for name in ORGANISMS:

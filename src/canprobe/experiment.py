@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from canprobe import runfolder
 from canprobe.ablation import RankedNeurons, activation_stats
-from canprobe.checks import check_device, check_output_dir, printable
+from canprobe.checks import check_device, printable
 from canprobe.config import PPL_SCORERS, SETTINGS, ExperimentConfig, SearchConfig
 from canprobe.data import ImageSet, check_image_source, load_image_set
 from canprobe.errors import InputError
@@ -180,7 +180,7 @@ class Experiment:
         self.ppl_lm: LoadedModel | None = None  # the separate PPL model, loaded once per study
         check_image_source(config.data)
         check_device(config.model.device, "config field device")
-        check_output_dir(self.out, "config field out", inputs=(config.data.images,))
+        runfolder.check_run_folder(self.out, "config field out", inputs=(config.data.images,))
 
     def _search_config(self, scope: str, group: str) -> SearchConfig:
         """Per-category searches run the random control only at k* and stage 1; the figures use pooled curves."""

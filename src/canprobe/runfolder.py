@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from canprobe.checks import check_regular, printable
+from canprobe.checks import check_output_dir, check_regular, printable
 from canprobe.errors import CanprobeError, InputError
 from canprobe.identity import differences
 
@@ -79,6 +79,11 @@ ARTIFACT_FILES = (  # what canprobe writes atomically (see ``remove_stray_tempor
     NEURONS_FILE,
     NEURON_STATS_FILE,
 )
+
+
+def check_run_folder(path: str | os.PathLike, what: str = "--out", inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """An output folder canprobe can write its files into (``checks.check_output_dir``), before any work."""
+    return check_output_dir(path, what, inputs, ARTIFACT_FILES)
 
 
 class StoreError(CanprobeError):
