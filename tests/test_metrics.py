@@ -273,3 +273,16 @@ def test_compiled_decoding_reuses_one_trace_for_every_mask(clip_dir):
     for g, w in zip(got, want):
         np.testing.assert_allclose([m.ppl for m in g], [m.ppl for m in w], rtol=1e-4)
     compiled.close()
+
+
+def test_the_summary_has_one_field_per_registered_metric_and_reads_earlier_ones():
+    import dataclasses
+
+    from canprobe.metrics import METRICS
+
+    assert [f.name for f in dataclasses.fields(MetricSummary)] == ["n_images", *METRICS]
+    assert {m.worse for m in METRICS.values()} <= {"higher", "lower"}
+    old = {"n_images": 2, "ppl_median": 3.0, "clip_mean": 20.0}  # a point written before the other metrics
+    s = MetricSummary.from_dict(old)
+    assert (s.n_images, s.ppl_median, s.clip_mean) == (2, 3.0, 20.0) and math.isnan(s.exact_match)
+    assert METRICS["exact_match"].format(0.25) == "25%" and METRICS["exact_match"].format(math.nan) == "nan"

@@ -62,7 +62,7 @@ def test_run_fills_the_fault_and_protection_tables(cli, images, tmp_path):
     assert all(0 <= v <= 1 for v in rates.values())
     assert all(rates[(n, "range")] <= rates[(n, "none")] for n in (1, 3))
     # neither protection changes a clean caption
-    assert all(c["identical_captions"] == 1.0 for c in protection["clean_cost"].values())
+    assert all(c["exact_match"] == 1.0 for c in protection["clean_cost"].values())
     page = (out / "report.html").read_text()
     section = re.search(r'<section id="faults">(.*?)</section>', page, flags=re.S).group(1)
     assert "k* per fault model and ranking" in section and "collapse rate under random bitflip" in section

@@ -677,23 +677,21 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
 
 
 def _print_search(result, out: Path) -> None:
+    from canprobe.metrics import METRICS
+
     s, base = result.summary, result.baseline
     click.echo(
         f"unmasked: median PPL {_fmt(base.ppl_median)}, mean CLIP {_fmt(base.clip_mean)} over {base.n_images} images"
     )
     click.echo(f"criterion: {s['criterion']['text']}")
-    click.echo(
-        f"{'k':>7} {'control':>7} {'phase':>8} {'stage':>9} {'PPL med':>10} {'non-fin':>7} {'CLIP':>7} "
-        f"{'words':>6} {'distinct':>8} {'exact':>6}  sample caption"
-    )
+    widths = {name: max(len(metric.label), 7) for name, metric in METRICS.items()}
+    labels = " ".join(f"{metric.label:>{widths[name]}}" for name, metric in METRICS.items())
+    click.echo(f"{'k':>7} {'control':>7} {'phase':>8} {'stage':>9} {labels}  sample caption")
     for control in ("top", "random"):
         for p in result.curve(control):
-            m = p.metrics
+            values = " ".join(f"{m.format(getattr(p.metrics, n)):>{widths[n]}}" for n, m in METRICS.items())
             sample = p.captions[0]["caption"] if p.captions else ""
-            click.echo(
-                f"{p.k:7d} {p.control:>7} {p.phase:>8} {p.stage:>9} {_fmt(m.ppl_median):>10} {m.ppl_nonfinite:7d} "
-                f"{m.clip_mean:7.2f} {m.length_mean:6.1f} {m.distinct_mean:8.2f} {m.exact_match:6.0%}  {sample[:40]}"
-            )
+            click.echo(f"{p.k:7d} {p.control:>7} {p.phase:>8} {p.stage:>9} {values}  {sample[:40]}")
     ev = s["evaluations"]
     click.echo(
         f"evaluated {ev['this_run']} point(s) now, {ev['resumed']} resumed from {out}; "
@@ -733,7 +731,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     from canprobe.errors import InputError
     from canprobe.evaluation import MaskEvaluator, default_clip_model
     from canprobe.faults import check_fault
-    from canprobe.metrics import MetricSummary
+    from canprobe.metrics import METRICS, MetricSummary
     from canprobe.sites import SiteRegistry, parse_address
 
     fault = check_fault(ablation, rest["dtype"])
@@ -796,10 +794,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         click.echo(f"  masked    PPL {_fmt(m.ppl):>8}  CLIP {m.clip:6.2f}  {m.caption}")
     for name, metrics in (("unmasked", unmasked), (f"masked ({label}, {ablation})", masked)):
         s = MetricSummary.of(metrics)
-        click.echo(
-            f"{name}: median PPL {_fmt(s.ppl_median)} ({s.ppl_nonfinite} non-finite), mean CLIP {s.clip_mean:.2f}, "
-            f"{s.length_mean:.1f} words, distinct {s.distinct_mean:.2f}, same as unmasked {s.exact_match:.0%}"
-        )
+        click.echo(f"{name}: " + ", ".join(f"{m.label} {m.format(getattr(s, n))}" for n, m in METRICS.items()))
 
 
 # --- run, report, compare, demo: the whole study ---

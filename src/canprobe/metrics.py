@@ -1,17 +1,21 @@
-"""Collapse metrics: what is measured of one caption, and how the captions under one mask are summarized.
+"""Collapse metrics: what is measured of one caption, and the registry of how captions under one mask are summarized.
 
-Per caption: perplexity (exp of the mean token NLL of caption + end token) under a scoring model,
-CLIP score ``100 * max(cos(image, caption), 0)``, length in words, distinct-word ratio, and exact
-match with the unmasked model's caption. Per evaluated mask: median PPL with the count of
-non-finite values, and means of the rest. Infinite or NaN perplexities are recorded as data and
-never raise. The passes that compute PPL and CLIP under masks live in ``canprobe.evaluation``.
+Per caption (``CaptionMetrics``, made by ``canprobe.evaluation``): perplexity (exp of the mean
+token NLL of caption + end token) under a scoring model, CLIP score ``100 * max(cos(image,
+caption), 0)``, length in words, distinct-word ratio, and exact match with the unmasked model's
+caption. Per evaluated mask: one number per entry of ``METRICS``, the registry of named metrics
+(its definition over a mask's captions, which way is worse, its label and format in tables, and
+its axis in the report's figures). ``MetricSummary`` has one field per entry; the curve, the
+report, the robustness tables and the command line read names, labels and formats from the
+registry, so adding a metric is one entry here (earlier curves read it as missing, NaN).
+Infinite or NaN perplexities are recorded as data and never raise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, make_dataclass
 
 import torch
 
@@ -37,39 +41,23 @@ class CaptionMetrics:
 
 
 @dataclass(frozen=True)
-class MetricSummary:
-    """Aggregate over the images of one evaluated mask; non-finite PPLs are counted, not averaged."""
+class Metric:
+    """One named summary of a mask's captions.
 
-    n_images: int
-    ppl_median: float
-    ppl_nonfinite: int
-    clip_mean: float
-    length_mean: float
-    distinct_mean: float
-    exact_match: float
+    ``of``: the number, from the captions' metrics. ``worse``: "higher" or "lower", the direction
+    a collapsing model moves it. ``label`` and ``fmt`` (a format spec): how tables show it.
+    ``axis``: "log" or "linear" when the report plots it against k, None when only tables show it.
+    """
 
-    @classmethod
-    def of(cls, metrics: Sequence[CaptionMetrics]) -> MetricSummary:
-        """Median PPL over the non-NaN values (inf is an honest order statistic), means of the rest."""
-        if not metrics:
-            raise InputError("no captions to summarize")
-        ppl = torch.tensor([m.ppl for m in metrics], dtype=torch.float64)
-        ppl_ok = ppl[~ppl.isnan()]
-        n = len(metrics)
-        return cls(
-            n_images=n,
-            ppl_median=_median(ppl_ok),
-            ppl_nonfinite=int((~ppl.isfinite()).sum()),
-            clip_mean=_nanmean([m.clip for m in metrics]),
-            length_mean=sum(m.length for m in metrics) / n,
-            distinct_mean=sum(m.distinct for m in metrics) / n,
-            exact_match=sum(m.exact_match for m in metrics) / n,
-        )
+    name: str
+    label: str
+    of: Callable[[Sequence[CaptionMetrics]], float]
+    worse: str
+    fmt: str
+    axis: str | None = None
 
-    @classmethod
-    def from_dict(cls, d: Mapping) -> MetricSummary:
-        """A summary as any release wrote it: a metric added since reads as missing (NaN), not as damage."""
-        return cls(**{f.name: d["n_images"] if f.name == "n_images" else d.get(f.name, math.nan) for f in fields(cls)})
+    def format(self, value: float) -> str:
+        return "nan" if isinstance(value, float) and math.isnan(value) else format(value, self.fmt)
 
 
 def _median(values: torch.Tensor) -> float:
@@ -84,3 +72,47 @@ def _median(values: torch.Tensor) -> float:
 def _nanmean(values: list[float]) -> float:
     ok = [v for v in values if not math.isnan(v)]
     return sum(ok) / len(ok) if ok else math.nan
+
+
+def _ppl_median(metrics: Sequence[CaptionMetrics]) -> float:
+    """Median over the non-NaN values (inf is an honest order statistic)."""
+    ppl = torch.tensor([m.ppl for m in metrics], dtype=torch.float64)
+    return _median(ppl[~ppl.isnan()])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("ppl_median", "median PPL", _ppl_median, "higher", ".4g", axis="log"),
+        Metric("ppl_nonfinite", "non-finite PPL", lambda ms: sum(not math.isfinite(m.ppl) for m in ms), "higher", "d"),
+        Metric("clip_mean", "mean CLIP score", lambda ms: _nanmean([m.clip for m in ms]), "lower", ".2f", "linear"),
+        Metric("length_mean", "words", lambda ms: _mean([m.length for m in ms]), "lower", ".1f"),
+        Metric("distinct_mean", "mean distinct-word ratio", lambda ms: _mean([m.distinct for m in ms]), "lower", ".2f"),
+        Metric("exact_match", "same as unmasked", lambda ms: _mean([m.exact_match for m in ms]), "lower", ".0%"),
+    )
+}
+
+
+def _of(cls, metrics: Sequence[CaptionMetrics]):
+    """The summary of one mask's captions: every metric of the registry."""
+    if not metrics:
+        raise InputError("no captions to summarize")
+    return cls(n_images=len(metrics), **{name: metric.of(metrics) for name, metric in METRICS.items()})
+
+
+def _from_dict(cls, d: Mapping):
+    """A summary as any release wrote it: a metric added since reads as missing (NaN), not as damage."""
+    return cls(**{f.name: d["n_images"] if f.name == "n_images" else d.get(f.name, math.nan) for f in fields(cls)})
+
+
+MetricSummary = make_dataclass(
+    "MetricSummary",
+    [("n_images", int), *((name, float) for name in METRICS)],
+    frozen=True,
+    namespace={"of": classmethod(_of), "from_dict": classmethod(_from_dict), "__module__": __name__},
+)
+MetricSummary.__doc__ = "Aggregate over the images of one evaluated mask: n_images and one field per entry of METRICS."

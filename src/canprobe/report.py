@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from canprobe.errors import InputError  # noqa: E402
+from canprobe.metrics import METRICS  # noqa: E402
 from canprobe.runfolder import (  # noqa: E402
     ACTIVATIONS_FILE,
     CURVE_FILE,
@@ -37,7 +38,8 @@ from canprobe.runfolder import (  # noqa: E402
     read_jsonl,
 )
 
-CURVE_COLUMNS = ["control", "k", "phase", "ppl_median", "ppl_nonfinite", "clip_mean", "exact_match", "stage"]
+CURVE_COLUMNS = ["control", "k", "phase", *METRICS, "stage"]
+RENAMED = {"identical_captions": "exact_match"}  # metric names of earlier formats
 POINT_KEYS = ("control", "k", "phase", "stage")  # what every curve point of every format holds; metrics may be missing
 SECTIONS = ("examples", "curves", "locations", "kstar", "activations", "faults", "stability", "config")
 OPTIONAL_SECTIONS = ("faults",)  # only in reports of runs that measured them
@@ -146,10 +148,9 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
         base = curve[curve["k"] == 0].iloc[0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
         # text-only models have no CLIP score: their collapse criterion reads the distinct-word ratio
-        quality = ("clip_mean", "mean CLIP score")
-        if np.isnan(float(base["clip_mean"])):
-            quality = ("distinct_mean", "mean distinct-word ratio")
-        for ax, metric, label in ((axes[0], "ppl_median", "median PPL"), (axes[1], *quality)):
+        quality = "distinct_mean" if np.isnan(float(base["clip_mean"])) else "clip_mean"
+        for ax, metric in ((axes[0], "ppl_median"), (axes[1], quality)):
+            label = METRICS[metric].label
             for control, style in (("top", "o-"), ("random", "s--")):
                 pts = curve[(curve["control"] == control) & (curve["k"] > 0)].sort_values("k")
                 if not pts.empty:
@@ -157,8 +158,7 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
                     ax.plot(pts["k"], values, style, label=f"{control} neurons", ms=4)
             ax.axhline(float(base[metric]), color="gray", lw=0.8, label="unmasked")
             ax.set_xscale("log")
-            if metric == "ppl_median":
-                ax.set_yscale("log")
+            ax.set_yscale(METRICS[metric].axis or "linear")
             if res.get("stage1_k"):
                 end = res.get("k_star") or curve["k"].max()
                 ax.axvspan(res["stage1_k"], end, color="orange", alpha=0.15, label="stage 1")
@@ -283,15 +283,14 @@ def _faults_section(summary: dict) -> str:
                 f"CAN neurons, {html.escape(protection.get('k_protect_from', ''))})</h4>"
                 + _table(["faulted neurons", *names], [[int(n), *table.loc[n, names].tolist()] for n in table.index])
             )
-            cost = protection["clean_cost"]
+            # canprobe 0.1 wrote exact_match as identical_captions, and only three metrics
+            cost = {k: {RENAMED.get(n, n): x for n, x in v.items()} for k, v in protection["clean_cost"].items()}
+            shown = [n for n in METRICS if any(n in v for v in cost.values())]
             parts.append(
                 "<h4>cost of each protection on clean captions</h4>"
                 + _table(
-                    ["protection", "identical captions", "median PPL", "mean CLIP", "time vs none"],
-                    [
-                        [k, v["identical_captions"], v["ppl_median"], v["clip_mean"], v["time_ratio"]]
-                        for k, v in cost.items()
-                    ],
+                    ["protection", *(METRICS[n].label for n in shown), "time vs none"],
+                    [[k, *(v.get(n, float("nan")) for n in shown), v["time_ratio"]] for k, v in cost.items()],
                 )
             )
             fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -144,9 +144,7 @@ def protection_study(
         seconds[name] = time.perf_counter() - t
         summary = MetricSummary.of(metrics)
         clean[name] = {
-            "identical_captions": summary.exact_match,
-            "ppl_median": summary.ppl_median,
-            "clip_mean": summary.clip_mean,
+            **dataclasses.asdict(summary),
             "seconds": seconds[name],
             "time_ratio": seconds[name] / seconds["none"],
         }
