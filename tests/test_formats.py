@@ -8,6 +8,7 @@ whose artifacts record no format. Readers take a field added since as missing, n
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def test_a_search_resumes_from_a_curve_of_the_previous_release(old_run, tmp_path
     points = read_jsonl(FIXTURE / POOLED / "curve.jsonl")
     assert result.evaluated == 0 and result.resumed == len(points) == 37
     assert (result.k_star, result.stage1_k) == (old["k_star"], old["stage1_k"]) == (369, 256)
+    # empty_rate came after 0.1: the resumed points read it as missing
+    assert "empty_rate" not in points[0] and all(math.isnan(p.metrics.empty_rate) for p in result.points)
+    assert result.baseline.ppl_median == points[0]["ppl_median"]
     summary = read_json(folder / "summary.json")
     assert summary["format"] == FORMAT and summary["config"]["growth"] == 2.0
 

@@ -286,3 +286,11 @@ def test_the_summary_has_one_field_per_registered_metric_and_reads_earlier_ones(
     s = MetricSummary.from_dict(old)
     assert (s.n_images, s.ppl_median, s.clip_mean) == (2, 3.0, 20.0) and math.isnan(s.exact_match)
     assert METRICS["exact_match"].format(0.25) == "25%" and METRICS["exact_match"].format(math.nan) == "nan"
+
+
+def test_the_empty_rate_counts_captions_without_a_word():
+    def m(caption):
+        return CaptionMetrics(caption, 2.0, 10.0, *word_stats(caption), False)
+
+    assert MetricSummary.of([m(""), m("a b"), m("  "), m("c")]).empty_rate == 0.5
+    assert MetricSummary.of([m("a")]).empty_rate == 0.0

@@ -93,6 +93,8 @@ METRICS: dict[str, Metric] = {
         Metric("length_mean", "words", lambda ms: _mean([m.length for m in ms]), "lower", ".1f"),
         Metric("distinct_mean", "mean distinct-word ratio", lambda ms: _mean([m.distinct for m in ms]), "lower", ".2f"),
         Metric("exact_match", "same as unmasked", lambda ms: _mean([m.exact_match for m in ms]), "lower", ".0%"),
+        # a collapsed model often ends the caption at once: the share of captions with no word at all
+        Metric("empty_rate", "empty captions", lambda ms: _mean([m.length == 0 for m in ms]), "higher", ".0%"),
     )
 }
 
