@@ -169,7 +169,7 @@ def test_thresholds_are_range_checked(bad):
 
 def test_stages_follow_the_documented_thresholds():
     def s(ppl, clip):
-        return MetricSummary(4, ppl, 0, clip, 10.0, 1.0, 0.0)
+        return MetricSummary.from_dict({"n_images": 4, "ppl_median": ppl, "clip_mean": clip, "distinct_mean": 1.0})
 
     base, c = s(2.0, 30.0), CollapseCriterion()
     assert c.stage(s(200.0, 14.9), base) == "collapsed"

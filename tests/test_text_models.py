@@ -47,7 +47,7 @@ def test_evaluator_needs_no_clip_and_reports_nan_clip(lm):
 
 
 def _summary(ppl: float, distinct: float, clip: float = math.nan) -> MetricSummary:
-    return MetricSummary(4, ppl, 0, clip, 5.0, distinct, 0.0)
+    return MetricSummary.from_dict({"n_images": 4, "ppl_median": ppl, "clip_mean": clip, "distinct_mean": distinct})
 
 
 def test_text_collapse_is_judged_on_ppl_and_distinct_words():
