@@ -3,8 +3,10 @@
     # CPU, Stage A only, a small-scale growth curve (one thread, 12 minutes)
     OMP_NUM_THREADS=1 python benchmarks/bench_sink.py --out /tmp/sink-a --seconds 720 --batch-size 16 \\
         --measure-every 25 --text-only
-    # the GPU call (one H200, about 6 minutes of work): Stage A for 300 s, Stage B, evaluation
-    python benchmarks/bench_sink.py --device cuda --out "$OUT" --seconds 300 --pack
+    # the GPU call (one H200, about 6 minutes of work: Stage A for 200 s, Stage B, evaluation); as one
+    # device `run` with timeout_s 540, it writes five files under $OUT
+    set -o pipefail; PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/bench_sink.py --device cuda \
+        --out "$OUT" --seconds 200 --tokens 3e9 --measure-every 500 --pack --threads 8 2>&1 | tee "$OUT/log.txt"
 
 Stage A (``canprobe.organisms.sink.pretrain_text``) trains on packed text until ``--tokens`` or
 ``--seconds``; Stage B (``align_llava``) aligns toy-llava around it. Every measurement is one line of

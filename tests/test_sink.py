@@ -1,5 +1,6 @@
 """The sink recipe: Stage A's text pretraining and its curve, Stage B's frozen-then-joint alignment."""
 
+import functools
 import json
 
 import pytest
@@ -39,9 +40,9 @@ def stage_a(tmp_path_factory):
 def test_stage_a_counts_tokens_and_measures_on_schedule(stage_a):
     model, result, curve = stage_a
     assert result.steps == 30 and result.tokens == 30 * 8 * 37
-    assert [row["step"] for row in result.curve] == [0, 10, 20, 30]
-    assert [row["tokens"] for row in result.curve] == [0, 2960, 5920, 8880]
-    assert [json.loads(line)["step"] for line in curve.read_text().splitlines()] == [0, 10, 20, 30]
+    assert [row["step"] for row in result.curve] == [0, 1, 2, 4, 8, 10, 20, 30]
+    assert [row["tokens"] for row in result.curve][-3:] == [2960, 5920, 8880]
+    assert [json.loads(line)["step"] for line in curve.read_text().splitlines()] == [0, 1, 2, 4, 8, 10, 20, 30]
     row = result.curve[-1]
     assert len(row["layers"]) == TINY.text_layers and len(row["layers"][0]["first_attention"]) == TINY.heads
     assert set(row["ablation"]) == {"zero", "mean_position", "random"}
@@ -84,7 +85,7 @@ def test_stage_b_keeps_the_language_model_frozen_then_trains_it(stage_a):
         for a, b in zip(text_lm.model.state_dict().values(), joint.model.language_model.state_dict().values())
     ]
     assert any(changed)
-    assert [row["stage"] for row in result.curve] == ["B"] * 3 and [r["step"] for r in result.curve] == [0, 3, 6]
+    assert [row["stage"] for row in result.curve] == ["B"] * 5 and [r["step"] for r in result.curve] == [0, 1, 2, 3, 6]
     assert set(result.curve[-1]["input_rms"]) == {"text", "image"}
     assert result.curve[-1]["layers"][0]["image_attention"] is not None
 
@@ -97,7 +98,7 @@ def test_recipe_saves_both_models_and_one_curve(tmp_path):
     text_lm = LlamaForCausalLM.from_pretrained(tmp_path / TEXT_LM_DIR)
     assert text_lm.config.vocab_size == lm.model.config.text_config.vocab_size
     stages = [json.loads(line)["stage"] for line in (tmp_path / CURVE_FILE).read_text().splitlines()]
-    assert stages == ["A", "A", "B", "B", "B"]
+    assert stages == ["A", "A", "A", "B", "B", "B", "B", "B"]  # A: steps 0, 1, 2; B: 0, 1, 2, 3, 6
 
 
 @pytest.mark.parametrize(
@@ -113,3 +114,16 @@ def test_cli_refuses_misplaced_sink_options_in_one_line(cli, tmp_path, args):
     result = cli("organisms", "train", *[str(tmp_path / a) if a == "x" else a for a in args])
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_sink_recipe_trains_and_reports(cli, tmp_path, monkeypatch):
+    from canprobe.organisms import sink
+
+    small = {**PRETRAIN.__dict__, "batch_size": 2, "stream": STREAM, "measure_rows": 2}
+    monkeypatch.setattr(sink, "PretrainConfig", functools.partial(PretrainConfig, **small))
+    monkeypatch.setattr(sink, "AlignConfig", functools.partial(AlignConfig, **ALIGN.__dict__))
+    result = cli("organisms", "train", "toy-llava", "--recipe", "sink", "--out", tmp_path, "--text-tokens", 200)
+    assert result.code == 0, result.err
+    assert "Stage A: 222 tokens" in result.out  # 3 steps of 2 rows of 37 tokens
+    assert load_model(str(tmp_path)).family.name == "llava"
+    assert len((tmp_path / CURVE_FILE).read_text().splitlines()) == 4 + 5  # A: steps 0, 1, 2, 3; B: 0, 1, 2, 3, 6
