@@ -58,7 +58,7 @@ __all__ = ["FAMILIES", "Family", "SiteKind", "family_for", "known_kinds", "named
 
 def supported_types() -> list[str]:
     """Model types with an adapter that can be probed (CLIP only scores captions)."""
-    return sorted(t for t, fs in BY_MODEL_TYPE.items() if any(f.site_kinds for f in fs))
+    return sorted(t for t, fs in BY_MODEL_TYPE.items() if any(f.generates for f in fs))
 
 
 def _unsupported(model_type: str) -> UnsupportedModelError:

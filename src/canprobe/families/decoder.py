@@ -4,17 +4,16 @@ they continue the given texts, and collapse is judged on the texts alone."""
 
 from __future__ import annotations
 
-from canprobe.families.base import SWIGLU, Family
+from canprobe.families.base import Family
+from canprobe.families.structure import FromStructure
 
 
-class Decoder(Family):
+class Decoder(FromStructure, Family):
     name = "decoder"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
     auto_class = "AutoModelForCausalLM"
     takes_images = False
     encoder_inputs = ()
-    layer_roots = {"language": ("model.layers",)}
-    site_kinds = {"language": SWIGLU}
 
     def tokens(self, config, component, text_tokens):
         return text_tokens

@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from canprobe.families.base import FC_MLP, SWIGLU, Family, chat_prompts
-
-LANGUAGE_ROOTS = ("model.language_model.layers", "language_model.model.layers")
-VISION_ROOTS = (
-    "model.vision_tower.encoder.layers",
-    "model.vision_tower.vision_model.encoder.layers",
-    "vision_tower.vision_model.encoder.layers",
-)
+from canprobe.families.base import Family, chat_prompts
+from canprobe.families.structure import FromStructure
 
 
-class PaliGemma(Family):
+class PaliGemma(FromStructure, Family):
     name = "paligemma"
     model_types = ("paligemma",)
     default_prompt = "caption en"
-    layer_roots = {"language": LANGUAGE_ROOTS, "vision": VISION_ROOTS}
-    site_kinds = {"language": SWIGLU, "vision": FC_MLP}
 
     def prompts(self, processor, prompts):
         """The image token, then the instruction (no chat template): the processor expands the image
@@ -46,11 +38,9 @@ class PaliGemma(Family):
         return patches if component == "vision" else patches + text_tokens + 1
 
 
-class Gemma3(Family):
+class Gemma3(FromStructure, Family):
     name = "gemma3"
     model_types = ("gemma3",)
-    layer_roots = {"language": LANGUAGE_ROOTS, "vision": VISION_ROOTS}
-    site_kinds = {"language": SWIGLU, "vision": FC_MLP}
 
     def prompts(self, processor, prompts):
         return chat_prompts(processor, prompts)

@@ -8,17 +8,13 @@ from pathlib import Path
 
 import torch
 
-from canprobe.families.base import FC_MLP, SWIGLU, Family, chat_prompts
+from canprobe.families.base import Family, chat_prompts
+from canprobe.families.structure import FromStructure
 
 
-class Idefics3(Family):
+class Idefics3(FromStructure, Family):
     name = "idefics3"
     model_types = ("idefics3",)
-    layer_roots = {
-        "language": ("model.text_model.layers",),
-        "vision": ("model.vision_model.encoder.layers",),
-    }
-    site_kinds = {"language": SWIGLU, "vision": FC_MLP}
     encoder_inputs = ("pixel_values", "pixel_attention_mask")
 
     def load_processor(self, path: str, trust_remote_code: bool = False):

@@ -6,35 +6,20 @@ from __future__ import annotations
 import torch
 
 from canprobe.families.base import (
-    FC_MLP,
-    SWIGLU,
     Family,
     PatchGrid,
-    SiteKind,
     chat_prompts,
     validates_mm_encoder_outputs,
 )
+from canprobe.families.structure import FromStructure
 
 # the LLaVA-1.5 conversation format, for processors saved without a chat template
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
-class Llava(Family):
+class Llava(FromStructure, Family):
     name = "llava"
     model_types = ("llava", "llava_next")
-    layer_roots = {
-        "language": ("model.language_model.layers", "language_model.model.layers"),
-        "vision": ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"),
-        "projector": ("model.multi_modal_projector", "multi_modal_projector"),
-    }
-    site_kinds = {
-        "language": SWIGLU,
-        "vision": FC_MLP,
-        "projector": {
-            "linear_1": SiteKind("act", "output", "linear_1", "out"),
-            "linear_2": SiteKind("linear_2", "output", "linear_2", "out"),
-        },
-    }
     encoder_inputs = ("pixel_values", "image_sizes")
 
     def prompts(self, processor, prompts):

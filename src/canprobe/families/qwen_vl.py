@@ -12,29 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from canprobe.families.base import SWIGLU, Family, ImagesOnly, PatchGrid, SiteKind, chat_prompts, patch_rows
-
-LANGUAGE_ROOTS = ("model.language_model.layers", "model.layers")
-VISION_ROOTS = ("model.visual.blocks", "visual.blocks")
-MERGER_ROOTS = ("model.visual.merger", "visual.merger")
+from canprobe.families.base import Family, ImagesOnly, PatchGrid, chat_prompts, patch_rows
+from canprobe.families.structure import FromStructure
 
 
-class Qwen2VL(ImagesOnly, Family):
+class Qwen2VL(ImagesOnly, FromStructure, Family):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
     processor_class = "Qwen2VLProcessor"
-    layer_roots = {"language": LANGUAGE_ROOTS, "vision": VISION_ROOTS, "projector": MERGER_ROOTS}
-    site_kinds = {
-        "language": SWIGLU,
-        "vision": {
-            "fc1": SiteKind("mlp.act", "output", "mlp.fc1", "out"),
-            "fc2": SiteKind("mlp.fc2", "output", "mlp.fc2", "out"),
-        },
-        "projector": {
-            "linear_1": SiteKind("mlp.1", "output", "mlp.0", "out"),
-            "linear_2": SiteKind("mlp.2", "output", "mlp.2", "out"),
-        },
-    }
     encoder_inputs = ("pixel_values", "image_grid_thw")
 
     def prompts(self, processor, prompts):
@@ -69,21 +54,9 @@ class Qwen25VL(Qwen2VL):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     processor_class = "Qwen2_5_VLProcessor"
-    site_kinds = {**Qwen2VL.site_kinds, "vision": SWIGLU}
 
 
 class Qwen3VL(Qwen2VL):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     processor_class = "Qwen3VLProcessor"
-    site_kinds = {
-        "language": SWIGLU,
-        "vision": {
-            "fc1": SiteKind("mlp.act_fn", "output", "mlp.linear_fc1", "out"),
-            "fc2": SiteKind("mlp.linear_fc2", "output", "mlp.linear_fc2", "out"),
-        },
-        "projector": {
-            "linear_1": SiteKind("act_fn", "output", "linear_fc1", "out"),
-            "linear_2": SiteKind("linear_fc2", "output", "linear_fc2", "out"),
-        },
-    }

@@ -334,7 +334,9 @@ def _check(model: torch.nn.Module, structure: Structure) -> None:
                 for name in watched
             ]
             weight = down.weight
-            x = torch.randn(1, 2, get_module(model, f"{layer_path}.{ffn.linears[0]}").in_features, device=weight.device)
+            width = get_module(model, f"{layer_path}.{ffn.linears[0]}").in_features
+            # a fixed, varied input (the global random state is left alone: runs stay reproducible)
+            x = torch.linspace(-2.0, 2.0, 2 * width, device=weight.device).view(1, 2, width)
             training = [m.training for m in module.modules()]
             try:
                 with torch.no_grad():
@@ -371,17 +373,9 @@ def find(model: torch.nn.Module) -> Structure:
     return structure
 
 
-class Structured(Family):
-    """Any image-text-to-text model with no adapter: sites from ``find``, prompts through the chat template."""
-
-    name = "structure"
-
-    def load_processor(self, path, trust_remote_code=False):
-        """``AutoProcessor``; where it fails (a video processor needs torchvision): the processor without video."""
-        try:
-            return super().load_processor(path, trust_remote_code)
-        except (ImportError, ValueError, RuntimeError, OSError) as exc:
-            return processor_for_images(path, "", (str(exc).splitlines() or [type(exc).__name__])[0])
+class FromStructure:
+    """Mixin for a family whose sites are read from the model (``find``) rather than declared: an adapter
+    then says only what structure cannot tell (prompts, inputs, cached features, crops, token counts)."""
 
     def components(self, model):
         return list(find(model).paths)
@@ -398,14 +392,25 @@ class Structured(Family):
     def layer_kinds(self, model, component, layer):
         return find(model).kinds[component][layer]
 
+
+class Structured(FromStructure, Family):
+    """Any image-text-to-text model with no adapter: sites from ``find``, prompts through the chat template."""
+
+    name = "structure"
+
+    def load_processor(self, path, trust_remote_code=False):
+        """``AutoProcessor``; where it fails (a video processor needs torchvision): the processor without video."""
+        try:
+            return super().load_processor(path, trust_remote_code)
+        except (ImportError, ValueError, RuntimeError, OSError) as exc:
+            return processor_for_images(path, "", (str(exc).splitlines() or [type(exc).__name__])[0])
+
     def prompts(self, processor, prompts):
         """The processor's chat template with one image; the image token and the instruction without one."""
         if getattr(processor, "chat_template", None):
             try:
                 return chat_prompts(processor, prompts)
-            except (
-                AttributeError
-            ):  # an override that reads the video part built without (SmolVLM's): the plain template
+            except AttributeError:  # an override reading the video part it was built without (SmolVLM's)
                 from transformers.processing_utils import ProcessorMixin
 
                 return [
