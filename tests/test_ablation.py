@@ -337,3 +337,19 @@ def test_standing_masks_match_per_row_masks_and_pass_through_between_loads(tiny,
     assert _hooks(tiny.model) == hooks
     with pytest.raises(InputError, match="acts on weights"):
         StandingMasks(tiny, sites, rows=2, kind="weight_bitflip")
+
+
+def test_fault_stats_measure_what_the_faults_need_with_the_generation_settings(tiny, images):
+    """One place says which clean statistics a fault needs: none for zero, per-position means for mean:by=position."""
+    from canprobe.ablation import fault_stats
+    from canprobe.config import Generation
+
+    site = SiteRegistry.of(tiny.model).select("language.down_proj")[0]
+    generation = Generation(max_new_tokens=4, batch_size=3)
+    assert fault_stats(tiny, images, [site], ["zero", "sign"], generation) is None
+    stats = fault_stats(tiny, images, [site], ["zero", "mean:by=position"], generation)[site.name]
+    direct = activation_stats(tiny, images, [site], batch_size=3, max_new_tokens=4, by_position=True)[site.name]
+    torch.testing.assert_close(stats.mean, direct.mean, rtol=0, atol=0)
+    assert stats.position_mean is not None
+    calibrated = fault_stats(tiny, images, [site], ["zero"], generation, calibrate=True)[site.name]
+    assert calibrated.position_mean is None and torch.equal(calibrated.max, direct.max)

@@ -192,7 +192,7 @@ def test_bad_configs_fail_before_any_model_loads(cli, scene_dir, monkeypatch, ar
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("canprobe.experiment.load_model", no_loading)
+    monkeypatch.setattr("canprobe.models.load_model", no_loading)
     result = cli("run", "--model", "toy-llava", "--images", scene_dir, *args)
     assert result.code == 2, (result.out, result.err)
     lines = [x for x in result.err.splitlines() if x.strip()]
@@ -231,6 +231,7 @@ def test_a_ppl_model_named_by_path_is_loaded_once_per_study(images, tmp_path, mo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import canprobe.evaluation as evaluation_module
+    import canprobe.models as models_module
     from canprobe.organisms.build import build_tokenizer
 
     tok = build_tokenizer()
@@ -240,13 +241,13 @@ def test_a_ppl_model_named_by_path_is_loaded_once_per_study(images, tmp_path, mo
     LlamaForCausalLM(config).save_pretrained(tmp_path / "ppl-lm")
     tok.save_pretrained(tmp_path / "ppl-lm")
     loads = []
-    real = experiment_module.load_model
+    real = models_module.load_model
 
     def counting(name, *args, **kwargs):
         loads.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(experiment_module, "load_model", counting)
+    monkeypatch.setattr(models_module, "load_model", counting)
     monkeypatch.setattr(evaluation_module, "load_model", counting)
     values = _small_config(
         images,

@@ -47,7 +47,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr("canprobe.experiment.load_model", refuse)  # first: importing it binds models.load_model
+    monkeypatch.setattr("canprobe.evaluation.load_model", refuse)  # first: importing it binds models.load_model
     monkeypatch.setattr("canprobe.models.load_model", refuse)
 
 
@@ -220,7 +220,7 @@ def test_damaged_ranking_in_the_search_folder_is_refused(cli, scene_dir, tmp_pat
     out.mkdir()
     (out / "ranking.parquet").write_bytes(b"PAR1 not really")
     before = snapshot(out)
-    monkeypatch.setattr("canprobe.cli._load", lambda *a, **k: _FakeLm())
+    monkeypatch.setattr("canprobe.models.load", lambda *a, **k: _FakeLm())
     refused(cli("search", "--model", "toy-llava", "--images", scene_dir, "--out", out), out / "ranking.parquet")
     assert snapshot(out) == before
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from canprobe import distributed
 from canprobe.captions import generate_captions
-from canprobe.config import default
+from canprobe.config import Generation, default
 from canprobe.errors import InputError
 from canprobe.families.base import get_module
 from canprobe.faults import (
@@ -567,3 +567,30 @@ def activation_stats(
 def _grown(table: torch.Tensor, rows: int) -> torch.Tensor:
     """``table`` with zero rows appended up to ``rows`` rows."""
     return torch.cat([table, table.new_zeros(max(0, rows - table.shape[0]), table.shape[1])])
+
+
+def fault_stats(
+    lm: LoadedModel,
+    images: list,
+    sites: Sequence[Site] | str,
+    faults: Sequence[str],
+    generation: Generation,
+    calibrate: bool = False,
+) -> dict[str, ChannelStats] | None:
+    """The clean statistics that the fault specs ``faults`` need on ``sites`` (None when none needs any).
+
+    ``calibrate``: measure them anyway, for a range restriction. The captions are generated with
+    ``generation``, the settings of the captions the faults are then evaluated on.
+    """
+    needs = {need for spec in faults for need in parse_fault(spec).needs}
+    if not needs and not calibrate:
+        return None
+    return activation_stats(
+        lm,
+        images,
+        sites,
+        prompt=generation.prompt,
+        batch_size=generation.batch_size,
+        max_new_tokens=generation.max_new_tokens,
+        by_position="position_mean" in needs,
+    )

@@ -526,11 +526,8 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _ppl_model(ppl_scorer: str, device: str | None):
-    """The separate causal LM that scores captions, when --ppl-scorer names one."""
-    from canprobe.config import PPL_SCORERS
-
-    return None if ppl_scorer in PPL_SCORERS else _load(ppl_scorer, "float32", device)
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _load_ranking(path: Path):
@@ -630,46 +627,26 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
         )
         _print_plan(plan.lines)
         return
+    from canprobe.config import Model, Scoring
+    from canprobe.evaluation import load_scorers
+    from canprobe.models import load
+    from canprobe.scoring import check_ranking_model, folder_ranking
+
+    where = dict(model=model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    machine = Model(**where, sites=_str(sites), gradient_checkpointing=checkpointed, reuse_features=reuse)
     # rank 0 holds the folder before the model loads, and while the search appends to it
     with RunLock(out) if world.main else nullcontext():
-        lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
+        lm = load(machine)
         inputs = _generation_inputs(lm, image_set)
         _check_context(lm, image_set, config.generation.prompt, config.generation.max_new_tokens)
-        from canprobe.scoring import check_ranking_identity, check_ranking_model, load_folder_ranking, score_identity
-
         if table is not None:
             check_ranking_model(table, lm)
-        # the loss captions are generated like the captions the search evaluates: same length limit
-        scoring = dict(
-            scope=scope,
-            method=method,
-            alpha=alpha,
-            prompt=config.generation.prompt,
-            seed=seed,
-            max_new_tokens=config.generation.max_new_tokens,
-        )
-        if table is None and (out / RANKING_FILE).exists():
-            table = load_folder_ranking(out)
-            remedy = "resume with the same --method, --alpha, --scope and images, or use a new --out folder"
-            check_ranking_identity(table, score_identity(lm, inputs, **scoring), remedy)
-        if table is None:
-            from canprobe.scoring import score_neurons
-
-            if world.main:
+        else:
+            if world.main and not (out / RANKING_FILE).exists():
                 click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
-            scores = score_neurons(
-                lm,
-                inputs,
-                **scoring,
-                batch_size=config.generation.batch_size,
-                gradient_checkpointing=checkpointed,
-                reuse_features=reuse,
-            )
-            if world.main:
-                scores.save(out)
-            table = scores.ranking()
-        clip = _load(clip_model, "float32", device) if lm.family.takes_images else None
-        ppl_lm = _ppl_model(config.evaluation.ppl_scorer, device)
+            scoring = Scoring(method=method, alpha=alpha, seed=seed)
+            table = folder_ranking(lm, inputs, out, scope, scoring, config.generation, machine)
+        clip, ppl_lm = load_scorers(lm, machine, config.evaluation)
         names = [r.name for r in image_set.records]
         result = find_k_star(lm, inputs, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
     if world.main:
@@ -727,9 +704,10 @@ def _print_search(result, out: Path) -> None:
 @source_options
 def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_scorer, clip_model, prompt, **rest):
     """Captions and metrics with one mask, side by side with the unmasked model."""
-    from canprobe.ablation import activation_stats, group_by_site
+    from canprobe.ablation import fault_stats, group_by_site
+    from canprobe.config import Evaluation, Generation, Model
     from canprobe.errors import InputError
-    from canprobe.evaluation import MaskEvaluator, default_clip_model
+    from canprobe.evaluation import MaskEvaluator, load_scorers
     from canprobe.faults import check_fault
     from canprobe.metrics import METRICS, MetricSummary
     from canprobe.sites import SiteRegistry, parse_address
@@ -766,13 +744,15 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
     else:
         mask = group_by_site(registry, addresses)
         label = f"{len(addresses)} neuron(s)"
-    stats = None
-    if fault.needs and mask:
-        sites = [registry.by_name[n] for n in mask]
-        generation = {"batch_size": rest["batch_size"], "max_new_tokens": rest["max_new_tokens"]}
-        by_position = "position_mean" in fault.needs
-        stats = activation_stats(lm, inputs, sites, prompt=prompt, by_position=by_position, **generation)
-    clip = _load(clip_model or default_clip_model(model), "float32", rest["device"]) if lm.family.takes_images else None
+    generation = Generation(
+        prompt=prompt, max_new_tokens=rest["max_new_tokens"], batch_size=rest["batch_size"], decoding=rest["decoding"]
+    )
+    sites = [registry.by_name[n] for n in mask]
+    stats = fault_stats(lm, inputs, sites, [ablation], generation) if mask else None
+    machine = Model(model=model, device=rest["device"])
+    clip, ppl_lm = load_scorers(
+        lm, machine, Evaluation(ablation=ablation, ppl_scorer=ppl_scorer, clip_model=clip_model)
+    )
     evaluator = MaskEvaluator(
         lm,
         inputs,
@@ -783,7 +763,7 @@ def ablate_command(model, images, neurons, top_k, ranking, scope, ablation, ppl_
         batch_size=rest["batch_size"],
         kind=fault,
         stats=stats,
-        ppl_lm=_ppl_model(ppl_scorer, rest["device"]),
+        ppl_lm=ppl_lm,
         decoding=rest["decoding"],
     )
     unmasked = evaluator.evaluate_baseline()

@@ -22,7 +22,7 @@ from PIL import Image
 from canprobe import distributed, features
 from canprobe.ablation import NeuronSpec, StandingMasks, ablate_rows, group_by_site
 from canprobe.captions import generate_captions
-from canprobe.config import PPL_SCORERS, default
+from canprobe.config import PPL_SCORERS, Evaluation, Model, default
 from canprobe.errors import InputError
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction, parse_fault
 from canprobe.features import FeatureCache
@@ -39,6 +39,21 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 def default_clip_model(model_name: str) -> str:
     """toy-clip for the organisms (they draw the same scenes), the paper's CLIP for real models."""
     return "toy-clip" if model_name in BUILTIN_MODELS else DEFAULT_CLIP
+
+
+def load_scorers(
+    lm: LoadedModel, model: Model, evaluation: Evaluation
+) -> tuple[LoadedModel | None, LoadedModel | None]:
+    """(the CLIP that scores ``lm``'s captions, the separate causal LM that ``evaluation.ppl_scorer`` names).
+
+    None for what is not needed: a text-only model has no CLIP score; ``unmasked`` and ``masked``
+    score with the probed model itself. Both load on ``model.device``.
+    """
+    clip = None
+    if lm.family.takes_images:
+        clip = load_model(evaluation.clip_model or default_clip_model(model.model), device=model.device)
+    scorer = evaluation.ppl_scorer
+    return clip, None if scorer in PPL_SCORERS else load_model(scorer, device=model.device)
 
 
 @torch.no_grad()

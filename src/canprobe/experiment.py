@@ -31,18 +31,18 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from canprobe import runfolder
-from canprobe.ablation import RankedNeurons, activation_stats
+from canprobe.ablation import RankedNeurons, fault_stats
 from canprobe.checks import check_device, printable
-from canprobe.config import PPL_SCORERS, SETTINGS, ExperimentConfig, SearchConfig
+from canprobe.config import SETTINGS, ExperimentConfig, SearchConfig
 from canprobe.data import ImageSet, check_image_source, load_image_set
 from canprobe.errors import InputError
-from canprobe.evaluation import MaskEvaluator, default_clip_model
-from canprobe.faults import Mean, parse_fault
+from canprobe.evaluation import MaskEvaluator, default_clip_model, load_scorers
+from canprobe.faults import Mean
 from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.inputs import check_context
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import MetricSummary
-from canprobe.models import LoadedModel, load_model
+from canprobe.models import LoadedModel, load
 from canprobe.robustness import fault_kstars, protection_study, random_order
 from canprobe.runfolder import (
     ACTIVATIONS_FILE,
@@ -53,13 +53,14 @@ from canprobe.runfolder import (
     read_json,
     stamped,
 )
-from canprobe.scoring import ScoreResult, check_ranking_identity, load_folder_ranking, score_identity, score_neurons
+from canprobe.scoring import folder_ranking
 from canprobe.search import find_k_star, ranked_in_scope
 from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
 
 POOLED = "pooled"
+ACTIVATION = {"method": "activation", "alpha": 0.0}  # the activation-only control's scoring
 
 
 @dataclass
@@ -129,37 +130,6 @@ def _groups(config: ExperimentConfig, image_set: ImageSet, texts: bool = False) 
     return groups
 
 
-def _score(
-    lm: LoadedModel, config: ExperimentConfig, scope: str, images, captions, out: Path, method: str, alpha: float
-) -> pd.DataFrame:
-    """The ranking in ``out`` (computed and saved unless already there with the same identity)."""
-    scoring = dict(
-        scope=scope,
-        method=method,
-        alpha=alpha,
-        reduction=config.scoring.reduction,
-        captions=captions,
-        prompt=config.generation.prompt,
-        seed=config.scoring.seed,
-        max_new_tokens=config.generation.max_new_tokens,
-    )
-    if runfolder.has_ranking(out):
-        ranking = load_folder_ranking(out)
-        remedy = "the study folder was changed by hand: rerun with --restart or a new out folder"
-        check_ranking_identity(ranking, score_identity(lm, images, **scoring), remedy)
-        return ranking
-    result: ScoreResult = score_neurons(
-        lm,
-        images,
-        **scoring,
-        batch_size=config.generation.batch_size,
-        gradient_checkpointing=config.model.gradient_checkpointing,
-        reuse_features=config.model.reuse_features,
-    )
-    result.save(out)
-    return result.ranking()
-
-
 def _jaccard(a: list[str], b: list[str]) -> float:
     sa, sb = set(a), set(b)
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
@@ -213,7 +183,7 @@ class Experiment:
             raise InputError(f"{out / SUMMARY_FILE} is not a search summary (damaged); rerun with --restart")
         baseline = MetricSummary.from_dict(baseline)
         if "activation" in wanted:
-            act_ranking = _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0)
+            act_ranking = self._ranking(lm, scope, group.images, group.captions, out / "activation", ACTIVATION)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
             ev = self._evaluator(lm, clip, group.images)
             point = MetricSummary.of(ev.evaluate([mask])[0])
@@ -221,7 +191,7 @@ class Experiment:
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
             fault = Mean(by=c.study.mean_control)
-            stats = self._clean_stats(lm, group.images, scope, by_position=fault.by is not None)
+            stats = fault_stats(lm, group.images, scope, [fault.spec()], c.generation)
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
             ev = self._evaluator(lm, clip, group.images, kind=fault.spec(), stats=stats)
             point = MetricSummary.of(ev.evaluate([mask])[0])
@@ -231,11 +201,11 @@ class Experiment:
         atomic_write_json(out / CONTROLS_FILE, stamped(result))
         return result
 
-    def _clean_stats(self, lm, images, scope: str, by_position: bool) -> dict:
-        """Clean-image statistics of the scope's channels under the study's prompt and generation settings."""
+    def _ranking(self, lm, scope: str, images, captions, out: Path, method: dict | None = None) -> pd.DataFrame:
+        """The ranking in ``out`` under the study's scoring, or with ``method`` (method, alpha) in its place."""
         c = self.config
-        generation = {"batch_size": c.generation.batch_size, "max_new_tokens": c.generation.max_new_tokens}
-        return activation_stats(lm, images, scope, prompt=c.generation.prompt, by_position=by_position, **generation)
+        scoring = dataclasses.replace(c.scoring, **(method or {}))
+        return folder_ranking(lm, images, out, scope, scoring, c.generation, c.model, captions)
 
     def _evaluator(self, lm, clip, images, **kwargs) -> MaskEvaluator:
         c = self.config
@@ -259,11 +229,11 @@ class Experiment:
         registry = SiteRegistry.of(lm.model)
         everything = RankedNeurons.from_sites(registry.select(scope))
         top = ranked_in_scope(registry, ranking, scope)
-        by_position = any("position_mean" in parse_fault(f).needs for f in [*c.faults.faults, c.faults.random_fault])
-        stats = self._clean_stats(lm, group.images, scope, by_position)
+        specs = [*c.faults.faults, c.faults.random_fault]
+        stats = fault_stats(lm, group.images, scope, specs, c.generation, calibrate=True)  # range restriction
         rankings = {
             "can": ranking,
-            "activation": _score(lm, c, scope, group.images, group.captions, out / "activation", "activation", 0.0),
+            "activation": self._ranking(lm, scope, group.images, group.captions, out / "activation", ACTIVATION),
             "random": random_order(everything, c.scoring.seed),
         }
         rows = fault_kstars(
@@ -325,13 +295,12 @@ class Experiment:
 
     def _split_half(self, lm, scope: str, pooled: Group, k: int) -> dict:
         """Score two disjoint halves (even / odd images) and compare their top-k sets and score orders."""
-        c = self.config
         halves = []
         for name, idx in (("a", range(0, len(pooled.images), 2)), ("b", range(1, len(pooled.images), 2))):
             images = [pooled.images[i] for i in idx]
             captions = None if pooled.captions is None else [pooled.captions[i] for i in idx]
             out = self.out / "scopes" / scope_dir_name(scope) / "split_half" / name
-            halves.append(_score(lm, c, scope, images, captions, out, c.scoring.method, c.scoring.alpha))
+            halves.append(self._ranking(lm, scope, images, captions, out))
         a, b = (h.set_index("address")["score"] for h in halves)
         top_a = halves[0].head(k)["address"].tolist()
         top_b = halves[1].head(k)["address"].tolist()
@@ -430,23 +399,10 @@ class Experiment:
         groups = _groups(c, image_set)
         self.timings.add("load images", start)
         start = time.perf_counter()
-        lm = load_model(
-            c.model.model,
-            dtype=c.model.dtype,
-            device=c.model.device,
-            device_map=c.model.device_map,
-            trust_remote_code=c.model.trust_remote_code,
-            sites=c.model.sites,
-        )
+        lm = load(c.model)
         if not lm.family.takes_images:
             groups = _groups(c, image_set, texts=True)
-        clip = (
-            load_model(c.evaluation.clip_model or default_clip_model(c.model.model), device=c.model.device)
-            if lm.family.takes_images
-            else None
-        )
-        if c.evaluation.ppl_scorer not in PPL_SCORERS:
-            self.ppl_lm = load_model(c.evaluation.ppl_scorer, device=c.model.device)
+        clip, self.ppl_lm = load_scorers(lm, c.model, c.evaluation)
         self.timings.add("load models", start)
         registry = SiteRegistry.of(lm.model)
         for scope in c.study.scopes:  # fail on a bad scope before any work
@@ -464,7 +420,7 @@ class Experiment:
             bar.set_postfix_str(f"{scope} / {group.name}")
             out = self.out / "scopes" / scope_dir_name(scope) / group.name
             t = time.perf_counter()
-            ranking = _score(lm, c, scope, group.images, group.captions, out, c.scoring.method, c.scoring.alpha)
+            ranking = self._ranking(lm, scope, group.images, group.captions, out)
             rankings[(scope, group.name)] = ranking
             self.timings.add("scoring", t)
             t = time.perf_counter()

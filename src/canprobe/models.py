@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +21,9 @@ from transformers.utils import logging as hf_logging
 from canprobe.config import DTYPE_NAMES
 from canprobe.errors import ModelLoadError
 from canprobe.families import Family, attach, family_for, named
+
+if TYPE_CHECKING:
+    from canprobe.config import Model
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +153,15 @@ def load_model(
         attach(model, family)
     log.info("loaded %s (%s, %s family, %s)", name_or_path, config.model_type, family.name, dtype)
     return LoadedModel(model, processor, family, name_or_path)
+
+
+def load(model: Model) -> LoadedModel:
+    """The model a ``Model`` section names, loaded as it says (``load_model``)."""
+    return load_model(
+        model.model,
+        dtype=model.dtype,
+        device=model.device,
+        device_map=model.device_map,
+        trust_remote_code=model.trust_remote_code,
+        sites=model.sites,
+    )

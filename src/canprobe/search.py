@@ -26,11 +26,10 @@ import torch
 from PIL import Image
 
 from canprobe import distributed, runfolder
-from canprobe.ablation import RankedNeurons
+from canprobe.ablation import RankedNeurons, fault_stats
 from canprobe.config import SETTINGS, SearchConfig
 from canprobe.errors import InputError
 from canprobe.evaluation import MaskEvaluator
-from canprobe.faults import parse_fault
 from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.runfolder import (
@@ -426,15 +425,8 @@ def find_k_star(
     registry = SiteRegistry.of(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
-    needs = parse_fault(config.evaluation.ablation).needs
-    if needs and means is None and stats is None:
-        from canprobe.ablation import activation_stats
-
-        generation = {"batch_size": config.generation.batch_size, "max_new_tokens": config.generation.max_new_tokens}
-        by_position = "position_mean" in needs
-        stats = activation_stats(
-            lm, images, config.scope, prompt=config.generation.prompt, by_position=by_position, **generation
-        )
+    if means is None and stats is None:
+        stats = fault_stats(lm, images, config.scope, [config.evaluation.ablation], config.generation)
     evaluator = MaskEvaluator(
         lm,
         images,

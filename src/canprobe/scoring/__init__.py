@@ -32,18 +32,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
+import pandas as pd
 import torch
 from PIL import Image
 
 from canprobe import distributed, features
 from canprobe.captions import generate_captions
-from canprobe.config import REDUCTIONS, default
+from canprobe.config import REDUCTIONS, Generation, Model, Scoring, default
 from canprobe.errors import InputError
 from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.inputs import is_texts, teacher_forcing_inputs
 from canprobe.models import LoadedModel
-from canprobe.runfolder import RANKING_COLUMNS
+from canprobe.runfolder import RANKING_COLUMNS, has_ranking
 from canprobe.scoring import engine
 from canprobe.scoring.engine import checkpointing, per_sample_loss
 from canprobe.scoring.methods import Method, make_method
@@ -200,6 +202,48 @@ def score_neurons(
     result.config.update(n_images=n_images if lm.family.takes_images else 0, batch_size=batch_size)
     result.config.update(identity)
     return result
+
+
+def folder_ranking(
+    lm: LoadedModel,
+    images: list,
+    folder: Path,
+    scope: str,
+    scoring: Scoring,
+    generation: Generation,
+    model: Model,
+    captions: list[str] | None = None,
+) -> pd.DataFrame:
+    """The ranking of ``folder``: read back when it was scored as asked, else scored and saved there (rank 0 writes).
+
+    A ranking there that was scored otherwise (``score_identity``) is refused, naming the fields.
+    """
+    options = dict(
+        method=scoring.method,
+        alpha=scoring.alpha,
+        reduction=scoring.reduction,
+        captions=captions,
+        prompt=generation.prompt,
+        seed=scoring.seed,
+        max_new_tokens=generation.max_new_tokens,  # loss captions are generated like the evaluated ones
+    )
+    if has_ranking(folder):
+        ranking = load_folder_ranking(folder)
+        remedy = "resume with the same scope, scoring settings and images, or use a new --out folder"
+        check_ranking_identity(ranking, score_identity(lm, images, scope, **options), remedy)
+        return ranking
+    result = score_neurons(
+        lm,
+        images,
+        scope,
+        **options,
+        batch_size=generation.batch_size,
+        gradient_checkpointing=model.gradient_checkpointing,
+        reuse_features=model.reuse_features,
+    )
+    if distributed.world().main:
+        result.save(folder)
+    return result.ranking()
 
 
 IDENTITY_OPTIONS = ("method", "alpha", "reduction", "captions", "prompt", "seed", "max_new_tokens")
