@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from canprobe.errors import ModelLoadError
-from canprobe.models import DTYPES
+from canprobe.models import DTYPES, first_line
 from canprobe.sites import Site, SiteRegistry
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -169,7 +169,7 @@ def meta_model(name: str, sites: str | Path | None = None, trust_remote_code: bo
         with torch.device("meta"):
             model = family.model_class().from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # a config transformers itself cannot build (its defaults, a missing library)
-        raise ModelLoadError(f"cannot build {name!r} from its config: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot build {name!r} from its config: {first_line(exc)}") from None
     if sites is not None:
         attach(model, family)
     return model

@@ -91,7 +91,8 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (its type where it has none), for one-line messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -142,7 +143,7 @@ def load_model(
         model = family.model_class().from_pretrained(path, **kwargs)
         processor = family.load_processor(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        raise ModelLoadError(f"cannot load {name_or_path!r}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"cannot load {name_or_path!r}: {first_line(exc)}") from None
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
