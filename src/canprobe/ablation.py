@@ -4,8 +4,9 @@ A mask hooks the module of each site it touches and replaces the chosen neurons 
 so it applies to prompt encoding and to every generated token (with or without the KV cache: each
 new token's activations pass through the same hooks). Per-row masks let one batched ``generate``
 evaluate several neuron sets at once (rows = images x masks), which is how the k* search evaluates
-several k values in one pass. Hooks are removed on exit, normal or by exception; the model's
-parameters are never written, so it is bit-identical afterwards.
+several k values in one pass. Hooks are removed on exit, normal or by exception. Activation faults
+never write the model's parameters; weight faults (``weight_bitflip``) flip bits of the neurons'
+weights and copy the saved values back on exit, so either way the model is bit-identical afterwards.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class Ablation:
         lm_or_model: LoadedModel | torch.nn.Module,
         masks: Sequence[NeuronSpec],
         per_row: bool,
-        kind: str | Fault = "zero",
+        kind: str | Fault = default("ablation"),
         means: Mapping[str, torch.Tensor] | None = None,
         stats: Mapping[str, ChannelStats] | None = None,
         protections: Sequence[ProtectedSet | RangeRestriction] = (),
@@ -372,7 +373,7 @@ class StandingMasks(Ablation):
         lm_or_model: LoadedModel | torch.nn.Module,
         sites: Sequence[str],
         rows: int,
-        kind: str | Fault = "zero",
+        kind: str | Fault = default("ablation"),
         means: Mapping[str, torch.Tensor] | None = None,
         stats: Mapping[str, ChannelStats] | None = None,
     ):
@@ -437,7 +438,7 @@ def _with_means(
 def ablate(
     lm_or_model: LoadedModel | torch.nn.Module,
     neurons: NeuronSpec,
-    kind: str | Fault = "zero",
+    kind: str | Fault = default("ablation"),
     means: Mapping[str, torch.Tensor] | None = None,
     stats: Mapping[str, ChannelStats] | None = None,
     protections: Sequence[ProtectedSet | RangeRestriction] = (),
@@ -449,7 +450,7 @@ def ablate(
 def ablate_rows(
     lm_or_model: LoadedModel | torch.nn.Module,
     rows: Sequence[NeuronSpec],
-    kind: str | Fault = "zero",
+    kind: str | Fault = default("ablation"),
     means: Mapping[str, torch.Tensor] | None = None,
     stats: Mapping[str, ChannelStats] | None = None,
     protections: Sequence[ProtectedSet | RangeRestriction] = (),

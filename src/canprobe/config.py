@@ -35,10 +35,10 @@ import yaml
 
 from canprobe.checks import read_text_file
 from canprobe.errors import InputError
-from canprobe.faults import MEAN_BY, PROTECTIONS, SEED_MAX, check_fault, parse_fault
+from canprobe.faults import DTYPES, MEAN_BY, PROTECTIONS, SEED_MAX, check_fault, parse_fault
 
 # choice lists, written once
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = tuple(DTYPES)
 SCORE_METHODS = ("can", "activation", "gradient", "random", "wanda")
 REDUCTIONS = ("loss", "all")
 LOSS_TEXTS = ("self", "reference")

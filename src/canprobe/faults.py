@@ -40,7 +40,7 @@ BIT_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, dict[str, int]]] = {
 }
 BIT_NAMES = ("sign", "exponent", "mantissa")
 SEED_MAX = 2**63 - 1  # seeds are int64 everywhere (torch generators, numpy, the run identity)
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the dtypes a model runs in
 
 
 @dataclass(frozen=True)

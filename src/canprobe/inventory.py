@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from canprobe.errors import ModelLoadError
-from canprobe.models import DTYPES, first_line
+from canprobe.faults import DTYPES
+from canprobe.models import first_line
 from canprobe.sites import Site, SiteRegistry
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 SHIPPED_CONFIGS = tuple(sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
 TEXT_TOKENS = 40  # caption + prompt tokens assumed by the activation estimate
-MLP_LINEARS = {"language": ("gate_proj", "up_proj", "down_proj"), "vision": ("fc1", "fc2")}
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from canprobe.config import DTYPE_NAMES
 from canprobe.errors import ModelLoadError
 from canprobe.families import Family, attach, family_for, named
+from canprobe.faults import DTYPES
 
 if TYPE_CHECKING:
     from canprobe.config import Model
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
 BUILTIN_MODELS = ("toy-llava", "toy-instructblip", "toy-clip")
-
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

@@ -33,8 +33,6 @@ from canprobe.metrics import MetricSummary
 from canprobe.runfolder import FAULTS_DIR, PROTECTION_FILE, atomic_write_json, read_json, stamped
 from canprobe.search import find_k_star
 
-RANKINGS = ("can", "activation", "random")
-
 
 def fault_dir_name(spec: str) -> str:
     return spec.replace(":", "_").replace("=", "-").replace("/", "_")

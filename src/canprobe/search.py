@@ -399,7 +399,6 @@ def find_k_star(
     config: SearchConfig | None = None,
     out_dir: str | Path | None = None,
     image_names: Sequence[str] | None = None,
-    means: dict[str, torch.Tensor] | None = None,
     ppl_lm=None,
     reuse_features: bool = True,
     stats: dict | None = None,
@@ -409,7 +408,7 @@ def find_k_star(
     ``lm``: the LoadedModel to probe; ``clip``: a CLIP LoadedModel (None for a text-only model, whose
     ``images`` are then the texts it continues under each mask); ``ranking``: a ranking
     DataFrame (``canprobe score``) or addresses, most important first; ``config.evaluation.ablation``: the fault
-    (``canprobe.faults`` spec); ``means`` or ``stats`` (``activation_stats``) for faults that need clean
+    (``canprobe.faults`` spec); ``stats`` (``activation_stats``) for faults that need clean
     statistics, computed on ``images`` when not given.
     ``reuse_features``: encode each image once for all masks of a language scope (same results).
     Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
@@ -425,7 +424,7 @@ def find_k_star(
     registry = SiteRegistry.of(lm.model)
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
-    if means is None and stats is None:
+    if stats is None:
         stats = fault_stats(lm, images, config.scope, [config.evaluation.ablation], config.generation)
     evaluator = MaskEvaluator(
         lm,
@@ -436,7 +435,6 @@ def find_k_star(
         max_new_tokens=config.generation.max_new_tokens,
         batch_size=config.generation.batch_size,
         kind=config.evaluation.ablation,
-        means=means,
         ppl_lm=ppl_lm,
         reuse_features=reuse_features,
         stats=stats,

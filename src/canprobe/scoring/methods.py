@@ -107,7 +107,8 @@ class Wanda(Method):
         return scores
 
 
-METHODS = {cls.name: cls for cls in (CAN, Activation, Gradient, Random, Wanda)}  # in SCORE_METHODS' order
+_CLASSES = {cls.name: cls for cls in (CAN, Activation, Gradient, Random, Wanda)}
+METHODS = {name: _CLASSES[name] for name in SCORE_METHODS}  # the choice list's order; a name with no class fails here
 
 
 def make_method(method: str, alpha: float = 1.0, seed: int = 0) -> Method:
