@@ -221,18 +221,14 @@ GEMMA3_TEMPLATE = _template(
 )
 
 
+# Gemma's image markers: the tokenizer attribute each is read from
+GEMMA_IMAGE = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
 def build_gemma3():
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    tok = tokenizer(
-        ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"],
-        attributes={
-            "image_token": "<image_soft_token>",
-            "boi_token": "<start_of_image>",
-            "eoi_token": "<end_of_image>",
-        },
-        bos=False,
-    )
+    tok = tokenizer([*GEMMA_IMAGE.values(), "<start_of_turn>", "<end_of_turn>"], attributes=GEMMA_IMAGE, bos=False)
     ids = tok.convert_tokens_to_ids
     config = tf.Gemma3Config(
         vision_config=SIGLIP,

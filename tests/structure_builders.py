@@ -12,6 +12,7 @@ import transformers as tf
 
 from canprobe.families.base import image_only_processor
 from tests.new_family_builders import (
+    GEMMA_IMAGE,
     HEADS,
     HIDDEN,
     QWEN_TEMPLATE,
@@ -320,3 +321,52 @@ def build_paddleocr_vl():
     images = PaddleOCRVLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2)
     processor = tf.PaddleOCRVLProcessor(images, tok, chat_template=QWEN_TEMPLATE)
     return tf.PaddleOCRVLForConditionalGeneration(config), processor
+
+
+# --- Gemma 4: a ViT with pooled soft tokens, a Gemma decoder with per-layer inputs ---
+
+
+def build_gemma4():
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    # the processor insists on audio markers even for images
+    audio = {"audio_token": "<audio>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"}
+    markers = {**GEMMA_IMAGE, **audio}
+    tok = tokenizer([*markers.values(), "<|video|>", "<start_of_turn>", "<end_of_turn>"], attributes=markers, bos=False)
+    ids = tok.convert_tokens_to_ids
+    tok.image_token_id, tok.audio_token_id = ids("<image_soft_token>"), ids("<audio>")
+    config = tf.Gemma4Config(
+        text_config=_lm(
+            tok,
+            head_dim=16,
+            num_key_value_heads=1,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=len(tok),
+        ),
+        vision_config=dict(
+            **VIT,
+            num_key_value_heads=HEADS,
+            head_dim=16,
+            patch_size=4,
+            pooling_kernel_size=3,
+            position_embedding_size=64,
+        ),
+        audio_config=None,
+        boi_token_id=ids("<start_of_image>"),
+        eoi_token_id=ids("<end_of_image>"),
+        image_token_id=ids("<image_soft_token>"),
+        video_token_id=ids("<|video|>"),
+    )
+    images = Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    template = _template(
+        "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + ' ' }}",
+        "<image_soft_token>",
+        "<end_of_turn> ",
+        "<start_of_turn>model ",
+    )
+    processor = image_only_processor(tf.Gemma4Processor)(
+        images, tok, feature_extractor=tf.Gemma4AudioFeatureExtractor(), chat_template=template, image_seq_length=70
+    )
+    return tf.Gemma4ForConditionalGeneration(config), processor

@@ -181,7 +181,7 @@ NEW_VLMS += ("blip2_opt", "blip2_flan_t5", "blip2_t5", "instructblip_flan_t5")
 BUILDERS.update({name: _new_family(name) for name in NEW_DECODERS + NEW_VLMS})
 # families with no adapter, read from their structure (tests/structure_builders.py)
 STRUCTURED = ("vipllava", "aya_vision", "idefics2", "smolvlm", "internvl", "paddleocr_vl", "qwen3_5")
-STRUCTURED += ("glm4v", "glm46v", "glm4v_moe", "qwen3_vl_moe", "qwen3_5_moe")
+STRUCTURED += ("gemma4", "glm4v", "glm46v", "glm4v_moe", "qwen3_vl_moe", "qwen3_5_moe")
 
 BUILDERS.update({name: _new_family(name, "structure_builders") for name in STRUCTURED})
 DECODERS = ("llama", "mistral", "qwen2", "gpt_neox-sites", *NEW_DECODERS)

@@ -310,7 +310,23 @@ def image_only_processor(cls: type) -> type:
     __init__.__signature__ = signature.replace(
         parameters=[p for name, p in signature.parameters.items() if name not in NOT_FOR_IMAGES]
     )
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    return type(cls.__name__, (cls, _without_video()), {"__init__": __init__, "__module__": cls.__module__})
+
+
+def _without_video():
+    from transformers.processing_utils import ProcessorMixin
+
+    class WithoutVideo(ProcessorMixin):
+        """Between a processor class and ``ProcessorMixin``: drops the video part its ``__init__`` hands on by
+        keyword (Gemma 4's), which the mixin would refuse as an argument the subclass does not take."""
+
+        def __init__(self, *args, **kwargs):
+            for name in NOT_FOR_IMAGES:
+                if name in kwargs and kwargs[name] is None:
+                    del kwargs[name]
+            super().__init__(*args, **kwargs)
+
+    return WithoutVideo
 
 
 class ImagesOnly:
