@@ -420,42 +420,26 @@ def inspect_command(
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Rows of the ranking to print.")
 @runtime_options
 @source_options
-def score_command(
-    model,
-    images,
-    scope,
-    method,
-    alpha,
-    reduction,
-    loss_text,
-    prompt,
-    batch_size,
-    max_new_tokens,
-    seed,
-    out,
-    top,
-    dtype,
-    device,
-    device_map,
-    gradient_checkpointing,
-    reuse_features,
-    dry_run,
-    sites,
-    trust_remote_code,
-) -> None:
+def score_command(images, out, top, dry_run, **options) -> None:
     """Score every neuron in SCOPE over an image set; write scores.safetensors and ranking.parquet.
 
     Under torchrun each process scores its shard of the images; rank 0 writes the files.
     """
+    import dataclasses
+
+    from canprobe.config import Generation, Model, Scoring, compose
     from canprobe.data import load_image_set
     from canprobe.errors import InputError
-    from canprobe.scoring import score_neurons
+    from canprobe.scoring import score_sections
 
+    scope, options["sites"] = options.pop("scope"), _str(options["sites"])
+    machine, scoring, generation = (compose(cls, options) for cls in (Model, Scoring, Generation))
     check_run_folder(out, inputs=(images,))
-    world, device = _join_world(device)
+    world, device = _join_world(machine.device)
+    machine = dataclasses.replace(machine, device=device)
     image_set = load_image_set(images)
     captions = None
-    if loss_text == "reference":
+    if scoring.loss_text == "reference":
         missing = [r.name for r in image_set.records if r.caption is None]
         if missing:
             raise InputError(f"--captions reference: no caption for {len(missing)} image(s), e.g. {missing[0]}")
@@ -463,42 +447,31 @@ def score_command(
     if dry_run:
         from canprobe.plan import make_plan
 
-        _print_plan(
-            make_plan(
-                model,
-                len(image_set),
-                scope,
-                dtype,
-                batch_size,
-                batch_size,
-                max_new_tokens,
-                world.size,
-                gradient_checkpointing,
-            ).lines
+        rows = generation.batch_size
+        plan = make_plan(
+            machine.model,
+            len(image_set),
+            scope,
+            machine.dtype,
+            rows,
+            rows,
+            generation.max_new_tokens,
+            world.size,
+            machine.gradient_checkpointing,
         )
+        _print_plan(plan.lines)
         return
     if world.main:
         _report_skipped(image_set)
     from canprobe.runfolder import RunLock
 
     with RunLock(out) if world.main else nullcontext():  # a folder in use is refused before any work
-        lm = _load(model, dtype, device, trust_remote_code, device_map, sites)
-        _check_context(lm, image_set, prompt, max_new_tokens)
-        result = score_neurons(
-            lm,
-            _generation_inputs(lm, image_set),
-            scope=scope,
-            method=method,
-            alpha=alpha,
-            reduction=reduction,
-            captions=captions,
-            prompt=prompt,
-            batch_size=batch_size,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            gradient_checkpointing=gradient_checkpointing,
-            reuse_features=reuse_features,
-        )
+        from canprobe.models import load
+
+        lm = load(machine)
+        _check_context(lm, image_set, generation.prompt, generation.max_new_tokens)
+        inputs = _generation_inputs(lm, image_set)
+        result = score_sections(lm, inputs, scope, scoring, generation, machine, captions)
         if world.main:
             result.save(out)
     if not world.main:
@@ -508,7 +481,8 @@ def score_command(
         click.echo(f"{row.rank:6d}  {row.score:12.6g}  {row.address}")
     click.echo(
         f"scored {len(ranking):,} neurons in {len(result.sites)} sites over {len(image_set)} images "
-        f"({method}, reduction {reduction}, {loss_text} captions, {world.size} process(es)); wrote {out}"
+        f"({scoring.method}, reduction {scoring.reduction}, {scoring.loss_text} captions, {world.size} process(es)); "
+        f"wrote {out}"
     )
     nan = int(ranking["score"].isna().sum())
     if nan:  # kept on disk as computed; search, ablate and run refuse to use them

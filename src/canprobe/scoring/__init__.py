@@ -204,6 +204,40 @@ def score_neurons(
     return result
 
 
+def score_sections(
+    lm: LoadedModel,
+    images: list,
+    scope: str,
+    scoring: Scoring,
+    generation: Generation,
+    model: Model,
+    captions: list[str] | None = None,
+) -> ScoreResult:
+    """``score_neurons`` with its settings passed as the sections that hold them (the command line's call)."""
+    return score_neurons(
+        lm,
+        images,
+        scope,
+        **_identity_options(scoring, generation, captions),
+        batch_size=generation.batch_size,
+        gradient_checkpointing=model.gradient_checkpointing,
+        reuse_features=model.reuse_features,
+    )
+
+
+def _identity_options(scoring: Scoring, generation: Generation, captions: list[str] | None) -> dict:
+    """The arguments of ``score_neurons`` that decide the numbers (``IDENTITY_OPTIONS``), from the sections."""
+    return dict(
+        method=scoring.method,
+        alpha=scoring.alpha,
+        reduction=scoring.reduction,
+        captions=captions,
+        prompt=generation.prompt,
+        seed=scoring.seed,
+        max_new_tokens=generation.max_new_tokens,  # loss captions are generated like the evaluated ones
+    )
+
+
 def folder_ranking(
     lm: LoadedModel,
     images: list,
@@ -218,29 +252,14 @@ def folder_ranking(
 
     A ranking there that was scored otherwise (``score_identity``) is refused, naming the fields.
     """
-    options = dict(
-        method=scoring.method,
-        alpha=scoring.alpha,
-        reduction=scoring.reduction,
-        captions=captions,
-        prompt=generation.prompt,
-        seed=scoring.seed,
-        max_new_tokens=generation.max_new_tokens,  # loss captions are generated like the evaluated ones
-    )
     if has_ranking(folder):
         ranking = load_folder_ranking(folder)
         remedy = "resume with the same scope, scoring settings and images, or use a new --out folder"
-        check_ranking_identity(ranking, score_identity(lm, images, scope, **options), remedy)
+        check_ranking_identity(
+            ranking, score_identity(lm, images, scope, **_identity_options(scoring, generation, captions)), remedy
+        )
         return ranking
-    result = score_neurons(
-        lm,
-        images,
-        scope,
-        **options,
-        batch_size=generation.batch_size,
-        gradient_checkpointing=model.gradient_checkpointing,
-        reuse_features=model.reuse_features,
-    )
+    result = score_sections(lm, images, scope, scoring, generation, model, captions)
     if distributed.world().main:
         result.save(folder)
     return result.ranking()
