@@ -7,12 +7,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 import canprobe.experiment as experiment_module
 from canprobe.config import make_config
 from canprobe.experiment import Experiment
+from canprobe.neurons import NeuronView
 from canprobe.organisms.scenes import write_scenes
 from canprobe.report import CURVE_COLUMNS, OPTIONAL_SECTIONS, SECTIONS, build_report, compare_runs
 from canprobe.runfolder import read_jsonl
@@ -176,6 +178,63 @@ def test_compare_and_multi_run_report(run_dir, tmp_path):
     assert "<img" in path.read_text()
     report = build_report([run_dir], tmp_path / "r.html")
     assert report.read_text().count("<section") == len(ALWAYS)
+
+
+def _section(page: str, name: str) -> str:
+    return re.search(rf'<section id="{name}">(.*?)</section>', page, flags=re.S).group(1)
+
+
+def test_report_opens_with_the_answer_and_links_every_shown_neuron_to_its_block(run_dir):
+    page = (run_dir / "report.html").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert page.index('<section id="headline">') < page.index('<nav id="contents">') < page.index('id="kstar"')
+    pooled = next(r for r in summary["results"] if r["category"] == "pooled")
+    headline = _cells(_section(page, "headline"))
+    assert headline[1][:2] == [summary["model"], "language.down_proj"]
+    k = pooled["k_star"]
+    assert headline[1][2] == ("none of 512" if k is None else f"{k} of 512 ({k / 512:.2%})")
+    assert "breaks in" in _section(page, "headline")
+    ids = re.findall(r'id="([^"]+)"', page)
+    links = re.findall(r'href="#([^"]+)"', page)
+    assert len(ids) == len(set(ids)) and set(links) <= set(ids)
+    view = NeuronView.load(run_dir)
+    shown = view.scopes["language.down_proj"]["shown"]
+    assert shown == (4 if k is None else min(k, 16)) == len(view.stats)
+    neurons = _section(page, "neurons")
+    blocks = {re.search(r"<h4>(.*?)</h4>", b).group(1): b for b in neurons.split('<div class="neuron"')[1:]}
+    assert list(blocks) == [s["neuron"] for s in view.stats]
+    for stats in view.stats:
+        block = blocks[stats["neuron"]]
+        assert block.count("<img") == 1 + 3 and "most active of its site" in block  # positions and 3 patch maps
+        assert f">{stats['neuron']}</a>" in _section(page, "locations")  # its row in the layer table links to it
+    kstar_rows = _cells(_section(page, "kstar"))[1:]
+    linked = [row for row in kstar_rows if "href" in row[-1]]
+    assert [(row[1], row[2]) for row in linked] == [("language.down_proj", "pooled")]
+    assert f"{shown} neurons" in linked[0][-1]
+    table = pd.read_parquet(run_dir / "neurons.parquet")
+    assert list(table.columns[:5]) == ["neuron", "image", "position", "kind", "value"]
+    assert table["image"].nunique() == 4 and set(table["neuron"]) == {s["neuron"] for s in view.stats}
+
+
+def test_neurons_command_on_run_and_search_folders_and_a_foreign_one(cli, run_dir, images, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = cli("neurons", run, "--top", "2")
+    assert result.code == 0, result.err
+    assert len([line for line in result.out.splitlines() if "most active of its site" in line]) == 2
+    assert len(NeuronView.load(run).stats) == 2 and "n-0-language-down-proj" in (run / "report.html").read_text()
+    search = run / "scopes" / "language.down_proj" / "pooled"
+    result = cli("neurons", search)
+    assert result.code == 2 and "--images" in result.err and len(result.err.strip().splitlines()) == 1
+    result = cli("neurons", search, "--images", images, "--top", "3")
+    assert result.code == 0, result.err
+    page = (search / "neurons.html").read_text()
+    assert page.count('<div class="neuron"') == 3 and "<img" in page
+    for foreign in (tmp_path / "elsewhere", images):
+        foreign.mkdir(exist_ok=True)
+        result = cli("neurons", foreign)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        assert "not a canprobe run or search folder" in result.err
 
 
 @pytest.mark.parametrize(

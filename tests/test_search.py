@@ -92,6 +92,15 @@ def test_bisection_finds_the_exact_threshold_with_few_evaluations():
     assert [p.stage for p in result.curve()][:2] == ["healthy", "healthy"]
 
 
+def test_sample_captions_come_from_images_spread_over_the_set():
+    result = _search(FakeEvaluator(lambda k: k >= 37, n_images=24), n_samples=4)
+    assert len(result.curve()[0].captions) == 24  # the baseline keeps every image
+    assert [c["image"] for c in result.curve()[1].captions] == ["img0.png", "img8.png", "img15.png", "img23.png"]
+    assert (
+        _search(FakeEvaluator(lambda k: k >= 37, n_images=2), n_samples=4).curve()[1].captions[1]["image"] == "img1.png"
+    )
+
+
 def test_k_star_one_and_no_collapse():
     assert _search(FakeEvaluator(lambda k: k >= 1)).k_star == 1
     ev = FakeEvaluator(lambda k: False)

@@ -862,6 +862,35 @@ def compare_command(runs: tuple[Path, ...], out: Path) -> None:
     click.echo(f"figure: {path}")
 
 
+@main.command("neurons")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--top", type=POSITIVE, default=None, help="Top N neurons of each scope [default: its k* set, at most 16]."
+)
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="Image set folder [default: the run's].")
+@option("device", callback=lambda _ctx, _param, value: check_device(value))
+def neurons_command(folder: Path, top: int | None, images: Path | None, device: str | None) -> None:
+    """Where each critical neuron of a run or search FOLDER fires: per position, image patch and image.
+
+    Writes neurons.parquet (neuron, image, position, value) and neurons.json into FOLDER, and the
+    neurons section of its report (a search folder: neurons.html).
+    """
+    from canprobe.neurons import folder_view
+    from canprobe.report import build_report, neurons_page
+    from canprobe.runfolder import NEURONS_FILE, NEURONS_PAGE, REPORT_FILE
+
+    check_output_file(folder / REPORT_FILE, "FOLDER")
+    view, kind = folder_view(folder, top, images, device)
+    for s in view.stats:
+        click.echo(
+            f"{s['neuron']}: rank {s['rank']}, mean {_fmt(s['mean'])} +- {_fmt(s['std'])}, largest {_fmt(s['max'])} "
+            f"({s['max_kind']}, position {s['max_position']}), among the {view.most_active} most active of its site "
+            f"on {s['consistency']:.0%} of {len(view.images)} images"
+        )
+    path = build_report([folder]) if kind == "run" else neurons_page(folder, folder / NEURONS_PAGE)
+    click.echo(f"table: {folder / NEURONS_FILE}; figures: {path}")
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("canprobe-demo"), show_default=True)
 @click.option("--per-category", type=POSITIVE, default=4, show_default=True, help="Scenes per category.")

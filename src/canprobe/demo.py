@@ -22,6 +22,7 @@ from pathlib import Path
 from canprobe.config import make_config
 from canprobe.experiment import POOLED, Experiment
 from canprobe.massive import ActivationReport
+from canprobe.report import control_word, fewest_neurons
 from canprobe.runfolder import ACTIVATIONS_FILE, read_json
 
 ORGANISMS = ("toy-llava", "toy-instructblip")
@@ -88,10 +89,6 @@ def _kstar(r: dict) -> str:
     return f"{r['scope']} k* {r['k_star']} of {r['n_neurons']} ({r['k_star'] / r['n_neurons']:.1%})"
 
 
-def _control(value: bool | None) -> str:
-    return {None: "not run", True: "collapsed", False: "healthy"}[value]
-
-
 def story_line(story: ModelStory) -> str:
     """One sentence: where it collapses, with how few neurons, the controls, and its largest activation."""
     results = [r for s in story.summaries for r in _pooled(s)]
@@ -99,12 +96,11 @@ def story_line(story: ModelStory) -> str:
     parts = [f"{story.name}: {_kstar(head)}"]
     if head["k_star"] is not None:
         parts.append(f"stage 1 from k {head['stage1_k'] if head['stage1_k'] is not None else '-'}")
-        parts.append(f"random {head['k_star']}: {_control(head['random_collapsed'])}")
-        parts.append(f"mean ablation: {_control(head['mean_ablation_collapsed'])}")
+        parts.append(f"random {head['k_star']}: {control_word(head['random_collapsed'])}")
+        parts.append(f"mean ablation: {control_word(head['mean_ablation_collapsed'])}")
     parts += [_kstar(r) for r in results if r is not head]
-    collapsed = [r for r in results if r["k_star"] is not None]
-    if collapsed:
-        fewest = min(collapsed, key=lambda r: r["k_star"] / r["n_neurons"])
+    fewest = fewest_neurons(results)
+    if fewest is not None:
         component = fewest["scope"].split(".")[0]
         parts.append(f"fewest neurons (as a share of the scope) in {fewest['scope']}: {component}")
     peak = story.activations.peak

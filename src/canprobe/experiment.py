@@ -43,6 +43,7 @@ from canprobe.inputs import check_context
 from canprobe.massive import STUDY_IMAGES, ActivationReport, massive_activations
 from canprobe.metrics import MetricSummary
 from canprobe.models import LoadedModel, load
+from canprobe.neurons import Search, headline_results, study_view
 from canprobe.robustness import fault_kstars, protection_study, random_order
 from canprobe.runfolder import (
     ACTIVATIONS_FILE,
@@ -327,6 +328,25 @@ class Experiment:
         atomic_write_json(self.out / ACTIVATIONS_FILE, stamped(report.to_dict()))
         return report
 
+    def _neurons(self, lm: LoadedModel, image_set: ImageSet, results: list[dict], rankings: dict, texts) -> None:
+        """Where each scope's critical neurons fire (``canprobe.neurons``): neurons.parquet and neurons.json."""
+        c = self.config
+        searches = [
+            Search(r["scope"], rankings[(r["scope"], r["category"])], r["k_star"], r["n_neurons"])
+            for r in headline_results(results)
+        ]
+        view = study_view(
+            lm,
+            image_set,
+            searches,
+            texts=texts,
+            prompt=c.generation.prompt,
+            max_new_tokens=c.generation.max_new_tokens,
+            batch_size=c.generation.batch_size,
+        )
+        if view is not None:
+            view.save(self.out)
+
     def _identity(self, image_set: ImageSet, lm: LoadedModel, clip: LoadedModel | None) -> dict:
         """What decides the folder's results (``canprobe.identity``): the config without the locations of
         the output and the images, plus the weights and the images' content, names, categories and captions."""
@@ -485,6 +505,9 @@ class Experiment:
         texts = [r.caption for r in image_set.records] if not lm.family.takes_images else None
         activations = self._activations(lm, (texts or image_set.images)[:STUDY_IMAGES])
         self.timings.add("activations", t)
+        t = time.perf_counter()
+        self._neurons(lm, image_set, results, rankings, texts)
+        self.timings.add("neurons", t)
         peak = activations.peak
         summary = {
             "model": c.model.model,

@@ -20,7 +20,7 @@ cell of the row) plus per-neuron statistics (``neurons.json``), which the report
 
 from __future__ import annotations
 
-import logging
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +30,26 @@ import pandas as pd
 import torch
 
 from canprobe.captions import generate_captions
+from canprobe.data import ImageSet
 from canprobe.errors import InputError
 from canprobe.inputs import forced_batches, to_model_inputs
 from canprobe.models import LoadedModel
-from canprobe.runfolder import NEURON_STATS_FILE, NEURONS_FILE, atomic_write_bytes, atomic_write_json, read_json
+from canprobe.runfolder import (
+    FORMAT_KEY,
+    NEURON_STATS_FILE,
+    NEURONS_FILE,
+    RANKING_FILE,
+    SUMMARY_FILE,
+    atomic_write_files,
+    check_format,
+    read_json,
+    stamped,
+)
 from canprobe.sites import Site, SiteRegistry
-
-log = logging.getLogger(__name__)
 
 VIEW_IMAGES = 8  # images of one pass: a few, spread over the categories
 MAX_NEURONS = 16  # the k* set of a scope, at most this many
+UNCOLLAPSED = 4  # the top neurons shown of a scope that does not collapse
 MOST_ACTIVE = 10  # "among the most active neurons of its site": among this many, by mean |activation|
 WRITES = 3  # the residual channels a unit writes most, listed per neuron
 TABLE_COLUMNS = ("neuron", "image", "position", "kind", "value", "cell", "grid_rows", "grid_cols")
@@ -58,16 +68,24 @@ class NeuronView:
     images: list[str]
     most_active: int = MOST_ACTIVE
     scopes: dict[str, dict] = field(default_factory=dict)  # scope -> {"k_star", "shown", "size"}
+    image_root: str | None = None  # the folder the image names are relative to
 
     def save(self, folder: Path | str) -> None:
+        """``neurons.parquet`` and ``neurons.json`` in ``folder``, written together."""
         import io
 
         folder = Path(folder)
         buf = io.BytesIO()
         self.table.to_parquet(buf, index=False)
-        atomic_write_bytes(folder / NEURONS_FILE, buf.getvalue())
-        meta = {"images": self.images, "most_active": self.most_active, "scopes": self.scopes, "neurons": self.stats}
-        atomic_write_json(folder / NEURON_STATS_FILE, meta)
+        meta = {
+            "images": self.images,
+            "image_root": self.image_root,
+            "most_active": self.most_active,
+            "scopes": self.scopes,
+            "neurons": self.stats,
+        }
+        text = json.dumps(stamped(meta), indent=2) + "\n"
+        atomic_write_files({folder / NEURONS_FILE: buf.getvalue(), folder / NEURON_STATS_FILE: text.encode()})
 
     @classmethod
     def load(cls, folder: Path | str) -> NeuronView | None:
@@ -76,23 +94,25 @@ class NeuronView:
         meta = read_json(folder / NEURON_STATS_FILE)
         if meta is None or not (folder / NEURONS_FILE).is_file():
             return None
+        check_format(meta.get(FORMAT_KEY) if isinstance(meta, dict) else None, folder / NEURON_STATS_FILE)
         try:
             table = pd.read_parquet(folder / NEURONS_FILE)
             if list(table.columns) != list(TABLE_COLUMNS):
                 raise ValueError("columns")
-            return cls(table, list(meta["neurons"]), list(meta["images"]), int(meta["most_active"]), meta["scopes"])
+            stats, images, scopes = list(meta["neurons"]), list(meta["images"]), dict(meta["scopes"])
+            return cls(table, stats, images, int(meta["most_active"]), scopes, meta.get("image_root"))
         except (KeyError, TypeError, ValueError, OSError):
             raise InputError(f"{folder / NEURONS_FILE} is not a canprobe neuron table (damaged); rerun it") from None
 
 
-def spread_images(names: Sequence[str], n: int = VIEW_IMAGES) -> list[int]:
-    """Indices of ``n`` images taken in turn from each category (the folder in a name), in order."""
+def spread_images(categories: Sequence[str], n: int = VIEW_IMAGES) -> list[int]:
+    """Indices of ``n`` images taken in turn from each category (given per image), in order."""
     by_category: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        by_category.setdefault(str(Path(name).parent), []).append(i)
+    for i, category in enumerate(categories):
+        by_category.setdefault(category, []).append(i)
     queues = list(by_category.values())
     chosen: list[int] = []
-    while len(chosen) < min(n, len(names)):
+    while len(chosen) < min(n, len(categories)):
         for queue in queues:
             if queue and len(chosen) < n:
                 chosen.append(queue.pop(0))
@@ -100,8 +120,9 @@ def spread_images(names: Sequence[str], n: int = VIEW_IMAGES) -> list[int]:
 
 
 def top_neurons(ranking: pd.DataFrame, k_star: int | None, top: int | None = None) -> pd.DataFrame:
-    """The neurons a view shows: the first ``top`` of the ranking, or its k* set (at most MAX_NEURONS)."""
-    n = top if top is not None else min(k_star or 0, MAX_NEURONS)
+    """The neurons a view shows: the first ``top`` of the ranking; by default its k* set (at most MAX_NEURONS),
+    or, where nothing collapsed, its first UNCOLLAPSED (what the best-ranked neurons do all the same)."""
+    n = top if top is not None else min(k_star, MAX_NEURONS) if k_star is not None else UNCOLLAPSED
     return ranking.sort_values("rank").head(n)
 
 
@@ -296,6 +317,7 @@ def _statistics(address: str, site: Site, table: pd.DataFrame, ranks: list[int],
         "neuron": address,
         "site": site.name,
         "scope": site.scope,
+        "layer": site.layer,
         "mean": float(table["value"].mean()),
         "std": float(table["value"].std(ddof=0)),
         "max": float(peak["value"]),
@@ -337,3 +359,93 @@ def patch_map(rows: pd.DataFrame, side: int | None = None) -> np.ndarray | None:
     weight = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy((~np.isnan(grid)).astype(float))[None], size)
     with np.errstate(invalid="ignore"):
         return (pooled / weight)[0].numpy()
+
+
+@dataclass(frozen=True)
+class Search:
+    """One scope's ranking and k*, whose top neurons a view shows."""
+
+    scope: str
+    ranking: pd.DataFrame
+    k_star: int | None
+    size: int
+
+
+def study_view(
+    lm: LoadedModel,
+    image_set: ImageSet,
+    searches: Sequence[Search],
+    top: int | None = None,
+    texts: list[str] | None = None,
+    **options,
+) -> NeuronView | None:
+    """The view of each search's top neurons (``top_neurons``) on a few images spread over the categories;
+    None when no search has any. ``texts``: a text-only model's inputs, one per image.
+    ``options`` go to ``record_neurons`` (prompt, max_new_tokens, batch_size)."""
+    picks = {s.scope: top_neurons(s.ranking, s.k_star, top).assign(scope=s.scope) for s in searches}
+    chosen = [row for table in picks.values() for row in table.itertuples()]
+    if not chosen:
+        return None
+    idx = spread_images([r.category for r in image_set.records])
+    inputs = [(texts or image_set.images)[i] for i in idx]
+    names = [image_set.records[i].name for i in idx]
+    view = record_neurons(lm, inputs, names, [r.address for r in chosen], **options)
+    for stats, row in zip(view.stats, chosen):
+        stats.update(scope=row.scope, score=float(row.score), rank=int(row.rank))
+    view.scopes = {s.scope: {"k_star": s.k_star, "shown": len(picks[s.scope]), "size": s.size} for s in searches}
+    view.image_root = str(image_set.root)
+    return view
+
+
+def folder_view(folder: Path | str, top: int | None = None, images: Path | str | None = None, device=None):
+    """Recompute and save the view of a run folder (``canprobe run``: its scopes' headline searches) or a
+    search folder (``canprobe search``: needs ``images``, which it does not record); returns (view, kind)."""
+    from canprobe.data import load_image_set
+    from canprobe.models import load_model
+    from canprobe.scoring import load_folder_ranking
+
+    folder = Path(folder)
+    summary = read_json(folder / SUMMARY_FILE) if folder.is_dir() else None
+    if not isinstance(summary, dict) or not isinstance(summary.get("model"), str):
+        raise InputError(f"{folder} is not a canprobe run or search folder (no canprobe {SUMMARY_FILE})")
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    if isinstance(summary.get("results"), list):
+        kind, found = "run", headline_results(summary["results"])
+        image_set = load_image_set(
+            images or config["images"],
+            categories=None if images else config.get("categories"),
+            limit=config.get("images_per_category"),
+            annotations=None if images else config.get("annotations"),
+        )
+    elif "k_star" in summary and isinstance(summary.get("scope"), str):
+        if images is None:
+            raise InputError(f"{folder} is a search folder, which does not record its images: give --images DIR")
+        kind, found = "search", [{**summary, "path": ".", "n_neurons": summary.get("scope_size")}]
+        image_set = load_image_set(images)
+    else:
+        raise InputError(f"{folder / SUMMARY_FILE} is neither a run's nor a search's summary (damaged or foreign)")
+    searches = []
+    for r in found:
+        if not (folder / r["path"] / RANKING_FILE).is_file():
+            raise InputError(f"{folder / r['path']} holds no {RANKING_FILE}: its neurons are unknown")
+        searches.append(Search(r["scope"], load_folder_ranking(folder / r["path"]), r["k_star"], r["n_neurons"]))
+    lm = load_model(summary["model"], dtype=config.get("dtype") or "float32", device=device or config.get("device"))
+    texts = None if lm.family.takes_images else [r.caption for r in image_set.records]
+    options = {k: config[k] for k in ("prompt", "max_new_tokens", "batch_size") if config.get(k) is not None}
+    view = study_view(lm, image_set, searches, top, texts, **options)
+    view.save(folder)
+    return view, kind
+
+
+def headline_results(results: list[dict]) -> list[dict]:
+    """Per scope of a run, the result whose neurons a view shows: its pooled search, else the category whose
+    k* is smallest."""
+
+    def order(r: dict) -> tuple:
+        return r["category"] != "pooled", r["k_star"] is None, r["k_star"] or 0
+
+    by_scope: dict[str, dict] = {}
+    for r in results:
+        if r["scope"] not in by_scope or order(r) < order(by_scope[r["scope"]]):
+            by_scope[r["scope"]] = r
+    return list(by_scope.values())

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +24,7 @@ from PIL import Image  # noqa: E402
 
 from canprobe.errors import InputError  # noqa: E402
 from canprobe.metrics import METRICS  # noqa: E402
+from canprobe.neurons import NeuronView, patch_map, position_profile, spread_images  # noqa: E402
 from canprobe.runfolder import (  # noqa: E402
     ACTIVATIONS_FILE,
     CURVE_FILE,
@@ -41,7 +43,18 @@ from canprobe.runfolder import (  # noqa: E402
 CURVE_COLUMNS = ["control", "k", "phase", *METRICS, "stage"]
 RENAMED = {"identical_captions": "exact_match"}  # metric names of earlier formats
 POINT_KEYS = ("control", "k", "phase", "stage")  # what every curve point of every format holds; metrics may be missing
-SECTIONS = ("examples", "curves", "locations", "kstar", "activations", "faults", "stability", "config")
+SECTIONS = (
+    "headline",
+    "kstar",
+    "examples",
+    "curves",
+    "locations",
+    "neurons",
+    "activations",
+    "faults",
+    "stability",
+    "config",
+)
 OPTIONAL_SECTIONS = ("faults",)  # only in reports of runs that measured them
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -49,7 +62,40 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f2f2f2}td.l,th.l{text-align:left}img.fig{max-width:100%}
 .ex{display:inline-block;width:180px;vertical-align:top;margin:4px;font-size:12px}
 .ex img{width:96px;image-rendering:pixelated}section{margin-bottom:2.5em}
+.neuron{border-top:1px solid #ddd;padding-top:.4em}.answer{font-size:1.1em}nav li{margin:2px 0}
+.maps{display:flex;align-items:flex-end;gap:8px;flex-wrap:wrap}.map{margin:0;font-size:11px;text-align:center}
+.map img{width:128px;image-rendering:pixelated}.scale{font-size:11px;color:#555;margin:2px 0}
 """
+MAP_IMAGES = 3  # images whose patch maps a neuron's block draws
+PATCH_SIDE = 24  # patch maps are average-pooled to at most this many cells a side
+KIND_COLORS = {
+    "first token": "#d62728",
+    "prompt": "#bbbbbb",
+    "image": "#1f77b4",
+    "caption": "#2ca02c",
+    "class token": "#d62728",
+    "patch": "#1f77b4",
+    "image token": "#1f77b4",
+    "query": "#9467bd",
+}
+COMPONENT_NAMES = {
+    "language": "the language model",
+    "vision": "the vision encoder",
+    "projector": "the projector",
+    "qformer": "the Q-Former",
+}
+
+
+class Markup(str):
+    """A table cell that is already HTML (a link): written as it is."""
+
+
+def _anchor(*parts) -> str:
+    return "n-" + re.sub(r"[^A-Za-z0-9]+", "-", "-".join(map(str, parts))).strip("-")
+
+
+def _link(anchor: str, text: str) -> Markup:
+    return Markup(f'<a href="#{anchor}">{html.escape(text)}</a>')
 
 
 def _png(fig) -> str:
@@ -72,6 +118,8 @@ def _thumb(path: Path) -> str | None:
 
 
 def _fmt(value, digits: int = 4) -> str:
+    if isinstance(value, Markup):
+        return value
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -108,7 +156,8 @@ def _headline_results(summary: dict) -> list[dict]:
     return pooled or summary["results"]
 
 
-def _examples_section(run_dir: Path, summary: dict) -> str:
+def _examples_section(run_dir: Path, summary: dict, shown: int = 4) -> str:
+    """Captions unmasked, at stage 1 and at k*, on images from as many categories as the samples hold."""
     parts = []
     image_root = Path(summary["config"]["images"])
     for res in _headline_results(summary):
@@ -117,23 +166,23 @@ def _examples_section(run_dir: Path, summary: dict) -> str:
             continue
         top = curve[curve["control"] == "top"]
         points = [("unmasked (k=0)", 0), ("stage 1 start", res.get("stage1_k")), ("k*", res.get("k_star"))]
-        columns = []
+        columns = []  # (label, image -> caption)
         for label, k in points:
             row = top[top["k"] == k] if k is not None else top.iloc[0:0]
-            if row.empty:
-                continue
-            columns.append((f"{label}, k={k}", row.iloc[0]["captions"]))
+            if not row.empty:
+                columns.append((f"{label}, k={k}", {c["image"]: c["caption"] for c in row.iloc[0]["captions"]}))
         if not columns:
             continue
+        names = [n for n in columns[-1][1] if all(n in c for _, c in columns)]
+        names = [names[i] for i in spread_images([str(Path(n).parent) for n in names], shown)]
         cells = []
-        for i, sample in enumerate(columns[0][1][:4]):
-            thumb = _thumb(image_root / sample["image"])
-            img = f'<img src="{thumb}" alt="{html.escape(sample["image"])}">' if thumb else ""
+        for name in names:
+            thumb = _thumb(image_root / name)
+            img = f'<img src="{thumb}" alt="{html.escape(name)}">' if thumb else ""
             caps = "".join(
-                f"<div><b>{html.escape(label)}</b>: {html.escape(col[i]['caption'] if i < len(col) else '')}</div>"
-                for label, col in columns
+                f"<div><b>{html.escape(label)}</b>: {html.escape(col[name])}</div>" for label, col in columns
             )
-            cells.append(f'<div class="ex">{img}{caps}</div>')
+            cells.append(f'<div class="ex">{img}<div>{html.escape(name)}</div>{caps}</div>')
         title = f"{summary['model']}: {res['scope']} ({res['category']})"
         parts.append(f"<h3>{html.escape(title)}</h3>" + "".join(cells))
     return "".join(parts)
@@ -174,7 +223,7 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
     return "".join(figs)
 
 
-def _locations_section(run_dir: Path, summary: dict, top_n: int = 50) -> str:
+def _locations_section(run_dir: Path, summary: dict, run: int, view: NeuronView | None, top_n: int = 50) -> str:
     frames = []
     for res in _headline_results(summary):
         ranking = pd.read_parquet(run_dir / res["path"] / RANKING_FILE)
@@ -194,10 +243,23 @@ def _locations_section(run_dir: Path, summary: dict, top_n: int = 50) -> str:
         ax.text(j, i, str(v), ha="center", va="center", color="w" if v < table.values.max() / 2 else "k", fontsize=8)
     fig.colorbar(im, ax=ax, label="critical neurons")
     ax.set_title(f"{summary['model']}: where the critical neurons (top k* of each scope) live", fontsize=9)
-    return f'<img class="fig" src="{_png(fig)}" alt="layer map">'
+    return f'<img class="fig" src="{_png(fig)}" alt="layer map">' + _layer_table(run, view)
 
 
-def _kstar_rows(summary: dict) -> list[list]:
+def _layer_table(run: int, view: NeuronView | None) -> str:
+    """The neurons the view shows, by scope and layer, each linked to its block."""
+    if view is None:
+        return ""
+    rows = [
+        [s["scope"], s["layer"], _link(_anchor(run, s["neuron"]), s["neuron"]), s["rank"], s["score"], s["consistency"]]
+        for s in sorted(view.stats, key=lambda s: (s["scope"], s["layer"], s["rank"]))
+    ]
+    header = ["scope", "layer", "neuron", "rank", "score", "consistency"]
+    return "<h4>the critical neurons shown below, by layer</h4>" + _table(header, rows, left=3)
+
+
+def _kstar_rows(summary: dict, run: int = 0, view: NeuronView | None = None) -> list[list]:
+    shown = _shown_results(summary, view)
     return [
         [
             summary["model"],
@@ -210,9 +272,25 @@ def _kstar_rows(summary: dict) -> list[list]:
             r.get("random_collapsed"),
             r.get("activation_collapsed"),
             r.get("mean_ablation_collapsed"),
+            _link(_anchor(run, r["scope"]), f"{view.scopes[r['scope']]['shown']} neurons")
+            if r is shown.get(r["scope"])
+            else "-",
         ]
         for r in summary["results"]
     ]
+
+
+def _shown_results(summary: dict, view: NeuronView | None) -> dict[str, dict]:
+    """Per scope, the result whose neurons the run's view shows (none when it shows none of the scope)."""
+    from canprobe.neurons import headline_results
+
+    if view is None:
+        return {}
+    return {
+        r["scope"]: r
+        for r in headline_results(summary["results"])
+        if view.scopes.get(r["scope"], {}).get("shown") and r.get("k_star") == view.scopes[r["scope"]]["k_star"]
+    }
 
 
 KSTAR_HEADER = [
@@ -226,7 +304,67 @@ KSTAR_HEADER = [
     "random k* neurons collapse",
     "activation-only top k* collapse",
     "mean ablation of top k* collapses",
+    "where they fire",
 ]
+
+
+def control_word(value: bool | None) -> str:
+    """A control's outcome at k*, in words."""
+    return {None: "not run", True: "collapsed", False: "healthy"}[value]
+
+
+def fewest_neurons(results: list[dict]) -> dict | None:
+    """The collapsed result with the fewest neurons as a share of its scope (None: nothing collapsed)."""
+    collapsed = [r for r in results if r.get("k_star") is not None]
+    return min(collapsed, key=lambda r: r["k_star"] / r["n_neurons"]) if collapsed else None
+
+
+def _headline_section(runs: list[tuple[Path, dict]]) -> str:
+    """k* per model and scope as a share of the scope, stage 1, the controls at k*, and where it breaks."""
+    by_model: dict[str, list[dict]] = {}
+    for _, summary in runs:
+        by_model.setdefault(summary["model"], []).extend(_headline_results(summary))
+    rows, answers = [], []
+    for model, results in by_model.items():
+        for r in results:
+            k = r.get("k_star")
+            rows.append(
+                [
+                    model,
+                    r["scope"],
+                    f"none of {r['n_neurons']}" if k is None else f"{k} of {r['n_neurons']} ({k / r['n_neurons']:.2%})",
+                    r.get("stage1_k"),
+                    *(
+                        "-" if k is None else control_word(r.get(key))
+                        for key in ("random_collapsed", "activation_collapsed", "mean_ablation_collapsed")
+                    ),
+                ]
+            )
+        fewest = fewest_neurons(results)
+        if fewest is None:
+            answer = "no scope collapses within its neurons"
+        else:
+            component = fewest["scope"].split(".")[0]
+            answer = (
+                f"{COMPONENT_NAMES.get(component, component)}: {fewest['scope']} collapses with the fewest neurons "
+                f"as a share of its scope ({fewest['k_star']} of {fewest['n_neurons']}, "
+                f"{fewest['k_star'] / fewest['n_neurons']:.2%})"
+            )
+        answers.append(f'<p class="answer"><b>{html.escape(model)}</b> breaks in {html.escape(answer)}.</p>')
+    header = [
+        "model",
+        "scope",
+        "k* (share of scope)",
+        "stage 1 from k",
+        "random k*",
+        "activation-only",
+        "mean ablation",
+    ]
+    note = (
+        "<p>k*: the fewest top-ranked neurons whose masking collapses the captions; the controls mask as many "
+        "random neurons, the activation-only ranking's top k*, and the top k* set to its mean.</p>"
+    )
+    return "".join(answers) + _table(header, rows, left=2) + note
 
 
 RANKING_LABELS = {"can": "CAN", "activation": "activation-only", "random": "random"}
@@ -369,6 +507,106 @@ def _config_section(summary: dict) -> str:
     )
 
 
+def _neurons_section(model: str, run: int, view: NeuronView | None, image_root: Path) -> str:
+    """Per scope, a block per neuron: its positions figure and patch maps, its statistics."""
+    if view is None:
+        return ""
+    parts = []
+    for scope, info in view.scopes.items():
+        k = info["k_star"]
+        outcome = f"k* = {k}" if k is not None else f"no collapse within its {info['size']} neurons"
+        text = f"the top {info['shown']} of the ranking; {outcome}"
+        parts.append(
+            f'<h3 id="{_anchor(run, scope)}">{html.escape(f"{model}: {scope}")}</h3><p>{html.escape(text)}</p>'
+        )
+        for stats in (s for s in view.stats if s["scope"] == scope):
+            rows = view.table[view.table["neuron"] == stats["neuron"]]
+            parts.append(
+                f'<div class="neuron" id="{_anchor(run, stats["neuron"])}"><h4>{html.escape(stats["neuron"])}</h4>'
+                f"{_neuron_figure(rows, view.images, image_root)}{_neuron_stats(stats, view)}</div>"
+            )
+    intro = (
+        f"<p>Each neuron's activation on {len(view.images)} images (prompt and the model's own caption): by position, "
+        f"mean over the images with one standard deviation shaded; on the patches of {MAP_IMAGES} images (image tokens "
+        f"mapped back to their patches, pooled to at most {PATCH_SIDE} cells a side). Consistency: the share of images "
+        f"where it is among the {view.most_active} most active neurons of its site (mean |activation|). "
+        "The numbers are in neurons.parquet (neuron, image, position, kind, value, patch cell).</p>"
+    )
+    return intro + "".join(parts)
+
+
+def _neuron_figure(rows: pd.DataFrame, images: list[str], image_root: Path) -> str:
+    """The positions figure (mean over the images, one standard deviation shaded, position kinds coloured)
+    and the patch maps of the first MAP_IMAGES images whose rows cover patches, drawn over the images."""
+    profile = position_profile(rows)
+    fig, ax = plt.subplots(figsize=(5.2, 2.1))
+    runs = (profile["kind"] != profile["kind"].shift()).cumsum()
+    for _, span in profile.groupby(runs):
+        kind = span["kind"].iloc[0]
+        start, end = span["position"].iloc[0] - 0.5, span["position"].iloc[-1] + 0.5
+        ax.axvspan(start, end, color=KIND_COLORS.get(kind, "#eeeeee"), alpha=0.18, lw=0, label=kind)
+    mean, std = profile["mean"].to_numpy(), profile["std"].to_numpy()
+    ax.fill_between(profile["position"], mean - std, mean + std, color="k", alpha=0.2, lw=0)
+    ax.plot(profile["position"], mean, color="k", lw=0.9)
+    ax.set_xlabel("position", fontsize=8)
+    ax.set_ylabel("activation", fontsize=8)
+    ax.tick_params(labelsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=6, framealpha=0.6)
+    figure = f'<img class="fig" src="{_png(fig)}" alt="activation by position">'
+    maps = [(name, patch_map(rows[rows["image"] == name], side=PATCH_SIDE)) for name in images]
+    maps = [(name, grid) for name, grid in maps if grid is not None][:MAP_IMAGES]
+    if not maps:
+        return figure + "<p>its rows are no image patches (learned queries or text): no patch map</p>"
+    vmax = max(float(np.nanmax(np.abs(grid))) for _, grid in maps) or 1.0
+    cells = "".join(
+        f'<figure class="map"><img src="{_patch_png(grid, vmax, image_root / name)}" alt="patches of '
+        f'{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>'
+        for name, grid in maps
+    )
+    scale = f'<p class="scale">patch maps: blue {-vmax:.3g} .. white 0 .. red {vmax:+.3g}</p>'
+    return f'<div class="maps">{figure}{cells}</div>{scale}'
+
+
+def _patch_png(grid: np.ndarray, vmax: float, background: Path, side: int = 128) -> str:
+    """A patch map in a diverging colour scale over its image (cells no row covers: the image alone)."""
+    colours = matplotlib.colormaps["coolwarm"]((np.nan_to_num(grid) / vmax + 1) / 2)
+    colours[..., 3] = np.where(np.isnan(grid), 0.0, 0.6)
+    try:
+        with Image.open(background) as im:
+            base = im.convert("RGBA")
+    except (OSError, ValueError):
+        base = Image.new("RGBA", (grid.shape[1], grid.shape[0]), "white")
+    base.thumbnail((side, side))
+    heat = Image.fromarray((colours * 255).astype(np.uint8), "RGBA").resize(base.size, Image.NEAREST)
+    buf = io.BytesIO()
+    Image.alpha_composite(base, heat).convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _neuron_stats(stats: dict, view: NeuronView) -> str:
+    by_kind = ", ".join(f"{kind} {_fmt(value, 3)}" for kind, value in stats["by_kind"].items())
+    writes = ", ".join(f"{w['channel']} ({w['weight']:+.3g})" for w in stats["writes"]) or "-"
+    consistent = round(stats["consistency"] * len(view.images))
+    rows = [
+        ["rank, score", f"{stats.get('rank', '-')}, {_fmt(stats.get('score'))}"],
+        ["mean, spread (std)", f"{_fmt(stats['mean'])}, {_fmt(stats['std'])}"],
+        [
+            "largest |value|",
+            f"{_fmt(stats['max'])} on {stats['max_image']}, position {stats['max_position']} ({stats['max_kind']})",
+        ],
+        ["mean by position kind", by_kind],
+        [
+            "consistency",
+            f"{stats['consistency']:.0%}: among the {view.most_active} most active of its site on {consistent} of "
+            f"{len(view.images)} images",
+        ],
+        ["writes most (down_proj weight)", writes],
+    ]
+    return _table(["statistic", "value"], rows, left=2)
+
+
 def _activations_section(run_dir: Path, summary: dict, top_n: int = 12) -> str:
     """Per-layer peaks of the residual stream and the massive activations with their down_proj writers."""
     path = run_dir / ACTIVATIONS_FILE
@@ -455,14 +693,25 @@ def _page(title: str, body: str) -> str:
 def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> Path:
     """Write one report over one or more run folders (default: ``report.html`` in the first)."""
     runs = [(Path(d), read_run(d)) for d in run_dirs]
-    kstar = _table(KSTAR_HEADER, [row for _, s in runs for row in _kstar_rows(s)], left=3)
+    views = [NeuronView.load(d) for d, _ in runs]
+    rows = [row for i, ((_, s), v) in enumerate(zip(runs, views)) for row in _kstar_rows(s, i, v)]
+    kstar = _table(KSTAR_HEADER, rows, left=3)
     if len(runs) > 1:
         kstar += _kstar_figure(pd.DataFrame(_headline_rows(runs)))
+    numbered = list(enumerate(zip(runs, views)))
     bodies = {
+        "headline": ("The answer", _headline_section(runs)),
+        "kstar": ("k* per model, scope and category", kstar),
         "examples": ("Collapse examples (paper Fig. 1)", "".join(_examples_section(d, s) for d, s in runs)),
         "curves": ("PPL and CLIP score against k (paper Figs. 4-5)", "".join(_curves_section(d, s) for d, s in runs)),
-        "locations": ("Where the critical neurons live", "".join(_locations_section(d, s) for d, s in runs)),
-        "kstar": ("k* per model, scope and category", kstar),
+        "locations": (
+            "Where the critical neurons live",
+            "".join(_locations_section(d, s, i, v) for i, ((d, s), v) in numbered),
+        ),
+        "neurons": (
+            "Where each critical neuron fires: positions, patches, images",
+            "".join(_neurons_section(s["model"], i, v, _view_root(v, s)) for i, ((_, s), v) in numbered),
+        ),
         "activations": (
             "Massive activations in the language model (Sun et al. 2024)",
             "".join(_activations_section(d, s) for d, s in runs),
@@ -471,15 +720,35 @@ def build_report(run_dirs: list[Path | str], out: Path | str | None = None) -> P
         "stability": ("Stability: category overlap and split halves", "".join(_stability_section(s) for _, s in runs)),
         "config": ("Runs: config, versions, seed, timings", "".join(_config_section(s) for _, s in runs)),
     }
+    shown = {key: value for key, value in bodies.items() if value[1] or key not in OPTIONAL_SECTIONS}
+    contents = "".join(
+        f'<li><a href="#{key}">{html.escape(title)}</a></li>' for key, (title, _) in shown.items() if key != "headline"
+    )
     sections = "".join(
         f'<section id="{key}"><h2>{html.escape(title)}</h2>{body or "<p>(nothing measured)</p>"}</section>'
-        for key, (title, body) in bodies.items()
-        if body or key not in OPTIONAL_SECTIONS
+        + (f'<nav id="contents"><h2>Contents</h2><ol>{contents}</ol></nav>' if key == "headline" else "")
+        for key, (title, body) in shown.items()
     )
     models = ", ".join(dict.fromkeys(s["model"] for _, s in runs))
     path = Path(out) if out is not None else runs[0][0] / REPORT_FILE
     atomic_write_text(path, _page(f"canprobe report: {models}", sections))
     return path
+
+
+def _view_root(view: NeuronView | None, summary: dict) -> Path:
+    return Path(view.image_root if view is not None and view.image_root else summary["config"]["images"])
+
+
+def neurons_page(folder: Path | str, out: Path | str) -> Path:
+    """The neuron view of a search folder (``canprobe neurons``) as a page of its own."""
+    folder = Path(folder)
+    view = NeuronView.load(folder)
+    if view is None:
+        raise InputError(f"{folder} holds no neuron view; run canprobe neurons on it")
+    model = read_json(folder / SUMMARY_FILE)["model"]
+    body = _layer_table(0, view) + _neurons_section(model, 0, view, Path(view.image_root or "."))
+    atomic_write_text(Path(out), _page(f"canprobe neurons: {model}", body))
+    return Path(out)
 
 
 def _run_labels(runs: list[tuple[Path, dict]]) -> list[str]:

@@ -22,7 +22,7 @@ An output folder is held by one live process at a time through a lock file (``Ru
 appending to the same ``curve.jsonl`` would interleave their points.
 
 Every artifact records the format that wrote it (``FORMAT``, under ``"format"``: ``stamped``
-records of run.json, summary.json, controls.json, protection.json, activations.json and each
+records of run.json, summary.json, controls.json, protection.json, activations.json, neurons.json and each
 curve.jsonl line, and the metadata of the scores and ranking files); files of canprobe 0.1 have
 none and read as format 1. Readers accept every earlier format: a field added
 by a later format reads as missing, not as damage. A file of a newer format is refused with a
@@ -61,6 +61,7 @@ PROTECTION_FILE = "protection.json"  # a study's collapse rates under random fau
 ACTIVATIONS_FILE = "activations.json"  # a study's massive activations of the language model
 NEURONS_FILE = "neurons.parquet"  # the top neurons' activations per image and position (canprobe.neurons)
 NEURON_STATS_FILE = "neurons.json"  # their statistics, the images and the scopes they come from
+NEURONS_PAGE = "neurons.html"  # the neuron view of a search folder (a run's is a section of its report)
 FORMAT = 2  # the artifact format this release writes; 1: canprobe 0.1, which recorded none
 FORMAT_KEY = "format"
 RANKING_COLUMNS = ("address", "component", "site", "layer", "index", "score", "rank")
@@ -78,6 +79,7 @@ ARTIFACT_FILES = (  # what canprobe writes atomically (see ``remove_stray_tempor
     ACTIVATIONS_FILE,
     NEURONS_FILE,
     NEURON_STATS_FILE,
+    NEURONS_PAGE,
 )
 
 

@@ -52,7 +52,7 @@ RANKING_IDENTITY = ("method", "alpha", "reduction", "loss_text", "weights", "ima
 class CurvePoint:
     """One evaluated (control, k): aggregate metrics, stage, sample captions, timing.
 
-    ``captions`` holds ``{image, caption}`` for the first ``n_samples`` images; at k = 0 it holds
+    ``captions`` holds ``{image, caption}`` for ``n_samples`` images spread over the set; at k = 0 it holds
     every image, because a resumed search restores the exact-match reference from it.
     """
 
@@ -242,7 +242,10 @@ class CollapseSearch:
 
     # -- evaluation --------------------------------------------------------------------------
     def _samples(self, metrics: Sequence[CaptionMetrics], n: int) -> list[dict]:
-        return [{"image": name, "caption": m.caption} for name, m in zip(self.image_names[:n], metrics[:n])]
+        """The captions of ``n`` images spread evenly over the set (image sets list their categories in turn)."""
+        m = min(n, len(metrics))
+        picked = [round(i * (len(metrics) - 1) / max(m - 1, 1)) for i in range(m)]
+        return [{"image": self.image_names[i], "caption": metrics[i].caption} for i in picked]
 
     def _baseline(self) -> MetricSummary:
         stored = self.points.get(("top", 0))
