@@ -559,55 +559,50 @@ def _image_subset(images: Path, per_category: int | None, report: bool = True):
 @option("decoding")
 @runtime_options
 @source_options
-def search_command(model, images, scope, ranking, method, alpha, out, control, control_at, seed, **options) -> None:
+def search_command(images, ranking, out, images_per_category, dry_run, **options) -> None:
     """Find k*: the fewest top-ranked neurons of SCOPE whose masking collapses the captions.
 
     Without --ranking, the neurons are scored with --method and --alpha first, and the ranking is saved in --out.
     """
-    from canprobe.config import SearchConfig
-    from canprobe.evaluation import default_clip_model
+    import dataclasses
+
+    from canprobe.config import Model, Scoring, SearchConfig, compose, names
+    from canprobe.evaluation import default_clip_model, load_scorers
     from canprobe.faults import check_fault
+    from canprobe.models import load
     from canprobe.runfolder import RANKING_FILE, RunLock
+    from canprobe.scoring import check_ranking_model, folder_ranking
     from canprobe.search import find_k_star
 
-    check_fault(options["ablation"], options["dtype"])
-    per_category, dtype, device = options.pop("images_per_category"), options.pop("dtype"), options.pop("device")
-    device_map, dry_run = options.pop("device_map"), options.pop("dry_run")
-    sites, trust_remote_code = options.pop("sites"), options.pop("trust_remote_code")
-    checkpointed, reuse = options.pop("gradient_checkpointing"), options.pop("reuse_features")
-    clip_model = options.pop("clip_model") or default_clip_model(model)
-    config = SearchConfig.of(
-        scope=scope, control=control, control_at=control_at, seed=seed, clip_model=clip_model, **options
-    )
+    options["sites"] = _str(options["sites"])
+    options["clip_model"] = options["clip_model"] or default_clip_model(options["model"])
+    machine, scoring = compose(Model, options), compose(Scoring, options)
+    config = SearchConfig.of(**{k: v for k, v in options.items() if k in names(SearchConfig)})
+    check_fault(config.evaluation.ablation, machine.dtype)
     check_run_folder(out, inputs=(images,))
-    world, device = _join_world(device)
-    image_set = _image_subset(images, per_category, report=world.main)
+    world, device = _join_world(machine.device)
+    machine = dataclasses.replace(machine, device=device)
+    image_set = _image_subset(images, images_per_category, report=world.main)
     table = _load_ranking(ranking) if ranking is not None else None  # a bad file fails before any work
     if dry_run:
         from canprobe.plan import make_plan
 
+        rows = config.generation.batch_size
         plan = make_plan(
-            model,
+            machine.model,
             len(image_set),
-            scope,
-            dtype,
-            config.generation.batch_size,
-            config.generation.batch_size,
+            config.scope,
+            machine.dtype,
+            rows,
+            rows,
             config.generation.max_new_tokens,
             world.size,
-            checkpointed,
+            machine.gradient_checkpointing,
             searches=1,
             growth=config.search.growth,
         )
         _print_plan(plan.lines)
         return
-    from canprobe.config import Model, Scoring
-    from canprobe.evaluation import load_scorers
-    from canprobe.models import load
-    from canprobe.scoring import check_ranking_model, folder_ranking
-
-    where = dict(model=model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
-    machine = Model(**where, sites=_str(sites), gradient_checkpointing=checkpointed, reuse_features=reuse)
     # rank 0 holds the folder before the model loads, and while the search appends to it
     with RunLock(out) if world.main else nullcontext():
         lm = load(machine)
@@ -617,12 +612,13 @@ def search_command(model, images, scope, ranking, method, alpha, out, control, c
             check_ranking_model(table, lm)
         else:
             if world.main and not (out / RANKING_FILE).exists():
-                click.echo(f"no --ranking: scoring {scope} with {method} (alpha {alpha}) over {len(image_set)} images")
-            scoring = Scoring(method=method, alpha=alpha, seed=seed)
-            table = folder_ranking(lm, inputs, out, scope, scoring, config.generation, machine)
+                what = f"{config.scope} with {scoring.method} (alpha {scoring.alpha}) over {len(image_set)} images"
+                click.echo(f"no --ranking: scoring {what}")
+            table = folder_ranking(lm, inputs, out, config.scope, scoring, config.generation, machine)
         clip, ppl_lm = load_scorers(lm, machine, config.evaluation)
-        names = [r.name for r in image_set.records]
-        result = find_k_star(lm, inputs, table, clip, config, out, names, ppl_lm=ppl_lm, reuse_features=reuse)
+        image_names = [r.name for r in image_set.records]
+        reuse = machine.reuse_features
+        result = find_k_star(lm, inputs, table, clip, config, out, image_names, ppl_lm=ppl_lm, reuse_features=reuse)
     if world.main:
         _print_search(result, out)
 
