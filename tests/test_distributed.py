@@ -114,23 +114,24 @@ CAPTIONS = ["a small red car", "a big blue boat", "a tree", "a green fish", "a w
 
 
 def _mean_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
+    """One rank of a Python-API script: it joins and leaves the group the way canprobe's commands do."""
     from canprobe.ablation import mean_activations
+    from canprobe.distributed import Ending, init_from_env
     from canprobe.models import load_model
     from canprobe.organisms.scenes import make_scenes
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        images = [image for image, _ in make_scenes(5, seed=3)]
-        lm = load_model("toy-llava")
-        rows = []
-        lm.model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
-        means = mean_activations(lm, images, "language.down_proj", captions=CAPTIONS, batch_size=2)
-        torch.save({"means": means, "rows": sum(rows)}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    ending = Ending.start()
+    init_from_env()
+    images = [image for image, _ in make_scenes(5, seed=3)]
+    lm = load_model("toy-llava")
+    rows = []
+    lm.model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
+    means = mean_activations(lm, images, "language.down_proj", captions=CAPTIONS, batch_size=2)
+    torch.save({"means": means, "rows": sum(rows)}, f"{out}/rank{rank}.pt")
+    ending.succeed()
 
 
 def test_mean_activations_are_sharded_and_all_reduced(tmp_path):
