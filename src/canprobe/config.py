@@ -230,6 +230,19 @@ FORMER_SECTIONS = {
 }
 
 
+def from_text(name: str, text: str | None):
+    """A setting's value from command-line text: a list comma-separated (whole numbers where due); None stays."""
+    s = SETTINGS[name]
+    if text is None or not s.many:
+        return text
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if s.kind is int:
+        if not all(v.lstrip("-").isdigit() for v in items):
+            raise InputError(f"--{name.replace('_', '-')}: give comma-separated whole numbers")
+        return [int(v) for v in items]
+    return items
+
+
 def setting(name: str):
     """A dataclass field whose default is the setting's default (lists copied per instance)."""
     default = SETTINGS[name].default

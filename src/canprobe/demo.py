@@ -16,6 +16,7 @@ Per organism, on drawn scenes:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from canprobe.config import make_config
 from canprobe.experiment import POOLED, Experiment
 from canprobe.massive import ActivationReport
 from canprobe.report import control_word, fewest_neurons
-from canprobe.runfolder import ACTIVATIONS_FILE, read_json
+from canprobe.runfolder import ACTIVATIONS_FILE, REPORT_FILE, read_json
 
 ORGANISMS = ("toy-llava", "toy-instructblip")
 CATEGORY_SCOPES = ["language.down_proj"]
@@ -113,3 +114,24 @@ def story_line(story: ModelStory) -> str:
             f"(layer {peak.layer}, {peak.token}, dim {peak.dim}): {massive}"
         )
     return "; ".join(parts)
+
+
+def demo(out: Path, per_category: int) -> Iterator[str]:
+    """``canprobe demo``: draw the scenes, run both organisms' studies and the report; its lines, as they come."""
+    from canprobe import console
+    from canprobe.massive import format_activations
+    from canprobe.organisms.scenes import write_scenes
+    from canprobe.report import build_report
+
+    images = write_scenes(out / "scenes", per_category, seed=11)
+    stories = []
+    for name in ORGANISMS:
+        yield f"== {name}"
+        stories.append(run_story(name, images, out))
+    path = build_report([d for s in stories for d in s.run_dirs], out / REPORT_FILE)
+    yield from console.study([summary for s in stories for summary in s.summaries])
+    for story in stories:
+        yield f"== {story.name}: massive activations on the demo scenes"
+        yield from format_activations(story.activations, limit=5)
+    yield f"report: {path}"
+    yield from (story_line(story) for story in stories)

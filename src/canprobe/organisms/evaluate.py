@@ -40,3 +40,13 @@ def clip_category_accuracy(lm: LoadedModel, n: int = 200, seed: int = HELD_OUT_S
     sim_true = (img * txt[:n]).sum(-1)
     sim_wrong = (img * txt[n:]).sum(-1)
     return float((sim_true > sim_wrong).float().mean())
+
+
+def held_out(name: str, n: int = 200, seed: int = HELD_OUT_SEED) -> str:
+    """``canprobe organisms eval``: one line, the held-out accuracy of a captioning or CLIP model."""
+    from canprobe.models import load_model
+
+    lm = load_model(name, "float32")
+    if not lm.family.generates:
+        return f"{name}: true caption beats other-category caption on {clip_category_accuracy(lm, n, seed):.1%}"
+    return f"{name}: exact-match captions on {caption_exact_match(lm, n, seed):.1%} of {n} scenes"
