@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from canprobe.captions import CaptionRecord, exact_match_rate, generate_captions, write_captions
-from canprobe.errors import InputError
+from canprobe.captions import CaptionRecord, exact_match_rate, generate_captions, read_captions, write_captions
+from canprobe.errors import CanprobeError, InputError
 from canprobe.models import load_model
 from canprobe.organisms.scenes import make_scenes
+from canprobe.runfolder import FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def test_write_and_score_captions(tmp_path):
     recs = [CaptionRecord("car/0.png", "car", "a b", "a b"), CaptionRecord("car/1.png", "car", "x", "y")]
     write_captions(recs, tmp_path / "c.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]
-    assert lines[1] == {"image": "car/1.png", "category": "car", "caption": "x", "reference": "y"}
+    assert lines[1] == {"format": FORMAT, "image": "car/1.png", "category": "car", "caption": "x", "reference": "y"}
+    assert read_captions(tmp_path / "c.jsonl") == recs
     assert exact_match_rate(recs) == 0.5
     assert exact_match_rate([CaptionRecord("a", "b", "c")]) is None
 
@@ -65,3 +67,28 @@ def test_every_decoding_gives_the_same_captions_masked_or_not():
             assert generate_captions(lm, images, max_new_tokens=10, decoding=decoding) == masked
     with pytest.raises(InputError, match="unknown decoding"):
         generate_captions(lm, images, decoding="fast")
+
+
+def test_caption_files_of_earlier_formats_read_and_newer_ones_are_refused(tmp_path):
+    """A line without a format is format 1 (canprobe 0.1, whose lines had no reference either when none was
+    known); a line of a newer format is refused in one line naming it."""
+    old = tmp_path / "old.jsonl"
+    old.write_text(
+        json.dumps({"image": "car/0.png", "category": "car", "caption": "a car", "reference": "a car"})
+        + "\n"
+        + json.dumps({"image": "fish/0.png", "category": "fish", "caption": "a boat"})
+        + "\n"
+    )
+    assert read_captions(old) == [
+        CaptionRecord("car/0.png", "car", "a car", "a car"),
+        CaptionRecord("fish/0.png", "fish", "a boat", None),
+    ]
+    newer = tmp_path / "newer.jsonl"
+    write_captions([CaptionRecord("car/0.png", "car", "a car")], newer)
+    newer.write_text(newer.read_text().replace(f'"format": {FORMAT}', f'"format": {FORMAT + 1}'))
+    with pytest.raises(CanprobeError, match=f"newer.jsonl:1 was written in artifact format {FORMAT + 1}") as caught:
+        read_captions(newer)
+    assert "upgrade canprobe" in str(caught.value) and "\n" not in str(caught.value)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"format": 1, "caption": "x"}) + "\n")
+    with pytest.raises(InputError, match="bad.jsonl:1 is not a caption record"):
+        read_captions(tmp_path / "bad.jsonl")

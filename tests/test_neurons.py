@@ -218,3 +218,45 @@ def test_images_spread_over_categories_and_the_default_set_is_k_star_capped(tmp_
     pd.testing.assert_frame_equal(back.table, view.table)
     assert back.stats == view.stats and back.images == view.images
     assert NeuronView.load(tmp_path / "none") is None
+
+
+def test_neuron_files_record_their_format_and_earlier_ones_read(tmp_path):
+    """neurons.parquet (schema metadata) and neurons.json carry the format; files without one (format 1)
+    read, and a newer format of either is refused in one line."""
+    import json
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from canprobe.errors import CanprobeError
+    from canprobe.neurons import TABLE_COLUMNS
+    from canprobe.runfolder import FORMAT
+
+    row = {"neuron": "a:1", "image": 0, "position": 0, "kind": "first", "value": 2.5, "cell": -1}
+    table = pd.DataFrame([{**row, "grid_rows": -1, "grid_cols": -1}], columns=list(TABLE_COLUMNS))
+    view = NeuronView(table, [{"neuron": "a:1", "mean": 2.5}], ["car/0.png"], scopes={"s": {"k_star": 1}})
+    view.save(tmp_path)
+    assert json.loads(pq.read_schema(tmp_path / "neurons.parquet").metadata[b"format"]) == FORMAT
+    assert json.loads((tmp_path / "neurons.json").read_text())["format"] == FORMAT
+    old = tmp_path / "old"
+    old.mkdir()
+    table.to_parquet(old / "neurons.parquet", index=False)  # as written before formats were recorded
+    meta = json.loads((tmp_path / "neurons.json").read_text())
+    del meta["format"]
+    (old / "neurons.json").write_text(json.dumps(meta))
+    back = NeuronView.load(old)
+    pd.testing.assert_frame_equal(back.table, table)
+    assert back.stats == view.stats and back.scopes == view.scopes
+    for name in ("neurons.parquet", "neurons.json"):
+        newer = tmp_path / f"newer-{name}"
+        newer.mkdir()
+        table.to_parquet(newer / "neurons.parquet", index=False)
+        (newer / "neurons.json").write_text(json.dumps(meta))
+        if name == "neurons.json":
+            (newer / name).write_text(json.dumps({**meta, "format": FORMAT + 1}))
+        else:
+            stamped = pq.read_table(newer / name).replace_schema_metadata({b"format": str(FORMAT + 1).encode()})
+            pq.write_table(stamped, newer / name)
+        with pytest.raises(CanprobeError, match=f"{name} was written in artifact format {FORMAT + 1}") as caught:
+            NeuronView.load(newer)
+        assert "upgrade canprobe" in str(caught.value) and "\n" not in str(caught.value)

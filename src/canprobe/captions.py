@@ -86,8 +86,23 @@ def caption_image_set(lm: LoadedModel, image_set: ImageSet, **kwargs) -> list[Ca
 
 
 def write_captions(records: list[CaptionRecord], path: Path) -> None:
-    """JSON lines, one record per image, written atomically."""
-    runfolder.write_jsonl(path, (asdict(r) for r in records))
+    """JSON lines, one record per image, each stamped with its format, written atomically."""
+    runfolder.write_jsonl(path, (runfolder.stamped(asdict(r)) for r in records))
+
+
+def read_captions(path: Path) -> list[CaptionRecord]:
+    """The records of a ``canprobe caption`` file, of this format or an earlier one (a newer one is refused)."""
+    records = []
+    for n, entry in enumerate(runfolder.read_jsonl(path), 1):
+        where = f"{path}:{n}"
+        runfolder.check_format(entry.get(runfolder.FORMAT_KEY) if isinstance(entry, dict) else None, where)
+        try:
+            records.append(CaptionRecord(entry["image"], entry["category"], entry["caption"], entry.get("reference")))
+        except (KeyError, TypeError):
+            raise InputError(
+                f"{where} is not a caption record (image, category, caption); the file is damaged"
+            ) from None
+    return records
 
 
 def exact_match_rate(records: list[CaptionRecord]) -> float | None:

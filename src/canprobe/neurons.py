@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from canprobe.captions import generate_captions
@@ -42,6 +44,8 @@ from canprobe.runfolder import (
     SUMMARY_FILE,
     atomic_write_files,
     check_format,
+    parquet_bytes,
+    parquet_format,
     read_json,
     stamped,
 )
@@ -71,12 +75,8 @@ class NeuronView:
     image_root: str | None = None  # the folder the image names are relative to
 
     def save(self, folder: Path | str) -> None:
-        """``neurons.parquet`` and ``neurons.json`` in ``folder``, written together."""
-        import io
-
+        """``neurons.parquet`` and ``neurons.json`` in ``folder``, written together, each stamped with its format."""
         folder = Path(folder)
-        buf = io.BytesIO()
-        self.table.to_parquet(buf, index=False)
         meta = {
             "images": self.images,
             "image_root": self.image_root,
@@ -85,23 +85,27 @@ class NeuronView:
             "neurons": self.stats,
         }
         text = json.dumps(stamped(meta), indent=2) + "\n"
-        atomic_write_files({folder / NEURONS_FILE: buf.getvalue(), folder / NEURON_STATS_FILE: text.encode()})
+        atomic_write_files(
+            {folder / NEURONS_FILE: parquet_bytes(self.table), folder / NEURON_STATS_FILE: text.encode()}
+        )
 
     @classmethod
     def load(cls, folder: Path | str) -> NeuronView | None:
-        """The view saved in ``folder``; None when it holds none."""
+        """The view saved in ``folder``; None when it holds none. Files of a newer format are refused."""
         folder = Path(folder)
         meta = read_json(folder / NEURON_STATS_FILE)
         if meta is None or not (folder / NEURONS_FILE).is_file():
             return None
         check_format(meta.get(FORMAT_KEY) if isinstance(meta, dict) else None, folder / NEURON_STATS_FILE)
         try:
-            table = pd.read_parquet(folder / NEURONS_FILE)
+            table = pq.read_table(folder / NEURONS_FILE)
+            parquet_format(table.schema.metadata, folder / NEURONS_FILE)
+            table = table.to_pandas()
             if list(table.columns) != list(TABLE_COLUMNS):
                 raise ValueError("columns")
             stats, images, scopes = list(meta["neurons"]), list(meta["images"]), dict(meta["scopes"])
             return cls(table, stats, images, int(meta["most_active"]), scopes, meta.get("image_root"))
-        except (KeyError, TypeError, ValueError, OSError):
+        except (KeyError, TypeError, ValueError, OSError, pa.ArrowException):
             raise InputError(f"{folder / NEURONS_FILE} is not a canprobe neuron table (damaged); rerun it") from None
 
 

@@ -22,11 +22,11 @@ An output folder is held by one live process at a time through a lock file (``Ru
 appending to the same ``curve.jsonl`` would interleave their points.
 
 Every artifact records the format that wrote it (``FORMAT``, under ``"format"``: ``stamped``
-records of run.json, summary.json, controls.json, protection.json, activations.json, neurons.json and each
-curve.jsonl line, and the metadata of the scores and ranking files); files of canprobe 0.1 have
-none and read as format 1. Readers accept every earlier format: a field added
-by a later format reads as missing, not as damage. A file of a newer format is refused with a
-line that says to upgrade.
+records of run.json, summary.json, controls.json, protection.json, activations.json, neurons.json,
+each line of curve.jsonl and captions.jsonl, and the metadata of the scores, ranking and neurons
+files); files of canprobe 0.1 have none and read as format 1. Readers accept every earlier format:
+a field added by a later format reads as missing, not as damage. A file of a newer format is
+refused with a line that says to upgrade.
 """
 
 from __future__ import annotations
@@ -346,20 +346,34 @@ def write_ranking(folder: str | os.PathLike, ranking: Any, config: Mapping[str, 
 
 
 def _ranking_bytes(ranking: Any, config: Mapping[str, Any], pair: str) -> bytes:
+    frame = ranking.copy()
+    frame.attrs = {}
+    return parquet_bytes(frame, {"canprobe": json.dumps(config), PAIR_KEY: pair})
+
+
+def parquet_bytes(frame: Any, metadata: Mapping[str, str] = {}) -> bytes:
+    """A DataFrame as parquet, its schema metadata stamped with the format (``FORMAT_KEY``) and ``metadata``."""
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    frame = ranking.copy()
-    frame.attrs = {}
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    extra = {b"canprobe": json.dumps(config).encode(), PAIR_KEY.encode(): pair.encode()}
-    extra[FORMAT_KEY.encode()] = str(FORMAT).encode()
+    extra = {k.encode(): v.encode() for k, v in {**metadata, FORMAT_KEY: str(FORMAT)}.items()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+def parquet_format(metadata: Mapping[bytes, bytes] | None, where: object) -> int:
+    """The format recorded in a parquet file's schema metadata (``check_format``: none is 1, newer is refused)."""
+    raw = (metadata or {}).get(FORMAT_KEY.encode(), b"null")
+    try:
+        version = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        version = raw  # refused by check_format, naming it
+    return check_format(version, where)
 
 
 def read_ranking(path: str | os.PathLike, check_pair: bool = True):
@@ -391,10 +405,9 @@ def read_ranking(path: str | os.PathLike, check_pair: bool = True):
         raise InputError(f"{where} is not a canprobe ranking ({what}); write one with `canprobe score`")
     try:
         config = json.loads(raw)
-        version = json.loads(metadata.get(FORMAT_KEY.encode(), b"null"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f"{where}: its canprobe metadata is not valid JSON; the file is damaged") from None
-    check_format(version, where)
+    parquet_format(metadata, where)
     if frame.empty:
         raise InputError(f"{where} holds no neuron; rewrite it with `canprobe score`")
     addresses = frame["address"]
