@@ -37,6 +37,8 @@ import time
 import torch
 from bench_scale import ARCHS, build
 
+from canprobe.config import Generation
+
 # CLIP ViT-L/14 (the paper's CLIP, DEFAULT_CLIP) as a config: its text tower scores every evaluated k's captions
 CLIP_L = {
     "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
@@ -213,7 +215,7 @@ def run(args) -> dict:
     generation: dict[str, float] = {}
     captions: dict[str, list[list[str]]] = {}
     for mode in args.modes.split(","):
-        ev = MaskEvaluator(lm, images, clip, max_new_tokens=args.new_tokens, batch_size=n, decoding=mode)
+        ev = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=args.new_tokens, batch_size=n, decoding=mode))
         ev.reserve(s.name for s in registry.select(args.scope))
         graphs = None
         runs, texts = [], []
@@ -239,9 +241,10 @@ def run(args) -> dict:
         print(f"  {mode:9s} {generation['eager'] / generation[mode]:5.2f}x eager; {same}/{total} captions as eager")
 
     texts = captions[next(iter(captions))][-1]
-    prefix = PrefixCache(lm, images, None, n)
+    rows = Generation(batch_size=n)
+    prefix = PrefixCache(lm, images, rows)
     fill = timed(lambda: prefix.fill(), cuda)
-    full = statistics.median(timed(lambda: caption_ppl(lm, images, texts, None, n), cuda) for _ in range(3))
+    full = statistics.median(timed(lambda: caption_ppl(lm, images, texts, rows), cuda) for _ in range(3))
     cached = statistics.median(timed(lambda: prefix.nll(range(n), texts), cuda) for _ in range(3))
     print(
         f"  PPL: full pass {full:.3f} s, cached prefix {cached:.3f} s => {full / cached:.1f}x "

@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from canprobe.config import Evaluation, Generation
+
 FAULTS = (
     "zero",
     "mean",
@@ -64,7 +66,9 @@ def main() -> None:
     scope = RankedNeurons.from_sites(registry.select(args.scope))
     order = torch.randperm(len(scope), generator=torch.Generator().manual_seed(0))
     mask = scope.subset(order).prefix(args.k)
-    stats = activation_stats(lm, images, args.scope, max_new_tokens=args.max_new_tokens, batch_size=len(images))
+    stats = activation_stats(
+        lm, images, args.scope, generation=Generation(max_new_tokens=args.max_new_tokens, batch_size=len(images))
+    )
     enc = caption_inputs(lm, images)
     options = dict(
         max_new_tokens=args.max_new_tokens,
@@ -91,7 +95,14 @@ def main() -> None:
                     generate[fault].append(time.perf_counter() - start)
                 # a fresh evaluator: its baseline (features, unmasked captions, CLIP image features) is
                 # made outside the timing, and no masked caption has been scored before
-                ev = MaskEvaluator(lm, images, clip, max_new_tokens=args.max_new_tokens, kind=fault, stats=stats)
+                ev = MaskEvaluator(
+                    lm,
+                    images,
+                    clip,
+                    Generation(max_new_tokens=args.max_new_tokens),
+                    Evaluation(ablation=fault),
+                    stats=stats,
+                )
                 ev.evaluate_baseline()
                 start = time.perf_counter()
                 ev.evaluate([mask])

@@ -76,6 +76,7 @@ def _captum(lm, enc) -> dict[str, torch.Tensor]:
 
 
 def bench_toy(batch_size: int, repeats: int) -> None:
+    from canprobe.config import Scoring
     from canprobe.scoring import score_inputs
 
     lm, make = _toy_inputs(batch_size)
@@ -95,7 +96,7 @@ def bench_toy(batch_size: int, repeats: int) -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     t = {k: statistics.median(v) for k, v in times.items()}
-    n_sites = len(score_inputs(lm, [enc], scope=SCOPE, method="random").sites)
+    n_sites = len(score_inputs(lm, [enc], scope=SCOPE, scoring=Scoring(method="random")).sites)
     print(
         f"toy-llava, batch {batch_size}, {n_sites} sites ({SCOPE}), "
         f"median of {repeats}, {torch.get_num_threads()} threads"

@@ -30,9 +30,12 @@ by much) on whatever CPU runs it; compare ratios, not seconds, across machines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
+
+from canprobe.config import Generation
 
 
 def prefix_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
@@ -41,10 +44,10 @@ def prefix_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
     from canprobe.features import FeatureCache
 
     n = len(images)
-    ev = MaskEvaluator(lm, images, clip, max_new_tokens=max_new_tokens, batch_size=n)
-    cache = FeatureCache(lm, images, None, n)
+    ev = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=max_new_tokens, batch_size=n))
+    cache = FeatureCache(lm, images, Generation(batch_size=n))
     cache.rows(range(n))
-    prefix = PrefixCache(lm, images, None, n)
+    prefix = PrefixCache(lm, images, Generation(batch_size=n))
     start = time.perf_counter()
     prefix.fill(cache.rows)
     fill_s = time.perf_counter() - start
@@ -53,7 +56,7 @@ def prefix_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
     for k in ks:
         captions = [m.caption for m in ev.evaluate([ranked.prefix(k)])[0]]
         start = time.perf_counter()
-        full = caption_ppl(lm, images, captions, None, n, cache.rows(range(n)))
+        full = caption_ppl(lm, images, captions, Generation(batch_size=n), cache.rows(range(n)))
         full_s = time.perf_counter() - start
         start = time.perf_counter()
         cached = prefix.nll(range(n), captions).exp()
@@ -75,7 +78,9 @@ def decoding_pass(lm, images, ranked, ks, max_new_tokens, clip) -> None:
     masks = [ranked.prefix(k) for k in ks]
     eager_s, eager = None, None
     for decoding in ("eager", "static", "compiled"):
-        ev = MaskEvaluator(lm, images, clip, max_new_tokens=max_new_tokens, batch_size=len(images), decoding=decoding)
+        ev = MaskEvaluator(
+            lm, images, clip, Generation(max_new_tokens=max_new_tokens, batch_size=len(images), decoding=decoding)
+        )
         ev.reserve(ranked.site_names)
         ev.masked_captions(masks[:1])  # warm-up (and, where it compiles, the trace)
         start = time.perf_counter()
@@ -124,7 +129,7 @@ def main() -> None:
     print(f"{args.model} {args.scope}: {len(ranking)} neurons, {n} images, {torch.get_num_threads()} threads")
 
     def evaluator(batch_rows: int) -> MaskEvaluator:
-        return MaskEvaluator(lm, images, clip, max_new_tokens=args.max_new_tokens, batch_size=batch_rows)
+        return MaskEvaluator(lm, images, clip, Generation(max_new_tokens=args.max_new_tokens, batch_size=batch_rows))
 
     # 1. the search
     config = SearchConfig.of(
@@ -143,7 +148,8 @@ def main() -> None:
 
     # 4. the same search without reusing the image encoding
     start = time.perf_counter()
-    plain = find_k_star(lm, images, ranking, clip, config, reuse_features=False)
+    plain_config = dataclasses.replace(config, generation=dataclasses.replace(config.generation, reuse_features=False))
+    plain = find_k_star(lm, images, ranking, clip, plain_config)
     plain_s = time.perf_counter() - start
     pairs = [(p, plain.point(p.k, p.control)) for p in result.points]
     same = all(

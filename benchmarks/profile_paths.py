@@ -27,6 +27,8 @@ import torch
 from bench_evaluation import clip_model, loaded
 from bench_scale import ARCHS, _bare, inputs
 
+from canprobe.config import Generation
+
 SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
 CUDA_SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "Memcpy DtoH")
 
@@ -122,7 +124,7 @@ def main() -> None:
     clip = clip_model(args, 49408)
     texts = None
     for mode in args.modes.split(","):
-        ev = MaskEvaluator(lm, images, clip, max_new_tokens=args.new_tokens, batch_size=n, decoding=mode)
+        ev = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=args.new_tokens, batch_size=n, decoding=mode))
         ev.reserve(s.name for s in registry.select(args.scope))
         masks = iter([[pool[i] for i in torch.randperm(len(pool), generator=g)[:5]] for _ in range(3)])
         captions = []
@@ -133,9 +135,10 @@ def main() -> None:
         summary[f"generate_{mode}"] = profile(f"generate_{mode}", generate, out, cuda, args.rows)
         ev.close()
         texts = captions[-1]
-    prefix = PrefixCache(lm, images, None, n)
+    generation = Generation(batch_size=n)
+    prefix = PrefixCache(lm, images, generation)
     prefix.fill()
-    summary["ppl_full"] = profile("ppl_full", lambda: caption_ppl(lm, images, texts, None, n), out, cuda, args.rows)
+    summary["ppl_full"] = profile("ppl_full", lambda: caption_ppl(lm, images, texts, generation), out, cuda, args.rows)
     summary["ppl_cached"] = profile("ppl_cached", lambda: prefix.nll(range(n), texts), out, cuda, args.rows)
     scorer = ClipScorer(clip, n)
     image_features = scorer.image_features(images)

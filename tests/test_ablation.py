@@ -5,6 +5,7 @@ import torch
 
 from canprobe.ablation import RankedNeurons, StandingMasks, ablate, ablate_rows, activation_stats, mean_activations
 from canprobe.captions import generate_captions
+from canprobe.config import Generation
 from canprobe.errors import InputError
 from canprobe.faults import ChannelStats
 from canprobe.inputs import caption_inputs, teacher_forcing_inputs
@@ -64,14 +65,14 @@ def test_masking_a_whole_down_proj_equals_zeroing_the_mlp_by_hand(tiny, images):
 
 
 def test_masking_nothing_is_bit_identical(tiny, images):
-    plain = generate_captions(tiny, images, max_new_tokens=6)
+    plain = generate_captions(tiny, images, Generation(max_new_tokens=6))
     enc = caption_inputs(tiny, images)
     logits = tiny.model(**enc).logits
     with ablate(tiny, []):
-        assert generate_captions(tiny, images, max_new_tokens=6) == plain
+        assert generate_captions(tiny, images, Generation(max_new_tokens=6)) == plain
         assert torch.equal(tiny.model(**enc).logits, logits)
     with ablate_rows(tiny, [[], {}, []]):
-        assert generate_captions(tiny, images, max_new_tokens=6) == plain
+        assert generate_captions(tiny, images, Generation(max_new_tokens=6)) == plain
 
 
 def test_mask_applies_at_every_position_and_generation_step(tiny, images):
@@ -137,12 +138,12 @@ def test_per_row_masks_match_each_mask_alone(tiny, images):
     enc = caption_inputs(tiny, images)
     with ablate_rows(tiny, masks):
         together = tiny.model(**enc).logits
-        captions = generate_captions(tiny, images, max_new_tokens=6)
+        captions = generate_captions(tiny, images, Generation(max_new_tokens=6))
     for i, mask in enumerate(masks):
         one = {k: v[i : i + 1] for k, v in enc.items()}
         with ablate(tiny, mask):
             alone = tiny.model(**one).logits
-            assert generate_captions(tiny, [images[i]], max_new_tokens=6) == [captions[i]]
+            assert generate_captions(tiny, [images[i]], Generation(max_new_tokens=6)) == [captions[i]]
         torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(together[0], together[1])
 
@@ -155,7 +156,7 @@ def test_bad_masks_are_input_errors(tiny, images):
     with pytest.raises(InputError, match="out of range"):
         ablate(tiny, ["language.layers.0.mlp.down_proj:10000"])
     with pytest.raises(InputError, match="reference means"):
-        ablate(tiny, ["language.layers.0.mlp.down_proj:1"], kind="mean")
+        ablate(tiny, ["language.layers.0.mlp.down_proj:1"], fault="mean")
     with pytest.raises(InputError, match="2 rows"):
         with ablate_rows(tiny, [[], ["language.layers.0.mlp.down_proj:1"]]):
             tiny.model(**caption_inputs(tiny, images))
@@ -181,7 +182,7 @@ def test_mean_activations_match_an_unpadded_one_by_one_computation(tiny, images)
     """Batched means over padded prompt+caption rows equal the plain mean over every real position."""
     captions = ["a red car", "a small blue house on the left", ""]
     site = SiteRegistry(tiny.model).by_name["language.layers.1.mlp.down_proj"]
-    means = mean_activations(tiny, images, [site], captions=captions, batch_size=3)
+    means = mean_activations(tiny, images, [site], generation=Generation(batch_size=3), captions=captions)
     rows = _unpadded_outputs(tiny, images, captions)
     expected = torch.cat(rows).double().mean(0).float()
     torch.testing.assert_close(means[site.name], expected, rtol=1e-5, atol=1e-6)
@@ -189,10 +190,11 @@ def test_mean_activations_match_an_unpadded_one_by_one_computation(tiny, images)
 
 def test_mean_ablation_sets_the_neuron_to_its_mean(tiny, images):
     site = SiteRegistry(tiny.model).by_name["language.layers.0.mlp.down_proj"]
-    means = {site.name: torch.arange(site.size, dtype=torch.float32) / 7}
+    stats = activation_stats(tiny, images, [site], generation=Generation(max_new_tokens=4))
+    means = {site.name: stats[site.name].mean}
     down, _ = _layer(tiny, 0)
     seen = []
-    with ablate(tiny, [site.address(4), site.address(9)], kind="mean", means=means):
+    with ablate(tiny, [site.address(4), site.address(9)], fault="mean", stats=stats):
         handle = down.register_forward_hook(lambda _m, _a, out: seen.append(out))
         try:
             tiny.model(**caption_inputs(tiny, images))
@@ -208,7 +210,9 @@ def test_position_means_match_a_one_by_one_average_per_position(tiny, images):
     mean over the images whose sequence reaches it; the all-position mean is unchanged by the option."""
     captions = ["a red car", "a small blue house on the left", ""]
     site = SiteRegistry(tiny.model).by_name["language.layers.1.mlp.down_proj"]
-    stats = activation_stats(tiny, images, [site], captions=captions, batch_size=3, by_position=True)[site.name]
+    stats = activation_stats(
+        tiny, images, [site], generation=Generation(batch_size=3), captions=captions, by_position=True
+    )[site.name]
     rows = [r.double() for r in _unpadded_outputs(tiny, images, captions)]
     longest = max(len(r) for r in rows)
     assert stats.position_mean.shape == (longest, site.size)
@@ -227,10 +231,10 @@ def test_position_mean_ablation_follows_positions_through_generation(tiny, image
     stats = {site.name: ChannelStats(table[-1] + 0.5, None, None, None, table)}
     down, _ = _layer(tiny, 0)
     seen = []
-    with ablate(tiny, [site.address(4)], kind="mean:by=position", stats=stats):
+    with ablate(tiny, [site.address(4)], fault="mean:by=position", stats=stats):
         handle = down.register_forward_hook(lambda _m, _a, out: seen.append(out[..., 4].clone()))
         try:
-            generate_captions(tiny, images, max_new_tokens=4)
+            generate_captions(tiny, images, Generation(max_new_tokens=4))
         finally:
             handle.remove()
     assert torch.equal(seen[0], table[:prompt_len, 4].expand(len(images), -1))
@@ -245,13 +249,15 @@ def test_position_mean_keeps_a_shared_prefix_while_the_all_position_mean_moves_i
     lm = _tiny("llava")
     site = SiteRegistry(lm.model).by_name["language.layers.0.mlp.down_proj"]
     captions = ["a red car", "a blue boat", "a green tree"]
-    stats = activation_stats(lm, images, [site], captions=captions, batch_size=3, by_position=True)
+    stats = activation_stats(
+        lm, images, [site], generation=Generation(batch_size=3), captions=captions, by_position=True
+    )
     enc = teacher_forcing_inputs(lm.processor, lm.kind, images, captions)
     enc.pop("labels")
     down, _ = _layer(lm, 0)
     outs = {}
     for kind in ("zero", "mean", "mean:by=position"):
-        with ablate(lm, [site.address(j) for j in range(site.size)], kind=kind, stats=stats):
+        with ablate(lm, [site.address(j) for j in range(site.size)], fault=kind, stats=stats):
             handle = down.register_forward_hook(lambda _m, _a, out, kind=kind: outs.setdefault(kind, out.clone()))
             try:
                 lm.model(**enc)
@@ -274,16 +280,18 @@ def test_position_mean_needs_position_means(tiny):
     site = SiteRegistry(tiny.model).by_name["language.layers.0.mlp.down_proj"]
     mean = torch.zeros(site.size)
     with pytest.raises(InputError, match="per-position means"):
-        ablate(tiny, [site.address(1)], kind="mean:by=position", means={site.name: mean})
+        ablate(
+            tiny, [site.address(1)], fault="mean:by=position", stats={site.name: ChannelStats(mean, None, None, None)}
+        )
     with pytest.raises(InputError, match=r"not \(positions, "):
         ablate(
             tiny,
             [site.address(1)],
-            kind="mean:by=position",
+            fault="mean:by=position",
             stats={site.name: ChannelStats(mean, None, None, None, mean)},
         )
     with pytest.raises(InputError, match="by must be one of all, position"):
-        ablate(tiny, [site.address(1)], kind="mean:by=token", means={site.name: mean})
+        ablate(tiny, [site.address(1)], fault="mean:by=token")
 
 
 def test_ranked_prefixes_group_by_site(tiny):
@@ -336,7 +344,7 @@ def test_standing_masks_match_per_row_masks_and_pass_through_between_loads(tiny,
                 pass
     assert _hooks(tiny.model) == hooks
     with pytest.raises(InputError, match="acts on weights"):
-        StandingMasks(tiny, sites, rows=2, kind="weight_bitflip")
+        StandingMasks(tiny, sites, rows=2, fault="weight_bitflip")
 
 
 def test_fault_stats_measure_what_the_faults_need_with_the_generation_settings(tiny, images):
@@ -348,7 +356,9 @@ def test_fault_stats_measure_what_the_faults_need_with_the_generation_settings(t
     generation = Generation(max_new_tokens=4, batch_size=3)
     assert fault_stats(tiny, images, [site], ["zero", "sign"], generation) is None
     stats = fault_stats(tiny, images, [site], ["zero", "mean:by=position"], generation)[site.name]
-    direct = activation_stats(tiny, images, [site], batch_size=3, max_new_tokens=4, by_position=True)[site.name]
+    direct = activation_stats(
+        tiny, images, [site], generation=Generation(batch_size=3, max_new_tokens=4), by_position=True
+    )[site.name]
     torch.testing.assert_close(stats.mean, direct.mean, rtol=0, atol=0)
     assert stats.position_mean is not None
     calibrated = fault_stats(tiny, images, [site], ["zero"], generation, calibrate=True)[site.name]

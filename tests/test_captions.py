@@ -3,6 +3,7 @@ import json
 import pytest
 
 from canprobe.captions import CaptionRecord, exact_match_rate, generate_captions, read_captions, write_captions
+from canprobe.config import Generation
 from canprobe.errors import CanprobeError, InputError
 from canprobe.models import load_model
 from canprobe.organisms.scenes import make_scenes
@@ -16,18 +17,18 @@ def llava():
 
 def test_batching_does_not_change_captions(llava):
     images = [im for im, _ in make_scenes(7, seed=9)]
-    one = generate_captions(llava, images, batch_size=1)
-    many = generate_captions(llava, images, batch_size=4)
+    one = generate_captions(llava, images, Generation(batch_size=1))
+    many = generate_captions(llava, images, Generation(batch_size=4))
     assert one == many
     assert all(c and "<" not in c for c in one)
 
 
 def test_max_new_tokens_bounds_the_caption(llava):
     images = [im for im, _ in make_scenes(2, seed=9)]
-    short = generate_captions(llava, images, max_new_tokens=3)
+    short = generate_captions(llava, images, Generation(max_new_tokens=3))
     assert all(len(c.split()) <= 3 for c in short)
     with pytest.raises(InputError):
-        generate_captions(llava, images, max_new_tokens=0)
+        generate_captions(llava, images, Generation(max_new_tokens=0))
 
 
 def test_write_and_score_captions(tmp_path):
@@ -56,17 +57,17 @@ def test_every_decoding_gives_the_same_captions_masked_or_not():
     compile_on_cpu(lm)
     images = [im for im, _ in make_scenes(3, seed=4)]
     mask = {f"language.layers.{layer}.mlp.down_proj": list(range(128)) for layer in range(3)}
-    plain = generate_captions(lm, images, max_new_tokens=10)
+    plain = generate_captions(lm, images, Generation(max_new_tokens=10))
     with ablate(lm, mask):
-        masked = generate_captions(lm, images, max_new_tokens=10)
+        masked = generate_captions(lm, images, Generation(max_new_tokens=10))
     assert masked != plain
     # compiled first without hooks, then with: the step traced unmasked must not run under the mask
     for decoding in ("static", "compiled"):
-        assert generate_captions(lm, images, max_new_tokens=10, decoding=decoding) == plain
+        assert generate_captions(lm, images, Generation(max_new_tokens=10, decoding=decoding)) == plain
         with ablate(lm, mask):
-            assert generate_captions(lm, images, max_new_tokens=10, decoding=decoding) == masked
-    with pytest.raises(InputError, match="unknown decoding"):
-        generate_captions(lm, images, decoding="fast")
+            assert generate_captions(lm, images, Generation(max_new_tokens=10, decoding=decoding)) == masked
+    with pytest.raises(InputError, match="decoding: 'fast' is not one of eager"):
+        generate_captions(lm, images, Generation(decoding="fast"))
 
 
 def test_caption_files_of_earlier_formats_read_and_newer_ones_are_refused(tmp_path):

@@ -171,24 +171,33 @@ def test_each_option_is_one_setting_with_its_one_default_and_choices(command):
         assert names == set(config_fields())
 
 
-def test_library_entry_points_share_the_settings_defaults():
+def test_library_entry_points_take_the_sections_whole():
+    """No entry point takes a setting of the sections it reads one by one: a new setting needs no new parameter,
+    and a section given by default is the section of the table's defaults."""
     import inspect
 
-    from canprobe.ablation import activation_stats
-    from canprobe.captions import generate_captions
-    from canprobe.config import SETTINGS, SearchConfig
-    from canprobe.evaluation import MaskEvaluator, caption_ppl
-    from canprobe.scoring import score_neurons
+    from canprobe.ablation import activation_stats, fault_stats
+    from canprobe.captions import caption_image_set, generate_captions
+    from canprobe.config import SETTINGS, Evaluation, Generation, Scoring, SearchConfig, names
+    from canprobe.evaluation import MaskEvaluator, PrefixCache, caption_ppl
+    from canprobe.features import FeatureCache
+    from canprobe.massive import massive_activations
+    from canprobe.neurons import record_neurons, study_view
+    from canprobe.scoring import folder_ranking, score_identity, score_inputs, score_neurons
+    from canprobe.search import find_k_star
 
-    # the keyword arguments that are the settings themselves (``protections`` there are objects, not names)
-    shared = ("scope", "method", "alpha", "reduction", "seed", "batch_size", "max_new_tokens", "ppl_scorer", "ablation")
-    checked = 0
-    for func in (score_neurons, generate_captions, activation_stats, MaskEvaluator, caption_ppl):
+    entries = (generate_captions, caption_image_set, caption_ppl, MaskEvaluator, PrefixCache, FeatureCache)
+    entries += (activation_stats, fault_stats, massive_activations, record_neurons, study_view)
+    entries += (score_neurons, score_inputs, score_identity, folder_ranking, find_k_star)
+    loose = set(names(Generation)) | set(names(Scoring)) | set(names(Evaluation)) | {"kind", "means"}
+    sections = 0
+    for func in entries:
         for name, param in inspect.signature(func).parameters.items():
-            if name in shared and param.default is not inspect.Parameter.empty:
-                assert param.default == SETTINGS[name].default, (func.__name__, name)
-                checked += 1
-    assert checked >= 12
+            assert name not in loose, (func.__name__, name)
+            if isinstance(param.default, (Generation, Scoring, Evaluation, SearchConfig)):
+                assert param.default == type(param.default)(), (func.__name__, name)
+                sections += 1
+    assert sections >= 14
     search = SearchConfig()
     assert (search.generation.max_new_tokens, search.generation.batch_size) == (SETTINGS["max_new_tokens"].default, 16)
     study = _config()

@@ -116,6 +116,7 @@ CAPTIONS = ["a small red car", "a big blue boat", "a tree", "a green fish", "a w
 def _mean_worker(rank: int, port: int, out: str) -> None:
     """One rank of a Python-API script: it joins and leaves the group the way canprobe's commands do."""
     from canprobe.ablation import mean_activations
+    from canprobe.config import Generation
     from canprobe.distributed import Ending, init_from_env
     from canprobe.models import load_model
     from canprobe.organisms.scenes import make_scenes
@@ -129,7 +130,7 @@ def _mean_worker(rank: int, port: int, out: str) -> None:
     lm = load_model("toy-llava")
     rows = []
     lm.model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
-    means = mean_activations(lm, images, "language.down_proj", captions=CAPTIONS, batch_size=2)
+    means = mean_activations(lm, images, "language.down_proj", captions=CAPTIONS, generation=Generation(batch_size=2))
     torch.save({"means": means, "rows": sum(rows)}, f"{out}/rank{rank}.pt")
     ending.succeed()
 

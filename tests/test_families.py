@@ -15,6 +15,7 @@ import torch
 
 from canprobe.ablation import ablate, ablate_rows, to_model_inputs
 from canprobe.captions import generate_captions
+from canprobe.config import Generation, Scoring
 from canprobe.families import family_for
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel, load_model
@@ -332,8 +333,12 @@ def test_can_matches_captum_for_every_site_kind(lm, to_input):
     assert {s.scope for s in sites} == set(scope.split(","))  # every kind has a site that reaches the loss
     reference = _captum(lm, sites, to_input)
     names = ",".join(dict.fromkeys(s.scope for s in sites))
-    can1 = score_neurons(lm, _images(lm), scope=names, alpha=1.0, captions=TEXTS, batch_size=2)
-    can0 = score_neurons(lm, _images(lm), scope=names, alpha=0.0, captions=TEXTS, batch_size=2)
+    can1 = score_neurons(
+        lm, _images(lm), scoring=Scoring(alpha=1.0), generation=Generation(batch_size=2), scope=names, captions=TEXTS
+    )
+    can0 = score_neurons(
+        lm, _images(lm), scoring=Scoring(alpha=0.0), generation=Generation(batch_size=2), scope=names, captions=TEXTS
+    )
     for site in sites:
         for ours, theirs in (
             (can1.scores[site.name], reference[site.name]["can1"]),
@@ -385,9 +390,9 @@ def test_per_row_masks_equal_each_mask_alone(lm):
 
 def test_an_empty_mask_leaves_outputs_bit_identical(lm):
     if lm.family.takes_images:
-        plain = generate_captions(lm, IMAGES, max_new_tokens=6)
+        plain = generate_captions(lm, IMAGES, Generation(max_new_tokens=6))
         with ablate(lm, []):
-            masked = generate_captions(lm, IMAGES, max_new_tokens=6)
+            masked = generate_captions(lm, IMAGES, Generation(max_new_tokens=6))
     else:
         enc = _inputs(lm)
         enc.pop("labels")
@@ -449,7 +454,7 @@ def test_fused_gate_up_sites_read_mask_and_flip_their_own_half(lm):
         handle.remove()
     assert torch.equal(masked, by_hand)
     before = linear.weight.detach().clone()
-    with ablate(lm, [up.address(3), gate.address(5)], kind="weight_bitflip:bit=sign:weights=all"):
+    with ablate(lm, [up.address(3), gate.address(5)], fault="weight_bitflip:bit=sign:weights=all"):
         changed = (linear.weight != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [5, up.size + 3]
     assert torch.equal(linear.weight, before)

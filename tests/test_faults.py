@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from canprobe.ablation import ablate, ablate_rows, activation_stats, mean_activations
 from canprobe.captions import generate_captions
+from canprobe.config import Generation
 from canprobe.errors import InputError
 from canprobe.faults import FAULTS, ProtectedSet, RangeRestriction, check_fault, flip_bit, parse_fault
 from canprobe.inputs import caption_inputs, teacher_forcing_inputs
@@ -71,7 +72,7 @@ def _logits(lm, images):
 def test_activation_bit_flip_equals_flipping_the_bit_by_hand(images, dtype, int_dtype, bit):
     lm = _tiny("llava", dtype)
     clean = _site_output(lm, images)
-    with ablate(lm, [f"{SITE}:5", f"{SITE}:17"], kind=f"bitflip:bit={bit}"):
+    with ablate(lm, [f"{SITE}:5", f"{SITE}:17"], fault=f"bitflip:bit={bit}"):
         faulted = _site_output(lm, images)
     position = {"exponent": 14 if dtype == torch.bfloat16 else 30, "sign": 15 if dtype == torch.bfloat16 else 31}
     b = position.get(bit, bit)
@@ -103,7 +104,7 @@ def test_weight_bit_flip_is_a_real_flip_and_undone_bit_exactly_even_when_the_blo
     clean = _logits(llava, images)
     down = _module(llava, SITE)
     w = down.weight.detach().clone()
-    with ablate(llava, [f"{SITE}:3"], kind=f"weight_bitflip:bit=exponent:weights={weights}"):
+    with ablate(llava, [f"{SITE}:3"], fault=f"weight_bitflip:bit=exponent:weights={weights}"):
         flipped = down.weight.detach().clone()
         faulted = _logits(llava, images)
     changed = (flipped.view(torch.int32) != w.view(torch.int32)).nonzero().tolist()
@@ -117,7 +118,7 @@ def test_weight_bit_flip_is_a_real_flip_and_undone_bit_exactly_even_when_the_blo
     assert torch.equal(_logits(hand, images), faulted)
     assert not torch.equal(faulted, clean)
     with pytest.raises(ZeroDivisionError):
-        with ablate(llava, [f"{SITE}:3", "language.layers.1.mlp.down_proj.input:7"], kind="weight_bitflip"):
+        with ablate(llava, [f"{SITE}:3", "language.layers.1.mlp.down_proj.input:7"], fault="weight_bitflip"):
             assert not torch.equal(_module(llava, SITE).weight, w)
             raise ZeroDivisionError
     after = _bits(llava.model)
@@ -128,18 +129,18 @@ def test_weight_bit_flip_is_a_real_flip_and_undone_bit_exactly_even_when_the_blo
 def test_per_row_weight_flips_match_one_shared_flip(llava, images):
     """Row i of a per-row weight fault equals the in-place flip of row i's neurons (down_proj rows and columns)."""
     sets = [[f"{SITE}:3", f"{SITE}:9"], [], ["language.layers.1.mlp.down_proj.input:7"]]
-    with ablate_rows(llava, sets, kind="weight_bitflip:bit=sign:weights=all"):
+    with ablate_rows(llava, sets, fault="weight_bitflip:bit=sign:weights=all"):
         together = _logits(llava, images)
     for i, neurons in enumerate(sets):
-        with ablate(llava, neurons, kind="weight_bitflip:bit=sign:weights=all"):
+        with ablate(llava, neurons, fault="weight_bitflip:bit=sign:weights=all"):
             alone = _logits(llava, images[i : i + 1])
         torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(together[0], _logits(llava, images[:1]))
     # the same neurons in every row flip the weights in place, exactly as one shared mask does
-    with ablate(llava, sets[0], kind="weight_bitflip:bit=sign:weights=all"):
+    with ablate(llava, sets[0], fault="weight_bitflip:bit=sign:weights=all"):
         shared = _logits(llava, images)
     clean = _module(llava, SITE).weight.clone()
-    with ablate_rows(llava, [sets[0]] * len(images), kind="weight_bitflip:bit=sign:weights=all"):
+    with ablate_rows(llava, [sets[0]] * len(images), fault="weight_bitflip:bit=sign:weights=all"):
         assert torch.equal(_module(llava, SITE).weight[3], -clean[3])  # flipped in place
         assert torch.equal(_logits(llava, images), shared)
     assert torch.equal(_module(llava, SITE).weight, clean)
@@ -147,7 +148,9 @@ def test_per_row_weight_flips_match_one_shared_flip(llava, images):
 
 @pytest.fixture(scope="module")
 def stats(llava, images):
-    return activation_stats(llava, images, [SiteRegistry(llava.model).by_name[SITE]], max_new_tokens=4)
+    return activation_stats(
+        llava, images, [SiteRegistry(llava.model).by_name[SITE]], generation=Generation(max_new_tokens=4)
+    )
 
 
 def test_stuck_at_sign_and_noise_equal_a_hand_written_forward(llava, images, stats):
@@ -180,14 +183,14 @@ def test_stuck_at_sign_and_noise_equal_a_hand_written_forward(llava, images, sta
     ]
     clean = _logits(llava, images)
     for spec, idx, edit in cases:
-        with ablate(llava, [f"{SITE}:{i}" for i in idx], kind=spec, stats=stats):
+        with ablate(llava, [f"{SITE}:{i}" for i in idx], fault=spec, stats=stats):
             faulted = _logits(llava, images)
         by_hand = _logits_with_hand_hook(llava, images, edit)
         assert torch.equal(faulted, by_hand), spec
         assert not torch.equal(faulted, clean), spec
-    with ablate(llava, [f"{SITE}:4"], kind="noise:sigma=3:seed=5", stats=stats):
+    with ablate(llava, [f"{SITE}:4"], fault="noise:sigma=3:seed=5", stats=stats):
         again = _logits(llava, images)
-    with ablate(llava, [f"{SITE}:4"], kind="noise:sigma=3:seed=6", stats=stats):
+    with ablate(llava, [f"{SITE}:4"], fault="noise:sigma=3:seed=6", stats=stats):
         other = _logits(llava, images)
     gen = torch.Generator().manual_seed(5)
     assert torch.equal(again, _logits_with_hand_hook(llava, images, noise))
@@ -196,9 +199,9 @@ def test_stuck_at_sign_and_noise_equal_a_hand_written_forward(llava, images, sta
 
 def test_faults_that_need_statistics_say_so(llava):
     with pytest.raises(InputError, match="clean statistics"):
-        ablate(llava, [f"{SITE}:1"], kind="stuck:at=max")
+        ablate(llava, [f"{SITE}:1"], fault="stuck:at=max")
     with pytest.raises(InputError, match="clean statistics"):
-        ablate(llava, [f"{SITE}:1"], kind="noise")
+        ablate(llava, [f"{SITE}:1"], fault="noise")
 
 
 def test_activation_stats_match_a_direct_computation(llava, images, stats):
@@ -208,7 +211,7 @@ def test_activation_stats_match_a_direct_computation(llava, images, stats):
     )
     s = stats[SITE]
     assert torch.all(s.min <= s.mean) and torch.all(s.mean <= s.max) and torch.all(s.std > 0)
-    captions = generate_captions(llava, images, max_new_tokens=4)  # as the stats fixture's own
+    captions = generate_captions(llava, images, Generation(max_new_tokens=4))  # as the stats fixture's own
     forced = activation_stats(llava, images, [site], captions)
     rows = []
     handle = _module(llava, SITE).register_forward_hook(lambda _m, _a, out: rows.append(out[0]))
@@ -230,13 +233,13 @@ def test_activation_stats_match_a_direct_computation(llava, images, stats):
 def test_a_protected_neuron_cannot_be_faulted(llava, images):
     clean = _logits(llava, images)
     guard = ProtectedSet((f"{SITE}:3",))
-    with ablate(llava, [f"{SITE}:3"], kind="bitflip", protections=[guard]):
+    with ablate(llava, [f"{SITE}:3"], fault="bitflip", protections=[guard]):
         assert torch.equal(_logits(llava, images), clean)
-    with ablate(llava, [f"{SITE}:3"], kind="weight_bitflip", protections=[guard]):
+    with ablate(llava, [f"{SITE}:3"], fault="weight_bitflip", protections=[guard]):
         assert torch.equal(_logits(llava, images), clean)
-    with ablate(llava, [f"{SITE}:3", f"{SITE}:4"], kind="sign", protections=[guard]):
+    with ablate(llava, [f"{SITE}:3", f"{SITE}:4"], fault="sign", protections=[guard]):
         partly = _logits(llava, images)
-    with ablate(llava, [f"{SITE}:4"], kind="sign"):
+    with ablate(llava, [f"{SITE}:4"], fault="sign"):
         assert torch.equal(partly, _logits(llava, images))
 
 
@@ -244,14 +247,14 @@ def test_a_protected_neuron_cannot_be_faulted(llava, images):
 def test_range_restriction_leaves_its_calibration_captions_bit_identical(images, kind):
     lm = _tiny(kind)
     registry = SiteRegistry(lm.model)
-    stats = activation_stats(lm, images, "language", max_new_tokens=8, batch_size=2)
-    clean = generate_captions(lm, images, max_new_tokens=8)
+    stats = activation_stats(lm, images, "language", generation=Generation(max_new_tokens=8, batch_size=2))
+    clean = generate_captions(lm, images, Generation(max_new_tokens=8))
     ranger = RangeRestriction(stats, margin=0.0)
     with ablate(lm, [], protections=[ranger]):
-        assert generate_captions(lm, images, max_new_tokens=8) == clean
+        assert generate_captions(lm, images, Generation(max_new_tokens=8)) == clean
     # and it clamps a fault: a huge stuck-at value ends at the channel's calibrated maximum
     name = registry.select("language.down_proj")[0].name
-    with ablate(lm, [f"{name}:3"], kind="stuck:value=1e30", protections=[ranger]):
+    with ablate(lm, [f"{name}:3"], fault="stuck:value=1e30", protections=[ranger]):
         out = _site_output(lm, images, name)
     assert torch.all(out[..., 3] == stats[name].max[3])
 
@@ -372,12 +375,12 @@ def test_any_fault_spec_on_the_command_line_is_one_line_and_exit_2_or_runs(cli, 
 def test_per_row_faults_equal_one_row_at_a_time_in_prompt_and_generation(llava, images, spec):
     """Each row of a batch with a different neuron set per row gets the captions its own fault gives alone."""
     sets = [[f"{SITE}:3", f"{SITE}:9"], [], [f"{SITE}:9", "language.layers.1.mlp.down_proj:20"]]
-    every = activation_stats(llava, images, "language.down_proj", max_new_tokens=4)
-    with ablate_rows(llava, sets, kind=spec, stats=every):
-        together = generate_captions(llava, images, max_new_tokens=6)
+    every = activation_stats(llava, images, "language.down_proj", generation=Generation(max_new_tokens=4))
+    with ablate_rows(llava, sets, fault=spec, stats=every):
+        together = generate_captions(llava, images, Generation(max_new_tokens=6))
     alone = []
     for i, neurons in enumerate(sets):
-        with ablate(llava, neurons, kind=spec, stats=every):
-            alone += generate_captions(llava, images[i : i + 1], max_new_tokens=6)
+        with ablate(llava, neurons, fault=spec, stats=every):
+            alone += generate_captions(llava, images[i : i + 1], Generation(max_new_tokens=6))
     assert together == alone
-    assert together[1] == generate_captions(llava, images[1:2], max_new_tokens=6)[0]
+    assert together[1] == generate_captions(llava, images[1:2], Generation(max_new_tokens=6))[0]

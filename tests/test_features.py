@@ -7,6 +7,7 @@ import torch
 
 from canprobe import features
 from canprobe.captions import generate_captions
+from canprobe.config import Generation
 from canprobe.evaluation import MaskEvaluator
 from canprobe.features import FeatureCache
 from canprobe.models import load_model
@@ -35,9 +36,9 @@ def _needs_support(lm):
 
 def test_captions_from_cached_features_equal_captions_from_pixels(lm):
     _needs_support(lm)
-    cache = FeatureCache(lm, IMAGES, None, batch_size=4)
-    plain = generate_captions(lm, IMAGES, batch_size=4)
-    cached = generate_captions(lm, IMAGES, batch_size=4, features=cache.rows(range(len(IMAGES))))
+    cache = FeatureCache(lm, IMAGES, Generation(batch_size=4))
+    plain = generate_captions(lm, IMAGES, Generation(batch_size=4))
+    cached = generate_captions(lm, IMAGES, Generation(batch_size=4), features=cache.rows(range(len(IMAGES))))
     assert cached == plain
     assert all(c.split()[0] == "a" for c in plain)  # real captions, not empty strings that match trivially
 
@@ -64,8 +65,8 @@ def _masks(lm):
 
 def test_mask_metrics_are_the_same_with_and_without_reuse(lm, clip):
     masks = _masks(lm)
-    on = MaskEvaluator(lm, IMAGES, clip, batch_size=8, max_new_tokens=16)
-    off = MaskEvaluator(lm, IMAGES, clip, batch_size=8, max_new_tokens=16, reuse_features=False)
+    on = MaskEvaluator(lm, IMAGES, clip, Generation(batch_size=8, max_new_tokens=16))
+    off = MaskEvaluator(lm, IMAGES, clip, Generation(batch_size=8, max_new_tokens=16, reuse_features=False))
     for a, b in zip([on.evaluate_baseline()] + on.evaluate(masks), [off.evaluate_baseline()] + off.evaluate(masks)):
         assert [m.caption for m in a] == [m.caption for m in b]
         torch.testing.assert_close(
@@ -95,7 +96,7 @@ def test_a_transformers_without_pre_encoded_inputs_falls_back_with_one_log_line(
             raise ValueError("The following `model_kwargs` are not used by the model: ['mm_encoder_outputs']")
         return validate(model_kwargs)
 
-    reference = MaskEvaluator(lm, IMAGES[:2], clip, max_new_tokens=6, reuse_features=False)
+    reference = MaskEvaluator(lm, IMAGES[:2], clip, Generation(max_new_tokens=6, reuse_features=False))
     expected = [m.caption for m in reference.evaluate([["language.layers.0.mlp.down_proj:1"]])[0]]
     old = load_model(lm.source)
     monkeypatch.setattr(
@@ -103,9 +104,9 @@ def test_a_transformers_without_pre_encoded_inputs_falls_back_with_one_log_line(
     )
     assert not base.validates_mm_encoder_outputs(old.model)
     with caplog.at_level(logging.INFO, logger="canprobe.features"):
-        evaluator = MaskEvaluator(old, IMAGES[:2], clip, max_new_tokens=6)
+        evaluator = MaskEvaluator(old, IMAGES[:2], clip, Generation(max_new_tokens=6))
         assert [m.caption for m in evaluator.evaluate([["language.layers.0.mlp.down_proj:1"]])[0]] == expected
-        score_neurons(old, IMAGES[:2], scope="language.down_proj", max_new_tokens=4)
+        score_neurons(old, IMAGES[:2], generation=Generation(max_new_tokens=4), scope="language.down_proj")
     assert evaluator.features is None
     notes = [r for r in caplog.records if "pre-encoded" in r.getMessage()]
     assert len(notes) == 1, notes
@@ -119,8 +120,8 @@ def test_llava_next_evaluation_asks_before_reusing_features(tmp_path, clip):
     lm = load_model(str(tmp_path))
     images = [IMAGES[0], IMAGES[1].resize((96, 40)), IMAGES[2].resize((40, 96))]
     mask = [["language.layers.0.mlp.down_proj:1", "language.layers.1.mlp.down_proj:3"]]
-    on = MaskEvaluator(lm, images, clip, max_new_tokens=5)
-    off = MaskEvaluator(lm, images, clip, max_new_tokens=5, reuse_features=False)
+    on = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=5))
+    off = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=5, reuse_features=False))
     for a, b in zip([on.evaluate_baseline()] + on.evaluate(mask), [off.evaluate_baseline()] + off.evaluate(mask)):
         assert [m.caption for m in a] == [m.caption for m in b]
         torch.testing.assert_close(

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from canprobe.config import Scoring
 from canprobe.data import load_image_set
 
 NOT_WRITABLE = Path("/proc/canprobe-cannot-write-here/out")  # even root cannot create files under /proc
@@ -65,7 +66,7 @@ def held(tmp_path):
 # --- rankings -------------------------------------------------------------------------------
 
 
-def fake_scores(lm, images, scope: str, seed: int = 0, **identity):
+def fake_scores(lm, images, scope: str, seed: int = 0):
     """A ScoreResult with random scores but the identity real scoring would record (no scoring cost)."""
     import torch
 
@@ -75,7 +76,7 @@ def fake_scores(lm, images, scope: str, seed: int = 0, **identity):
     sites = SiteRegistry(lm.model).select(scope)
     gen = torch.Generator().manual_seed(seed)
     scores = {s.name: torch.rand(s.size, generator=gen) for s in sites}
-    config = {"model": lm.source, **score_identity(lm, images, scope, **identity)}
+    config = {"model": lm.source, **score_identity(lm, images, scope)}
     return ScoreResult(scores, {k: -v for k, v in scores.items()}, sites, config)
 
 
@@ -593,7 +594,9 @@ def test_the_same_identity_is_reused(scene_dir, scored, few_images):
 
     lm = load_model("toy-llava")
     ranking = load_folder_ranking(scored)
-    check_ranking_identity(ranking, score_identity(lm, few_images, "language.down_proj", seed=5), "unused")
+    check_ranking_identity(
+        ranking, score_identity(lm, few_images, "language.down_proj", scoring=Scoring(seed=5)), "unused"
+    )
     with pytest.raises(Exception, match="scope"):
         check_ranking_identity(ranking, score_identity(lm, few_images, "language.gate_proj"), "start over")
 

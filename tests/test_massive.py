@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from canprobe.config import Generation
 from canprobe.massive import ActivationReport, format_activations, massive_activations
 from canprobe.models import LoadedModel
 from canprobe.organisms.build import build_llava
@@ -38,7 +39,7 @@ def test_planted_activation_is_found_with_its_writer(tiny):
     assert clean.massive == []  # a random model has none
     handle = _plant(tiny, layer=1, dim=5)
     try:
-        report = massive_activations(tiny, images, captions, batch_size=4)
+        report = massive_activations(tiny, images, captions, generation=Generation(batch_size=4))
     finally:
         handle.remove()
     assert report.n_images == 6 and [p.layer for p in report.layers] == [0, 1]

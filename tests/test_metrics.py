@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from canprobe import features
+from canprobe.config import Evaluation, Generation
 from canprobe.evaluation import ClipScorer, MaskEvaluator, PrefixCache, caption_ppl
+from canprobe.faults import ChannelStats
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.metrics import CaptionMetrics, MetricSummary, word_stats
 from canprobe.models import ORGANISM_DIR, LoadedModel, load_model
@@ -83,7 +85,7 @@ def test_clip_score_equals_torchmetrics(clip_dir):
 def test_ppl_equals_exp_of_the_hugging_face_loss_per_caption(tiny_llava):
     images = [im for im, _ in make_scenes(4, seed=1)]
     captions = CAPTIONS[:4]
-    ppl = caption_ppl(tiny_llava, images, captions, batch_size=4)  # padded batch of unequal captions
+    ppl = caption_ppl(tiny_llava, images, captions, Generation(batch_size=4))  # padded batch of unequal captions
     for image, caption, value in zip(images, captions, ppl.tolist()):
         enc = teacher_forcing_inputs(tiny_llava.processor, "llava", [image], [caption])
         expected = math.exp(float(tiny_llava.model(**enc).loss))
@@ -139,9 +141,14 @@ def test_nan_activations_are_data_not_crashes(tiny_llava, clip_dir):
     """A mean ablation with NaN means poisons the masked model: its PPL of its own caption is NaN."""
     images = [im for im, _ in make_scenes(3, seed=5)]
     site = "language.layers.0.mlp.down_proj"
-    means = {site: torch.full((TINY.text_hidden,), math.nan)}
+    stats = {site: ChannelStats(torch.full((TINY.text_hidden,), math.nan), None, None, None)}
     evaluator = MaskEvaluator(
-        tiny_llava, images, load_model(str(clip_dir)), ppl_scorer="masked", max_new_tokens=4, kind="mean", means=means
+        tiny_llava,
+        images,
+        load_model(str(clip_dir)),
+        Generation(max_new_tokens=4),
+        Evaluation(ppl_scorer="masked", ablation="mean"),
+        stats=stats,
     )
     (metrics,) = evaluator.evaluate([[f"{site}:0"]])
     summary = MetricSummary.of(metrics)
@@ -158,7 +165,7 @@ def test_per_row_masks_give_the_same_captions_and_metrics_as_each_mask_alone(cli
         {"language.layers.0.mlp.down_proj": torch.arange(48)},
         [f"language.layers.0.mlp.down_proj:{i}" for i in range(128)],
     ]
-    evaluator = MaskEvaluator(lm, images, load_model(str(clip_dir)), max_new_tokens=16, batch_size=16)
+    evaluator = MaskEvaluator(lm, images, load_model(str(clip_dir)), Generation(max_new_tokens=16, batch_size=16))
     together = evaluator.evaluate(masks)
     assert together[0][0].exact_match and not all(m.exact_match for m in together[3])
     for mask, batched in zip(masks, together):
@@ -180,7 +187,7 @@ def test_evaluator_processes_each_image_batch_once_for_every_language_mask(clip_
     images = [im for im, _ in make_scenes(3, seed=6)]
     masks = [{"language.layers.1.mlp.down_proj": torch.arange(k)} for k in (4, 32, 96)]
     clip = load_model(str(clip_dir))
-    cached = MaskEvaluator(lm, images, clip, max_new_tokens=8, batch_size=2)
+    cached = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=8, batch_size=2))
     # images (0, 1) and (2,), once each for the features, the masked prompts, the prefix cache, the unmasked
     # captions; then rows (mask, image) in twos bring new batches (2, 0) and (1, 2), once. A transformers that
     # takes no cached features encodes (and so processes) the images on every pass instead.
@@ -193,7 +200,7 @@ def test_evaluator_processes_each_image_batch_once_for_every_language_mask(clip_
     counts.append(list(processed))
     if features.supported(lm):
         assert counts == [[2, 1] * 4, [2, 1] * 4, [2, 1] * 4 + [2, 2]]
-    fresh = MaskEvaluator(lm, images, clip, max_new_tokens=8, batch_size=2, reuse_features=False)
+    fresh = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=8, batch_size=2, reuse_features=False))
     want = [fresh.evaluate([m])[0] for m in masks] + fresh.evaluate(masks) * 2
     assert [[m.caption for m in x] for x in got] == [[m.caption for m in x] for x in want]
     assert len({m.caption for x in want for m in x}) > 2
@@ -216,7 +223,9 @@ def test_per_row_evaluation_on_instructblip_matches_each_mask_alone(clip_dir):
         {"qformer.layers.0.output_query": torch.arange(8), "language.layers.1.mlp.gate_proj": torch.arange(30)},
     ]
     clip = load_model(str(clip_dir))
-    evaluator = MaskEvaluator(lm, images, clip, ppl_scorer="masked", max_new_tokens=6, batch_size=9)
+    evaluator = MaskEvaluator(
+        lm, images, clip, Generation(max_new_tokens=6, batch_size=9), Evaluation(ppl_scorer="masked")
+    )
     together = evaluator.evaluate(masks)
     assert together[1][0].ppl != pytest.approx(together[0][0].ppl, rel=1e-3)  # the masked model scores itself
     for mask, batched in zip(masks, together):
@@ -238,14 +247,14 @@ def test_cached_prefix_gives_the_full_pass_ppl(clip_dir, family):
     clip = load_model(str(clip_dir))
     results = {}
     for reuse in (True, False):
-        evaluator = MaskEvaluator(lm, images, clip, max_new_tokens=6, batch_size=4, reuse_prefix=reuse)
+        evaluator = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=6, batch_size=4), reuse_prefix=reuse)
         results[reuse] = [evaluator.evaluate_baseline(), *evaluator.evaluate(masks)]
         assert (evaluator.prefix is not None) == reuse and (not reuse or evaluator.prefix.usable)
     for cached, full in zip(results[True], results[False]):
         assert [m.caption for m in cached] == [m.caption for m in full]
         assert [m.ppl for m in cached] == pytest.approx([m.ppl for m in full], rel=1e-4)
     # any caption, empty ones included, on prefixes encoded two images per batch
-    prefix = PrefixCache(lm, images, None, batch_size=2)
+    prefix = PrefixCache(lm, images, Generation(batch_size=2))
     assert prefix.fill()
     captions = ["a small red car on the left", "", "tree tree house"]
     cached = prefix.nll([2, 0, 1], captions).exp()
@@ -265,8 +274,8 @@ def test_compiled_decoding_reuses_one_trace_for_every_mask(clip_dir):
     images = [im for im, _ in make_scenes(4, seed=4)]
     first = [{f"language.layers.{i}.mlp.down_proj": torch.arange(k) for i in range(2)} for k in (8, 64)]
     second = [{f"language.layers.{i}.mlp.down_proj": torch.arange(k, 2 * k) for i in range(2)} for k in (16, 60)]
-    eager = MaskEvaluator(lm, images, clip, max_new_tokens=10, batch_size=4)
-    compiled = MaskEvaluator(lm, images, clip, max_new_tokens=10, batch_size=4, decoding="compiled")
+    eager = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=10, batch_size=4))
+    compiled = MaskEvaluator(lm, images, clip, Generation(max_new_tokens=10, batch_size=4, decoding="compiled"))
     compiled.reserve(s.name for s in SiteRegistry.of(lm.model).select("language.down_proj"))
     assert [m.caption for m in compiled.evaluate_baseline()] == [m.caption for m in eager.evaluate_baseline()]
     got = compiled.evaluate(first)

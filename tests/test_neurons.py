@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from canprobe.config import Generation
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel
 from canprobe.neurons import NeuronView, patch_map, position_profile, record_neurons, spread_images, top_neurons
@@ -68,7 +69,7 @@ def test_llava_positions_patches_and_consistency_equal_a_hand_computation(llava)
     images = [im for im, _ in make_scenes(4, seed=2)]
     site = "language.layers.0.mlp.down_proj"
     address = f"{site}:{CHANNEL}"
-    view, (stores,) = _view(llava, [address, f"{site}:0"], [(site, False)], images, batch_size=3)
+    view, (stores,) = _view(llava, [address, f"{site}:0"], [(site, False)], images, generation=Generation(batch_size=3))
     rows, ids = [], None  # each image's attended rows of the site, as the model computed them
     for start, out in zip((0, 3), stores):
         enc = teacher_forcing_inputs(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from canprobe.config import SCORE_METHODS
+from canprobe.config import SCORE_METHODS, Generation, Scoring
 from canprobe.errors import InputError
 from canprobe.inputs import teacher_forcing_inputs
 from canprobe.models import LoadedModel
@@ -111,8 +111,12 @@ def test_can_matches_captum_for_every_site_kind(kind, scope, to_input, tiny_llav
     registry = SiteRegistry(lm.model)
     sites = [s for s in registry.select(scope) if not (s.component in ("vision", "qformer") and s.layer > 0)]
     reference = _captum_reference(lm, images, sites, to_input)
-    can1 = score_neurons(lm, images, scope=scope, alpha=1.0, captions=CAPTIONS, batch_size=3)
-    can0 = score_neurons(lm, images, scope=scope, alpha=0.0, captions=CAPTIONS, batch_size=3)
+    can1 = score_neurons(
+        lm, images, scoring=Scoring(alpha=1.0), generation=Generation(batch_size=3), scope=scope, captions=CAPTIONS
+    )
+    can0 = score_neurons(
+        lm, images, scoring=Scoring(alpha=0.0), generation=Generation(batch_size=3), scope=scope, captions=CAPTIONS
+    )
     worst = 0.0
     for site in sites:
         ref = reference[site.name]
@@ -138,8 +142,22 @@ def test_batch_size_and_padding_do_not_change_scores(tiny_llava, tiny_blip, imag
     enc = teacher_forcing_inputs(tiny_llava.processor, "llava", images, CAPTIONS)
     assert (enc["attention_mask"] == 0).any(), "captions of different lengths must pad the batch"
     for lm in (tiny_llava, tiny_blip):
-        one = score_neurons(lm, images, scope="all", reduction="all", captions=CAPTIONS, batch_size=1)
-        many = score_neurons(lm, images, scope="all", reduction="all", captions=CAPTIONS, batch_size=8)
+        one = score_neurons(
+            lm,
+            images,
+            scoring=Scoring(reduction="all"),
+            generation=Generation(batch_size=1),
+            scope="all",
+            captions=CAPTIONS,
+        )
+        many = score_neurons(
+            lm,
+            images,
+            scoring=Scoring(reduction="all"),
+            generation=Generation(batch_size=8),
+            scope="all",
+            captions=CAPTIONS,
+        )
         for name in one.scores:
             torch.testing.assert_close(many.scores[name], one.scores[name], rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(many.signed[name], one.signed[name], rtol=1e-4, atol=1e-7)
@@ -149,9 +167,11 @@ def test_gradient_checkpointing_and_feature_reuse_do_not_change_scores(tiny_llav
     """Checkpointing replays each layer in backward (hooks must count it once); reuse skips the encoder."""
     for lm in (tiny_llava, tiny_blip):
         for scope, method in (("language", "can"), ("all", "can"), ("language", "activation"), ("language", "wanda")):
-            plain = score_neurons(lm, images, scope, method, captions=CAPTIONS, batch_size=3, reuse_features=False)
-            for options in ({"gradient_checkpointing": True}, {"reuse_features": True}):
-                other = score_neurons(lm, images, scope, method, captions=CAPTIONS, batch_size=3, **options)
+            scoring = Scoring(method=method)
+            plain = score_neurons(lm, images, scope, scoring, Generation(batch_size=3, reuse_features=False), CAPTIONS)
+            for checkpointed, reuse in ((True, False), (False, True)):
+                generation = Generation(batch_size=3, reuse_features=reuse)
+                other = score_neurons(lm, images, scope, scoring, generation, CAPTIONS, checkpointed)
                 for name in plain.scores:
                     # (some encoder sites never reach the loss and score zero by design; see above)
                     assert plain.scores[name].abs().sum() > 0 or not name.startswith("language"), name
@@ -223,17 +243,19 @@ def test_per_sample_loss_matches_model_loss(tiny_llava, images):
 
 
 def test_methods_and_their_relations(tiny_llava, images):
-    kw = dict(scope="language", captions=CAPTIONS, batch_size=4)
-    results = {m: score_neurons(tiny_llava, images, method=m, **kw) for m in SCORE_METHODS}
-    can0 = score_neurons(tiny_llava, images, alpha=0.0, **kw)
-    half = score_neurons(tiny_llava, images, alpha=0.5, **kw)
+    kw = dict(scope="language", captions=CAPTIONS, generation=Generation(batch_size=4))
+    results = {m: score_neurons(tiny_llava, images, scoring=Scoring(method=m), **kw) for m in SCORE_METHODS}
+    can0 = score_neurons(tiny_llava, images, scoring=Scoring(alpha=0.0), **kw)
+    half = score_neurons(tiny_llava, images, scoring=Scoring(alpha=0.5), **kw)
     for name in can0.scores:
         torch.testing.assert_close(results["activation"].scores[name], can0.scores[name])
         # the signed estimate does not depend on the method
         torch.testing.assert_close(results["random"].signed[name], results["can"].signed[name])
         assert not torch.allclose(half.scores[name], results["can"].scores[name])
-    assert results["random"].top(5) == score_neurons(tiny_llava, images, method="random", **kw).top(5)
-    assert results["random"].top(5) != score_neurons(tiny_llava, images, method="random", seed=1, **kw).top(5)
+    assert results["random"].top(5) == score_neurons(tiny_llava, images, scoring=Scoring(method="random"), **kw).top(5)
+    assert results["random"].top(5) != score_neurons(
+        tiny_llava, images, scoring=Scoring(method="random", seed=1), **kw
+    ).top(5)
     assert results["can"].config["alpha"] == 1.0 and results["gradient"].config["alpha"] is None
 
 
@@ -247,7 +269,11 @@ def test_wanda_is_weight_times_input_rms(tiny_llava, images):
     finally:
         handle.remove()
     result = score_neurons(
-        tiny_llava, images, scope="language.down_proj,language.down_proj.input", method="wanda", captions=CAPTIONS
+        tiny_llava,
+        images,
+        scoring=Scoring(method="wanda"),
+        scope="language.down_proj,language.down_proj.input",
+        captions=CAPTIONS,
     )
     enc = teacher_forcing_inputs(tiny_llava.processor, "llava", images, CAPTIONS)
     pos = torch.zeros_like(enc["labels"], dtype=torch.bool)
@@ -266,15 +292,15 @@ def test_weights_get_no_gradients(tiny_llava, images):
 
 
 def test_self_captions_are_the_default(tiny_llava, images):
-    result = score_neurons(tiny_llava, images[:2], max_new_tokens=4)
+    result = score_neurons(tiny_llava, images[:2], generation=Generation(max_new_tokens=4))
     assert result.config["loss_text"] == "self" and result.config["n_images"] == 2
     assert score_neurons(tiny_llava, images[:2], captions=CAPTIONS[:2]).config["loss_text"] == "reference"
     # the identity a ranking is checked against is the one scoring records, with scoring's defaults
     recorded = {k: result.config[k] for k in score_identity(tiny_llava, images[:2])}
-    assert recorded == score_identity(tiny_llava, images[:2], max_new_tokens=4)
+    assert recorded == score_identity(tiny_llava, images[:2], generation=Generation(max_new_tokens=4))
     assert recorded["max_new_tokens"] == 4 and score_identity(tiny_llava, images[:2])["max_new_tokens"] == 24
-    with pytest.raises(TypeError, match="batch_size"):
-        score_identity(tiny_llava, images[:2], batch_size=3)  # how fast it runs is not identity
+    # how fast it runs is not identity
+    assert score_identity(tiny_llava, images[:2], generation=Generation(max_new_tokens=4, batch_size=3)) == recorded
 
 
 def test_decoder_scores_texts():
@@ -308,18 +334,21 @@ def test_decoder_scores_texts():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        (dict(alpha=1.5), "alpha"),
-        (dict(alpha=-0.1), "alpha"),
-        (dict(method="saliency"), "wanda"),
-        (dict(reduction="first"), "loss"),
+        (dict(scoring=dict(alpha=1.5)), "alpha"),
+        (dict(scoring=dict(alpha=-0.1)), "alpha"),
+        (dict(scoring=dict(method="saliency")), "wanda"),
+        (dict(scoring=dict(reduction="first")), "loss"),
         (dict(scope="language.o_proj"), "language.down_proj"),
         (dict(captions=["one"]), "one caption per image"),
-        (dict(batch_size=0), "batch size"),
+        (dict(generation=dict(batch_size=0)), "batch_size"),
     ],
 )
 def test_bad_arguments_raise_input_error(tiny_llava, images, kwargs, needle):
+    sections = {"scoring": Scoring, "generation": Generation}
     with pytest.raises(InputError, match=needle):
-        score_neurons(tiny_llava, images[:2], **kwargs)
+        score_neurons(
+            tiny_llava, images[:2], **{k: sections[k](**v) if k in sections else v for k, v in kwargs.items()}
+        )
 
 
 def test_no_images_raises(tiny_llava):
@@ -369,7 +398,9 @@ def test_signed_estimate_predicts_real_ablations():
         pytest.skip(f"toy-llava unavailable: {exc}")
     scenes = make_scenes(6, seed=21)  # one image per category keeps the 50 ablation passes quick
     images, captions = [im for im, _ in scenes], [s.caption for _, s in scenes]
-    result = score_neurons(lm, images, scope="language.down_proj", captions=captions, batch_size=6)
+    result = score_neurons(
+        lm, images, generation=Generation(batch_size=6), scope="language.down_proj", captions=captions
+    )
     top = result.ranking().head(50)
     registry = SiteRegistry(lm.model)
     targets = [registry.resolve(a) for a in top["address"]]
@@ -471,8 +502,8 @@ def test_llava_next_crops_score_the_same_batched_or_alone(tmp_path):
     lm = load_model(str(tmp_path / "llava-next"))
     images = [im for im, _ in make_scenes(3, seed=0)]
     images[1], images[2] = images[1].resize((96, 40)), images[2].resize((40, 96))
-    together = score_neurons(lm, images, scope="all", captions=CAPTIONS[:3], batch_size=3)
-    alone = score_neurons(lm, images, scope="all", captions=CAPTIONS[:3], batch_size=1)
+    together = score_neurons(lm, images, generation=Generation(batch_size=3), scope="all", captions=CAPTIONS[:3])
+    alone = score_neurons(lm, images, generation=Generation(batch_size=1), scope="all", captions=CAPTIONS[:3])
     assert any(s.component == "vision" for s in together.sites)
     for name in together.scores:
         assert together.scores[name].sum() > 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from canprobe.ablation import RankedNeurons
-from canprobe.config import CollapseCriterion, SearchConfig
+from canprobe.config import CollapseCriterion, Generation, SearchConfig
 from canprobe.errors import InputError
 from canprobe.metrics import CaptionMetrics, MetricSummary
 from canprobe.models import ORGANISM_DIR
@@ -237,7 +237,8 @@ def _organism(setup, name: str):
 
         lm = load_model(_shipped(name))
         images = setup["image_set"].images
-        scores = score_neurons(lm, images, scope="language.down_proj,language.gate_proj", batch_size=12)
+        scope = "language.down_proj,language.gate_proj"
+        scores = score_neurons(lm, images, scope, generation=Generation(batch_size=12))
         scores.save(setup["root"] / name)
         setup[name] = (lm, scores.ranking(), setup["root"] / name / "ranking.parquet")
     return setup[name]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from canprobe.captions import generate_captions
-from canprobe.config import CollapseCriterion
+from canprobe.config import CollapseCriterion, Evaluation, Generation
 from canprobe.evaluation import MaskEvaluator, caption_ppl
 from canprobe.metrics import MetricSummary
 from canprobe.models import load_model
@@ -26,10 +26,10 @@ def lm(tmp_path_factory):
 
 
 def test_texts_of_different_lengths_continue_and_score_as_they_would_alone(lm):
-    together = generate_captions(lm, TEXTS, max_new_tokens=5, batch_size=4)
-    alone = [generate_captions(lm, [t], max_new_tokens=5)[0] for t in TEXTS]
+    together = generate_captions(lm, TEXTS, Generation(max_new_tokens=5, batch_size=4))
+    alone = [generate_captions(lm, [t], Generation(max_new_tokens=5))[0] for t in TEXTS]
     assert together == alone and all(together)
-    ppl = caption_ppl(lm, TEXTS, together, batch_size=4)
+    ppl = caption_ppl(lm, TEXTS, together, Generation(batch_size=4))
     one_by_one = torch.cat([caption_ppl(lm, [t], [c]) for t, c in zip(TEXTS, together)])
     torch.testing.assert_close(ppl, one_by_one, rtol=1e-4, atol=0)
     # the text is the condition: the same continuation after another text has another PPL
@@ -37,7 +37,7 @@ def test_texts_of_different_lengths_continue_and_score_as_they_would_alone(lm):
 
 
 def test_evaluator_needs_no_clip_and_reports_nan_clip(lm):
-    evaluator = MaskEvaluator(lm, TEXTS, None, max_new_tokens=5, ppl_scorer="masked")
+    evaluator = MaskEvaluator(lm, TEXTS, None, Generation(max_new_tokens=5), Evaluation(ppl_scorer="masked"))
     base = evaluator.evaluate_baseline()
     everything = {f"language.layers.{i}.mlp.down_proj": torch.arange(16) for i in range(2)}
     (masked,) = evaluator.evaluate([everything])

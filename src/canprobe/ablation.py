@@ -171,8 +171,8 @@ class Ablation:
     ``rows=None`` applies one mask to every batch row; otherwise ``masks[i]`` applies to batch row i
     and the batch must have exactly ``len(masks)`` rows. Masks are precomputed once as boolean
     tensors per site on the model's device, so the forward pass costs one ``torch.where`` per site.
-    ``kind``: a fault (``canprobe.faults``) or its spec string; ``stats``: clean-image statistics per
-    site for faults that need them (``means`` alone suffices for mean ablation). ``protections``:
+    ``fault``: a fault (``canprobe.faults``) or its spec string; ``stats``: clean-image statistics per
+    site for faults that need them (``activation_stats``, ``fault_stats``). ``protections``:
     ``ProtectedSet`` neurons are removed from every mask; ``RangeRestriction`` clamps its sites after
     the fault. Everything is undone on exit, normal or by exception: hooks removed, weights that a
     weight fault flipped copied back bit-exactly.
@@ -183,17 +183,15 @@ class Ablation:
         lm_or_model: LoadedModel | torch.nn.Module,
         masks: Sequence[NeuronSpec],
         per_row: bool,
-        kind: str | Fault = default("ablation"),
-        means: Mapping[str, torch.Tensor] | None = None,
+        fault: str | Fault = default("ablation"),
         stats: Mapping[str, ChannelStats] | None = None,
         protections: Sequence[ProtectedSet | RangeRestriction] = (),
     ):
         if not masks:
             raise InputError("per-row ablation needs at least one row")
-        self.fault = parse_fault(kind)
+        self.fault = parse_fault(fault)
         self.model = _model_of(lm_or_model)
         self.registry = SiteRegistry.of(self.model)
-        self.kind = self.fault.spec()
         self.rows = len(masks) if per_row else None
         dtype = next(self.model.parameters()).dtype
         self.fault.check(dtype)
@@ -201,7 +199,7 @@ class Ablation:
         grouped = self._grouped(masks)
         order = [s.name for s in self.registry.sites]
         names = sorted({name for g in grouped for name in g}, key=order.index)
-        stats = _with_means(stats, means)
+        stats = dict(stats or {})
         if self.fault.needs:
             missing = [n for n in names if any(getattr(stats.get(n), f, None) is None for f in self.fault.needs)]
             if missing:
@@ -342,7 +340,7 @@ class Ablation:
         except BaseException:
             self._remove()
             raise
-        log.debug("%s on neurons of %d sites (%s)", self.kind, len(self._masks), ", ".join(self.masked_sites))
+        log.debug("%s on neurons of %d sites (%s)", self.fault.spec(), len(self._masks), ", ".join(self.masked_sites))
         return self
 
     def _remove(self) -> None:
@@ -373,15 +371,14 @@ class StandingMasks(Ablation):
         lm_or_model: LoadedModel | torch.nn.Module,
         sites: Sequence[str],
         rows: int,
-        kind: str | Fault = default("ablation"),
-        means: Mapping[str, torch.Tensor] | None = None,
+        fault: str | Fault = default("ablation"),
         stats: Mapping[str, ChannelStats] | None = None,
     ):
         registry = SiteRegistry.of(_model_of(lm_or_model))
         every = {name: torch.arange(registry.by_name[name].size) for name in sites if name in registry.by_name}
         if len(every) != len(set(sites)):
             raise InputError(f"this model has no site {next(n for n in sites if n not in registry.by_name)}")
-        super().__init__(lm_or_model, [every] * rows, True, kind, means, stats)
+        super().__init__(lm_or_model, [every] * rows, True, fault, stats)
         if self.fault.acts_on != "activation":
             raise InputError(f"{self.fault.name} acts on weights; it has no activation masks to keep installed")
         self.capacity, self.active = rows, False
@@ -424,78 +421,64 @@ def _without(grouped: dict[str, torch.Tensor], protected: dict[str, torch.Tensor
     return out
 
 
-def _with_means(
-    stats: Mapping[str, ChannelStats] | None, means: Mapping[str, torch.Tensor] | None
-) -> dict[str, ChannelStats]:
-    """Statistics per site, with ``means`` filling in the mean where no full statistics were given."""
-    out = dict(stats or {})
-    for name, mean in (means or {}).items():
-        if name not in out:
-            out[name] = ChannelStats(torch.as_tensor(mean), None, None, None)
-    return out
-
-
 def ablate(
     lm_or_model: LoadedModel | torch.nn.Module,
     neurons: NeuronSpec,
-    kind: str | Fault = default("ablation"),
-    means: Mapping[str, torch.Tensor] | None = None,
+    fault: str | Fault = default("ablation"),
     stats: Mapping[str, ChannelStats] | None = None,
     protections: Sequence[ProtectedSet | RangeRestriction] = (),
 ) -> Ablation:
     """``with ablate(lm, ["language.layers.3.mlp.down_proj:17"]): ...`` masks those neurons in every row."""
-    return Ablation(lm_or_model, [neurons], False, kind, means, stats, protections)
+    return Ablation(lm_or_model, [neurons], False, fault, stats, protections)
 
 
 def ablate_rows(
     lm_or_model: LoadedModel | torch.nn.Module,
     rows: Sequence[NeuronSpec],
-    kind: str | Fault = default("ablation"),
-    means: Mapping[str, torch.Tensor] | None = None,
+    fault: str | Fault = default("ablation"),
     stats: Mapping[str, ChannelStats] | None = None,
     protections: Sequence[ProtectedSet | RangeRestriction] = (),
 ) -> Ablation:
     """A different neuron set per batch row; the batch inside the block must have ``len(rows)`` rows."""
-    return Ablation(lm_or_model, list(rows), True, kind, means, stats, protections)
+    return Ablation(lm_or_model, list(rows), True, fault, stats, protections)
 
 
-def mean_activations(lm: LoadedModel, images: list[Image.Image], sites: Sequence[Site] | str, **options):
-    """Mean activation of every neuron of ``sites`` over reference images (float32, per site name);
+def mean_activations(lm: LoadedModel, inputs: Sequence[Image.Image | str], sites: Sequence[Site] | str, **options):
+    """Mean activation of every neuron of ``sites`` over reference inputs (float32, per site name);
     ``options`` and everything else as for ``activation_stats``."""
-    return {name: s.mean for name, s in activation_stats(lm, images, sites, **options).items()}
+    return {name: s.mean for name, s in activation_stats(lm, inputs, sites, **options).items()}
 
 
 @torch.no_grad()
 def activation_stats(
     lm: LoadedModel,
-    images: list[Image.Image],
+    inputs: Sequence[Image.Image | str],
     sites: Sequence[Site] | str,
     captions: list[str] | None = None,
-    prompt: str | None = None,
-    batch_size: int = default("batch_size"),
-    max_new_tokens: int = default("max_new_tokens"),
+    generation: Generation = Generation(),
     by_position: bool = False,
 ) -> dict[str, ChannelStats]:
-    """Per-channel mean, std, min and max of every neuron of ``sites`` on clean images (float32).
+    """Per-channel mean, std, min and max of every neuron of ``sites`` on clean inputs (float32).
 
-    The model reads prompt + caption, as during captioning; captions default to its own unmasked
-    greedy captions. Language sites average over the attended token positions; vision, projector and
-    Q-Former sites over all positions. When the captions are generated here, min and max also cover
-    every activation of that generation (so a range restriction calibrated on these images leaves
-    their captions alone). ``by_position`` also measures the mean at each token position
-    (``ChannelStats.position_mean``, positions as ``TokenPositions`` numbers them; a position no
-    image reaches gets the all-position mean). Under ``torch.distributed`` each process reads its
-    shard of the images and the sums are all-reduced, so every process gets the statistics over all
-    of them.
+    ``inputs``: images, or the texts a text-only model continues. The model reads prompt + caption,
+    as during captioning (``generation``'s prompt, inputs per pass and caption settings); captions
+    default to its own unmasked greedy captions. Language sites average over the attended token
+    positions; vision, projector and Q-Former sites over all positions. When the captions are
+    generated here, min and max also cover every activation of that generation (so a range
+    restriction calibrated on these images leaves their captions alone). ``by_position`` also
+    measures the mean at each token position (``ChannelStats.position_mean``, positions as
+    ``TokenPositions`` numbers them; a position no image reaches gets the all-position mean). Under
+    ``torch.distributed`` each process reads its shard of the images and the sums are all-reduced,
+    so every process gets the statistics over all of them.
     """
     registry = SiteRegistry.of(lm.model)
     chosen = registry.select(sites) if isinstance(sites, str) else list(sites)
-    if not images:
+    if not inputs:
         raise InputError("clean statistics (mean ablation, faults, range restriction) need at least one image")
-    if captions is not None and len(captions) != len(images):
-        raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
+    if captions is not None and len(captions) != len(inputs):
+        raise InputError(f"{len(captions)} captions for {len(inputs)} images; give one caption per image")
     world = distributed.world()
-    images, captions = world.take(images), world.take(captions)
+    inputs, captions = world.take(inputs), world.take(captions)
     moments = {s.name: torch.zeros(3, s.size, dtype=torch.float64) for s in chosen}  # count, sum, sum of squares
     lows = {s.name: torch.full((s.size,), math.inf, dtype=torch.float64) for s in chosen}
     highs = {s.name: torch.full((s.size,), -math.inf, dtype=torch.float64) for s in chosen}
@@ -537,11 +520,12 @@ def activation_stats(
         for site in chosen:
             handles.append(registry.hook(site, make_hook(site)))
         if captions is None:
-            captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size)
+            captions = generate_captions(lm, inputs, generation)
         moments_on[0] = True
-        pairs = list(zip(images, captions))
-        for batch in batches(pairs, batch_size):
-            enc = teacher_forcing_inputs(lm.processor, lm.family, [p[0] for p in batch], [p[1] for p in batch], prompt)
+        pairs = list(zip(inputs, captions))
+        for batch in batches(pairs, generation.batch_size):
+            ims, caps = [p[0] for p in batch], [p[1] for p in batch]
+            enc = teacher_forcing_inputs(lm.processor, lm.family, ims, caps, generation.prompt)
             enc.pop("labels")
             weights["language"] = enc["attention_mask"].to(lm.device, torch.float64)
             lm.model(**to_model_inputs(enc, lm.model))
@@ -572,7 +556,7 @@ def _grown(table: torch.Tensor, rows: int) -> torch.Tensor:
 
 def fault_stats(
     lm: LoadedModel,
-    images: list,
+    inputs: Sequence[Image.Image | str],
     sites: Sequence[Site] | str,
     faults: Sequence[str],
     generation: Generation,
@@ -586,12 +570,4 @@ def fault_stats(
     needs = {need for spec in faults for need in parse_fault(spec).needs}
     if not needs and not calibrate:
         return None
-    return activation_stats(
-        lm,
-        images,
-        sites,
-        prompt=generation.prompt,
-        batch_size=generation.batch_size,
-        max_new_tokens=generation.max_new_tokens,
-        by_position="position_mean" in needs,
-    )
+    return activation_stats(lm, inputs, sites, generation=generation, by_position="position_mean" in needs)

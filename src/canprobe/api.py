@@ -123,10 +123,7 @@ def caption(model, images, out=None, *sections, notes: Notes = _log, **values):
     image_set = _images(images, None, notes)
     lm = load(machine)
     _check_context(lm, image_set, generation)
-    g = generation
-    records = caption_image_set(
-        lm, image_set, prompt=g.prompt, max_new_tokens=g.max_new_tokens, batch_size=g.batch_size
-    )
+    records = caption_image_set(lm, image_set, generation)
     if out is not None:
         write_captions(records, out)
     return records
@@ -138,7 +135,7 @@ def score(model, images, out=None, *sections, dry_run: bool = False, notes: Note
     ``dry_run``: the ``Plan`` (what would run, the memory it needs) instead, from the model's config alone.
     """
     from canprobe.models import load
-    from canprobe.scoring import score_sections
+    from canprobe.scoring import score_neurons
 
     v = settings(model, *sections, **values)
     scope = v.get("scope", SETTINGS["scope"].default)
@@ -161,7 +158,7 @@ def score(model, images, out=None, *sections, dry_run: bool = False, notes: Note
         lm = load(machine)
         _check_context(lm, image_set, generation)
         inputs = generation_inputs(lm, image_set)
-        result = score_sections(lm, inputs, scope, scoring, generation, machine, captions)
+        result = score_neurons(lm, inputs, scope, scoring, generation, captions, machine.gradient_checkpointing)
         if world.main and out is not None:
             result.save(out)
     return result
@@ -206,8 +203,7 @@ def search(model, images, out, *sections, ranking=None, dry_run: bool = False, n
             table = folder_ranking(lm, inputs, out, config.scope, scoring, config.generation, machine)
         clip, ppl_lm = load_scorers(lm, machine, config.evaluation)
         image_names = [r.name for r in image_set.records]
-        reuse = machine.reuse_features
-        return find_k_star(lm, inputs, table, clip, config, out, image_names, ppl_lm=ppl_lm, reuse_features=reuse)
+        return find_k_star(lm, inputs, table, clip, config, out, image_names, ppl_lm=ppl_lm)
 
 
 @dataclass
@@ -246,7 +242,7 @@ def ablate(
 
     v = settings(model, *sections, **values)
     machine, generation, evaluation = (compose(cls, v) for cls in (Model, Generation, Evaluation))
-    fault = check_fault(evaluation.ablation, machine.dtype)
+    check_fault(evaluation.ablation, machine.dtype)
     if (neurons is None) == (top is None):
         raise InputError("give exactly one of --neurons ADDR,ADDR,... and --top K (with --ranking)")
     if top is not None and ranking is None:
@@ -277,20 +273,7 @@ def ablate(
     sites = [registry.by_name[n] for n in mask]
     stats = fault_stats(lm, inputs, sites, [evaluation.ablation], generation) if mask else None
     clip, ppl_lm = load_scorers(lm, machine, evaluation)
-    g = generation
-    evaluator = MaskEvaluator(
-        lm,
-        inputs,
-        clip,
-        ppl_scorer=evaluation.ppl_scorer,
-        prompt=g.prompt,
-        max_new_tokens=g.max_new_tokens,
-        batch_size=g.batch_size,
-        kind=fault,
-        stats=stats,
-        ppl_lm=ppl_lm,
-        decoding=g.decoding,
-    )
+    evaluator = MaskEvaluator(lm, inputs, clip, generation, evaluation, ppl_lm=ppl_lm, stats=stats)
     unmasked = evaluator.evaluate_baseline()
     (masked,) = evaluator.evaluate([mask])
     return Ablated([r.name for r in image_set.records], unmasked, masked, label, evaluation.ablation)
@@ -311,9 +294,7 @@ def inspect(model, images=None, *sections, ratio: float | None = None, notes: No
     image_set = _images(images, v.get("images_per_category"), notes)
     lm = load(machine)
     inv = inventory(lm.model, machine.model, machine.dtype)
-    report = massive_activations(
-        lm, image_set.images, prompt=generation.prompt, ratio=ratio or DEFAULT_RATIO, batch_size=generation.batch_size
-    )
+    report = massive_activations(lm, image_set.images, generation=generation, ratio=ratio or DEFAULT_RATIO)
     return inv, report
 
 

@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from canprobe import runfolder
-from canprobe.config import DECODINGS, default
+from canprobe.config import Generation
 from canprobe.data import ImageSet
-from canprobe.errors import InputError
 from canprobe.features import generate as generate_from_features
 from canprobe.inputs import caption_inputs, check_prompt_fits
 from canprobe.models import LoadedModel
@@ -33,40 +32,35 @@ class CaptionRecord:
 @torch.no_grad()
 def generate_captions(
     lm: LoadedModel,
-    images: list[Image.Image],
-    prompt: str | None = None,
-    max_new_tokens: int = default("max_new_tokens"),
-    batch_size: int = default("batch_size"),
+    inputs: Sequence[Image.Image | str],
+    generation: Generation = Generation(),
     features: Sequence[torch.Tensor] | None = None,
-    decoding: str = default("decoding"),
-    inputs: Sequence[dict[str, torch.Tensor]] | None = None,
+    encoded: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> list[str]:
-    """Greedy captions, one per image, in order.
+    """Greedy captions, one per input (an image, or a text that a text-only model continues), in order.
 
-    ``features``: one cached image encoding per image (``canprobe.features``); the image encoder is
-    then skipped and the images only shape the prompt. ``decoding``: ``eager`` (a growing KV cache),
-    ``static`` (a KV cache of fixed size, transformers' static cache) or ``compiled`` (the static
-    cache with the decoding step compiled, where transformers supports it: CUDA devices; elsewhere
-    it decodes eagerly). The captions are the same either way. A compiled step is traced with the
-    hooks then active and, unlike torch's default, checks them at every call, so a mask added or
-    removed later retraces instead of running stale (``StandingMasks`` avoids the retracing).
-    ``inputs``: the processor's outputs for each batch of ``batch_size`` images, made earlier by
-    ``caption_inputs`` (a caller that captions the same images again need not process them again).
+    ``generation``: the prompt, the length limit, the inputs per batch and the decoding: ``eager``
+    (a growing KV cache), ``static`` (a KV cache of fixed size, transformers' static cache) or
+    ``compiled`` (the static cache with the decoding step compiled, where transformers supports it:
+    CUDA devices; elsewhere it decodes eagerly). The captions are the same either way. A compiled
+    step is traced with the hooks then active and, unlike torch's default, checks them at every
+    call, so a mask added or removed later retraces instead of running stale (``StandingMasks``
+    avoids the retracing). ``features``: one cached image encoding per image (``canprobe.features``);
+    the image encoder is then skipped and the images only shape the prompt. ``encoded``: the
+    processor's outputs for each batch, made earlier by ``caption_inputs`` (a caller that captions
+    the same images again need not process them again).
     """
-    if max_new_tokens <= 0 or batch_size <= 0:
-        raise InputError("max new tokens and batch size must be positive")
-    if decoding not in DECODINGS:
-        raise InputError(f"unknown decoding {decoding!r}; choose one of {', '.join(DECODINGS)}")
+    max_new_tokens, batch_size, prompt = generation.max_new_tokens, generation.batch_size, generation.prompt
     tok = lm.tokenizer
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id)
-    if decoding != "eager":
+    if generation.decoding != "eager":
         options["cache_implementation"] = "static"
-    options["disable_compile"] = decoding != "compiled"
+    options["disable_compile"] = generation.decoding != "compiled"
     captions: list[str] = []
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            enc = caption_inputs(lm, batch, prompt) if inputs is None else inputs[start // batch_size]
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size]
+            enc = caption_inputs(lm, batch, prompt) if encoded is None else encoded[start // batch_size]
             check_prompt_fits(lm, enc["input_ids"].shape[1], max_new_tokens)
             if features is None:
                 out = lm.model.generate(**enc, **options)
@@ -80,8 +74,10 @@ def generate_captions(
     return captions
 
 
-def caption_image_set(lm: LoadedModel, image_set: ImageSet, **kwargs) -> list[CaptionRecord]:
-    texts = generate_captions(lm, image_set.images, **kwargs)
+def caption_image_set(
+    lm: LoadedModel, image_set: ImageSet, generation: Generation = Generation()
+) -> list[CaptionRecord]:
+    texts = generate_captions(lm, image_set.images, generation)
     return [CaptionRecord(r.name, r.category, t, r.caption) for r, t in zip(image_set.records, texts)]
 
 

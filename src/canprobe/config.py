@@ -5,10 +5,11 @@ and whether it is part of a run's identity (what decides the numbers, ``canprobe
 sections are small frozen dataclasses whose fields are the table's rows (``@section``), passed
 whole from the command line or a study file down to the code that reads them:
 
-- ``Model`` (which model, how it runs), ``Data`` (which images), ``Generation`` (the captions:
-  prompt, length, batch size, decoding), ``Scoring``, ``Search`` (the k* algorithm and its
-  ``CollapseCriterion``), ``Evaluation`` (the fault a mask applies and the PPL/CLIP scorers),
-  ``Faults`` (the robustness study), ``Study`` (what a whole run searches, where it writes);
+- ``Model`` (which model, how it runs), ``Data`` (which images), ``Generation`` (the captions and
+  the passes over the inputs: prompt, length, batch size, decoding, feature reuse), ``Scoring``,
+  ``Search`` (the k* algorithm and its ``CollapseCriterion``), ``Evaluation`` (the fault a mask
+  applies and the PPL/CLIP scorers), ``Faults`` (the robustness study), ``Study`` (what a whole
+  run searches, where it writes);
 - ``SearchConfig``: one k* search (``canprobe search``, ``find_k_star``): its scope and control,
   the seed, and the Search, Generation and Evaluation sections;
 - ``ExperimentConfig``: a whole study (``canprobe run``, study YAML files), one field per section.
@@ -127,9 +128,6 @@ SETTINGS: dict[str, Setting] = {
     "gradient_checkpointing": _s(
         "model", False, "Recompute layer activations in the backward pass (less memory).", **_RUNTIME
     ),
-    "reuse_features": _s(
-        "model", True, "Encode each image once for all masks that leave the image encoder alone.", **_RUNTIME
-    ),
     # data: which images (their content, names and captions are identity, their location is not)
     "images": _s("data", None, "Image set folder.", **_RUNTIME),
     "annotations": _s("data", None, "COCO-style annotation file; images then come from the images folder.", **_RUNTIME),
@@ -151,6 +149,9 @@ SETTINGS: dict[str, Setting] = {
         "Caption decoding: eager, static (fixed-size KV cache) or compiled (static, its step compiled on GPUs).",
         choices=DECODINGS,
         **_RUNTIME,
+    ),
+    "reuse_features": _s(
+        "generation", True, "Encode each image once for all masks that leave the image encoder alone.", **_RUNTIME
     ),
     # scoring
     "method": _s("scoring", "can", "Score method.", choices=SCORE_METHODS),
@@ -225,7 +226,7 @@ SETTINGS: dict[str, Setting] = {
 # the sections study files of canprobe 0.1 grouped these settings under (still read)
 FORMER_SECTIONS = {
     "captions": ("prompt", "max_new_tokens"),
-    "model": ("batch_size", "decoding"),
+    "model": ("batch_size", "decoding", "reuse_features"),
     "robustness": ("faults", "protections", "random_fault", "fault_counts", "fault_trials"),
 }
 
@@ -358,7 +359,13 @@ class Data:
 
 @section("generation")
 class Generation:
-    """How the model writes: the prompt, the length limit, rows per batch, and the decoding."""
+    """How the model writes and reads its inputs: the prompt, the length limit, rows per batch, the decoding, and
+    whether each image is encoded once for every pass that leaves the image encoder alone (``canprobe.features``).
+
+    Every function that generates captions or runs the model over prompts takes this section whole
+    (``generate_captions``, ``MaskEvaluator``, ``score_neurons``, ``activation_stats``,
+    ``massive_activations``, ``record_neurons``), so a new generation setting reaches them all.
+    """
 
 
 @section("scoring")

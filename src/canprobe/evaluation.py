@@ -15,6 +15,7 @@ import logging
 import math
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -22,7 +23,7 @@ from PIL import Image
 from canprobe import distributed, features
 from canprobe.ablation import NeuronSpec, StandingMasks, ablate_rows, group_by_site
 from canprobe.captions import generate_captions
-from canprobe.config import PPL_SCORERS, Evaluation, Model, default
+from canprobe.config import PPL_SCORERS, Evaluation, Generation, Model
 from canprobe.errors import InputError
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction, parse_fault
 from canprobe.features import FeatureCache
@@ -74,25 +75,26 @@ def caption_nll(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> t
 
 def caption_ppl(
     lm: LoadedModel,
-    images: list[Image.Image] | None,
+    inputs: Sequence[Image.Image | str] | None,
     captions: list[str],
-    prompt: str | None = None,
-    batch_size: int = default("batch_size"),
+    generation: Generation = Generation(),
     image_features: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Perplexity of each caption as a continuation of the prompt (and image), float32; may hold inf/NaN.
 
-    ``lm`` may be a vision-language model (images required) or a text-only causal LM (images
-    ignored; or, given texts in their place, each caption is scored as the continuation of its text).
-    ``image_features``: cached encodings of the images (``canprobe.features``), one per caption.
+    ``lm`` may be a vision-language model (``inputs`` are its images) or a text-only causal LM
+    (``inputs`` None; or texts, each caption then scored as the continuation of its text). The
+    prompt and the captions per pass are ``generation``'s. ``image_features``: cached encodings of
+    the images (``canprobe.features``), one per caption.
     """
     if not lm.family.generates:
         raise InputError(f"{lm.source} is a {lm.kind} model; perplexity needs a language model")
-    out = []
+    out, batch_size = [], generation.batch_size
     for start in range(0, len(captions), batch_size):
         caps = list(captions[start : start + batch_size])
-        ims = list(images[start : start + batch_size]) if images is not None else None
-        enc = to_model_inputs(teacher_forcing_inputs(lm.processor, lm.family, ims, caps, prompt), lm.model)
+        ims = list(inputs[start : start + batch_size]) if inputs is not None else None
+        enc = teacher_forcing_inputs(lm.processor, lm.family, ims, caps, generation.prompt)
+        enc = to_model_inputs(enc, lm.model)
         if image_features is not None:
             enc = features.model_inputs(lm, enc, image_features[start : start + batch_size])
         out.append(caption_nll(lm.model, enc))
@@ -119,8 +121,8 @@ class PrefixCache:
     ``usable`` is False where prefixes differ in length across images (padded prompts).
     """
 
-    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
-        self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
+    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], generation: Generation):
+        self.lm, self.images, self.prompt, self.batch_size = lm, list(images), generation.prompt, generation.batch_size
         self.text_model = lm.family.text_model(lm.model)  # None: this family has no cached-prefix path
         self._layers: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # per image, per layer (k, v)
         self._batches: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # as filled, per layer
@@ -198,7 +200,7 @@ def _features(output) -> torch.Tensor:
 class ClipScorer:
     """CLIP score ``100 * max(cos, 0)`` (torchmetrics' CLIPScore per pair), with image features cached."""
 
-    def __init__(self, clip: LoadedModel, batch_size: int = default("batch_size")):
+    def __init__(self, clip: LoadedModel, batch_size: int):
         if clip.family.generates:
             raise InputError(f"{clip.source} is a {clip.kind} model, not a CLIP model")
         self.clip = clip
@@ -235,73 +237,67 @@ class ClipScorer:
 
 
 class MaskEvaluator:
-    """Captions and metrics of a fixed image set under any number of neuron masks.
+    """Captions and metrics of a fixed set of inputs under any number of neuron masks.
 
-    ``ppl_scorer``: ``"unmasked"`` (the model without the mask scores the masked model's caption on
-    the same image and prompt; the default, as in the paper), ``"masked"`` (the masked model scores
-    its own caption), or a path/name of a separate causal LM that scores the caption text alone.
-    ``batch_size`` counts generation rows; one row is one (mask, image) pair. ``reuse_features``:
-    encode each image once and reuse the encoding under every mask that leaves the image encoder
-    alone (see ``canprobe.features``); results are the same either way, only the cost differs.
+    ``inputs``: the images of a vision-language model, or the texts a text-only model continues
+    (no CLIP score then: NaN); under ``torch.distributed`` this process works on its shard.
+    ``generation``: the prompt, the caption length, the rows per generate (one row is one (mask,
+    input) pair), the decoding (see ``generate_captions``; the same captions either way) and
+    ``reuse_features``: encode each image once and reuse the encoding under every mask that leaves
+    the image encoder alone (see ``canprobe.features``; the same results, only the cost differs).
+    ``evaluation``: the fault every mask applies (a ``canprobe.faults`` spec) and ``ppl_scorer``:
+    ``"unmasked"`` (the model without the mask scores the masked model's caption on the same image
+    and prompt; the default, as in the paper), ``"masked"`` (the masked model scores its own
+    caption), or a path/name of a separate causal LM (``ppl_lm`` when already loaded) that scores
+    the caption text alone. ``stats``: the clean statistics the fault needs (``fault_stats``);
+    ``protections``: applied to every mask unless ``evaluate`` is given others.
     ``reuse_prefix``: the unmasked scorer encodes each image's prefix once (``PrefixCache``) and
     scores every caption on it (the same PPL up to float rounding), for families that continue a
-    cached prefix (``Family.text_model``). ``decoding``: see ``generate_captions``; the same
-    captions either way. Compiled decoding keeps the masks' hooks installed for the evaluator's
-    life (``StandingMasks`` on the sites given to ``reserve`` or met so far), so a new mask reuses
-    the compiled step; faults that act on weights or draw noise, and calls with protections,
-    decode with the static cache uncompiled.
-    ``images`` are all the images; under ``torch.distributed`` this process works on its shard.
+    cached prefix (``Family.text_model``). Compiled decoding keeps the masks' hooks installed for
+    the evaluator's life (``StandingMasks`` on the sites given to ``reserve`` or met so far), so a
+    new mask reuses the compiled step; faults that act on weights or draw noise, and calls with
+    protections, decode with the static cache uncompiled.
     """
 
     def __init__(
         self,
         lm: LoadedModel,
-        images: list[Image.Image],
+        inputs: Sequence[Image.Image | str],
         clip: LoadedModel | None,
-        ppl_scorer: str = default("ppl_scorer"),
-        prompt: str | None = None,
-        max_new_tokens: int = default("max_new_tokens"),
-        batch_size: int = default("batch_size"),
-        kind: str = default("ablation"),
-        means: Mapping[str, torch.Tensor] | None = None,
+        generation: Generation = Generation(),
+        evaluation: Evaluation = Evaluation(),
+        *,
         ppl_lm: LoadedModel | None = None,
-        reuse_features: bool = default("reuse_features"),
-        reuse_prefix: bool = True,
-        decoding: str = default("decoding"),
         stats: Mapping[str, ChannelStats] | None = None,
         protections: Sequence[ProtectedSet | RangeRestriction] = (),
+        reuse_prefix: bool = True,
     ):
-        if not images:
+        if not inputs:
             raise InputError("no images to evaluate")
-        if max_new_tokens <= 0 or batch_size <= 0:
-            raise InputError("max new tokens and batch size must be positive")
+        ppl_scorer = evaluation.ppl_scorer
         if ppl_scorer not in PPL_SCORERS and ppl_lm is None:
             ppl_lm = load_model(ppl_scorer)
         if ppl_lm is not None and (ppl_lm.family.takes_images or not ppl_lm.family.generates):
             raise InputError(f"--ppl-scorer {ppl_scorer} is a {ppl_lm.kind} model; give a causal LM")
         self.world = distributed.world()
-        self.n_images = len(images)
-        self.lm, self.images, self.prompt = lm, self.world.take(images), prompt
-        self.ppl_scorer, self.ppl_lm = ppl_scorer, ppl_lm
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.kind, self.means, self.stats, self.protections = kind, means, stats, tuple(protections)
-        self.decoding = decoding
-        fault = parse_fault(kind)
-        self._standing_ok = decoding == "compiled" and fault.acts_on == "activation" and fault.compiles
+        self.n_images = len(inputs)
+        self.lm, self.inputs, self.generation, self.evaluation = lm, self.world.take(inputs), generation, evaluation
+        self.ppl_lm, self.stats, self.protections = ppl_lm, stats, tuple(protections)
+        fault = parse_fault(evaluation.ablation)
+        self._standing_ok = generation.decoding == "compiled" and fault.acts_on == "activation" and fault.compiles
         self._reserved: list[str] = []
         self._standing: StandingMasks | None = None
         if lm.family.takes_images and clip is None:
             raise InputError("evaluating a vision-language model needs a CLIP model for the CLIP score")
-        # a text-only model continues texts (``images`` holds them): no CLIP score, NaN
-        self.clip = ClipScorer(clip, batch_size) if lm.family.takes_images else None
+        self.clip = ClipScorer(clip, generation.batch_size) if lm.family.takes_images else None
         self._image_features: torch.Tensor | None = None
         self._baseline: list[str] | None = None
         self._ppl_cache: dict[tuple[int, str], float] = {}
         self._prompts: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-        reuse = reuse_features and features.supported(lm)
-        self.features = FeatureCache(lm, self.images, prompt, batch_size) if reuse else None
+        reuse = generation.reuse_features and features.supported(lm)
+        self.features = FeatureCache(lm, self.inputs, generation) if reuse else None
         use_prefix = reuse_prefix and ppl_scorer == "unmasked" and lm.family.takes_images
-        self.prefix = PrefixCache(lm, self.images, prompt, batch_size) if use_prefix else None
+        self.prefix = PrefixCache(lm, self.inputs, generation) if use_prefix else None
         self._registry = SiteRegistry.of(lm.model)
 
     def reserve(self, sites: Iterable[str]) -> None:
@@ -320,7 +316,8 @@ class MaskEvaluator:
 
     def _standing_masks(self) -> StandingMasks:
         if self._standing is None:
-            standing = StandingMasks(self.lm, self._reserved, self.batch_size, self.kind, self.means, self.stats)
+            fault, rows = self.evaluation.ablation, self.generation.batch_size
+            standing = StandingMasks(self.lm, self._reserved, rows, fault, self.stats)
             self._release = weakref.finalize(self, standing.__exit__, None, None, None)
             self._standing = standing.__enter__()
         return self._standing
@@ -334,26 +331,23 @@ class MaskEvaluator:
         features nothing else reaches the model, so the processor runs once per batch, not once per mask."""
         key = tuple(image_ids)
         if key not in self._prompts:
-            enc = caption_inputs(self.lm, [self.images[i] for i in key], self.prompt)
+            enc = caption_inputs(self.lm, [self.inputs[i] for i in key], self.generation.prompt)
             self._prompts[key] = {k: v for k, v in enc.items() if k not in self.lm.family.encoder_inputs}
         return self._prompts[key]
 
     @property
     def image_features(self) -> torch.Tensor:
         if self._image_features is None:
-            self._image_features = self.clip.image_features(self.images)
+            self._image_features = self.clip.image_features(self.inputs)
         return self._image_features
 
     def baseline_captions(self) -> list[str]:
         """The unmasked model's captions of this process's images (computed once; see ``set_baseline``)."""
         if self._baseline is None:
-            ids = list(range(len(self.images)))
+            ids = list(range(len(self.inputs)))
             if self._standing_ok:
                 self._standing_masks()  # installed first, so masked evaluations reuse this trace's cache
-            feats = self._features(ids)
-            self._baseline = generate_captions(
-                self.lm, self.images, self.prompt, self.max_new_tokens, self.batch_size, feats, self.decoding
-            )
+            self._baseline = generate_captions(self.lm, self.inputs, self.generation, self._features(ids))
         return self._baseline
 
     def set_baseline(self, captions: list[str]) -> None:
@@ -374,10 +368,10 @@ class MaskEvaluator:
     ) -> list[list[CaptionMetrics]]:
         """Per mask, metrics of all images in order; all masks share batched generates through per-row masks.
 
-        ``kind`` (the fault) applies to every mask, with ``protections`` (default: the evaluator's) in place.
+        The evaluation's fault applies to every mask, with ``protections`` (default: the evaluator's) in place.
         """
         protections = self.protections if protections is None else tuple(protections)
-        rows = [(m, i) for m in range(len(masks)) for i in range(len(self.images))]
+        rows = [(m, i) for m in range(len(masks)) for i in range(len(self.inputs))]
         captions, masked_ppl = self._generate(masks, rows, protections)
         ppl = masked_ppl if masked_ppl is not None else self._score_ppl([i for _, i in rows], captions)
         clip = self._clip_scores([i for _, i in rows], captions)
@@ -386,7 +380,7 @@ class MaskEvaluator:
 
     def masked_captions(self, masks: Sequence[NeuronSpec]) -> list[list[str]]:
         """Per mask, the captions of this process's images under it (no metrics): what ``evaluate`` generates."""
-        n = len(self.images)
+        n = len(self.inputs)
         captions, _ = self._generate(masks, [(m, i) for m in range(len(masks)) for i in range(n)], self.protections)
         return [captions[m * n : (m + 1) * n] for m in range(len(masks))]
 
@@ -399,11 +393,13 @@ class MaskEvaluator:
         if self._standing_ok and not protections:
             self.reserve(name for mask in masks for name in group_by_site(self._registry, mask))
             standing = self._standing_masks()
-        decoding = "static" if self.decoding == "compiled" and standing is None else self.decoding
+        generation = self.generation
+        if generation.decoding == "compiled" and standing is None:
+            generation = replace(generation, decoding="static")
         captions: list[str] = []
         masked_ppl: list[torch.Tensor] = []
-        for chunk in batches(rows, self.batch_size):
-            ims = [self.images[i] for _, i in chunk]
+        for chunk in batches(rows, generation.batch_size):  # each chunk one generate and one PPL pass
+            ims = [self.inputs[i] for _, i in chunk]
             chunk_masks = [masks[m] for m, _ in chunk]
             ids = [i for _, i in chunk]
             feats = self._features(ids, all(reusable[m] for m, _ in chunk))
@@ -411,13 +407,11 @@ class MaskEvaluator:
             if standing is not None:
                 masking = standing.loaded(chunk_masks)
             else:
-                masking = ablate_rows(self.lm, chunk_masks, self.kind, self.means, self.stats, protections)
+                masking = ablate_rows(self.lm, chunk_masks, self.evaluation.ablation, self.stats, protections)
             with masking:
-                caps = generate_captions(
-                    self.lm, ims, self.prompt, self.max_new_tokens, len(chunk), feats, decoding, prompts
-                )
-                if self.ppl_scorer == "masked":
-                    masked_ppl.append(caption_ppl(self.lm, ims, caps, self.prompt, len(chunk), feats))
+                caps = generate_captions(self.lm, ims, generation, feats, prompts)
+                if self.evaluation.ppl_scorer == "masked":
+                    masked_ppl.append(caption_ppl(self.lm, ims, caps, generation, feats))
             captions += caps
         return captions, torch.cat(masked_ppl) if masked_ppl else None
 
@@ -433,10 +427,10 @@ class MaskEvaluator:
             ids, caps = [i for i, _ in todo], [c for _, c in todo]
             if self.prefix is not None and self.prefix.fill(self._features):
                 values = self.prefix.nll(ids, caps).exp()
-            else:
-                prompt = self.prompt if self.ppl_lm is None else None
+            else:  # a separate causal LM scores the caption text alone
+                generation = self.generation if self.ppl_lm is None else replace(self.generation, prompt=None)
                 feats = self._features(ids) if self.ppl_lm is None else None
-                values = caption_ppl(scorer, [self.images[i] for i in ids], caps, prompt, self.batch_size, feats)
+                values = caption_ppl(scorer, [self.inputs[i] for i in ids], caps, generation, feats)
             self._ppl_cache.update(zip(todo, values.tolist()))
         return torch.tensor([self._ppl_cache[key] for key in zip(image_ids, captions)], dtype=torch.float32)
 

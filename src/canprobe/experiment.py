@@ -194,7 +194,7 @@ class Experiment:
             fault = Mean(by=c.study.mean_control)
             stats = fault_stats(lm, group.images, scope, [fault.spec()], c.generation)
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
-            ev = self._evaluator(lm, clip, group.images, kind=fault.spec(), stats=stats)
+            ev = self._evaluator(lm, clip, group.images, fault.spec(), stats)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["mean_ablation"] = dataclasses.asdict(point)
             result["mean_ablation_fault"] = fault.spec()
@@ -208,21 +208,11 @@ class Experiment:
         scoring = dataclasses.replace(c.scoring, **(method or {}))
         return folder_ranking(lm, images, out, scope, scoring, c.generation, c.model, captions)
 
-    def _evaluator(self, lm, clip, images, **kwargs) -> MaskEvaluator:
+    def _evaluator(self, lm, clip, inputs, fault: str | None = None, stats=None) -> MaskEvaluator:
+        """An evaluator with the study's settings, and ``fault`` (with its ``stats``) in place of its own."""
         c = self.config
-        return MaskEvaluator(
-            lm,
-            images,
-            clip,
-            c.evaluation.ppl_scorer,
-            c.generation.prompt,
-            c.generation.max_new_tokens,
-            c.generation.batch_size,
-            ppl_lm=self.ppl_lm,
-            reuse_features=c.model.reuse_features,
-            decoding=c.generation.decoding,
-            **kwargs,
-        )
+        evaluation = c.evaluation if fault is None else dataclasses.replace(c.evaluation, ablation=fault)
+        return MaskEvaluator(lm, inputs, clip, c.generation, evaluation, ppl_lm=self.ppl_lm, stats=stats)
 
     def _robustness(self, lm, clip, scope: str, group: Group, ranking, k_star, out: Path, search) -> dict:
         """k* per fault and ranking, and collapse under random faults per protection (``canprobe.robustness``)."""
@@ -239,16 +229,15 @@ class Experiment:
         }
         rows = fault_kstars(
             lm,
-            clip,
             group.images,
-            group.names,
+            clip,
             rankings,
             c.faults.faults,
             search,
-            stats,
             out,
-            c.model.reuse_features,
-            self.ppl_lm,
+            image_names=group.names,
+            ppl_lm=self.ppl_lm,
+            stats=stats,
         )
         protection = None
         if c.faults.protections:
@@ -261,30 +250,8 @@ class Experiment:
                 k_protect, source = k_star, f"k* of the CAN ranking under {c.evaluation.ablation}"
             else:
                 k_protect, source = max(c.faults.fault_counts), "no k* found: the largest fault count"
-            evaluator = self._evaluator(lm, clip, group.images, kind=c.faults.random_fault, stats=stats)
-            identity = {
-                "scope": scope,
-                "fault": c.faults.random_fault,
-                "counts": c.faults.fault_counts,
-                "trials": c.faults.fault_trials,
-                "protections": c.faults.protections,
-                "k_protect": k_protect,
-                "seed": c.scoring.seed,
-            }
-            protection = protection_study(
-                evaluator,
-                everything,
-                top,
-                k_protect,
-                c.faults.protections,
-                c.faults.fault_counts,
-                c.faults.fault_trials,
-                c.scoring.seed,
-                search.criterion,
-                stats,
-                out,
-                identity,
-            )
+            evaluator = self._evaluator(lm, clip, group.images, c.faults.random_fault, stats)
+            protection = protection_study(evaluator, everything, top, k_protect, c.faults, search, stats, out)
             protection["k_protect_from"] = source
         return {
             "scope": scope,
@@ -317,14 +284,7 @@ class Experiment:
                 return ActivationReport.from_dict(cached)
             except (KeyError, TypeError):
                 log.warning("%s: damaged, measured again", self.out / ACTIVATIONS_FILE)
-        c = self.config
-        report = massive_activations(
-            lm,
-            images,
-            prompt=c.generation.prompt,
-            batch_size=c.generation.batch_size,
-            max_new_tokens=c.generation.max_new_tokens,
-        )
+        report = massive_activations(lm, images, generation=self.config.generation)
         atomic_write_json(self.out / ACTIVATIONS_FILE, stamped(report.to_dict()))
         return report
 
@@ -335,15 +295,7 @@ class Experiment:
             Search(r["scope"], rankings[(r["scope"], r["category"])], r["k_star"], r["n_neurons"])
             for r in headline_results(results)
         ]
-        view = study_view(
-            lm,
-            image_set,
-            searches,
-            texts=texts,
-            prompt=c.generation.prompt,
-            max_new_tokens=c.generation.max_new_tokens,
-            batch_size=c.generation.batch_size,
-        )
+        view = study_view(lm, image_set, searches, texts=texts, generation=c.generation)
         if view is not None:
             view.save(self.out)
 
@@ -445,17 +397,7 @@ class Experiment:
             self.timings.add("scoring", t)
             t = time.perf_counter()
             search_config = self._search_config(scope, group.name)
-            found = find_k_star(
-                lm,
-                group.images,
-                ranking,
-                clip,
-                search_config,
-                out,
-                group.names,
-                ppl_lm=self.ppl_lm,
-                reuse_features=c.model.reuse_features,
-            )
+            found = find_k_star(lm, group.images, ranking, clip, search_config, out, group.names, ppl_lm=self.ppl_lm)
             self.timings.add("search", t)
             t = time.perf_counter()
             controls = self._controls(lm, clip, scope, group, ranking, found.k_star, out, search_config)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from PIL import Image
 
+from canprobe.config import Generation
 from canprobe.inputs import caption_inputs
 from canprobe.models import LoadedModel
 
@@ -80,19 +81,21 @@ def _host(feature: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureCache:
-    """Features of a fixed image list under one prompt, encoded in batches the first time they are asked for."""
+    """Features of a fixed image list under the prompt of ``generation``, encoded in batches of its
+    ``batch_size`` the first time they are asked for."""
 
-    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], prompt: str | None, batch_size: int):
-        self.lm, self.images, self.prompt, self.batch_size = lm, list(images), prompt, batch_size
+    def __init__(self, lm: LoadedModel, images: Sequence[Image.Image], generation: Generation):
+        self.lm, self.images, self.generation = lm, list(images), generation
         self._features: list[torch.Tensor] | None = None
         self.encoded = 0  # images run through the encoder (a benchmark and test counter)
 
     def rows(self, image_ids: Sequence[int]) -> list[torch.Tensor]:
         if self._features is None:
             feats: list[torch.Tensor] = []
-            for start in range(0, len(self.images), self.batch_size):
-                batch = self.images[start : start + self.batch_size]
-                feats += [_host(f) for f in encode(self.lm, caption_inputs(self.lm, batch, self.prompt))]
+            size = self.generation.batch_size
+            for start in range(0, len(self.images), size):
+                batch = self.images[start : start + size]
+                feats += [_host(f) for f in encode(self.lm, caption_inputs(self.lm, batch, self.generation.prompt))]
                 self.encoded += len(batch)
             self._features = feats
         return [self._features[i] for i in image_ids]

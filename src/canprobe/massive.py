@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from canprobe.captions import generate_captions
+from canprobe.config import Generation
 from canprobe.errors import InputError
 from canprobe.inputs import forced_batches, to_model_inputs
 from canprobe.models import LoadedModel
@@ -127,29 +129,28 @@ def decoder_layers(registry: SiteRegistry) -> list[tuple[Site, torch.nn.Module]]
 @torch.no_grad()
 def massive_activations(
     lm: LoadedModel,
-    images: list[Image.Image],
+    inputs: Sequence[Image.Image | str],
     captions: list[str] | None = None,
-    prompt: str | None = None,
+    generation: Generation = Generation(),
     ratio: float = DEFAULT_RATIO,
     min_share: float = DEFAULT_MIN_SHARE,
-    batch_size: int = 8,
-    max_new_tokens: int = 24,
 ) -> ActivationReport:
-    """Measure the residual stream of ``lm``'s language model on prompt + caption for every image.
+    """Measure the residual stream of ``lm``'s language model on prompt + caption for every input.
 
-    ``captions`` default to the model's own greedy captions (what it reads while it captions). A
-    text-only model reads texts in place of images (and its continuations of them).
+    ``inputs``: images, or the texts a text-only model reads (and its continuations of them).
+    ``captions`` default to the model's own greedy captions (what it reads while it captions, with
+    ``generation``'s prompt and settings).
     """
     if not lm.family.generates:
         raise InputError(f"{lm.source} is a {lm.kind} model; activations are measured on language models")
-    if not images:
+    if not inputs:
         raise InputError("measuring activations needs at least one image")
     if ratio <= 1:
         raise InputError(f"ratio threshold must be above 1, got {ratio}")
     if captions is None:
-        captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    if len(captions) != len(images):
-        raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
+        captions = generate_captions(lm, inputs, generation)
+    if len(captions) != len(inputs):
+        raise InputError(f"{len(captions)} captions for {len(inputs)} images; give one caption per image")
     registry = SiteRegistry.of(lm.model)
     layers = decoder_layers(registry)
     residual: dict[int, torch.Tensor] = {}
@@ -169,7 +170,7 @@ def massive_activations(
     entries: dict[tuple[int, int, str], _Entry] = {}
     tokenizer = lm.tokenizer
     try:
-        for _, enc, _ in forced_batches(lm, images, captions, prompt, batch_size):
+        for _, enc, _ in forced_batches(lm, inputs, captions, generation.prompt, generation.batch_size):
             lm.model(**to_model_inputs(enc, lm.model))
             mask = enc["attention_mask"].bool()
             positions = mask.long().cumsum(1) - 1
@@ -186,7 +187,7 @@ def massive_activations(
     sites = [s for s, _ in layers]
     massive = [_summarize(key, entry, sites, min_share) for key, entry in entries.items()]
     massive.sort(key=lambda m: -abs(m.value))
-    return ActivationReport(len(images), ratio, [best[s.layer] for s in sites], massive)
+    return ActivationReport(len(inputs), ratio, [best[s.layer] for s in sites], massive)
 
 
 def _collect(layer, h, mask, positions, ids, writes, ratio, tokenizer, best, entries) -> None:

@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 import torch
 
 from canprobe.captions import generate_captions
+from canprobe.config import Generation, compose
+from canprobe.config import names as setting_names
 from canprobe.data import ImageSet
 from canprobe.errors import InputError
 from canprobe.inputs import forced_batches, to_model_inputs
@@ -227,22 +229,21 @@ def _writes(registry: SiteRegistry, site: Site, index: int) -> list[dict]:
 @torch.no_grad()
 def record_neurons(
     lm: LoadedModel,
-    images: list,
+    inputs: list,
     names: list[str],
     neurons: Sequence[str],
-    prompt: str | None = None,
     captions: list[str] | None = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 8,
+    generation: Generation = Generation(),
     most_active: int = MOST_ACTIVE,
 ) -> NeuronView:
-    """Record ``neurons`` (addresses) over ``images`` in one teacher-forced pass (see the module doc).
+    """Record ``neurons`` (addresses) over ``inputs`` (images, or a text-only model's texts) in one
+    teacher-forced pass (see the module doc), with ``generation``'s prompt and batch size.
 
     ``captions`` default to the model's own greedy captions. Statistics per neuron: mean, spread, the
     largest |value| and where it sits, the mean per kind of position, consistency and the channels
     written; a caller adds score and rank.
     """
-    if not images or len(names) != len(images):
+    if not inputs or len(names) != len(inputs):
         raise InputError("a neuron view needs at least one image, and one name per image")
     if not neurons:
         raise InputError("no neuron to show")
@@ -252,7 +253,7 @@ def record_neurons(
     for site, index in resolved:
         chosen.setdefault(site.name, []).append(index)
     if captions is None:
-        captions = generate_captions(lm, images, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        captions = generate_captions(lm, inputs, generation)
     values: dict[tuple[str, int], list] = {}  # (site, image) -> [values rows x chosen, kinds, cells, grid]
     activity: dict[tuple[str, int], torch.Tensor] = {}  # (site, image) -> mean |a| of every neuron of the site
     state: dict = {}
@@ -273,7 +274,7 @@ def record_neurons(
     sites = {site.name: site for site, _ in resolved}
     handles = [registry.hook(site, recorder(site)) for site in sites.values()]
     try:
-        for start, enc, labels in forced_batches(lm, images, captions, prompt, batch_size):
+        for start, enc, labels in forced_batches(lm, inputs, captions, generation.prompt, generation.batch_size):
             state.update(batch=_Batch(lm, enc, labels), offset=start)
             lm.model(**to_model_inputs(enc, lm.model))
     finally:
@@ -286,7 +287,7 @@ def record_neurons(
     for address, (site, index) in zip(neurons, resolved):
         column = chosen[site.name].index(index)
         per_image = []
-        for image in range(len(images)):
+        for image in range(len(inputs)):
             rows, kinds, cells, grid = values[(site.name, image)]
             v = rows[:, column].numpy()
             per_image.append(
@@ -307,7 +308,7 @@ def record_neurons(
         frames.append(table)
         ranks = [
             int((activity[(site.name, image)] > activity[(site.name, image)][index]).sum())
-            for image in range(len(images))
+            for image in range(len(inputs))
         ]
         stats.append(_statistics(address, site, table, ranks, most_active, _writes(registry, site, index)))
     table = pd.concat(frames, ignore_index=True).astype({"cell": "int64", "grid_rows": "int64", "grid_cols": "int64"})
@@ -381,11 +382,10 @@ def study_view(
     searches: Sequence[Search],
     top: int | None = None,
     texts: list[str] | None = None,
-    **options,
+    generation: Generation = Generation(),
 ) -> NeuronView | None:
     """The view of each search's top neurons (``top_neurons``) on a few images spread over the categories;
-    None when no search has any. ``texts``: a text-only model's inputs, one per image.
-    ``options`` go to ``record_neurons`` (prompt, max_new_tokens, batch_size)."""
+    None when no search has any. ``texts``: a text-only model's inputs, one per image."""
     picks = {s.scope: top_neurons(s.ranking, s.k_star, top).assign(scope=s.scope) for s in searches}
     chosen = [row for table in picks.values() for row in table.itertuples()]
     if not chosen:
@@ -393,7 +393,7 @@ def study_view(
     idx = spread_images([r.category for r in image_set.records])
     inputs = [(texts or image_set.images)[i] for i in idx]
     names = [image_set.records[i].name for i in idx]
-    view = record_neurons(lm, inputs, names, [r.address for r in chosen], **options)
+    view = record_neurons(lm, inputs, names, [r.address for r in chosen], generation=generation)
     for stats, row in zip(view.stats, chosen):
         stats.update(scope=row.scope, score=float(row.score), rank=int(row.rank))
     view.scopes = {s.scope: {"k_star": s.k_star, "shown": len(picks[s.scope]), "size": s.size} for s in searches}
@@ -435,8 +435,8 @@ def folder_view(folder: Path | str, top: int | None = None, images: Path | str |
         searches.append(Search(r["scope"], load_folder_ranking(folder / r["path"]), r["k_star"], r["n_neurons"]))
     lm = load_model(summary["model"], dtype=config.get("dtype") or "float32", device=device or config.get("device"))
     texts = None if lm.family.takes_images else [r.caption for r in image_set.records]
-    options = {k: config[k] for k in ("prompt", "max_new_tokens", "batch_size") if config.get(k) is not None}
-    view = study_view(lm, image_set, searches, top, texts, **options)
+    generation = compose(Generation, {k: config[k] for k in setting_names(Generation) if config.get(k) is not None})
+    view = study_view(lm, image_set, searches, top, texts, generation)
     view.save(folder)
     return view, kind
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from canprobe.ablation import RankedNeurons
-from canprobe.config import SearchConfig
+from canprobe.config import Faults, SearchConfig
 from canprobe.evaluation import MaskEvaluator
 from canprobe.faults import ChannelStats, ProtectedSet, RangeRestriction
 from canprobe.metrics import MetricSummary
@@ -40,18 +40,17 @@ def fault_dir_name(spec: str) -> str:
 
 def fault_kstars(
     lm,
+    inputs: list,
     clip,
-    images: list,
-    names: Sequence[str],
     rankings: dict[str, pd.DataFrame | Sequence[str]],
     faults: Sequence[str],
     config: SearchConfig,
-    stats: dict[str, ChannelStats],
     out: Path,
-    reuse_features: bool = True,
-    ppl_lm=None,
+    **search,
 ) -> list[dict]:
-    """One k* search per (fault, ranking); a row each with k* and the start of stage 1."""
+    """One k* search per (fault, ranking) with ``config`` and the fault in place of its own; a row each
+    with k* and the start of stage 1. ``search``: the rest of ``find_k_star``'s arguments
+    (``image_names``, ``ppl_lm``, ``stats``: give the clean statistics once for all faults)."""
     rows = []
     for spec in faults:
         for name, ranking in rankings.items():
@@ -62,18 +61,7 @@ def fault_kstars(
                 evaluation=dataclasses.replace(config.evaluation, ablation=spec),
             )
             folder = out / FAULTS_DIR / fault_dir_name(spec) / name
-            found = find_k_star(
-                lm,
-                images,
-                ranking,
-                clip,
-                search_config,
-                folder,
-                names,
-                ppl_lm=ppl_lm,
-                reuse_features=reuse_features,
-                stats=stats,
-            )
+            found = find_k_star(lm, inputs, ranking, clip, search_config, folder, **search)
             rows.append(
                 {
                     "fault": spec,
@@ -108,16 +96,27 @@ def protection_study(
     scope_neurons: RankedNeurons,
     top: RankedNeurons,
     k_protect: int,
-    protections: Sequence[str],
-    counts: Sequence[int],
-    trials: int,
-    seed: int,
-    criterion,
+    faults: Faults,
+    config: SearchConfig,
     stats: dict[str, ChannelStats],
     out: Path,
-    identity: dict,
 ) -> dict:
-    """Collapse rates under random faults per protection, and each protection's clean cost (see module doc)."""
+    """Collapse rates under random faults per protection, and each protection's clean cost (see module doc).
+
+    ``evaluator`` applies ``faults.random_fault``; the draws come from ``scope_neurons`` with
+    ``config.seed``, and a draw collapses by ``config.criterion``. ``stats``: the scope's clean
+    statistics (the range restriction's bounds).
+    """
+    protections, counts, seed = faults.protections, faults.fault_counts, config.seed
+    identity = {
+        "scope": config.scope,
+        "fault": faults.random_fault,
+        "counts": counts,
+        "trials": faults.fault_trials,
+        "protections": protections,
+        "k_protect": k_protect,
+        "seed": seed,
+    }
     path = out / PROTECTION_FILE
     cached = read_json(path)
     if isinstance(cached, dict) and cached.get("identity") == json.loads(json.dumps(identity)):
@@ -134,7 +133,7 @@ def protection_study(
     start = time.perf_counter()
     baseline = MetricSummary.of(evaluator.evaluate_baseline())
     counts = [n for n in counts if n <= len(scope_neurons)]
-    draws = _draws(scope_neurons, counts, trials, seed)
+    draws = _draws(scope_neurons, counts, faults.fault_trials, seed)
     clean, rates, seconds = {}, [], {}
     for name, guards in variants.items():
         t = time.perf_counter()
@@ -147,7 +146,7 @@ def protection_study(
             "time_ratio": seconds[name] / seconds["none"],
         }
         results = evaluator.evaluate([mask for _, _, mask in draws], guards)
-        stages = [criterion.stage(MetricSummary.of(m), baseline) for m in results]
+        stages = [config.criterion.stage(MetricSummary.of(m), baseline) for m in results]
         for n in counts:
             mine = [s for (count, _, _), s in zip(draws, stages) if count == n]
             rates.append(
@@ -161,7 +160,7 @@ def protection_study(
             )
     result = {
         "identity": identity,
-        "fault": evaluator.kind,
+        "fault": evaluator.evaluation.ablation,
         "k_protect": k_protect,
         "protected": list(top.addresses[:k_protect]),
         "baseline": dataclasses.asdict(baseline),

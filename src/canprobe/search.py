@@ -396,27 +396,27 @@ class CollapseSearch:
 
 def find_k_star(
     lm,
-    images: list[Image.Image],
+    inputs: Sequence[Image.Image | str],
     ranking: pd.DataFrame | Sequence[str],
     clip,
-    config: SearchConfig | None = None,
+    config: SearchConfig = SearchConfig(),
     out_dir: str | Path | None = None,
     image_names: Sequence[str] | None = None,
+    *,
     ppl_lm=None,
-    reuse_features: bool = True,
     stats: dict | None = None,
 ) -> SearchResult:
     """Run (or resume, when ``out_dir`` holds a previous run with the same settings) a k* search.
 
-    ``lm``: the LoadedModel to probe; ``clip``: a CLIP LoadedModel (None for a text-only model, whose
-    ``images`` are then the texts it continues under each mask); ``ranking``: a ranking
-    DataFrame (``canprobe score``) or addresses, most important first; ``config.evaluation.ablation``: the fault
-    (``canprobe.faults`` spec); ``stats`` (``activation_stats``) for faults that need clean
-    statistics, computed on ``images`` when not given.
-    ``reuse_features``: encode each image once for all masks of a language scope (same results).
-    Under ``torch.distributed`` pass all images to every process; rank 0 writes ``out_dir``.
+    ``lm``: the LoadedModel to probe; ``inputs``: its images, or the texts a text-only model
+    continues under each mask; ``clip``: a CLIP LoadedModel (None for a text-only model);
+    ``ranking``: a ranking DataFrame (``canprobe score``) or addresses, most important first;
+    ``config``: every setting of the search, its generation (``reuse_features`` included) and its
+    evaluation (``config.evaluation.ablation``: the fault, a ``canprobe.faults`` spec); ``ppl_lm``:
+    the separate PPL model ``config.evaluation.ppl_scorer`` names, when already loaded; ``stats``
+    (``fault_stats``) for faults that need clean statistics, computed on ``inputs`` when not given.
+    Under ``torch.distributed`` pass all inputs to every process; rank 0 writes ``out_dir``.
     """
-    config = config or SearchConfig()
     if clip is not None and config.evaluation.clip_model not in (None, clip.source):
         raise InputError(
             f"the search config names CLIP {config.evaluation.clip_model} but the CLIP given is {clip.source}"
@@ -428,22 +428,9 @@ def find_k_star(
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
     if stats is None:
-        stats = fault_stats(lm, images, config.scope, [config.evaluation.ablation], config.generation)
-    evaluator = MaskEvaluator(
-        lm,
-        images,
-        clip,
-        ppl_scorer=config.evaluation.ppl_scorer,
-        prompt=config.generation.prompt,
-        max_new_tokens=config.generation.max_new_tokens,
-        batch_size=config.generation.batch_size,
-        kind=config.evaluation.ablation,
-        ppl_lm=ppl_lm,
-        reuse_features=reuse_features,
-        stats=stats,
-        decoding=config.generation.decoding,
-    )
-    names = list(image_names) if image_names is not None else [str(i) for i in range(len(images))]
+        stats = fault_stats(lm, inputs, config.scope, [config.evaluation.ablation], config.generation)
+    evaluator = MaskEvaluator(lm, inputs, clip, config.generation, config.evaluation, ppl_lm=ppl_lm, stats=stats)
+    names = list(image_names) if image_names is not None else [str(i) for i in range(len(inputs))]
     scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}
     info = {k: scored.get(k) for k in RANKING_IDENTITY}
     identity = {
@@ -452,7 +439,7 @@ def find_k_star(
         "clip_weights": None if clip is None else clip.fingerprint,  # None: a text-only model
         "ppl_weights": None if ppl_lm is None else ppl_lm.fingerprint,
         # a text-only model continues texts: their fingerprint stands for the pixels
-        "pixels": images_fingerprint(images) if lm.family.takes_images else texts_fingerprint(images),
+        "pixels": images_fingerprint(inputs) if lm.family.takes_images else texts_fingerprint(inputs),
     }
     search = CollapseSearch(
         evaluator, top, everything, config, names, out_dir, getattr(lm, "source", ""), info, identity

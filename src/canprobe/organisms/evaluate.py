@@ -7,6 +7,7 @@ import random
 import torch
 
 from canprobe.captions import generate_captions
+from canprobe.config import Generation
 from canprobe.models import LoadedModel
 from canprobe.organisms.scenes import CATEGORIES, Scene, make_scenes
 
@@ -16,7 +17,7 @@ HELD_OUT_SEED = 7  # training uses seed 1234 (organisms.train.TrainConfig)
 def caption_exact_match(lm: LoadedModel, n: int = 200, seed: int = HELD_OUT_SEED) -> float:
     """Fraction of ``n`` held-out scenes whose greedy caption equals the true caption."""
     scenes = make_scenes(n, seed)
-    captions = generate_captions(lm, [im for im, _ in scenes], batch_size=50)
+    captions = generate_captions(lm, [im for im, _ in scenes], Generation(batch_size=50))
     return sum(c == s.caption for c, (_, s) in zip(captions, scenes)) / n
 
 

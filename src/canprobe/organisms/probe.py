@@ -192,11 +192,11 @@ def _ablation_losses(model, registry, inputs, mask, written, channels, seed) -> 
             chosen.add(address)
             random_channels.append(address)
     losses = {}
-    for name, neurons, kind in (
+    for name, neurons, fault in (
         ("zero", channels, "zero"),
         ("mean_position", channels, Mean("position")),
         ("random", random_channels, "zero"),
     ):
-        with ablate(model, neurons, kind=kind, stats=stats):
+        with ablate(model, neurons, fault, stats):
             losses[name] = float(model(**inputs).loss)
     return losses

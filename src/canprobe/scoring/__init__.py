@@ -30,7 +30,6 @@ position, -sum_t a_t dL_i/da_t over non-pad positions, averaged over samples.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from PIL import Image
 
 from canprobe import distributed, features
 from canprobe.captions import generate_captions
-from canprobe.config import REDUCTIONS, Generation, Model, Scoring, default
+from canprobe.config import Generation, Model, Scoring, default
 from canprobe.errors import InputError
 from canprobe.identity import images_fingerprint, texts_fingerprint
 from canprobe.inputs import is_texts, teacher_forcing_inputs
@@ -48,7 +47,7 @@ from canprobe.models import LoadedModel
 from canprobe.runfolder import RANKING_COLUMNS, has_ranking
 from canprobe.scoring import engine
 from canprobe.scoring.engine import checkpointing, per_sample_loss
-from canprobe.scoring.methods import Method, make_method
+from canprobe.scoring.methods import make_method
 from canprobe.scoring.result import (
     ScoreResult,
     check_ranking_identity,
@@ -82,59 +81,49 @@ POSITIONS = {
 }
 
 
-def _options(method: str, alpha: float, seed: int, reduction: str) -> Method:
-    if reduction not in REDUCTIONS:
-        raise InputError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
-    return make_method(method, alpha, seed)
-
-
-def _validate(lm: LoadedModel, images, captions, batch_size, max_new_tokens) -> tuple[list, list | None]:
-    if batch_size < 1 or max_new_tokens < 1:
-        raise InputError("batch size and max new tokens must be positive")
+def _validate(lm: LoadedModel, inputs, captions) -> tuple[list, list | None]:
     if not lm.family.takes_images:
-        captions = captions or (list(images) if is_texts(images) else None)
+        captions = captions or (list(inputs) if is_texts(inputs) else None)
         if not captions:
             raise InputError("a text-only model scores texts: pass them as captions (one per sample)")
         return [None] * len(captions), list(captions)
-    images = list(images or [])
-    if not images:
+    inputs = list(inputs or [])
+    if not inputs:
         raise InputError("no images to score; give at least one image")
-    if captions is not None and len(captions) != len(images):
-        raise InputError(f"{len(captions)} captions for {len(images)} images; give one caption per image")
-    return images, None if captions is None else list(captions)
+    if captions is not None and len(captions) != len(inputs):
+        raise InputError(f"{len(captions)} captions for {len(inputs)} images; give one caption per image")
+    return inputs, None if captions is None else list(captions)
 
 
 def score_inputs(
     lm: LoadedModel,
     batches: Iterable[dict[str, torch.Tensor]],
     scope: str = default("scope"),
-    method: str = default("method"),
-    alpha: float = default("alpha"),
-    reduction: str = default("reduction"),
-    seed: int = default("seed"),
+    scoring: Scoring = Scoring(),
     gradient_checkpointing: bool = default("gradient_checkpointing"),
 ) -> ScoreResult:
     """Score the sites in ``scope`` over ready-made teacher-forcing batches (``labels`` included).
 
-    The engine behind ``score_neurons``; use it directly for inputs built without a processor. A
-    batch may carry ``image_features`` (cached encodings, ``canprobe.features``) instead of pixels.
-    Under ``torch.distributed`` each process passes its own batches and gets the scores of all.
+    The engine behind ``score_neurons``; use it directly for inputs built without a processor
+    (``scoring.loss_text`` plays no part: the batches carry their loss text). A batch may carry
+    ``image_features`` (cached encodings, ``canprobe.features``) instead of pixels. Under
+    ``torch.distributed`` each process passes its own batches and gets the scores of all.
     """
-    score_method = _options(method, alpha, seed, reduction)
+    score_method = make_method(scoring.method, scoring.alpha, scoring.seed)
     registry = SiteRegistry.of(lm.model)
     sites = registry.select(scope)
-    accs, n = engine.run(lm, batches, sites, score_method, reduction, gradient_checkpointing)
+    accs, n = engine.run(lm, batches, sites, score_method, scoring.reduction, gradient_checkpointing)
     scores = score_method.finish(accs, n, registry)
     signed = {acc.site.name: acc.signed / n for acc in accs}
     config = {
         **score_method.config(),
-        "reduction": reduction,
-        "positions": {**POSITIONS, "language": POSITIONS["language"][reduction]},
+        "reduction": scoring.reduction,
+        "positions": {**POSITIONS, "language": POSITIONS["language"][scoring.reduction]},
         "loss": "mean caption-token NLL per sample",
         "signed": "-sum_t a_t dL_i/da_t over non-pad positions, mean over samples",
         "scope": scope,
         "n_samples": n,
-        "seed": seed,
+        "seed": scoring.seed,
         "model": lm.source,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "processes": distributed.world().size,
@@ -145,102 +134,54 @@ def score_inputs(
 
 def score_neurons(
     lm: LoadedModel,
-    images: list[Image.Image] | None,
+    inputs: list[Image.Image] | list[str] | None,
     scope: str = default("scope"),
-    method: str = default("method"),
-    alpha: float = default("alpha"),
-    reduction: str = default("reduction"),
+    scoring: Scoring = Scoring(),
+    generation: Generation = Generation(),
     captions: list[str] | None = None,
-    prompt: str | None = None,
-    batch_size: int = default("batch_size"),
-    seed: int = default("seed"),
-    max_new_tokens: int = default("max_new_tokens"),
     gradient_checkpointing: bool = default("gradient_checkpointing"),
-    reuse_features: bool = default("reuse_features"),
 ) -> ScoreResult:
-    """Score every neuron of the sites in ``scope`` over the images (see the module docstring).
+    """Score every neuron of the sites in ``scope`` over the inputs (see the module doc).
 
-    Loss text: ``captions`` when given (reference captions, or the texts of a text-only model),
-    otherwise the unmasked model's own greedy caption of each image. Images stream through in
-    batches of ``batch_size``; scores do not depend on it. Under ``torch.distributed`` pass all
-    the images to every process: each takes its shard.
+    ``inputs``: images, or the texts of a text-only model (or None, its texts given as ``captions``).
+    ``scoring``: the method, alpha, reduction and seed. Loss text: ``captions`` when given
+    (reference captions, or the texts of a text-only model), otherwise the unmasked model's own
+    greedy caption of each image, generated with ``generation``. Inputs stream through in batches
+    of ``generation.batch_size``; scores do not depend on it. Under ``torch.distributed`` pass all
+    the inputs to every process: each takes its shard.
     """
-    _options(method, alpha, seed, reduction)  # fail on bad options before generating captions
-    images, captions = _validate(lm, images, captions, batch_size, max_new_tokens)
+    make_method(scoring.method, scoring.alpha, scoring.seed)  # fail on bad options before generating captions
+    inputs, captions = _validate(lm, inputs, captions)
     sites = SiteRegistry.of(lm.model).select(scope)  # fail on a bad scope before generating captions
-    identity = score_identity(
-        lm,
-        images,
-        scope,
-        method=method,
-        alpha=alpha,
-        reduction=reduction,
-        captions=captions,
-        prompt=prompt,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-    )
-    n_images = len(images)
+    identity = score_identity(lm, inputs, scope, scoring, generation, captions)
+    n_images = len(inputs)
     world = distributed.world()
-    images, captions = world.take(images), world.take(captions)
+    inputs, captions = world.take(inputs), world.take(captions)
+    batch_size, prompt = generation.batch_size, generation.prompt
     cache = None
-    if reuse_features and features.reusable(lm, [s.name for s in sites]):
-        cache = features.FeatureCache(lm, images, prompt, batch_size)
+    if generation.reuse_features and features.reusable(lm, [s.name for s in sites]):
+        cache = features.FeatureCache(lm, inputs, generation)
     if identity["loss_text"] == "self":
-        feats = None if cache is None else cache.rows(range(len(images)))
-        captions = generate_captions(lm, images, prompt, max_new_tokens, batch_size, feats)
+        feats = None if cache is None else cache.rows(range(len(inputs)))
+        captions = generate_captions(lm, inputs, generation, feats)
 
     def batches() -> Iterator[dict]:
         for i in range(0, len(captions), batch_size):
-            ims = images[i : i + batch_size] if lm.family.takes_images else None
+            ims = inputs[i : i + batch_size] if lm.family.takes_images else None
             enc = teacher_forcing_inputs(lm.processor, lm.family, ims, captions[i : i + batch_size], prompt)
             if cache is not None:
                 enc[engine.FEATURES_KEY] = cache.rows(range(i, min(i + batch_size, len(captions))))
             yield enc
 
-    result = score_inputs(lm, batches(), scope, method, alpha, reduction, seed, gradient_checkpointing)
+    result = score_inputs(lm, batches(), scope, scoring, gradient_checkpointing)
     result.config.update(n_images=n_images if lm.family.takes_images else 0, batch_size=batch_size)
     result.config.update(identity)
     return result
 
 
-def score_sections(
-    lm: LoadedModel,
-    images: list,
-    scope: str,
-    scoring: Scoring,
-    generation: Generation,
-    model: Model,
-    captions: list[str] | None = None,
-) -> ScoreResult:
-    """``score_neurons`` with its settings passed as the sections that hold them (the command line's call)."""
-    return score_neurons(
-        lm,
-        images,
-        scope,
-        **_identity_options(scoring, generation, captions),
-        batch_size=generation.batch_size,
-        gradient_checkpointing=model.gradient_checkpointing,
-        reuse_features=model.reuse_features,
-    )
-
-
-def _identity_options(scoring: Scoring, generation: Generation, captions: list[str] | None) -> dict:
-    """The arguments of ``score_neurons`` that decide the numbers (``IDENTITY_OPTIONS``), from the sections."""
-    return dict(
-        method=scoring.method,
-        alpha=scoring.alpha,
-        reduction=scoring.reduction,
-        captions=captions,
-        prompt=generation.prompt,
-        seed=scoring.seed,
-        max_new_tokens=generation.max_new_tokens,  # loss captions are generated like the evaluated ones
-    )
-
-
 def folder_ranking(
     lm: LoadedModel,
-    images: list,
+    inputs: list,
     folder: Path,
     scope: str,
     scoring: Scoring,
@@ -255,47 +196,43 @@ def folder_ranking(
     if has_ranking(folder):
         ranking = load_folder_ranking(folder)
         remedy = "resume with the same scope, scoring settings and images, or use a new --out folder"
-        check_ranking_identity(
-            ranking, score_identity(lm, images, scope, **_identity_options(scoring, generation, captions)), remedy
-        )
+        check_ranking_identity(ranking, score_identity(lm, inputs, scope, scoring, generation, captions), remedy)
         return ranking
-    result = score_sections(lm, images, scope, scoring, generation, model, captions)
+    result = score_neurons(lm, inputs, scope, scoring, generation, captions, model.gradient_checkpointing)
     if distributed.world().main:
         result.save(folder)
     return result.ranking()
 
 
-IDENTITY_OPTIONS = ("method", "alpha", "reduction", "captions", "prompt", "seed", "max_new_tokens")
-
-
-def score_identity(lm: LoadedModel, images: list[Image.Image] | None, scope: str = default("scope"), **options) -> dict:
+def score_identity(
+    lm: LoadedModel,
+    inputs: list[Image.Image] | list[str] | None,
+    scope: str = default("scope"),
+    scoring: Scoring = Scoring(),
+    generation: Generation = Generation(),
+    captions: list[str] | None = None,
+) -> dict:
     """What decides a ranking's numbers (``canprobe.identity``); recorded in both score files.
 
-    ``options``: ``score_neurons``' own arguments that decide the numbers (``IDENTITY_OPTIONS``),
-    with its defaults, so a folder's ranking can be checked against the scoring a command would do
+    The settings of ``scoring`` and ``generation`` that decide the numbers, as ``score_neurons``
+    would use them, so a folder's ranking can be checked against the scoring a command would do
     before it is reused.
     """
-    unknown = sorted(options.keys() - set(IDENTITY_OPTIONS))
-    if unknown:
-        raise TypeError(f"score_identity got {', '.join(unknown)}; it takes {', '.join(IDENTITY_OPTIONS)}")
-    defaults = inspect.signature(score_neurons).parameters
-    method, alpha, reduction, captions, prompt, seed, max_new_tokens = (
-        options.get(name, defaults[name].default) for name in IDENTITY_OPTIONS
-    )
+    method, alpha, seed = scoring.method, scoring.alpha, scoring.seed
     if not lm.family.takes_images:  # a text-only model scores its texts, given either way
-        captions = captions or (list(images) if is_texts(images) else None)
+        captions = captions or (list(inputs) if is_texts(inputs) else None)
     source = "text" if not lm.family.takes_images else ("self" if captions is None else "reference")
     return {
         "weights": lm.fingerprint,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "images": images_fingerprint(list(images)) if lm.family.takes_images else None,
+        "images": images_fingerprint(list(inputs)) if lm.family.takes_images else None,
         "scope": scope,
         "method": method,
         "alpha": make_method(method, alpha, seed).config()["alpha"],
-        "reduction": reduction,
+        "reduction": scoring.reduction,
         "seed": seed if method == "random" else None,
         "loss_text": source,
         "captions": texts_fingerprint(captions),
-        "prompt": prompt,
-        "max_new_tokens": max_new_tokens if source == "self" else None,
+        "prompt": generation.prompt,
+        "max_new_tokens": generation.max_new_tokens if source == "self" else None,
     }
