@@ -142,22 +142,8 @@ def test_batch_size_and_padding_do_not_change_scores(tiny_llava, tiny_blip, imag
     enc = teacher_forcing_inputs(tiny_llava.processor, "llava", images, CAPTIONS)
     assert (enc["attention_mask"] == 0).any(), "captions of different lengths must pad the batch"
     for lm in (tiny_llava, tiny_blip):
-        one = score_neurons(
-            lm,
-            images,
-            scoring=Scoring(reduction="all"),
-            generation=Generation(batch_size=1),
-            scope="all",
-            captions=CAPTIONS,
-        )
-        many = score_neurons(
-            lm,
-            images,
-            scoring=Scoring(reduction="all"),
-            generation=Generation(batch_size=8),
-            scope="all",
-            captions=CAPTIONS,
-        )
+        every = Scoring(reduction="all")
+        one, many = (score_neurons(lm, images, "all", every, Generation(batch_size=n), CAPTIONS) for n in (1, 8))
         for name in one.scores:
             torch.testing.assert_close(many.scores[name], one.scores[name], rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(many.signed[name], one.signed[name], rtol=1e-4, atol=1e-7)
