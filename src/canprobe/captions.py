@@ -16,6 +16,7 @@ from PIL import Image
 from canprobe import runfolder
 from canprobe.config import Generation
 from canprobe.data import ImageSet
+from canprobe.errors import InputError
 from canprobe.features import generate as generate_from_features
 from canprobe.inputs import caption_inputs, check_prompt_fits
 from canprobe.models import LoadedModel
