@@ -6,29 +6,34 @@ import re
 
 import pytest
 
+from canprobe.config import Generation, Model
 from canprobe.plan import GIB, make_plan
 
 
 def test_plan_of_the_7b_llava_counts_neurons_and_memory():
-    plan = make_plan("llava-1.5-7b", n_images=100, scope="language.down_proj", dtype="bfloat16", batch_size=1)
+    llava = Model(model="llava-1.5-7b", dtype="bfloat16")
+    plan = make_plan(llava, n_images=100, scope="language.down_proj", generation=Generation(batch_size=1))
     assert (plan.sites, plan.neurons) == (32, 131_072)
     assert plan.weight_bytes == 7_063_427_072 * 2
     # one image of 616 language tokens: several GiB of activations kept for backward, less than the weights
     assert 1 * GIB < plan.scoring_bytes < plan.weight_bytes
     checkpointed = make_plan(
-        "llava-1.5-7b", 100, "language.down_proj", "bfloat16", batch_size=1, gradient_checkpointing=True
+        Model(model="llava-1.5-7b", dtype="bfloat16", gradient_checkpointing=True),
+        100,
+        "language.down_proj",
+        Generation(batch_size=1),
     )
     assert checkpointed.scoring_bytes < 0.5 * plan.scoring_bytes
-    two = make_plan("llava-1.5-7b", 100, "language.down_proj", "bfloat16", batch_size=64, processes=2)
+    two = make_plan(llava, 100, "language.down_proj", Generation(batch_size=64), processes=2)
     assert "50 per process" in "\n".join(two.lines)
     assert two.scoring_bytes == pytest.approx(50 * plan.scoring_bytes, rel=1e-6)  # batch capped at the shard
 
 
 def test_the_backward_of_a_language_scope_keeps_no_vision_activations():
     """Scoring the language model never builds a graph through the vision tower; scoring the ViT does."""
-    kwargs = {"n_images": 1, "dtype": "bfloat16", "batch_size": 1}
-    language = make_plan("llava-1.5-7b", scope="language", **kwargs)
-    everything = make_plan("llava-1.5-7b", scope="all", **kwargs)
+    llava, one = Model(model="llava-1.5-7b", dtype="bfloat16"), Generation(batch_size=1)
+    language = make_plan(llava, 1, "language", one)
+    everything = make_plan(llava, 1, "all", one)
     # LLaVA-1.5's ViT-L: 24 layers x 577 tokens x (8 x 1024 + 4 x 4096) bf16 elements, SDPA attention
     vision = 24 * 577 * (8 * 1024 + 4 * 4096) * 2
     assert everything.scoring_bytes - language.scoring_bytes == pytest.approx(vision, rel=0.05)
@@ -37,7 +42,7 @@ def test_the_backward_of_a_language_scope_keeps_no_vision_activations():
 
 
 def test_plan_of_an_organism_and_of_a_search():
-    plan = make_plan("toy-instructblip", 12, "language", searches=1)
+    plan = make_plan(Model(model="toy-instructblip"), 12, "language", searches=1)
     assert plan.neurons == 4 * (512 + 512 + 128 + 512)
     assert any(line.startswith("search: 1 k* search") for line in plan.lines)
 

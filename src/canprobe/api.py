@@ -96,19 +96,7 @@ def _joined(machine: Model):
 def _plan(machine: Model, image_set: ImageSet, scope: str, generation: Generation, processes: int, **search):
     from canprobe.plan import make_plan
 
-    rows = generation.batch_size
-    return make_plan(
-        machine.model,
-        len(image_set),
-        scope,
-        machine.dtype,
-        rows,
-        rows,
-        generation.max_new_tokens,
-        processes,
-        machine.gradient_checkpointing,
-        **search,
-    )
+    return make_plan(machine, len(image_set), scope, generation, processes, **search)
 
 
 def caption(model, images, out=None, *sections, notes: Notes = _log, **values):

@@ -326,17 +326,8 @@ class Experiment:
         groups = _groups(c, image_set)
         lines = [f"{len(groups)} image group(s): " + ", ".join(f"{g.name} ({len(g.images)})" for g in groups)]
         for scope in c.study.scopes:
-            plan = make_plan(
-                c.model.model,
-                max(len(g.images) for g in groups),
-                scope,
-                c.model.dtype,
-                batch_size=c.generation.batch_size,
-                generation_rows=c.generation.batch_size,
-                max_new_tokens=c.generation.max_new_tokens,
-                gradient_checkpointing=c.model.gradient_checkpointing,
-                searches=len(groups),
-            )
+            largest = max(len(g.images) for g in groups)
+            plan = make_plan(c.model, largest, scope, c.generation, searches=len(groups), growth=c.search.growth)
             _check_fault_counts(c, scope, plan.neurons)
             lines += [f"== scope {scope} (largest group)", *plan.lines]
         return lines

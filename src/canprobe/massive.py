@@ -166,9 +166,7 @@ def massive_activations(
     for site, block in layers:  # the residual stream after each block is no neuron site: a plain hook
         handles.append(block.register_forward_hook(lambda _m, _a, out, record=keep(residual, site.layer): record(out)))
         handles.append(registry.hook(site, keep(written, site.layer)))
-    best: dict[int, LayerPeak] = {}
-    entries: dict[tuple[int, int, str], _Entry] = {}
-    tokenizer = lm.tokenizer
+    fold = _Fold(ratio, lm.tokenizer)
     try:
         for _, enc, _ in forced_batches(lm, inputs, captions, generation.prompt, generation.batch_size):
             lm.model(**to_model_inputs(enc, lm.model))
@@ -178,41 +176,47 @@ def massive_activations(
             # (layers, batch, tokens, dims); OPT's MLP writes rows and positions flattened into one
             writes = torch.stack([written[s.layer].reshape(residual[s.layer].shape) for s, _ in layers])
             for site, _ in layers:
-                _collect(
-                    site.layer, residual[site.layer], mask, positions, ids, writes, ratio, tokenizer, best, entries
-                )
+                fold.add(site.layer, residual[site.layer], mask, positions, ids, writes)
     finally:
         for h in handles:
             h.remove()
     sites = [s for s, _ in layers]
-    massive = [_summarize(key, entry, sites, min_share) for key, entry in entries.items()]
+    massive = [_summarize(key, entry, sites, min_share) for key, entry in fold.entries.items()]
     massive.sort(key=lambda m: -abs(m.value))
-    return ActivationReport(len(inputs), ratio, [best[s.layer] for s in sites], massive)
+    return ActivationReport(len(inputs), ratio, [fold.best[s.layer] for s in sites], massive)
 
 
-def _collect(layer, h, mask, positions, ids, writes, ratio, tokenizer, best, entries) -> None:
-    """Fold one batch of one layer's residual output into the per-layer peaks and the massive entries."""
-    x = h.abs()
-    for b in range(x.shape[0]):
-        row = x[b][mask[b]]  # (attended tokens, dims)
-        median = float(row.median())
-        flat = int(row.argmax())
-        t, d = divmod(flat, row.shape[1])
-        token_index = int(mask[b].nonzero()[t])
-        value = float(h[b, token_index, d])
-        peak_ratio = abs(value) / median if median > 0 else float("inf")
-        if layer not in best or peak_ratio > best[layer].ratio:
-            token = tokenizer.convert_ids_to_tokens(int(ids[b, token_index]))
-            best[layer] = LayerPeak(layer, value, median, peak_ratio, t, token, d)
-        hits = ((x[b] >= ratio * median) & mask[b].unsqueeze(-1)).nonzero().tolist()
-        for ti, di in hits:
-            key = (di, int(positions[b, ti]), tokenizer.convert_ids_to_tokens(int(ids[b, ti])))
-            stats = entries.setdefault(key, _Entry()).layers.setdefault(layer, [0, 0.0, 0.0, 0.0])
-            v = float(h[b, ti, di])
-            stats[0] += 1
-            stats[1] += v
-            stats[2] += abs(v) / median
-            stats[3] = stats[3] + writes[:, b, ti, di]
+@dataclass
+class _Fold:
+    """The per-layer peaks and the massive entries, folded in one batch of one layer's residual output at a time."""
+
+    ratio: float
+    tokenizer: object
+    best: dict[int, LayerPeak] = field(default_factory=dict)
+    entries: dict[tuple[int, int, str], _Entry] = field(default_factory=dict)
+
+    def add(self, layer, h, mask, positions, ids, writes) -> None:
+        x = h.abs()
+        for b in range(x.shape[0]):
+            row = x[b][mask[b]]  # (attended tokens, dims)
+            median = float(row.median())
+            flat = int(row.argmax())
+            t, d = divmod(flat, row.shape[1])
+            token_index = int(mask[b].nonzero()[t])
+            value = float(h[b, token_index, d])
+            peak_ratio = abs(value) / median if median > 0 else float("inf")
+            if layer not in self.best or peak_ratio > self.best[layer].ratio:
+                token = self.tokenizer.convert_ids_to_tokens(int(ids[b, token_index]))
+                self.best[layer] = LayerPeak(layer, value, median, peak_ratio, t, token, d)
+            hits = ((x[b] >= self.ratio * median) & mask[b].unsqueeze(-1)).nonzero().tolist()
+            for ti, di in hits:
+                key = (di, int(positions[b, ti]), self.tokenizer.convert_ids_to_tokens(int(ids[b, ti])))
+                stats = self.entries.setdefault(key, _Entry()).layers.setdefault(layer, [0, 0.0, 0.0, 0.0])
+                v = float(h[b, ti, di])
+                stats[0] += 1
+                stats[1] += v
+                stats[2] += abs(v) / median
+                stats[3] = stats[3] + writes[:, b, ti, di]
 
 
 def _summarize(key, entry: _Entry, sites: list[Site], min_share: float) -> MassiveActivation:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from canprobe.config import default
+from canprobe.config import Generation, Model, default
 from canprobe.inventory import (
     TEXT_TOKENS,
     Inventory,
@@ -87,19 +87,19 @@ def _kv_bytes(model: torch.nn.Module, inv: Inventory, rows: int, new_tokens: int
 
 
 def make_plan(
-    model: str,
+    machine: Model,
     n_images: int,
     scope: str,
-    dtype: str = default("dtype"),
-    batch_size: int = default("batch_size"),
-    generation_rows: int = default("batch_size"),
-    max_new_tokens: int = default("max_new_tokens"),
+    generation: Generation = Generation(),
     processes: int = 1,
-    gradient_checkpointing: bool = default("gradient_checkpointing"),
     searches: int = 0,
     growth: float = default("growth"),
 ) -> Plan:
-    """The plan of scoring ``scope`` over ``n_images`` (and ``searches`` k* searches over it)."""
+    """The plan of scoring ``scope`` over ``n_images`` (and ``searches`` k* searches over it, growing k by
+    ``growth``): ``machine``'s model, dtype and gradient checkpointing; ``generation``'s batch size (images
+    per scoring pass, rows per generate) and caption length."""
+    model, dtype, gradient_checkpointing = machine.model, machine.dtype, machine.gradient_checkpointing
+    batch_size, max_new_tokens = generation.batch_size, generation.max_new_tokens
     net = meta_model(model)
     inv = inventory(net, model, dtype)
     registry = SiteRegistry.of(net)
@@ -109,7 +109,7 @@ def make_plan(
     batch = min(batch_size, max(per_process, 1))
     per_image = _scoring_activation_bytes(registry, inv, sites, gradient_checkpointing)
     scoring = per_image * batch
-    generation = _kv_bytes(net, inv, min(generation_rows, max(per_process, 1)), max_new_tokens)
+    kv_cache = _kv_bytes(net, inv, min(batch_size, max(per_process, 1)), max_new_tokens)
     lines = [
         f"model {model}: {inv.parameters:,} parameters, {inv.dtype}",
         f"scope {scope}: {len(sites)} sites, {neurons:,} neurons",
@@ -121,12 +121,10 @@ def make_plan(
         # growth to the scope size, then bisection of the last interval, plus the baseline
         steps = 1 + math.ceil(math.log(max(neurons, 2), growth)) + math.ceil(math.log2(max(neurons, 2)))
         lines.append(f"search: {searches} k* search(es), at most about {steps} evaluations each (plus curve points)")
-    plan = Plan(
-        model, dtype, processes, n_images, scope, neurons, len(sites), inv.weight_bytes, scoring, generation, ()
-    )
+    plan = Plan(model, dtype, processes, n_images, scope, neurons, len(sites), inv.weight_bytes, scoring, kv_cache, ())
     lines += [
         f"memory per process: weights {plan.weight_bytes / GIB:.2f} GiB + scoring activations "
-        f"{scoring / GIB:.2f} GiB (batch {batch}) or generation cache {generation / GIB:.2f} GiB "
+        f"{scoring / GIB:.2f} GiB (batch {batch}) or generation cache {kv_cache / GIB:.2f} GiB "
         f"-> about {plan.peak_bytes / GIB:.2f} GiB",
     ]
     return Plan(**{**plan.__dict__, "lines": tuple(lines)})
