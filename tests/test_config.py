@@ -51,11 +51,23 @@ def test_yaml_is_parsed_safely(tmp_path):
     assert make_config(read_config_file(path)).scoring.alpha == 0.5
 
 
+def test_a_setting_given_by_its_former_name_reads_as_todays(tmp_path):
+    """``ablation`` (0.1) is ``fault`` now: study files, sections and search configs still read it; both is twice."""
+    path = tmp_path / "c.yaml"
+    for text in ("ablation: sign\n", "evaluation: {ablation: sign}\n"):
+        path.write_text("model: toy-llava\nimages: scenes\n" + text)
+        assert make_config(read_config_file(path)).evaluation.fault == "sign"
+    assert SearchConfig.of(ablation="sign").evaluation.fault == "sign"
+    path.write_text("model: toy-llava\nimages: scenes\nfault: zero\nevaluation: {ablation: sign}\n")
+    with pytest.raises(InputError, match="fault is given twice \\(once by its former name ablation\\)"):
+        read_config_file(path)
+
+
 def test_a_study_file_may_group_its_fields_in_sections(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
         "model: {model: toy-llava, dtype: bfloat16}\ndata: {images: scenes, images_per_category: 3}\n"
-        "scoring: {alpha: 0.5}\nsearch: {collapse_ppl_ratio: 50}\nevaluation: {ablation: mean}\n"
+        "scoring: {alpha: 0.5}\nsearch: {collapse_ppl_ratio: 50}\nevaluation: {fault: mean}\n"
         "study: {scopes: [language.gate_proj]}\nseed: 7\n"
     )
     nested = make_config(read_config_file(path))
@@ -64,11 +76,11 @@ def test_a_study_file_may_group_its_fields_in_sections(tmp_path):
         images_per_category=3,
         alpha=0.5,
         collapse_ppl_ratio=50.0,
-        ablation="mean",
+        fault="mean",
         scopes=["language.gate_proj"],
         seed=7,
     )
-    assert nested == flat and nested.scoring.alpha == 0.5 and nested.evaluation.ablation == "mean"
+    assert nested == flat and nested.scoring.alpha == 0.5 and nested.evaluation.fault == "mean"
     for text, match in [
         ("scoring: {dtype: bfloat16}", "section scoring: 'dtype' is not one of its fields"),
         ("alpha: 0.5\nscoring: {alpha: 0.2}", "alpha is given twice"),

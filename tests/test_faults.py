@@ -360,7 +360,7 @@ def test_any_string_is_a_valid_fault_spec_or_an_input_error(text):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(st.sampled_from(["bitflip:bit=1e1", "noise:sigma=nan", "bitflip:bit=7"]), FAULT_SPECS))
 def test_any_fault_spec_on_the_command_line_is_one_line_and_exit_2_or_runs(cli, scene_dir, tmp_path, spec):
-    args = ["--model", "toy-llava", "--images", scene_dir, "--out", tmp_path / "s", f"--ablation={spec}", "--dry-run"]
+    args = ["--model", "toy-llava", "--images", scene_dir, "--out", tmp_path / "s", f"--fault={spec}", "--dry-run"]
     out = cli("search", *args)
     try:
         check_fault(spec, "float32")

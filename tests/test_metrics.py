@@ -147,7 +147,7 @@ def test_nan_activations_are_data_not_crashes(tiny_llava, clip_dir):
         images,
         load_model(str(clip_dir)),
         Generation(max_new_tokens=4),
-        Evaluation(ppl_scorer="masked", ablation="mean"),
+        Evaluation(ppl_scorer="masked", fault="mean"),
         stats=stats,
     )
     (metrics,) = evaluator.evaluate([[f"{site}:0"]])

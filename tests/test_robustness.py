@@ -94,12 +94,12 @@ def test_bad_fault_input_is_one_line_and_exit_2(cli, images, tmp_path, flags, me
 
 
 def test_search_and_ablate_take_a_fault(cli, images, tmp_path):
-    result = cli("search", "--model", "toy-llava", "--images", images, "--out", tmp_path / "s", "--ablation", "melt")
+    result = cli("search", "--model", "toy-llava", "--images", images, "--out", tmp_path / "s", "--fault", "melt")
     assert result.code == 2 and "unknown fault 'melt'" in result.err and result.err.count("\n") == 1
     neuron = "language.layers.1.mlp.down_proj:7"
     args = ["ablate", "--model", "toy-llava", "--images", images, "--neurons", neuron, "--max-new-tokens", "6"]
-    result = cli(*args, "--ablation", "bitflip:bit=exponent")
+    result = cli(*args, "--fault", "bitflip:bit=exponent")
     assert result.code == 0, result.err
     assert "masked (1 neuron(s), bitflip:bit=exponent)" in result.out
-    result = cli(*args, "--ablation", "bitflip:bit=40")
+    result = cli(*args, "--fault", "bitflip:bit=40")
     assert result.code == 2 and "bit 40 is out of range for float32" in result.err

@@ -189,7 +189,7 @@ def test_stages_follow_the_documented_thresholds():
     assert c.stage(s(2.0, 26.9), base) == "degraded"
     assert c.stage(s(float("nan"), 1.0), base) == "degraded"
     assert c.stage(s(float("inf"), 1.0), base) == "collapsed"
-    for bad in (dict(growth=1.0), dict(k_per_round=0), dict(control="top"), dict(ablation="melt"), dict(max_k=0)):
+    for bad in (dict(growth=1.0), dict(k_per_round=0), dict(control="top"), dict(fault="melt"), dict(max_k=0)):
         with pytest.raises(InputError):
             SearchConfig.of(**bad)
 

@@ -61,6 +61,9 @@ def test_text_collapse_is_judged_on_ppl_and_distinct_words():
     # with a CLIP score the distinct ratio plays no part
     assert criterion.stage(_summary(1000.0, 0.1, clip=30.0), _summary(10.0, 0.9, clip=31.0)) == "degraded"
     assert "distinct-word ratio" in criterion.describe()
+    assert [criterion.quality(x) for x in (base.clip_mean, 31.0)] == ["distinct_mean", "clip_mean"]
+    text = criterion.describe("distinct_mean")
+    assert "mean distinct-word ratio <" in text and "CLIP <" not in text
 
 
 def test_a_whole_run_on_a_text_only_model(cli, lm, scene_dir, tmp_path):
@@ -74,3 +77,6 @@ def test_a_whole_run_on_a_text_only_model(cli, lm, scene_dir, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {r["category"] for r in summary["results"]} == {"car", "fish", "pooled"}
     assert (tmp_path / "run" / "report.html").exists()
+    # every search's summary names the metric that stood in for CLIP
+    search = json.loads((tmp_path / "run" / summary["results"][0]["path"] / "summary.json").read_text())
+    assert search["criterion"]["quality"] == "distinct_mean" and "no CLIP score" in search["criterion"]["text"]

@@ -183,7 +183,7 @@ class Ablation:
         lm_or_model: LoadedModel | torch.nn.Module,
         masks: Sequence[NeuronSpec],
         per_row: bool,
-        fault: str | Fault = default("ablation"),
+        fault: str | Fault = default("fault"),
         stats: Mapping[str, ChannelStats] | None = None,
         protections: Sequence[ProtectedSet | RangeRestriction] = (),
     ):
@@ -371,7 +371,7 @@ class StandingMasks(Ablation):
         lm_or_model: LoadedModel | torch.nn.Module,
         sites: Sequence[str],
         rows: int,
-        fault: str | Fault = default("ablation"),
+        fault: str | Fault = default("fault"),
         stats: Mapping[str, ChannelStats] | None = None,
     ):
         registry = SiteRegistry.of(_model_of(lm_or_model))
@@ -424,7 +424,7 @@ def _without(grouped: dict[str, torch.Tensor], protected: dict[str, torch.Tensor
 def ablate(
     lm_or_model: LoadedModel | torch.nn.Module,
     neurons: NeuronSpec,
-    fault: str | Fault = default("ablation"),
+    fault: str | Fault = default("fault"),
     stats: Mapping[str, ChannelStats] | None = None,
     protections: Sequence[ProtectedSet | RangeRestriction] = (),
 ) -> Ablation:
@@ -435,7 +435,7 @@ def ablate(
 def ablate_rows(
     lm_or_model: LoadedModel | torch.nn.Module,
     rows: Sequence[NeuronSpec],
-    fault: str | Fault = default("ablation"),
+    fault: str | Fault = default("fault"),
     stats: Mapping[str, ChannelStats] | None = None,
     protections: Sequence[ProtectedSet | RangeRestriction] = (),
 ) -> Ablation:

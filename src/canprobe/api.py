@@ -26,6 +26,7 @@ from canprobe.config import (
     Scoring,
     SearchConfig,
     compose,
+    current_names,
     flat,
     make_config,
     names,
@@ -51,6 +52,7 @@ def settings(model, *sections, **values) -> dict:
         out.update(flat(obj))
     if not isinstance(model, Model):
         out["model"] = model
+    values = current_names(values)
     unknown = sorted(values.keys() - SETTINGS.keys())
     if unknown:
         raise InputError(f"unknown setting(s) {', '.join(unknown)}; see canprobe.config.SETTINGS")
@@ -169,7 +171,7 @@ def search(model, images, out, *sections, ranking=None, dry_run: bool = False, n
     v["clip_model"] = v.get("clip_model") or default_clip_model(v["model"])
     machine, scoring = compose(Model, v), compose(Scoring, v)
     config = SearchConfig.of(**{k: x for k, x in v.items() if k in names(SearchConfig)})
-    check_fault(config.evaluation.ablation, machine.dtype)
+    check_fault(config.evaluation.fault, machine.dtype)
     out = check_run_folder(out, inputs=(images,))
     world, machine = _joined(machine)
     image_set = _images(images, v.get("images_per_category"), notes, say=world.main)
@@ -230,7 +232,7 @@ def ablate(
 
     v = settings(model, *sections, **values)
     machine, generation, evaluation = (compose(cls, v) for cls in (Model, Generation, Evaluation))
-    check_fault(evaluation.ablation, machine.dtype)
+    check_fault(evaluation.fault, machine.dtype)
     if (neurons is None) == (top is None):
         raise InputError("give exactly one of --neurons ADDR,ADDR,... and --top K (with --ranking)")
     if top is not None and ranking is None:
@@ -259,12 +261,12 @@ def ablate(
     else:
         mask, label = group_by_site(registry, unique), f"{len(unique)} neuron(s)"
     sites = [registry.by_name[n] for n in mask]
-    stats = fault_stats(lm, inputs, sites, [evaluation.ablation], generation) if mask else None
+    stats = fault_stats(lm, inputs, sites, [evaluation.fault], generation) if mask else None
     clip, ppl_lm = load_scorers(lm, machine, evaluation)
     evaluator = MaskEvaluator(lm, inputs, clip, generation, evaluation, ppl_lm=ppl_lm, stats=stats)
     unmasked = evaluator.evaluate_baseline()
     (masked,) = evaluator.evaluate([mask])
-    return Ablated([r.name for r in image_set.records], unmasked, masked, label, evaluation.ablation)
+    return Ablated([r.name for r in image_set.records], unmasked, masked, label, evaluation.fault)
 
 
 def inspect(model, images=None, *sections, ratio: float | None = None, notes: Notes = _log, **values):

@@ -65,6 +65,7 @@ class Setting:
     high_open: bool = False
     many: bool = False  # a list of values
     identity: bool = True  # False: changes only where or how fast a run goes, never its numbers
+    former: tuple[str, ...] = ()  # names an earlier release gave it (still read in study files and recorded configs)
 
     @property
     def annotation(self):
@@ -193,12 +194,13 @@ SETTINGS: dict[str, Setting] = {
     "max_k": _s("search", None, "Largest k to try (default: every neuron of the scope).", kind=int, **_POSITIVE),
     "n_samples": _s("search", 4, "Sample captions kept per point.", low=0, **_RUNTIME),
     # evaluation: what a mask does and how its captions are measured
-    "ablation": _s(
+    "fault": _s(
         "evaluation",
         "zero",
         "What masking does to a neuron: zero, mean (over all positions), mean:by=position (the mean at the "
         "token's own position), sign, stuck:value=V, stuck:at=max:factor=F, noise:sigma=S, "
         "bitflip:bit=exponent|sign|mantissa|N, weight_bitflip:bit=...:weights=largest|all.",
+        former=("ablation",),
     ),
     "ppl_scorer": _s("evaluation", "unmasked", "unmasked, masked, or a causal LM path."),
     "clip_model": _s("evaluation", None, "CLIP for the CLIP score (default: toy-clip for organisms)."),
@@ -223,6 +225,8 @@ SETTINGS: dict[str, Setting] = {
     ),
     "split_half": _s("study", True, "Compare the rankings of two disjoint halves of the images."),
 }
+# setting names of earlier releases -> today's (study files and recorded configs still read them)
+FORMER_NAMES = {old: name for name, s in SETTINGS.items() for old in s.former}
 # the sections study files of canprobe 0.1 grouped these settings under (still read)
 FORMER_SECTIONS = {
     "captions": ("prompt", "max_new_tokens"),
@@ -380,10 +384,17 @@ class CollapseCriterion:
     Stage 1 (degraded): median PPL > stage1_ppl_ratio x baseline OR mean CLIP < stage1_clip_ratio x
     baseline. Stage 2 (collapsed): median PPL >= collapse_ppl_ratio x baseline AND mean CLIP <
     collapse_clip_ratio x baseline. Text-only models have no CLIP score (the baseline's is NaN):
-    the mean distinct-word ratio of their continuations takes its place, with the same ratios, so
-    collapse = PPL up 100x AND a continuation at most half as varied as the unmasked one (repeated
-    tokens, empty output).
+    the mean distinct-word ratio of their continuations (``distinct_mean``) takes its place, with
+    the same ratios, so collapse = PPL up 100x AND a continuation at most half as varied as the
+    unmasked one (repeated tokens, empty output). ``quality`` names the metric read beside PPL; a
+    search's summary records it.
     """
+
+    @staticmethod
+    def quality(baseline_clip: float) -> str:
+        """The metric compared beside median PPL: ``clip_mean``, or ``distinct_mean`` where the unmasked
+        model has no CLIP score (a text-only model)."""
+        return "distinct_mean" if math.isnan(baseline_clip) else "clip_mean"
 
     def check(self) -> None:
         if self.collapse_ppl_ratio < self.stage1_ppl_ratio:
@@ -399,16 +410,24 @@ class CollapseCriterion:
 
     def stage(self, point, baseline) -> str:
         """NaN medians compare false, so a point with no scorable caption never counts as collapsed."""
-        ppl, clip, ppl0, clip0 = point.ppl_median, point.clip_mean, baseline.ppl_median, baseline.clip_mean
-        if math.isnan(clip0):  # a text-only model: text statistics in place of CLIP
-            clip, clip0 = point.distinct_mean, baseline.distinct_mean
+        quality = self.quality(baseline.clip_mean)
+        ppl, ppl0 = point.ppl_median, baseline.ppl_median
+        clip, clip0 = getattr(point, quality), getattr(baseline, quality)
         if ppl >= self.collapse_ppl_ratio * ppl0 and clip < self.collapse_clip_ratio * clip0:
             return "collapsed"
         if ppl > self.stage1_ppl_ratio * ppl0 or clip < self.stage1_clip_ratio * clip0:
             return "degraded"
         return "healthy"
 
-    def describe(self) -> str:
+    def describe(self, quality: str | None = None) -> str:
+        """The criterion in words; ``quality`` (see ``quality``): say which metric stands beside PPL."""
+        if quality == "distinct_mean":
+            return (
+                f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean distinct-word ratio < "
+                f"{self.collapse_clip_ratio:.0%} of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or "
+                f"distinct-word ratio < {self.stage1_clip_ratio:.0%} (a text-only model: no CLIP score; the "
+                "distinct-word ratio of its continuations stands in for it)"
+            )
         return (
             f"collapse: median PPL >= {self.collapse_ppl_ratio:g}x and mean CLIP < {self.collapse_clip_ratio:.0%} "
             f"of unmasked; stage 1: PPL > {self.stage1_ppl_ratio:g}x or CLIP < {self.stage1_clip_ratio:.0%} "
@@ -431,13 +450,13 @@ class Search:
 
 @section("evaluation")
 class Evaluation:
-    """What a mask does to its neurons (``ablation``, a ``canprobe.faults`` spec) and which models score captions.
+    """What a mask does to its neurons (``fault``, a ``canprobe.faults`` spec) and which models score captions.
 
     ``clip_model``: the CLIP that scores the captions; ``find_k_star`` records the one it is given.
     """
 
     def check(self) -> None:
-        parse_fault(self.ablation)
+        parse_fault(self.fault)
         if not self.ppl_scorer:
             raise InputError(f"ppl scorer must be {' or '.join(PPL_SCORERS)} or a causal LM path")
 
@@ -485,6 +504,7 @@ class SearchConfig:
 
     @classmethod
     def of(cls, **values) -> SearchConfig:
+        values = current_names(values)
         unknown = sorted(values.keys() - set(names(cls)))
         if unknown:
             raise InputError(f"unknown search setting(s) {', '.join(unknown)}; known: {', '.join(names(cls))}")
@@ -516,7 +536,7 @@ class ExperimentConfig:
     study: Study = field(default_factory=Study)
 
     def __post_init__(self) -> None:
-        for spec in [self.evaluation.ablation, *self.faults.faults, self.faults.random_fault]:
+        for spec in [self.evaluation.fault, *self.faults.faults, self.faults.random_fault]:
             check_fault(spec, self.model.dtype)
 
     def search_config(self, scope: str, control: str | None, control_at: str) -> SearchConfig:
@@ -578,7 +598,7 @@ def read_config_file(path: Path | str) -> dict:
 def _grouped(section: str) -> set[str]:
     """The settings a study file may group under ``section``: its own, its subsections', FORMER_SECTIONS'."""
     own = {n for n, s in SETTINGS.items() if s.section == section or s.section.startswith(section + ".")}
-    return own | set(FORMER_SECTIONS.get(section, ()))
+    return own | {old for old, name in FORMER_NAMES.items() if name in own} | set(FORMER_SECTIONS.get(section, ()))
 
 
 def flatten_sections(values: dict, within: str = "") -> dict:
@@ -586,7 +606,7 @@ def flatten_sections(values: dict, within: str = "") -> dict:
 
     A key that names a section and holds a mapping is a section; its keys must be settings of that
     section (a subsection nests: ``search: {criterion: {collapse_ppl_ratio: 50}}``). Flat keys and
-    sections mix; a field given twice is refused.
+    sections mix; a field given twice is refused. A setting's former name reads as today's.
     """
     paths = {part for s in SETTINGS.values() for part in _prefixes(s.section)} | set(FORMER_SECTIONS)
     out: dict = {}
@@ -605,6 +625,18 @@ def flatten_sections(values: dict, within: str = "") -> dict:
             if name in out:
                 raise InputError(f"config field {name} is given twice (in a section and at its top level)")
             out[name] = item
+    return out if within else current_names(out)
+
+
+def current_names(values: dict) -> dict:
+    """``values`` with settings given by a former name (``ablation``) under today's (``fault``)."""
+    out, given = {}, {}
+    for key, value in values.items():
+        name = FORMER_NAMES.get(key, key) if isinstance(key, str) else key
+        if name in out:
+            former = given[name] if key == name else key
+            raise InputError(f"config field {name} is given twice (once by its former name {former})")
+        out[name], given[name] = value, key
     return out
 
 

@@ -283,7 +283,7 @@ class MaskEvaluator:
         self.n_images = len(inputs)
         self.lm, self.inputs, self.generation, self.evaluation = lm, self.world.take(inputs), generation, evaluation
         self.ppl_lm, self.stats, self.protections = ppl_lm, stats, tuple(protections)
-        fault = parse_fault(evaluation.ablation)
+        fault = parse_fault(evaluation.fault)
         self._standing_ok = generation.decoding == "compiled" and fault.acts_on == "activation" and fault.compiles
         self._reserved: list[str] = []
         self._standing: StandingMasks | None = None
@@ -316,7 +316,7 @@ class MaskEvaluator:
 
     def _standing_masks(self) -> StandingMasks:
         if self._standing is None:
-            fault, rows = self.evaluation.ablation, self.generation.batch_size
+            fault, rows = self.evaluation.fault, self.generation.batch_size
             standing = StandingMasks(self.lm, self._reserved, rows, fault, self.stats)
             self._release = weakref.finalize(self, standing.__exit__, None, None, None)
             self._standing = standing.__enter__()
@@ -407,7 +407,7 @@ class MaskEvaluator:
             if standing is not None:
                 masking = standing.loaded(chunk_masks)
             else:
-                masking = ablate_rows(self.lm, chunk_masks, self.evaluation.ablation, self.stats, protections)
+                masking = ablate_rows(self.lm, chunk_masks, self.evaluation.fault, self.stats, protections)
             with masking:
                 caps = generate_captions(self.lm, ims, generation, feats, prompts)
                 if self.evaluation.ppl_scorer == "masked":

@@ -211,7 +211,7 @@ class Experiment:
     def _evaluator(self, lm, clip, inputs, fault: str | None = None, stats=None) -> MaskEvaluator:
         """An evaluator with the study's settings, and ``fault`` (with its ``stats``) in place of its own."""
         c = self.config
-        evaluation = c.evaluation if fault is None else dataclasses.replace(c.evaluation, ablation=fault)
+        evaluation = c.evaluation if fault is None else dataclasses.replace(c.evaluation, fault=fault)
         return MaskEvaluator(lm, inputs, clip, c.generation, evaluation, ppl_lm=self.ppl_lm, stats=stats)
 
     def _robustness(self, lm, clip, scope: str, group: Group, ranking, k_star, out: Path, search) -> dict:
@@ -247,7 +247,7 @@ class Experiment:
             if under is not None:
                 k_protect, source = under["k_star"], f"k* of the CAN ranking under {c.faults.random_fault}"
             elif k_star is not None:
-                k_protect, source = k_star, f"k* of the CAN ranking under {c.evaluation.ablation}"
+                k_protect, source = k_star, f"k* of the CAN ranking under {c.evaluation.fault}"
             else:
                 k_protect, source = max(c.faults.fault_counts), "no k* found: the largest fault count"
             evaluator = self._evaluator(lm, clip, group.images, c.faults.random_fault, stats)

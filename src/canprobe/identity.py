@@ -4,7 +4,7 @@ Every artifact records the identity it was made under, and nothing is reused acr
 Identity holds the model's name and a fingerprint of its weights, the dtype, a digest of the
 images' pixels (so a folder of other images under the same file names is not mistaken for the
 old one), and the settings that change numbers (scope, method, alpha, reduction, loss text,
-prompt, max new tokens, criterion, ablation, fault, seed). ``SETTINGS`` marks those that only
+prompt, max new tokens, criterion, fault, seed). ``SETTINGS`` marks those that only
 change how fast or where a run goes (``identity=False``): device, device map, batch size (one
 prompt and same-size images, so no padding differs), gradient checkpointing, feature reuse,
 decoding, k values per round, and how many sample captions are kept.
@@ -64,10 +64,11 @@ def identity(record: Mapping[str, Any], settings: Mapping[str, Any] | None = Non
 
     Inside a ``config`` mapping, keys are setting names (unique across sections, so nesting is
     dropped: ``config.criterion.collapse_ppl_ratio`` and ``config.collapse_ppl_ratio`` are one
-    field), and the settings that ``settings`` (``canprobe.config.SETTINGS``) marks as no part of
-    the identity are left out.
+    field; a setting recorded under a former name reads as today's), and the settings that
+    ``settings`` (``canprobe.config.SETTINGS``) marks as no part of the identity are left out.
     """
     settings = settings or {}
+    former = {old: name for name, s in settings.items() for old in getattr(s, "former", ())}
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any, config: bool) -> None:
@@ -77,6 +78,7 @@ def identity(record: Mapping[str, Any], settings: Mapping[str, Any] | None = Non
         for key, item in value.items():
             if key == "format" and not prefix:
                 continue  # the artifact format of run.json (canprobe.runfolder), not a setting of the run
+            key = former.get(key, key) if config else key  # a setting recorded under its former name
             setting = settings.get(key) if config else None
             if setting is not None and not setting.identity:
                 continue

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from canprobe.config import CollapseCriterion  # noqa: E402
 from canprobe.errors import InputError  # noqa: E402
 from canprobe.metrics import METRICS  # noqa: E402
 from canprobe.neurons import NeuronView, patch_map, position_profile, spread_images  # noqa: E402
@@ -196,8 +197,7 @@ def _curves_section(run_dir: Path, summary: dict) -> str:
             continue
         base = curve[curve["k"] == 0].iloc[0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-        # text-only models have no CLIP score: their collapse criterion reads the distinct-word ratio
-        quality = "distinct_mean" if np.isnan(float(base["clip_mean"])) else "clip_mean"
+        quality = CollapseCriterion.quality(float(base["clip_mean"]))  # a text-only model: distinct words
         for ax, metric in ((axes[0], "ppl_median"), (axes[1], quality)):
             label = METRICS[metric].label
             for control, style in (("top", "o-"), ("random", "s--")):

@@ -58,7 +58,7 @@ def fault_kstars(
                 config,
                 control=None,
                 search=dataclasses.replace(config.search, grid_per_octave=0),
-                evaluation=dataclasses.replace(config.evaluation, ablation=spec),
+                evaluation=dataclasses.replace(config.evaluation, fault=spec),
             )
             folder = out / FAULTS_DIR / fault_dir_name(spec) / name
             found = find_k_star(lm, inputs, ranking, clip, search_config, folder, **search)
@@ -160,7 +160,7 @@ def protection_study(
             )
     result = {
         "identity": identity,
-        "fault": evaluator.evaluation.ablation,
+        "fault": evaluator.evaluation.fault,
         "k_protect": k_protect,
         "protected": list(top.addresses[:k_protect]),
         "baseline": dataclasses.asdict(baseline),

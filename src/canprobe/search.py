@@ -359,6 +359,7 @@ class CollapseSearch:
         monotone = k_star is None or all((p.stage == "collapsed") == (p.k >= k_star) for p in top)
         random_pts = sorted((p for p in self.points.values() if p.control == "random"), key=lambda p: p.k)
         at_k_star = self.points.get(("random", k_star)) if k_star is not None else None
+        quality = self.config.criterion.quality(self.baseline.clip_mean)  # what stands beside PPL
         return {
             "k_star": k_star,
             "stage1_k": stage1,
@@ -369,7 +370,11 @@ class CollapseSearch:
             "first_collapsed_evaluated": collapsed[0] if collapsed else None,
             "monotone": monotone,
             "baseline": asdict(self.baseline),
-            "criterion": {**asdict(self.config.criterion), "text": self.config.criterion.describe()},
+            "criterion": {
+                **asdict(self.config.criterion),
+                "quality": quality,
+                "text": self.config.criterion.describe(quality),
+            },
             "evaluations": {
                 "total": len(self.points),
                 "this_run": self.evaluated,
@@ -412,7 +417,7 @@ def find_k_star(
     continues under each mask; ``clip``: a CLIP LoadedModel (None for a text-only model);
     ``ranking``: a ranking DataFrame (``canprobe score``) or addresses, most important first;
     ``config``: every setting of the search, its generation (``reuse_features`` included) and its
-    evaluation (``config.evaluation.ablation``: the fault, a ``canprobe.faults`` spec); ``ppl_lm``:
+    evaluation (``config.evaluation.fault``: the fault, a ``canprobe.faults`` spec); ``ppl_lm``:
     the separate PPL model ``config.evaluation.ppl_scorer`` names, when already loaded; ``stats``
     (``fault_stats``) for faults that need clean statistics, computed on ``inputs`` when not given.
     Under ``torch.distributed`` pass all inputs to every process; rank 0 writes ``out_dir``.
@@ -428,7 +433,7 @@ def find_k_star(
     top = ranked_in_scope(registry, ranking, config.scope)
     everything = RankedNeurons.from_sites(registry.select(config.scope))
     if stats is None:
-        stats = fault_stats(lm, inputs, config.scope, [config.evaluation.ablation], config.generation)
+        stats = fault_stats(lm, inputs, config.scope, [config.evaluation.fault], config.generation)
     evaluator = MaskEvaluator(lm, inputs, clip, config.generation, config.evaluation, ppl_lm=ppl_lm, stats=stats)
     names = list(image_names) if image_names is not None else [str(i) for i in range(len(inputs))]
     scored = ranking.attrs.get("config", {}) if isinstance(ranking, pd.DataFrame) else {}
