@@ -66,10 +66,11 @@ ACTIVATION = {"method": "activation", "alpha": 0.0}  # the activation-only contr
 
 @dataclass
 class Group:
-    """The images one search runs on: one category, or all of them pooled."""
+    """The inputs one search runs on (one category, or all of them pooled): images, or the texts a
+    text-only model continues."""
 
     name: str
-    images: list
+    inputs: list
     names: list[str]
     captions: list[str] | None
 
@@ -184,17 +185,17 @@ class Experiment:
             raise InputError(f"{out / SUMMARY_FILE} is not a search summary (damaged); rerun with --restart")
         baseline = MetricSummary.from_dict(baseline)
         if "activation" in wanted:
-            act_ranking = self._ranking(lm, scope, group.images, group.captions, out / "activation", ACTIVATION)
+            act_ranking = self._ranking(lm, scope, group.inputs, group.captions, out / "activation", ACTIVATION)
             mask = ranked_in_scope(registry, act_ranking, scope).prefix(k_star)
-            ev = self._evaluator(lm, clip, group.images)
+            ev = self._evaluator(lm, clip, group.inputs)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["activation"] = dataclasses.asdict(point)
             result["activation_collapsed"] = criterion.stage(point, baseline) == "collapsed"
         if "mean" in wanted:
             fault = Mean(by=c.study.mean_control)
-            stats = fault_stats(lm, group.images, scope, [fault.spec()], c.generation)
+            stats = fault_stats(lm, group.inputs, scope, [fault.spec()], c.generation)
             mask = ranked_in_scope(registry, ranking, scope).prefix(k_star)
-            ev = self._evaluator(lm, clip, group.images, fault.spec(), stats)
+            ev = self._evaluator(lm, clip, group.inputs, fault.spec(), stats)
             point = MetricSummary.of(ev.evaluate([mask])[0])
             result["mean_ablation"] = dataclasses.asdict(point)
             result["mean_ablation_fault"] = fault.spec()
@@ -221,15 +222,15 @@ class Experiment:
         everything = RankedNeurons.from_sites(registry.select(scope))
         top = ranked_in_scope(registry, ranking, scope)
         specs = [*c.faults.faults, c.faults.random_fault]
-        stats = fault_stats(lm, group.images, scope, specs, c.generation, calibrate=True)  # range restriction
+        stats = fault_stats(lm, group.inputs, scope, specs, c.generation, calibrate=True)  # range restriction
         rankings = {
             "can": ranking,
-            "activation": self._ranking(lm, scope, group.images, group.captions, out / "activation", ACTIVATION),
+            "activation": self._ranking(lm, scope, group.inputs, group.captions, out / "activation", ACTIVATION),
             "random": random_order(everything, c.scoring.seed),
         }
         rows = fault_kstars(
             lm,
-            group.images,
+            group.inputs,
             clip,
             rankings,
             c.faults.faults,
@@ -250,7 +251,7 @@ class Experiment:
                 k_protect, source = k_star, f"k* of the CAN ranking under {c.evaluation.fault}"
             else:
                 k_protect, source = max(c.faults.fault_counts), "no k* found: the largest fault count"
-            evaluator = self._evaluator(lm, clip, group.images, c.faults.random_fault, stats)
+            evaluator = self._evaluator(lm, clip, group.inputs, c.faults.random_fault, stats)
             protection = protection_study(evaluator, everything, top, k_protect, c.faults, search, stats, out)
             protection["k_protect_from"] = source
         return {
@@ -264,8 +265,8 @@ class Experiment:
     def _split_half(self, lm, scope: str, pooled: Group, k: int) -> dict:
         """Score two disjoint halves (even / odd images) and compare their top-k sets and score orders."""
         halves = []
-        for name, idx in (("a", range(0, len(pooled.images), 2)), ("b", range(1, len(pooled.images), 2))):
-            images = [pooled.images[i] for i in idx]
+        for name, idx in (("a", range(0, len(pooled.inputs), 2)), ("b", range(1, len(pooled.inputs), 2))):
+            images = [pooled.inputs[i] for i in idx]
             captions = None if pooled.captions is None else [pooled.captions[i] for i in idx]
             out = self.out / "scopes" / scope_dir_name(scope) / "split_half" / name
             halves.append(self._ranking(lm, scope, images, captions, out))
@@ -324,9 +325,9 @@ class Experiment:
         )
         _check_categories(c, image_set)
         groups = _groups(c, image_set)
-        lines = [f"{len(groups)} image group(s): " + ", ".join(f"{g.name} ({len(g.images)})" for g in groups)]
+        lines = [f"{len(groups)} image group(s): " + ", ".join(f"{g.name} ({len(g.inputs)})" for g in groups)]
         for scope in c.study.scopes:
-            largest = max(len(g.images) for g in groups)
+            largest = max(len(g.inputs) for g in groups)
             plan = make_plan(c.model, largest, scope, c.generation, searches=len(groups), growth=c.search.growth)
             _check_fault_counts(c, scope, plan.neurons)
             lines += [f"== scope {scope} (largest group)", *plan.lines]
@@ -370,7 +371,7 @@ class Experiment:
         registry = SiteRegistry.of(lm.model)
         for scope in c.study.scopes:  # fail on a bad scope before any work
             _check_fault_counts(c, scope, sum(site.size for site in registry.select(scope)))
-        check_context(lm, groups[0].images[0], c.generation.prompt, c.generation.max_new_tokens)
+        check_context(lm, groups[0].inputs[0], c.generation.prompt, c.generation.max_new_tokens)
         return image_set, groups, lm, clip
 
     def _run(self, image_set: ImageSet, groups: list[Group], lm: LoadedModel, clip: LoadedModel) -> dict:
@@ -383,12 +384,12 @@ class Experiment:
             bar.set_postfix_str(f"{scope} / {group.name}")
             out = self.out / "scopes" / scope_dir_name(scope) / group.name
             t = time.perf_counter()
-            ranking = self._ranking(lm, scope, group.images, group.captions, out)
+            ranking = self._ranking(lm, scope, group.inputs, group.captions, out)
             rankings[(scope, group.name)] = ranking
             self.timings.add("scoring", t)
             t = time.perf_counter()
             search_config = self._search_config(scope, group.name)
-            found = find_k_star(lm, group.images, ranking, clip, search_config, out, group.names, ppl_lm=self.ppl_lm)
+            found = find_k_star(lm, group.inputs, ranking, clip, search_config, out, group.names, ppl_lm=self.ppl_lm)
             self.timings.add("search", t)
             t = time.perf_counter()
             controls = self._controls(lm, clip, scope, group, ranking, found.k_star, out, search_config)
@@ -404,7 +405,7 @@ class Experiment:
                     "scope": scope,
                     "category": group.name,
                     "path": out.relative_to(self.out).as_posix(),
-                    "n_images": len(group.images),
+                    "n_images": len(group.inputs),
                     "k_star": found.k_star,
                     "stage1_k": found.stage1_k,
                     "n_neurons": found.summary["scope_size"],
@@ -430,7 +431,7 @@ class Experiment:
                     "jaccard": [[_jaccard(tops[a], tops[b]) for b in cats] for a in cats],
                 }
             pooled = next((g for g in groups if g.name == POOLED), None)
-            if c.study.split_half and pooled is not None and len(pooled.images) >= 2:
+            if c.study.split_half and pooled is not None and len(pooled.inputs) >= 2:
                 split_half[scope] = self._split_half(lm, scope, pooled, k)
         self.timings.add("stability", t)
         t = time.perf_counter()
