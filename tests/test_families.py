@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from canprobe.ablation import ablate, ablate_rows, to_model_inputs
+from canprobe.ablation import StandingMasks, ablate, ablate_rows, to_model_inputs
 from canprobe.captions import generate_captions
 from canprobe.config import Generation, Scoring
 from canprobe.families import family_for
@@ -258,9 +258,6 @@ def _captum(lm: LoadedModel, sites, to_input: bool) -> dict[str, dict[str, torch
         return per_sample_loss(lm.model, {**enc, key: x})
 
     registry = SiteRegistry(lm.model)
-    layers = [registry.module(s) for s in sites]
-    gxa = LayerGradientXActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
-    act = LayerActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
     labels = enc["labels"]
     if "decoder_input_ids" in enc:  # T5's decoder predicts the labels in place
         loss_pos = (labels != -100).float()
@@ -268,6 +265,13 @@ def _captum(lm: LoadedModel, sites, to_input: bool) -> dict[str, dict[str, torch
         loss_pos = torch.zeros_like(labels, dtype=torch.float32)
         loss_pos[:, :-1] = (labels[:, 1:] != -100).float()
     out = {}
+    routed = [s for s in sites if s.expert >= 0]
+    if routed:
+        out.update(_captum_routed(lm, routed, forward, enc[key], loss_pos))
+        sites = [s for s in sites if s.expert < 0]
+    layers = [registry.module(s) for s in sites]
+    gxa = LayerGradientXActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
+    act = LayerActivation(forward, layers).attribute(enc[key], attribute_to_layer_input=to_input)
     for site, g, a in zip(sites, gxa, act):
         if g.shape[-1] != site.size:  # the site's slice of a fused linear's output (Phi-3's gate_up_proj)
             g, a = g.chunk(site.parts, dim=-1)[site.part], a.chunk(site.parts, dim=-1)[site.part]
@@ -290,6 +294,44 @@ def _captum(lm: LoadedModel, sites, to_input: bool) -> dict[str, dict[str, torch
         out[site.name] = {
             "can1": (w[..., None] * g.abs()).sum(dims) / len(TEXTS),
             "can0": (w[..., None] * a.abs()).sum(dims) / len(TEXTS),
+        }
+    return out
+
+
+def _captum_routed(lm: LoadedModel, sites, forward, x, loss_pos) -> dict[str, dict[str, torch.Tensor]]:
+    """Routed experts' units from Captum, run under transformers' batched_mm experts implementation: its act_fn
+    sees every (token, k) pair in token order, so row r is token r // top_k's expert top_k_index[r] (no sort).
+    The reference averages over the loss positions routed to each expert."""
+    from captum.attr import LayerActivation, LayerGradientXActivation
+
+    registry = SiteRegistry(lm.model)
+    modules = list(dict.fromkeys(registry.module(s) for s in sites))
+    top_k: dict[int, torch.Tensor] = {}
+    handles = [
+        registry.model.get_submodule(s.module_path.rsplit(".", 1)[0]).register_forward_pre_hook(
+            lambda _m, args, layer=s.layer: top_k.__setitem__(layer, args[1])
+        )
+        for s in {s.module_path: s for s in sites}.values()
+    ]
+    lm.model.set_experts_implementation("batched_mm")
+    try:
+        gxa = LayerGradientXActivation(forward, modules).attribute(x)
+        act = LayerActivation(forward, modules).attribute(x)
+    finally:
+        lm.model.set_experts_implementation("grouped_mm")
+        for h in handles:
+            h.remove()
+    gxa, act = (dict(zip(modules, v if isinstance(v, list) else [v])) for v in (gxa, act))
+    loss = loss_pos.reshape(-1) > 0
+    out = {}
+    for site in sites:
+        module, index = registry.module(site), top_k[site.layer]
+        rows = index.reshape(-1) == site.expert
+        w = loss[torch.arange(index.numel()) // index.shape[-1]][rows].float()[:, None]
+        g, a = gxa[module][rows], act[module][rows]
+        out[site.name] = {
+            "can1": (w * g.abs()).sum(0) / w.sum().clamp(min=1),
+            "can0": (w * a.abs()).sum(0) / w.sum().clamp(min=1),
         }
     return out
 
@@ -393,6 +435,11 @@ def test_an_empty_mask_leaves_outputs_bit_identical(lm):
         plain = generate_captions(lm, IMAGES, Generation(max_new_tokens=6))
         with ablate(lm, []):
             masked = generate_captions(lm, IMAGES, Generation(max_new_tokens=6))
+        routed = [s.name for s in SiteRegistry(lm.model).sites if s.expert >= 0]
+        if routed:  # hooks on every routed expert's units, each row with nothing to mask
+            with StandingMasks(lm, routed, len(IMAGES)) as standing, standing.loaded([[]] * len(IMAGES)):
+                hooked = generate_captions(lm, IMAGES, Generation(max_new_tokens=6, batch_size=len(IMAGES)))
+            assert hooked == plain
     else:
         enc = _inputs(lm)
         enc.pop("labels")
@@ -407,11 +454,14 @@ def test_cli_search_and_ablate(cli, checkpoint, lm, scene_dir, tmp_path):
     """Vision-language models caption the images; text-only models continue the texts of captions.jsonl."""
     common = ["--model", checkpoint, *_sites(checkpoint), "--images", scene_dir, "--per-category", "1"]
     common += ["--max-new-tokens", "4", "--batch-size", "16", "--clip-model", "toy-clip"]
-    out = cli("search", *common, "--out", tmp_path / "run", "--max-k", "8", "--grid-per-octave", "0")
+    registry = SiteRegistry(lm.model)
+    # a mixture of experts: its routed experts' units too (per-row masks in the batched evaluation)
+    routed = [s for s in registry.sites if s.expert >= 0]
+    scope = ["--scope", "language.down_proj,language.experts.gate_proj"] if routed else []
+    out = cli("search", *common, *scope, "--out", tmp_path / "run", "--max-k", "8", "--grid-per-octave", "0")
     assert out.code == 0, out.err
     assert "k* = " in out.out
-    registry = SiteRegistry(lm.model)
-    neurons = ",".join(s.address(0) for s in registry.select("language.down_proj"))
+    neurons = ",".join(s.address(0) for s in [*registry.select("language.down_proj"), *routed[-2:]])
     out = cli("ablate", *common, "--neurons", neurons)
     assert out.code == 0, out.err
     assert f"masked ({neurons.count(',') + 1} neuron(s), zero)" in out.out
@@ -495,3 +545,39 @@ def test_a_torchvision_that_does_not_load_leaves_the_image_processor(checkpoint,
     prompts = lm.family.prompts(processor, ["describe"]) * len(IMAGES)
     ours, theirs = (lm.family.inputs(p, IMAGES, prompts) for p in (processor, lm.processor))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("checkpoint", ["qwen3_vl_moe"], indirect=True)
+def test_routed_experts_statistics_cover_the_tokens_routed_to_them(lm):
+    """Clean means of a routed expert's units (mean ablation) average its rows at the non-pad tokens routed to it:
+    checked against transformers' batched_mm implementation (every (token, k) pair in token order)."""
+    from canprobe.ablation import activation_stats
+    from canprobe.errors import InputError
+    from canprobe.neurons import record_neurons
+
+    registry = SiteRegistry(lm.model)
+    sites = [registry.by_name[f"language.layers.1.mlp.experts.{e}.gate_proj"] for e in range(4)]
+    stats = activation_stats(lm, IMAGES, sites, captions=TEXTS, generation=Generation(batch_size=len(TEXTS)))
+    enc = _inputs(lm)
+    enc.pop("labels")
+    experts = lm.model.get_submodule(sites[0].module_path.rsplit(".", 1)[0])
+    seen = {}
+    handles = [
+        experts.register_forward_pre_hook(lambda _m, args: seen.update(top_k=args[1])),
+        experts.act_fn.register_forward_hook(lambda _m, _a, out: seen.update(rows=out)),
+    ]
+    lm.model.set_experts_implementation("batched_mm")
+    try:
+        with torch.no_grad():
+            lm.model(**enc)
+    finally:
+        lm.model.set_experts_implementation("grouped_mm")
+        for h in handles:
+            h.remove()
+    top_k, k = seen["top_k"], seen["top_k"].shape[-1]
+    attended = enc["attention_mask"].reshape(-1).bool()[torch.arange(top_k.numel()) // k]
+    for site in sites:
+        rows = (top_k.reshape(-1) == site.expert) & attended
+        torch.testing.assert_close(stats[site.name].mean, seen["rows"][rows].mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="routed expert's units exist only at the tokens routed to it"):
+        record_neurons(lm, IMAGES[:1], ["one"], [sites[0].address(0)])

@@ -134,6 +134,9 @@ def test_resolve_checks_the_model(llava, address, needle):
         "language.layers.1.mlp.down_proj:3\n",
         "language.layers.1.mlp.down_proj:-1",
         "language.layers.\u0661.mlp.down_proj:3",
+        "language.layers.1.mlp.experts.gate_proj:3",
+        "language.layers.1.mlp.experts.01.gate_proj:3",
+        "language.layers.1.mlp.experts.2.up_proj:3",
         "",
     ],
 )
@@ -147,13 +150,18 @@ def test_neurons_order_and_print():
     assert a < b and str(b) == "projector.linear_1:10" and b == Neuron("projector.linear_1", 10)
 
 
-_kinds = st.sampled_from(
-    [f"{c}.layers.{{}}.mlp.{k}" for c in ("language", "vision") for k in known_kinds(c)]
-    + [f"qformer.layers.{{}}.{k}" for k in known_kinds("qformer")]
+_kinds = st.sampled_from(  # a routed expert's kinds are printed with the expert's number
+    [
+        f"{c}.layers.{{0}}.mlp.{k.replace('experts.', 'experts.{1}.')}"
+        for c in ("language", "vision")
+        for k in known_kinds(c)
+    ]
+    + [f"qformer.layers.{{0}}.{k}" for k in known_kinds("qformer")]
 )
 _valid = st.builds(
-    lambda kind, layer, index: f"{kind.format(layer)}:{index}",
+    lambda kind, layer, expert, index: f"{kind.format(layer, expert)}:{index}",
     _kinds,
+    st.integers(0, 999),
     st.integers(0, 999),
     st.integers(0, 10**8),
 ) | st.builds(lambda k, i: f"projector.{k}:{i}", st.sampled_from(["linear_1", "linear_2"]), st.integers(0, 10**8))

@@ -181,3 +181,150 @@ def test_the_readme_tables_are_the_families_in_the_code():
     assert _readme_types("| `model_type` | models | language sites |") == adapters
     assert _readme_types("| `model_type` | models | what structure finds |") == set(TESTED)
     assert not adapters & set(TESTED)  # the end-to-end structure families have no adapter
+
+
+@pytest.mark.parametrize(
+    "model_type, experts",
+    [("qwen3_vl_moe", "num_experts"), ("qwen3_5_moe", "num_experts"), ("glm4v_moe", "n_routed_experts")],
+)
+def test_inspect_lists_each_routed_experts_units_from_a_config_alone(cli, tmp_path, model_type, experts):
+    """A config folder alone (meta device): every MoE layer has num_experts x moe_intermediate_size gate units."""
+    config = AutoConfig.for_model(model_type)
+    config.save_pretrained(tmp_path)
+    out = cli("inspect", tmp_path)
+    assert out.code == 0, out.err
+    text = config.get_text_config()
+    dense = getattr(text, "first_k_dense_replace", 0)
+    row = _row(out.out, "language.experts.gate_proj")
+    per_layer = getattr(text, experts) * text.moe_intermediate_size
+    layers = text.num_hidden_layers - dense
+    assert [int(x.replace(",", "")) for x in row[1:4]] == [layers, per_layer, layers * per_layer], row
+    registry = SiteRegistry(_meta(model_type))
+    last = registry.by_name[
+        f"language.layers.{text.num_hidden_layers - 1}.mlp.experts.{getattr(text, experts) - 1}.gate_proj"
+    ]
+    assert last.size == text.moe_intermediate_size and last.module_path.endswith("mlp.experts.act_fn")
+    assert registry.resolve(f"{last.name}:{last.size - 1}") == (last, last.size - 1)
+    with pytest.raises(UnsupportedModelError, match="routed expert's units"):
+        registry.weight(last)
+
+
+@pytest.fixture(scope="module")
+def moe():
+    """A tiny Qwen3-VL-MoE (4 experts, 2 per token) and a batch of two rows of text."""
+    from tests.structure_builders import build_qwen3_vl_moe
+
+    torch.manual_seed(0)
+    model = build_qwen3_vl_moe()[0].eval()
+    return model, torch.randint(20, 60, (2, 9))
+
+
+def _routed(model, ids: torch.Tensor, layer: int, hooks=()):
+    """Layer ``layer``'s block output per token and the experts each token was routed to (one forward)."""
+    block = model.model.language_model.layers[layer].mlp
+    seen = {}
+    handles = [
+        block.register_forward_hook(lambda _m, _a, out: seen.update(out=out.reshape(-1, out.shape[-1]))),
+        block.experts.register_forward_pre_hook(lambda _m, args: seen.update(top_k=args[1])),
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen["out"], seen["top_k"]
+
+
+def test_masking_one_experts_unit_leaves_every_token_routed_elsewhere_unchanged(moe):
+    from canprobe.ablation import ablate
+
+    model, ids = moe
+    registry = SiteRegistry.of(model)
+    clean, top_k = _routed(model, ids, 1)
+    for expert in range(4):
+        routed = (top_k == expert).any(dim=1)
+        assert 0 < int(routed.sum()) < routed.numel()  # the batch has tokens routed to it and tokens that are not
+        with ablate(model, [f"language.layers.1.mlp.experts.{expert}.gate_proj:3"]):
+            masked, again = _routed(model, ids, 1)
+        assert torch.equal(again, top_k)  # the mask acts after the router: the routing is the same
+        assert torch.equal(masked[~routed], clean[~routed]), expert
+        changed = (masked != clean).any(dim=1)
+        assert changed[routed].all(), expert
+    # masking all of an expert's units is dropping its contribution: its routing weight set to zero by hand
+    site = registry.by_name["language.layers.1.mlp.experts.2.gate_proj"]
+    with ablate(model, [site.address(j) for j in range(site.size)]):
+        masked, _ = _routed(model, ids, 1)
+
+    def drop_expert(_m, args):
+        hidden, index, weights = args
+        return hidden, index, weights.masked_fill(index == 2, 0.0)
+
+    handle = model.model.language_model.layers[1].mlp.experts.register_forward_pre_hook(drop_expert)
+    try:
+        by_hand, _ = _routed(model, ids, 1)
+    finally:
+        handle.remove()
+    assert torch.equal(masked, by_hand)
+
+
+def test_each_routed_experts_hook_gets_the_rows_of_the_tokens_routed_to_it(moe):
+    """The rows handed to expert E's hook are E's units at its tokens, checked against transformers' batched_mm
+    implementation, which runs every (token, k) pair in token order (no sort)."""
+    model, ids = moe
+    registry = SiteRegistry.of(model)
+    act = model.model.language_model.layers[0].mlp.experts.act_fn
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    sites = [registry.by_name[f"language.layers.0.mlp.experts.{e}.gate_proj"] for e in range(4)]
+    handles = [
+        registry.hook(s, lambda x, s=s: seen.__setitem__(s.expert, (x.clone(), registry.expert_rows(s)[0])))
+        for s in sites
+    ]
+    try:
+        _, top_k = _routed(model, ids, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not act._forward_hooks and not model.model.language_model.layers[0].mlp.experts._forward_pre_hooks
+    rows = {}
+    handle = act.register_forward_hook(lambda _m, _a, out: rows.update(all=out))
+    model.set_experts_implementation("batched_mm")
+    try:
+        _routed(model, ids, 0)
+    finally:
+        model.set_experts_implementation("grouped_mm")
+        handle.remove()
+    pairs = rows["all"].view(*top_k.shape, -1)  # batched_mm: row t * top_k + k is token t's k-th expert
+    for expert, (values, tokens) in seen.items():
+        token, slot = (top_k == expert).nonzero(as_tuple=True)
+        assert sorted(tokens.tolist()) == token.tolist()
+        expected = pairs[token, slot][tokens.argsort().argsort()]  # in the order of the hook's rows
+        torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_routed_experts_refuse_what_they_cannot_place(moe):
+    """Another experts implementation, or experts that see a part of their layer's tokens (ERNIE 4.5-VL's
+    modality experts): one line, and the model is left unhooked."""
+    from canprobe.ablation import ablate
+    from canprobe.errors import InputError
+
+    model, ids = moe
+    address = ["language.layers.0.mlp.experts.1.gate_proj:0"]
+    model.set_experts_implementation("eager")
+    try:
+        with pytest.raises(InputError, match="grouped_mm experts implementation; this model runs 'eager'"):
+            with ablate(model, address):
+                model(input_ids=ids)
+    finally:
+        model.set_experts_implementation("grouped_mm")
+    block = model.model.language_model.layers[0].mlp
+    handle = block.register_forward_pre_hook(
+        lambda _m, args: (args[0][:, 1:].contiguous(),)
+    )  # one position fewer per row
+    try:
+        with pytest.raises(InputError, match="read 16 of their layer's 18 tokens"):
+            with ablate(model, address):
+                model(input_ids=ids)
+    finally:
+        handle.remove()
+    assert not block.experts._forward_pre_hooks and not block.experts.act_fn._forward_hooks

@@ -139,8 +139,10 @@ class TokenPositions:
 
     def __init__(self):
         self.ids: torch.Tensor | None = None
+        self.registry: SiteRegistry | None = None
 
     def hook(self, registry: SiteRegistry) -> torch.utils.hooks.RemovableHandle:
+        self.registry = registry
         layer = get_module(registry.model, registry.family.layer_paths(registry.model, "language")[0])
 
         def record(_module, _args, kwargs):
@@ -161,6 +163,10 @@ class TokenPositions:
                 "this model passes none"
             )
         ids = self.ids.to(x.device)
+        if site.expert >= 0:  # a routed expert's rows: the positions of their tokens
+            tokens, count = self.registry.expert_rows(site)
+            seq = ids.shape[-1]
+            return ids.reshape(-1, seq).expand(count // seq, seq).reshape(-1)[tokens.to(x.device)]
         rows, seq = x.shape[:-1].numel() // ids.shape[-1], ids.shape[-1]
         return ids.reshape(-1, seq).expand(rows, seq).reshape(x.shape[:-1])
 
@@ -256,22 +262,30 @@ class Ablation:
     def _check(self, x: torch.Tensor, site: Site) -> None:
         if not isinstance(x, torch.Tensor) or x.shape[-1] != site.size:
             raise RuntimeError(f"{site.name}: expected a tensor with {site.size} features at the hook")
-        if self.rows is not None and x.shape[0] != self.rows:
+        if self.rows is not None and site.expert < 0 and x.shape[0] != self.rows:
             raise InputError(
                 f"per-row masks were given for {self.rows} rows but the batch at {site.name} has {x.shape[0]}"
             )
 
-    def _row_mask(self, mask: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
-        return mask if self.rows is None else mask[: self.rows].view(self.rows, *([1] * (x.dim() - 2)), size)
+    def _row_mask(self, mask: torch.Tensor, x: torch.Tensor, site: Site) -> torch.Tensor:
+        if self.rows is None:
+            return mask
+        if site.expert >= 0:  # a routed expert's rows, one per token routed to it: each its batch row's mask
+            tokens, count = self.registry.expert_rows(site)
+            if count % self.rows:
+                raise InputError(f"per-row masks were given for {self.rows} rows but {site.name} reads {count} tokens")
+            return mask[: self.rows][(tokens // (count // self.rows)).to(mask.device)]
+        return mask[: self.rows].view(self.rows, *([1] * (x.dim() - 2)), site.size)
 
     def _replace(self, x: torch.Tensor, site: Site) -> torch.Tensor:
-        if self.rows is not None and site.component == "language" and x.dim() == 2 and x.shape[0] % self.rows == 0:
+        flat = site.expert < 0 and site.component == "language" and x.dim() == 2
+        if self.rows is not None and flat and x.shape[0] % self.rows == 0:
             # rows and positions flattened into one (OPT's MLP): each row's positions get its mask
             return self._replace(x.view(self.rows, -1, x.shape[-1]), site).view_as(x)
         self._check(x, site)
         mask = self._masks.get(site.name) if self.fault.acts_on == "activation" else None
         if mask is not None:
-            x = self.fault.apply(x, self._row_mask(mask, x, site.size), self._state[site.name])
+            x = self.fault.apply(x, self._row_mask(mask, x, site), self._state[site.name])
         bounds = self._bounds.get(site.name)
         if bounds is not None:
             x = clamp(x, *bounds)
@@ -492,7 +506,9 @@ def activation_stats(
             x = x.detach().to(torch.float64)
             flat = x.reshape(-1, site.size)
             w = weights.get("language") if site.component == "language" else None
-            if w is not None and (x.shape[:2] == w.shape or x.shape[:-1].numel() == w.numel()):
+            if w is not None and site.expert >= 0:  # a routed expert's rows: its tokens' weights
+                w = w.reshape(-1)[registry.expert_rows(site)[0].to(w.device)].reshape(-1, 1)
+            elif w is not None and (x.shape[:2] == w.shape or x.shape[:-1].numel() == w.numel()):
                 w = w.reshape(-1, 1)
             else:
                 w = torch.ones(flat.shape[0], 1, dtype=torch.float64, device=flat.device)

@@ -8,6 +8,7 @@ so true counts come out in seconds, with no weights read (a 30B model before dow
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,20 +113,32 @@ def inventory(model: torch.nn.Module, name: str, dtype: str) -> Inventory:
     groups: dict[tuple[str, str], list[Site]] = {}
     for site in registry.sites:
         groups.setdefault((site.component, site.kind), []).append(site)
+    experts = Counter(s.module_path for s in registry.sites if s.expert >= 0)  # routed experts per module
     rows = []
     for (component, kind), sites in groups.items():
-        # the linears that own the neurons; a mixture of experts' output channels: the whole block
-        owners = [(registry.weight(s) if s.weight_path else registry.module(s), s.parts) for s in sites]
+        # the linears that own the neurons; a mixture of experts' output channels: the whole block; a routed
+        # expert's units: its share of the experts module
+        owners = [
+            (registry.weight(s), s.parts)
+            if s.weight_path
+            else (registry.module(s), 1)
+            if s.expert < 0
+            else (registry.model.get_submodule(s.module_path.rsplit(".", 1)[0]), experts[s.module_path])
+            for s in sites
+        ]
         params = sum(p.numel() // parts for owner, parts in owners for p in owner.parameters())
-        sizes = {s.size for s in sites}
+        by_layer = Counter()  # a routed expert's kind: every expert's units of the layer
+        for s in sites:
+            by_layer[s.layer] += s.size
+        sizes = set(by_layer.values())
         per_layer = sizes.pop() if len(sizes) == 1 else 0
-        rows.append(SiteKindRow(component, kind, len(sites), per_layer, sum(s.size for s in sites), params))
+        rows.append(SiteKindRow(component, kind, len(by_layer), per_layer, sum(by_layer.values()), params))
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     components = []
     for component, (owner, stack) in component_modules(registry).items():
         layers = len({s.layer for s in registry.sites if s.component == component})
         tokens = registry.family.tokens(model.config, component, TEXT_TOKENS)
-        widths = {s.size for s in registry.sites if s.component == component}
+        widths = {s.size for s in registry.sites if s.component == component and s.expert < 0}
         elements = _activation_elements(owner, component, tokens, layers, widths)
         components.append(
             ComponentRow(component, layers, sum(p.numel() for p in stack.parameters()), tokens, elements * itemsize)

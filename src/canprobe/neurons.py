@@ -249,6 +249,12 @@ def record_neurons(
         raise InputError("no neuron to show")
     registry = SiteRegistry.of(lm.model)
     resolved = [registry.resolve(a) for a in neurons]
+    routed = next((site for site, _ in resolved if site.expert >= 0), None)
+    if routed is not None:
+        raise InputError(
+            f"{routed.name}: a routed expert's units exist only at the tokens routed to it; they have no view "
+            "over every position"
+        )
     chosen: dict[str, list[int]] = {}
     for site, index in resolved:
         chosen.setdefault(site.name, []).append(index)
@@ -387,7 +393,11 @@ def study_view(
     """The view of each search's top neurons (``top_neurons``) on a few images spread over the categories;
     None when no search has any. ``texts``: a text-only model's inputs, one per image."""
     picks = {s.scope: top_neurons(s.ranking, s.k_star, top).assign(scope=s.scope) for s in searches}
-    chosen = [row for table in picks.values() for row in table.itertuples()]
+    registry = SiteRegistry.of(lm.model)
+    # a routed expert's units have no view over every position (``record_neurons``)
+    chosen = [
+        row for table in picks.values() for row in table.itertuples() if registry.resolve(row.address)[0].expert < 0
+    ]
     if not chosen:
         return None
     idx = spread_images([r.category for r in image_set.records])
@@ -396,7 +406,10 @@ def study_view(
     view = record_neurons(lm, inputs, names, [r.address for r in chosen], generation=generation)
     for stats, row in zip(view.stats, chosen):
         stats.update(scope=row.scope, score=float(row.score), rank=int(row.rank))
-    view.scopes = {s.scope: {"k_star": s.k_star, "shown": len(picks[s.scope]), "size": s.size} for s in searches}
+    view.scopes = {
+        s.scope: {"k_star": s.k_star, "shown": sum(r.scope == s.scope for r in chosen), "size": s.size}
+        for s in searches
+    }
     view.image_root = str(image_set.root)
     return view
 
@@ -437,6 +450,11 @@ def folder_view(folder: Path | str, top: int | None = None, images: Path | str |
     texts = None if lm.family.takes_images else [r.caption for r in image_set.records]
     generation = compose(Generation, {k: config[k] for k in setting_names(Generation) if config.get(k) is not None})
     view = study_view(lm, image_set, searches, top, texts, generation)
+    if view is None:
+        raise InputError(
+            f"no top neuron of {', '.join(s.scope for s in searches)} has a view: a routed expert's units exist "
+            "only at the tokens routed to it"
+        )
     view.save(folder)
     return view, kind
 

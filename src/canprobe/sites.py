@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import ClassVar
 
@@ -33,6 +33,10 @@ _ADDRESS = re.compile(
 )
 
 
+EXPERTS = "experts."  # a routed expert's kinds: ``experts.gate_proj``, printed ``experts.E.gate_proj``
+_EXPERT_KIND = re.compile(r"experts\.(?:0|[1-9][0-9]{0,5})\.(?P<unit>.+)", re.ASCII)
+
+
 @dataclass(frozen=True)
 class Site:
     """One layer's tensor of neurons."""
@@ -47,6 +51,7 @@ class Site:
     size: int
     part: int = 0  # the neurons are this slice of the weight's axis (and of a reading that wide), in
     parts: int = 1  # ``parts`` equal slices (Phi-3's fused gate_up_proj); see ``SiteKind``
+    expert: int = -1  # a routed expert's units: the rows of the module's output that expert computes
 
     @property
     def offset(self) -> int:
@@ -58,7 +63,8 @@ class Site:
         if self.component == "projector":
             return f"projector.{self.kind}"
         mid = "mlp." if self.component in ("language", "vision") else ""
-        return f"{self.component}.layers.{self.layer}.{mid}{self.kind}"
+        kind = self.kind if self.expert < 0 else self.kind.replace(EXPERTS, f"{EXPERTS}{self.expert}.", 1)
+        return f"{self.component}.layers.{self.layer}.{mid}{kind}"
 
     @property
     def scope(self) -> str:
@@ -98,8 +104,10 @@ def parse_address(text: str) -> Neuron:
     comp = m["comp"] or "qformer"
     kind, layer = (m["kind"], m["layer"]) if m["comp"] else (m["qkind"], m["qlayer"])
     kinds = known_kinds(comp)
-    if kind not in kinds:
-        raise InputError(f"{text!r}: {comp} has no site {kind!r}; its sites are {', '.join(kinds)}")
+    expert = _EXPERT_KIND.fullmatch(kind)
+    if (EXPERTS + expert["unit"] if expert else kind) not in kinds or (not expert and kind.startswith(EXPERTS)):
+        printed = (k.replace(EXPERTS, f"{EXPERTS}E.", 1) if k.startswith(EXPERTS) else k for k in kinds)
+        raise InputError(f"{text!r}: {comp} has no site {kind!r}; its sites are {', '.join(printed)}")
     mid = "mlp." if comp in ("language", "vision") else ""
     return Neuron(f"{comp}.layers.{int(layer)}.{mid}{kind}", int(m["index"]))
 
@@ -193,6 +201,7 @@ class SiteRegistry:
             raise UnsupportedModelError(f"{self.family.name} models have no neuron sites to probe")
         self.model = model
         self._modules: dict[str, torch.nn.Module] = {}
+        self._routes: dict[str, _ExpertRows] = {}
         self.sites: list[Site] = []
         for component in self.family.components(model):
             paths = self.family.layer_paths(model, component)
@@ -205,7 +214,7 @@ class SiteRegistry:
                 for kind, spec in self.family.layer_kinds(model, component, layer).items():
                     site = _site(model, component, layer, layer_path, kind, spec)
                     if site is not None:
-                        self.sites.append(site)
+                        self.sites += [replace(site, expert=e) for e in range(spec.experts)] if spec.experts else [site]
             if not any(s.component == component for s in self.sites):
                 inner = ", ".join(
                     f"{spec.module} ({spec.weight})" for spec in self.family.kinds(model, component).values()
@@ -217,7 +226,7 @@ class SiteRegistry:
 
         seen: dict[tuple[int, str], str] = {}
         for site in self.sites:
-            key = (id(get_module(model, site.module_path)), site.hook, site.part)
+            key = (id(get_module(model, site.module_path)), site.hook, site.part, site.expert)
             if key in seen:
                 raise UnsupportedModelError(
                     f"{site.name} and {seen[key]} share one module instance; their neurons cannot be told apart"
@@ -265,9 +274,10 @@ class SiteRegistry:
 
     def weight(self, site: Site) -> torch.nn.Module:
         if not site.weight_path:
+            what = "a routed expert's units" if site.expert >= 0 else "a mixture of experts' output"
             raise UnsupportedModelError(
-                f"{site.name} is a mixture of experts' output: no one linear layer owns its channels, so faults "
-                "and scores that read or edit weights do not apply to it"
+                f"{site.name} is {what}: no one linear layer owns them, so faults and scores that read or edit "
+                "weights do not apply to it"
             )
         return self._submodule(site.weight_path)
 
@@ -280,10 +290,19 @@ class SiteRegistry:
 
     def placed(self, site: Site) -> torch.Tensor:
         """A parameter beside the site's neurons, for the device and dtype of masks: its linear's weight, or
-        (a mixture of experts' output) the block's first parameter."""
+        (a mixture of experts' output, a routed expert's units) the block's or the experts' first parameter."""
         if site.weight_path:
             return self.weight(site).weight
-        return next(self.module(site).parameters())
+        path = site.module_path.rsplit(".", 1)[0] if site.expert >= 0 else site.module_path
+        return next(self._submodule(path).parameters())
+
+    def expert_rows(self, site: Site) -> tuple[torch.Tensor, int]:
+        """For a routed expert's site, inside a call of its hook: the token of each row handed to the hook
+        (an index into the block's tokens, batch rows x positions flattened) and the block's token count."""
+        rows = self._routes.get(site.module_path)
+        if rows is None or rows.current is None:
+            raise RuntimeError(f"{site.name}: its routed rows are known only inside a call of its hook")
+        return rows.current, rows.layer_tokens
 
     def weights(self, site: Site) -> torch.Tensor:
         """The site's rows (or columns) of its linear's weight, one per neuron, in neuron order."""
@@ -305,6 +324,13 @@ class SiteRegistry:
             return self.weight(site).register_forward_pre_hook(_first_arg(fn))
         if where != "neurons":
             raise ValueError(f"hook point {where!r} is not one of {', '.join(HOOK_POINTS)}")
+        if site.expert >= 0:
+            rows = self._routes.get(site.module_path)
+            if rows is None:
+                experts = self._submodule(site.module_path.rsplit(".", 1)[0])
+                layer = self._submodule(self.family.layer_paths(self.model, site.component)[site.layer])
+                rows = self._routes[site.module_path] = _ExpertRows(layer, experts, self.module(site), site.size)
+            return rows.add(site, fn)
 
         def apply(x: torch.Tensor) -> torch.Tensor | None:
             if x.shape[-1] == site.size:
@@ -328,3 +354,104 @@ class SiteRegistry:
         if site.hook == "output":
             return module.register_forward_hook(on_output)
         return module.register_forward_pre_hook(_first_arg(apply))
+
+
+class _ExpertRows:
+    """The hooks of one experts module's routed units: ``act_fn``'s output rows, handed to each expert's sites.
+
+    transformers' ``grouped_mm`` experts implementation (the default, in 5.6 as in 5.25) sorts the routed
+    (token, k) pairs by expert id, ``torch.sort(top_k_index.reshape(-1))`` (5.6 spells it ``argsort``: the
+    same sort), and calls ``act_fn`` once on all of them: expert E's rows are the E-th group, in the order
+    of that sort, and row r is token ``perm[r] // top_k``. A pre-hook on the experts module reads
+    ``top_k_index`` and sorts it the same way; the hook on ``act_fn`` hands each expert's rows to its sites'
+    functions and puts what they return back in place. A pre-hook on the decoder layer checks that the
+    experts see every token of the layer (rows x positions, in order): experts that run on a part of them
+    (ERNIE 4.5-VL's text and vision experts) are refused. The hooks are installed while a site has a function.
+    """
+
+    def __init__(self, layer: torch.nn.Module, experts: torch.nn.Module, act: torch.nn.Module, size: int):
+        self.layer, self.experts, self.act, self.size = layer, experts, act, size
+        self.layer_tokens = 0  # tokens of the layer's call (rows x positions), which its experts see
+        self.fns: dict[int, dict[int, Callable]] = {}  # expert -> handle id -> fn
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._next = 0
+        self.tokens: torch.Tensor | None = None  # per row of act_fn's output: its token
+        self.counts: list[int] = []  # rows per expert
+        self.current: torch.Tensor | None = None  # the tokens of the rows being handed to a site's function
+
+    def add(self, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> _Handle:
+        if not self._handles:
+            self._handles = [
+                self.layer.register_forward_pre_hook(self._count, with_kwargs=True),
+                self.experts.register_forward_pre_hook(self._route, with_kwargs=True),
+                self.act.register_forward_hook(self._split),
+            ]
+        self._next += 1
+        self.fns.setdefault(site.expert, {})[self._next] = fn
+        return _Handle(self, site.expert, self._next)
+
+    def remove(self, expert: int, key: int) -> None:
+        self.fns.get(expert, {}).pop(key, None)
+        if not self.fns.get(expert, True):
+            del self.fns[expert]
+        if not self.fns:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            self.tokens, self.current = None, None
+
+    def _count(self, _module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.layer_tokens = hidden.shape[:-1].numel()
+
+    def _route(self, module, args, kwargs) -> None:
+        implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        if implementation != "grouped_mm" or getattr(module, "_is_expert_parallel", False):
+            raise InputError(
+                f"routed experts' units are read from transformers' grouped_mm experts implementation; this model "
+                f"runs {implementation!r}{' with expert parallelism' if implementation == 'grouped_mm' else ''}: "
+                "load it with experts_implementation='grouped_mm', or choose a scope without experts.* sites"
+            )
+        top_k = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
+        if top_k.shape[0] != self.layer_tokens:
+            raise InputError(
+                f"the experts of {type(self.experts).__name__} read {top_k.shape[0]} of their layer's "
+                f"{self.layer_tokens} tokens: their units cannot be placed at tokens; choose a scope without "
+                "experts.* sites"
+            )
+        flat = top_k.reshape(-1)
+        perm = torch.sort(flat)[1]
+        self.tokens = perm // top_k.shape[-1]
+        self.counts = torch.bincount(flat, minlength=self.experts.num_experts).tolist()
+
+    def _split(self, _module, _args, output: torch.Tensor) -> torch.Tensor | None:
+        if self.tokens is None or output.shape != (self.tokens.numel(), self.size):
+            raise RuntimeError(
+                f"act_fn of {type(self.experts).__name__} gave {tuple(output.shape)}, not one row of "
+                f"{self.size} units per routed token (grouped_mm): its experts' units cannot be told apart"
+            )
+        rows = list(output.split(self.counts))
+        tokens = self.tokens.split(self.counts)
+        changed = False
+        try:
+            for expert, fns in self.fns.items():
+                if not self.counts[expert]:
+                    continue
+                self.current = tokens[expert]
+                for fn in list(fns.values()):
+                    new = fn(rows[expert])
+                    if new is not None:
+                        rows[expert], changed = new, True
+        finally:
+            self.current, self.tokens = None, None
+        return torch.cat(rows) if changed else None
+
+
+class _Handle:
+    """Removes one function of a routed expert's site (``RemovableHandle``'s ``remove``)."""
+
+    def __init__(self, rows: _ExpertRows, expert: int, key: int):
+        self.rows, self.expert, self.key = rows, expert, key
+
+    def remove(self) -> None:
+        self.rows.remove(self.expert, self.key)

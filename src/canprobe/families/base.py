@@ -45,6 +45,8 @@ class SiteKind:
     units, then the up units); where the reading is wider than the site, the same slice of it.
     ``weight=""``: no one linear owns the neurons (a mixture of experts' output channels); ``size``
     gives their number, and faults and methods that edit or read weights refuse the site.
+    ``experts``: the module (an experts module's ``act_fn``) computes the units of that many routed
+    experts at once, in rows grouped by expert id; the kind then has one site per expert (``sites``).
     """
 
     module: str
@@ -54,6 +56,7 @@ class SiteKind:
     part: int = 0
     parts: int = 1
     size: int = 0
+    experts: int = 0
 
     def __post_init__(self):
         if self.reading not in READINGS or self.axis not in ("out", "in"):

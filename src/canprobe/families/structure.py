@@ -21,7 +21,8 @@ stops with one line saying what, and ``--sites FILE``.
 Addresses keep canprobe's one scheme: a dense FFN's ``gate_proj`` (its activation's output),
 ``up_proj``, ``down_proj`` and ``down_proj.input`` (two-layer MLPs: ``up_proj`` is the first
 linear's output, as OPT's); a mixture of experts' ``down_proj`` is the block's output (every
-expert's and the shared expert's contribution), its shared expert's units ``shared_expert.*``.
+expert's and the shared expert's contribution), its shared expert's units ``shared_expert.*``, and
+routed expert E's gate units ``experts.E.gate_proj`` (``routed_experts``: fused 3-D experts only).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ KINDS = {
         "down_proj",
         "down_proj.input",
         *(f"shared_expert.{k}" for k in ("gate_proj", "up_proj", "down_proj", "down_proj.input")),
+        "experts.gate_proj",
     ),
     "vision": ("fc1", "fc2", "gate_proj", "up_proj", "down_proj", "down_proj.input"),
     "projector": ("linear_1", "linear_2"),
@@ -147,9 +149,37 @@ def bert_ffn(layer: torch.nn.Module) -> FFN | None:
     return FFN("", False, kinds, ("intermediate.dense", "output.dense"))
 
 
+def routed_experts(experts: torch.nn.Module, path: str) -> SiteKind | None:
+    """The gate units of fused 3-D experts run by transformers' experts implementations, or None.
+
+    Such a module (``@use_experts_implementation``, ``has_gate``) keeps every expert's ``gate_up_proj`` in
+    one [experts, 2 x units, hidden] parameter (transposed: [experts, hidden, 2 x units]), and its default
+    gate (``transformers.integrations.moe``) calls ``act_fn`` once on the gate half of every routed
+    (token, expert) row: ``act_fn``'s output holds the units ``act(gate)`` of all experts. Up units and
+    the products ``act(gate) * up`` are computed by functions, out of reach of hooks; experts with their
+    own gate (clamped, fused or without ``act_fn``) and experts of their own forward (Llama 4) get no sites.
+    """
+    act = _activation(experts)
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    gate = getattr(type(experts), "_apply_gate", None)
+    if not (
+        act
+        and getattr(experts, "has_gate", False)
+        and getattr(gate, "__module__", "") == "transformers.integrations.moe"
+        and isinstance(gate_up, torch.Tensor)
+        and isinstance(down, torch.Tensor)
+        and gate_up.dim() == down.dim() == 3
+    ):
+        return None
+    units = down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2]
+    return SiteKind(f"{path}.{act}", "output", "", "out", size=units, experts=gate_up.shape[0])
+
+
 def moe_ffn(module: torch.nn.Module, path: str, width: int) -> FFN | None:
-    """A mixture-of-experts block at ``path``: its output channels, and its shared expert's units."""
-    if getattr(module, "experts", None) is None:
+    """A mixture-of-experts block at ``path``: its output channels, its shared expert's units, and its
+    routed experts' gate units."""
+    experts = getattr(module, "experts", None)
+    if experts is None:
         return None
     kinds = {"down_proj": SiteKind(path, "output", "", "out", size=width)}
     for name in SHARED_EXPERTS:
@@ -158,6 +188,9 @@ def moe_ffn(module: torch.nn.Module, path: str, width: int) -> FFN | None:
         if found is not None:
             kinds.update({f"shared_expert.{k}": v for k, v in found.kinds.items()})
             break
+    routed = routed_experts(experts, f"{path}.experts") if isinstance(experts, torch.nn.Module) else None
+    if routed is not None:
+        kinds["experts.gate_proj"] = routed
     return FFN(path, True, kinds)
 
 

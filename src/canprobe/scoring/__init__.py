@@ -14,6 +14,9 @@ over. Which positions those are depends on where the site lives:
   CLS) of every crop of the sample, whatever ``reduction`` says.
 - ``qformer`` query-branch sites (``*_query``): every query token; text-branch sites
   (``intermediate``, ``output``): the non-pad instruction tokens.
+- a routed expert's units (``language.layers.N.mlp.experts.E.gate_proj``) exist only at the tokens
+  routed to expert E: their score is the mean over the language positions above that were routed
+  to E (all samples together), not a mean over samples.
 
 Under ``torch.distributed`` each process scores its shard of the images and the per-neuron sums
 are all-reduced, so every process ends with the scores of all images. With language-only scopes
@@ -78,6 +81,8 @@ POSITIONS = {
     "vision": "all positions of every crop (no caption positions)",
     "projector": "all image-token positions (no caption positions)",
     "qformer": "all query tokens (query branch); non-pad instruction tokens (text branch)",
+    "experts": "a routed expert's units (language.experts.*): the language positions routed to that expert, "
+    "mean over those tokens, not over samples",
 }
 
 

@@ -70,16 +70,16 @@ class _Tap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, acc: _Accumulator) -> torch.Tensor:
+    def forward(ctx, a: torch.Tensor, acc: _Accumulator, positions) -> torch.Tensor:
         ctx.save_for_backward(a)
-        ctx.acc = acc
+        ctx.acc, ctx.positions = acc, positions
         return a.view_as(a)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (a,) = ctx.saved_tensors
-        ctx.acc.backward(a, g)
-        return g, None
+        ctx.acc.backward(a, g, ctx.positions)
+        return g, None, None
 
 
 class _Accumulator:
@@ -89,22 +89,46 @@ class _Accumulator:
     ``backward_value``), weighted over the positions T_i; ``signed`` sums -a * dL/da over non-pad
     positions; ``input_sq`` (methods that read weights) the weighted mean square of the input
     features of the site's linear layer.
+
+    A routed expert's site (``routed``: the tokens of the rows its hook hands over, ``SiteRegistry.
+    expert_rows``) sees only the tokens routed to it: ``score`` sums over those of them in T_i, each
+    counted once, and ``count`` counts them, so that ``mean`` is the average over the tokens routed to
+    the expert rather than over samples.
     """
 
-    def __init__(self, site: Site, method: Method, batch: Callable[[], _Batch], encoder: bool = False):
+    def __init__(
+        self,
+        site: Site,
+        method: Method,
+        batch: Callable[[], _Batch],
+        encoder: bool = False,
+        routed: Callable[[], torch.Tensor] | None = None,
+    ):
         self.site, self.method, self.batch = site, method, batch
         self.encoder = encoder  # a language site in an encoder (T5's): it reads the prompt, not the caption
+        self.routed = routed
         self.score = torch.zeros(site.size, dtype=torch.float32)
         self.signed = torch.zeros(site.size, dtype=torch.float32)
+        self.count = torch.zeros(1, dtype=torch.float32) if routed is not None else None
         self.input_sq = None
         # the batch whose forward was hooked: gradient checkpointing recomputes it and must not count twice
         self._last: _Batch | None = None
         self._last_input: _Batch | None = None
 
+    def mean(self, n: int) -> torch.Tensor:
+        """The scores: the sums over ``n`` samples, or (a routed expert) over the tokens routed to it."""
+        return self.score / (n if self.count is None else self.count.clamp(min=1))
+
     def _positions(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(score weights, non-pad mask), each [rows, T], for an activation of shape [rows, T, N]."""
+        """(score weights, non-pad mask), each [rows, T], for an activation of shape [rows, T, N]; a routed
+        expert's rows [rows, N]: 1 for a routed token in T_i (0 elsewhere), and the non-pad mask, per row."""
         b = self.batch()
         comp = self.site.component
+        if self.routed is not None:
+            tokens = self.routed().to(a.device)
+            key = "language_encoder" if self.encoder else comp
+            w, m = b.weights[key].to(a.device).reshape(-1), b.masks[key].to(a.device).reshape(-1)
+            return (w[tokens] > 0).float(), m[tokens]
         if comp in ("vision", "projector") and a.dim() == 2:
             # one sequence of every image's patches (Qwen-VL): per-patch weights, summed over each
             # group of patches that the merger folds into one position
@@ -141,19 +165,24 @@ class _Accumulator:
         if not a.requires_grad:
             a.requires_grad_(True)
         batch = self.batch()
+        # a routed expert's rows change with every call: their positions travel with the tap
+        positions = self._positions(a) if self.routed is not None else None
         if batch is not self._last:  # a recomputed forward (checkpointing) is counted once
             self._last = batch
             with torch.no_grad():
+                if positions is not None:
+                    count = positions[0].sum().reshape(1)
+                    self.count = _on(self.count, count) + count
                 value = self.method.forward_value(a.detach())
                 if value is not None:
-                    w, _ = self._positions(a)
+                    w, _ = positions or self._positions(a)
                     value = _weighted_sum(w, value)
                     self.score = _on(self.score, value) + value
-        return _Tap.apply(a, self)
+        return _Tap.apply(a, self, positions)
 
-    def backward(self, a: torch.Tensor, g: torch.Tensor) -> None:
+    def backward(self, a: torch.Tensor, g: torch.Tensor, positions=None) -> None:
         """Accumulate the gradient-dependent sums from the activation and its gradient."""
-        w, m = self._positions(a)
+        w, m = positions or self._positions(a)
         with torch.no_grad():
             af, gf = a.float(), g.float()
             prod = af * gf
@@ -264,7 +293,16 @@ def run(
     """Hook ``sites``, run every batch forward and backward, and return their all-reduced sums and the sample count."""
     registry = SiteRegistry.of(lm.model)
     current: list[_Batch] = []
-    accs = [_Accumulator(s, method, lambda: current[0], lm.family.encoder_site(s.module_path)) for s in sites]
+    accs = [
+        _Accumulator(
+            s,
+            method,
+            lambda: current[0],
+            lm.family.encoder_site(s.module_path),
+            (lambda s=s: registry.expert_rows(s)[0]) if s.expert >= 0 else None,
+        )
+        for s in sites
+    ]
     handles = []
     n = 0
     try:
@@ -291,7 +329,10 @@ def run(
     if n == 0:
         raise InputError("no samples to score")
     fields = [
-        (acc, field) for acc in accs for field in ("score", "signed", "input_sq") if getattr(acc, field) is not None
+        (acc, field)
+        for acc in accs
+        for field in ("score", "signed", "input_sq", "count")
+        if getattr(acc, field) is not None
     ]
     for (acc, field), total in zip(fields, _on_host([getattr(acc, field) for acc, field in fields])):
         setattr(acc, field, distributed.all_reduce_sum(total))

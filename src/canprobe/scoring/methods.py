@@ -45,7 +45,7 @@ class Method:
 
     def finish(self, accs, n: int, registry: SiteRegistry) -> dict[str, torch.Tensor]:
         """Site name -> scores, from the engine's accumulators over ``n`` samples."""
-        return {acc.site.name: acc.score / n for acc in accs}
+        return {acc.site.name: acc.mean(n) for acc in accs}
 
     def config(self) -> dict:
         return {"method": self.name, "alpha": None}
