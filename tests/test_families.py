@@ -547,24 +547,28 @@ def test_a_torchvision_that_does_not_load_leaves_the_image_processor(checkpoint,
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("checkpoint", ["qwen3_vl_moe"], indirect=True)
+@pytest.mark.parametrize("checkpoint", ["glm4v_moe"], indirect=True)  # its layers get position ids (Qwen3-VL's not)
 def test_routed_experts_statistics_cover_the_tokens_routed_to_them(lm):
-    """Clean means of a routed expert's units (mean ablation) average its rows at the non-pad tokens routed to it:
-    checked against transformers' batched_mm implementation (every (token, k) pair in token order)."""
+    """Clean means of a routed expert's units (mean ablation) average its rows at the non-pad tokens routed to it,
+    overall and per token position: checked against transformers' batched_mm implementation (every (token, k)
+    pair in token order)."""
     from canprobe.ablation import activation_stats
     from canprobe.errors import InputError
     from canprobe.neurons import record_neurons
 
     registry = SiteRegistry(lm.model)
     sites = [registry.by_name[f"language.layers.1.mlp.experts.{e}.gate_proj"] for e in range(4)]
-    stats = activation_stats(lm, IMAGES, sites, captions=TEXTS, generation=Generation(batch_size=len(TEXTS)))
+    generation = Generation(batch_size=len(TEXTS))
+    stats = activation_stats(lm, IMAGES, sites, captions=TEXTS, generation=generation, by_position=True)
     enc = _inputs(lm)
     enc.pop("labels")
     experts = lm.model.get_submodule(sites[0].module_path.rsplit(".", 1)[0])
+    first = lm.model.get_submodule(registry.family.layer_paths(lm.model, "language")[0])
     seen = {}
     handles = [
         experts.register_forward_pre_hook(lambda _m, args: seen.update(top_k=args[1])),
         experts.act_fn.register_forward_hook(lambda _m, _a, out: seen.update(rows=out)),
+        first.register_forward_pre_hook(lambda _m, _a, kw: seen.update(ids=kw["position_ids"]), with_kwargs=True),
     ]
     lm.model.set_experts_implementation("batched_mm")
     try:
@@ -576,8 +580,19 @@ def test_routed_experts_statistics_cover_the_tokens_routed_to_them(lm):
             h.remove()
     top_k, k = seen["top_k"], seen["top_k"].shape[-1]
     attended = enc["attention_mask"].reshape(-1).bool()[torch.arange(top_k.numel()) // k]
+    ids = seen["ids"][0] if seen["ids"].dim() == 3 else seen["ids"]  # multimodal RoPE: its first axis
+    place = ids.expand(enc["attention_mask"].shape).reshape(-1)[torch.arange(top_k.numel()) // k]
     for site in sites:
         rows = (top_k.reshape(-1) == site.expert) & attended
         torch.testing.assert_close(stats[site.name].mean, seen["rows"][rows].mean(0), rtol=1e-5, atol=1e-6)
+        for p in place[rows].unique().tolist():
+            here = seen["rows"][rows & (place == p)].mean(0)
+            torch.testing.assert_close(stats[site.name].position_mean[p], here, rtol=1e-5, atol=1e-6)
+    # the routed rows follow their tokens when each layer is recomputed in the backward pass
+    scope, scoring = "language.experts.gate_proj", Scoring(alpha=1.0)
+    plain = score_neurons(lm, IMAGES, scope, scoring, Generation(batch_size=2), captions=TEXTS)
+    again = score_neurons(lm, IMAGES, scope, scoring, Generation(batch_size=2), TEXTS, gradient_checkpointing=True)
+    for name, value in plain.scores.items():
+        torch.testing.assert_close(again.scores[name], value, rtol=1e-5, atol=1e-9)
     with pytest.raises(InputError, match="routed expert's units exist only at the tokens routed to it"):
         record_neurons(lm, IMAGES[:1], ["one"], [sites[0].address(0)])
