@@ -31,7 +31,7 @@ class FakeEvaluator:
     """Metrics that depend only on how many neurons are masked: collapsed on ``collapsed(k)``."""
 
     def __init__(self, collapsed, degraded=lambda k: False, n_images=3, fail_after=None):
-        self.images = [None] * n_images
+        self.inputs = [None] * n_images
         self.n_images = n_images
         self.collapsed, self.degraded, self.fail_after = collapsed, degraded, fail_after
         self.calls: list[list[int]] = []
@@ -43,7 +43,7 @@ class FakeEvaluator:
 
     def _metrics(self, k: int) -> list[CaptionMetrics]:
         ppl, clip = (1000.0, 5.0) if self.collapsed(k) else (5.0, 28.0) if self.degraded(k) else (2.0, 30.0)
-        return [CaptionMetrics(f"caption {k}", ppl, clip, 2, 1.0, k == 0)] * len(self.images)
+        return [CaptionMetrics(f"caption {k}", ppl, clip, 2, 1.0, k == 0)] * len(self.inputs)
 
     def evaluate_baseline(self):
         self.calls.append([0])
@@ -66,7 +66,7 @@ def _neurons(n: int) -> RankedNeurons:
 
 def _search(evaluator, out=None, n=1000, **config):
     config.setdefault("grid_per_octave", 0)
-    names = [f"img{i}.png" for i in range(len(evaluator.images))]
+    names = [f"img{i}.png" for i in range(len(evaluator.inputs))]
     return CollapseSearch(evaluator, _neurons(n), _neurons(n), SearchConfig.of(**config), names, out).run()
 
 
