@@ -1,4 +1,4 @@
-"""One call per command: what ``canprobe caption``, ``score``, ``search``, ``ablate``, ``inspect`` and ``run`` do.
+"""One call per command: what ``canprobe`` caption, score, search, ablate, inspect, neurons and run do.
 
 Each call takes the model (a name or a ``Model`` section) and the image set folder, then its
 settings: section objects of ``canprobe.config`` (``Generation(max_new_tokens=10)``) and/or plain
@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 from canprobe import console
 from canprobe.checks import check_output_file
@@ -35,6 +36,7 @@ from canprobe.config import (
 from canprobe.data import ImageSet, load_image_set
 from canprobe.errors import InputError
 from canprobe.runfolder import RANKING_FILE, RunLock, check_run_folder
+from canprobe.sites import SiteRegistry
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +224,11 @@ def ablate(
     The mask: ``neurons`` (addresses, or one comma-separated string), or the ``top`` K of ``ranking``
     (counting only its neurons in ``scope`` when that is given).
     """
-    from canprobe.ablation import fault_stats, group_by_site
+    from canprobe.ablation import fault_stats
     from canprobe.evaluation import MaskEvaluator, load_scorers
     from canprobe.faults import check_fault
     from canprobe.models import load
-    from canprobe.scoring import check_ranking_model, load_ranking
-    from canprobe.search import ranked_in_scope
-    from canprobe.sites import SiteRegistry, parse_address
+    from canprobe.scoring import load_ranking
 
     v = settings(model, *sections, **values)
     machine, generation, evaluation = (compose(cls, v) for cls in (Model, Generation, Evaluation))
@@ -237,36 +237,51 @@ def ablate(
         raise InputError("give exactly one of --neurons ADDR,ADDR,... and --top K (with --ranking)")
     if top is not None and ranking is None:
         raise InputError("--top K needs --ranking ranking.parquet from `canprobe score`")
-    given = neurons.split(",") if isinstance(neurons, str) else list(neurons or [])
-    addresses = [a.strip() for a in given if a.strip()]
-    if neurons is not None and not addresses:
-        raise InputError(f"--neurons {neurons!r} names no neuron; give e.g. language.layers.1.mlp.down_proj:7")
-    unique = list(dict.fromkeys(str(parse_address(a)) for a in addresses))
-    if len(unique) < len(addresses):
-        notes(f"note: --neurons names {len(unique)} distinct neuron(s) in {len(addresses)} addresses", False)
+    addresses = _addresses(neurons, notes) if neurons is not None else []
     table = load_ranking(ranking) if top is not None else None  # a bad file fails before the model loads
     image_set = _images(images, v.get("images_per_category"), notes)
     lm = load(machine)
     inputs = generation_inputs(lm, image_set)
     _check_context(lm, image_set, generation)
-    registry = SiteRegistry.of(lm.model)
-    if top is not None:
-        check_ranking_model(table, lm)
-        scope = v.get("scope")
-        ranked = ranked_in_scope(registry, table, scope or "all")
-        if top > len(ranked):
-            where = f"scope {scope}" if scope else "the ranking"
-            raise InputError(f"--top {top} is larger than the {len(ranked)} ranked neurons in {where}")
-        mask, label = ranked.prefix(top), f"top {top}"
-    else:
-        mask, label = group_by_site(registry, unique), f"{len(unique)} neuron(s)"
-    sites = [registry.by_name[n] for n in mask]
+    mask, label = _mask(lm, addresses, table, top, v.get("scope"))
+    sites = [SiteRegistry.of(lm.model).by_name[n] for n in mask]
     stats = fault_stats(lm, inputs, sites, [evaluation.fault], generation) if mask else None
     clip, ppl_lm = load_scorers(lm, machine, evaluation)
     evaluator = MaskEvaluator(lm, inputs, clip, generation, evaluation, ppl_lm=ppl_lm, stats=stats)
     unmasked = evaluator.evaluate_baseline()
     (masked,) = evaluator.evaluate([mask])
     return Ablated([r.name for r in image_set.records], unmasked, masked, label, evaluation.fault)
+
+
+def _addresses(neurons: str | Sequence[str], notes: Notes) -> list[str]:
+    """The distinct neuron addresses given (a list, or one comma-separated string), each checked."""
+    from canprobe.sites import parse_address
+
+    given = neurons.split(",") if isinstance(neurons, str) else list(neurons)
+    addresses = [a.strip() for a in given if a.strip()]
+    if not addresses:
+        raise InputError(f"--neurons {neurons!r} names no neuron; give e.g. language.layers.1.mlp.down_proj:7")
+    unique = list(dict.fromkeys(str(parse_address(a)) for a in addresses))
+    if len(unique) < len(addresses):
+        notes(f"note: --neurons names {len(unique)} distinct neuron(s) in {len(addresses)} addresses", False)
+    return unique
+
+
+def _mask(lm, addresses: list[str], ranking, top: int | None, scope: str | None) -> tuple[dict, str]:
+    """(the mask, what it holds): the given addresses, or the top K of the ranking (in ``scope`` when given)."""
+    from canprobe.ablation import group_by_site
+    from canprobe.scoring import check_ranking_model
+    from canprobe.search import ranked_in_scope
+
+    registry = SiteRegistry.of(lm.model)
+    if top is None:
+        return group_by_site(registry, addresses), f"{len(addresses)} neuron(s)"
+    check_ranking_model(ranking, lm)
+    ranked = ranked_in_scope(registry, ranking, scope or "all")
+    if top > len(ranked):
+        where = f"scope {scope}" if scope else "the ranking"
+        raise InputError(f"--top {top} is larger than the {len(ranked)} ranked neurons in {where}")
+    return ranked.prefix(top), f"top {top}"
 
 
 def inspect(model, images=None, *sections, ratio: float | None = None, notes: Notes = _log, **values):
@@ -286,6 +301,19 @@ def inspect(model, images=None, *sections, ratio: float | None = None, notes: No
     inv = inventory(lm.model, machine.model, machine.dtype)
     report = massive_activations(lm, image_set.images, generation=generation, ratio=ratio or DEFAULT_RATIO)
     return inv, report
+
+
+def neurons(folder, top: int | None = None, images=None, device: str | None = None):
+    """(NeuronView, its page): where each critical neuron of a run or search ``folder`` fires (``canprobe.neurons``),
+    saved in ``folder`` and drawn in its report (a search folder: neurons.html)."""
+    from canprobe.neurons import folder_view
+    from canprobe.report import build_report, neurons_page
+    from canprobe.runfolder import NEURONS_PAGE, REPORT_FILE
+
+    folder = Path(folder)
+    check_output_file(folder / REPORT_FILE, "FOLDER")
+    view, kind = folder_view(folder, top, images, device)
+    return view, build_report([folder]) if kind == "run" else neurons_page(folder, folder / NEURONS_PAGE)
 
 
 def experiment(config_file=None, *sections, restart: bool = False, progress: bool = True, **values):

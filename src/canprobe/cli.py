@@ -359,15 +359,10 @@ def neurons_command(folder: Path, top: int | None, images: Path | None, device: 
     Writes neurons.parquet (neuron, image, position, value) and neurons.json into FOLDER, and the
     neurons section of its report (a search folder: neurons.html).
     """
-    from canprobe.neurons import folder_view
-    from canprobe.report import build_report, neurons_page
-    from canprobe.runfolder import NEURONS_FILE, NEURONS_PAGE
+    from canprobe.runfolder import NEURONS_FILE
 
-    check_output_file(folder / REPORT_FILE, "FOLDER")
-    view, kind = folder_view(folder, top, images, device)
-    _echo(console.neurons(view))
-    path = build_report([folder]) if kind == "run" else neurons_page(folder, folder / NEURONS_PAGE)
-    click.echo(f"table: {folder / NEURONS_FILE}; figures: {path}")
+    view, path = api.neurons(folder, top, images, device)
+    _echo([*console.neurons(view), f"table: {folder / NEURONS_FILE}; figures: {path}"])
 
 
 @main.command()

@@ -30,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from canprobe import runfolder
+from canprobe import console, runfolder
 from canprobe.ablation import RankedNeurons, fault_stats
 from canprobe.checks import check_device, printable
 from canprobe.config import SETTINGS, ExperimentConfig, SearchConfig
@@ -355,10 +355,8 @@ class Experiment:
             limit=c.data.images_per_category,
             annotations=c.data.annotations,
         )
-        if image_set.skipped:
-            log.warning("skipped %d unreadable images", len(image_set.skipped))
-        if image_set.unmatched_captions:
-            log.warning("ignored %d captions naming no image file", len(image_set.unmatched_captions))
+        for line in console.skipped(image_set):  # what the other commands print
+            log.warning("%s", line)
         _check_categories(c, image_set)
         groups = _groups(c, image_set)
         self.timings.add("load images", start)
