@@ -199,7 +199,7 @@ def organisms() -> None:
 def organisms_train(name, out, recipe, device, **changes) -> None:
     """Train organism NAME on drawn scenes and save it as a Hugging Face checkpoint."""
     from canprobe.models import ORGANISM_DIR
-    from canprobe.organisms.train import train_recipe
+    from canprobe.organisms.recipes import train_recipe
 
     if recipe == "sink" and (name != "toy-llava" or out is None or changes["steps"] is not None):
         raise InputError("--recipe sink trains toy-llava into a folder given with --out (no --steps: --text-tokens)")
