@@ -76,3 +76,29 @@ def test_story_line_without_collapse_or_massive_activation():
         "fewest neurons (as a share of the scope) in vision.fc2: vision; "
         "largest residual |h| 25.0 = 25x its median (layer 0, <image>, dim 7): no massive activation (>= 100x)"
     )
+
+
+def _where(item: int) -> tuple[float, int, int]:
+    import os
+
+    import torch
+
+    return 1 / item, os.getpid(), torch.get_num_threads()
+
+
+def test_each_item_runs_in_a_process_of_its_own_with_its_share_of_the_cores(monkeypatch):
+    """The demo's two organisms: one process each, ``cores // 2`` torch threads each; a failure is raised."""
+    import os
+
+    from canprobe import demo
+
+    monkeypatch.setattr(demo, "cores", lambda: 4)
+    results = sorted(demo.in_processes(_where, [1, 2]))
+    assert [value for value, _, _ in results] == [0.5, 1.0]
+    assert len({pid for _, pid, _ in results} | {os.getpid()}) == 3
+    assert [threads for _, _, threads in results] == [2, 2]
+    monkeypatch.setattr(demo, "cores", lambda: 1)  # one core: one process, one thread, items in turn
+    results = demo.in_processes(_where, [1, 0])
+    assert next(results)[::2] == (1.0, 1)
+    with pytest.raises(ZeroDivisionError):
+        next(results)

@@ -11,14 +11,25 @@ Per organism, on drawn scenes:
   position; the searches record stage 1 and k*);
 * the language model's massive activations (``canprobe.massive``), which every study measures.
 
+The two organisms run at once, one process each with its share of the cores (``in_processes``): their
+models are so small that a second torch thread in one process gains little, and loses much when the
+cores are shared (each tiny matrix product then waits for a descheduled thread).
+
 ``story_line`` condenses one organism's results to the sentence the demo ends with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from canprobe.config import make_config
 from canprobe.experiment import POOLED, Experiment
@@ -80,6 +91,32 @@ def run_story(name: str, images: Path, out: Path, progress: bool = True) -> Mode
     return ModelStory(name, by_category, pooled, ActivationReport.from_dict(activations))
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _join_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def in_processes(func: Callable, items: list) -> Iterator:
+    """``func(item)`` for each item, each in a process of its own; the results as they come.
+
+    Each process gets ``cores // processes`` torch threads (at least one). A failing call raises here
+    once the others have ended, so that what they computed is kept (the studies resume from it).
+    """
+    workers = max(1, min(len(items), cores()))
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_join_worker,
+        initargs=(max(1, cores() // workers),),
+    ) as pool:
+        for future in as_completed([pool.submit(func, item) for item in items]):
+            yield future.result()
+
+
 def _pooled(summary: dict) -> list[dict]:
     return [r for r in summary["results"] if r["category"] == POOLED]
 
@@ -124,10 +161,12 @@ def demo(out: Path, per_category: int) -> Iterator[str]:
     from canprobe.report import build_report
 
     images = write_scenes(out / "scenes", per_category, seed=11)
-    stories = []
-    for name in ORGANISMS:
-        yield f"== {name}"
-        stories.append(run_story(name, images, out))
+    start, done = time.perf_counter(), {}
+    yield f"== {' and '.join(ORGANISMS)}: both studies of each, one process per model"
+    for story in in_processes(partial(run_story, images=images, out=out, progress=False), list(ORGANISMS)):
+        done[story.name] = story
+        yield f"== {story.name}: done in {time.perf_counter() - start:.0f} s"
+    stories = [done[name] for name in ORGANISMS]
     path = build_report([d for s in stories for d in s.run_dirs], out / REPORT_FILE)
     yield from console.study([summary for s in stories for summary in s.summaries])
     for story in stories:
