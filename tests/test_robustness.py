@@ -103,3 +103,5 @@ def test_search_and_ablate_take_a_fault(cli, images, tmp_path):
     assert "masked (1 neuron(s), bitflip:bit=exponent)" in result.out
     result = cli(*args, "--fault", "bitflip:bit=40")
     assert result.code == 2 and "bit 40 is out of range for float32" in result.err
+    result = cli(*args, "--ablation", "sign")  # the setting's former name, as scripts of 0.1 give it
+    assert result.code == 0 and "masked (1 neuron(s), sign)" in result.out, result.err

@@ -59,7 +59,8 @@ def _click_type(name: str):
 def option(name: str, study: bool = False, **overrides):
     """The command-line option of setting ``name`` (canprobe.config.SETTINGS): its type, choices, default, help.
 
-    The flag is the name's (``max_new_tokens`` -> ``--max-new-tokens``) unless FLAGS names another;
+    The flag is the name's (``max_new_tokens`` -> ``--max-new-tokens``) unless FLAGS names another; a
+    setting's former names stay flags too (``--ablation`` for ``--fault``), so earlier scripts still run;
     ``overrides`` go to click (e.g. ``required=True``). ``study``: a flag of ``canprobe run`` (named as in
     study files), with no default, so a config file's value stands; the config checks the value.
     """
@@ -81,7 +82,8 @@ def option(name: str, study: bool = False, **overrides):
         kwargs.update({"metavar": "A,B,..."} if s.many else {"type": {int: click.INT, float: click.FLOAT}.get(s.kind)})
     else:
         kwargs.update(type=_click_type(name), **({"callback": CHECKS[name]} if name in CHECKS else {}))
-    return click.option(flag, name, **{**kwargs, **overrides})
+    former = [] if s.kind is bool else ["--" + old.replace("_", "-") for old in s.former]
+    return click.option(flag, *former, name, **{**kwargs, **overrides})
 
 
 def options(*sources, without: tuple[str, ...] = (), study: bool = False, **overrides):
