@@ -195,15 +195,15 @@ def _gemma_text(tok, **extra) -> dict:
     return _lm(tok, head_dim=16, num_key_value_heads=1, **extra)
 
 
-def build_paligemma():
+def build_paligemma(image_size: int = 16):
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     # the processor writes BOS after the image tokens itself
     tok = tokenizer(["<image>"], attributes={"image_token": "<image>"}, bos=False)
-    images = SiglipImageProcessorPil(size={"height": 16, "width": 16})
-    images.image_seq_length = 4
+    images = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    images.image_seq_length = (image_size // SIGLIP["patch_size"]) ** 2
     config = tf.PaliGemmaConfig(
-        vision_config=dict(SIGLIP, projection_dim=HIDDEN),
+        vision_config=dict(SIGLIP, image_size=image_size, projection_dim=HIDDEN),
         text_config=dict(model_type="gemma", **_gemma_text(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         projection_dim=HIDDEN,
@@ -225,24 +225,25 @@ GEMMA3_TEMPLATE = _template(
 GEMMA_IMAGE = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
 
-def build_gemma3():
+def build_gemma3(image_size: int = 16, tokens: int = 4):
+    """``tokens`` image tokens per image: the projector average-pools the ViT's patches to a square grid of them."""
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     tok = tokenizer([*GEMMA_IMAGE.values(), "<start_of_turn>", "<end_of_turn>"], attributes=GEMMA_IMAGE, bos=False)
     ids = tok.convert_tokens_to_ids
     config = tf.Gemma3Config(
-        vision_config=SIGLIP,
+        vision_config=dict(SIGLIP, image_size=image_size),
         text_config=_gemma_text(tok, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-        mm_tokens_per_image=4,
+        mm_tokens_per_image=tokens,
         boi_token_index=ids("<start_of_image>"),
         eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"),
     )
     processor = tf.Gemma3Processor(
-        Gemma3ImageProcessorPil(size={"height": 16, "width": 16}),
+        Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
         tok,
         chat_template=GEMMA3_TEMPLATE,
-        image_seq_length=4,
+        image_seq_length=tokens,
     )
     model = tf.Gemma3ForConditionalGeneration(config)
     # transformers initializes the projection to zeros (released weights replace it): images would reach nothing

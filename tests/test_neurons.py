@@ -1,6 +1,7 @@
 """The neuron view against hand computations, on tiny random models whose activations a hook sets to a
-known pattern: per-position means, image-token rows and vision rows mapped to patches (LLaVA, and
-Qwen2-VL with its merged patches, checked against the processor's own patch order), consistency."""
+known pattern: per-position means, image-token rows and vision rows mapped to patches (LLaVA; Qwen2-VL with
+its merged patches, checked against the processor's own patch order; PaliGemma and Gemma 3's pooled tokens,
+checked against the patches each token's input depends on), consistency."""
 
 from __future__ import annotations
 
@@ -261,3 +262,83 @@ def test_neuron_files_record_their_format_and_earlier_ones_read(tmp_path):
         with pytest.raises(CanprobeError, match=f"{name} was written in artifact format {FORMAT + 1}") as caught:
             NeuronView.load(newer)
         assert "upgrade canprobe" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _graded_square(side: int, patch: int) -> Image.Image:
+    """A ``side`` x ``side`` grid of ``patch``-pixel patches, each its own grey level, rising row by row."""
+    grid = (np.arange(side * side).reshape(side, side) * (250 // (side * side))).astype(np.uint8)
+    return Image.fromarray(np.kron(grid, np.ones((patch, patch), dtype=np.uint8))).convert("RGB")
+
+
+def _token_patches(lm: LoadedModel, image: Image.Image) -> list[set[int]]:
+    """Per image token, in order, the patches (row-major indices in the graded image) whose pixels it depends
+    on, as the model computes it: the vision encoder's layers made an identity (attention would mix every patch),
+    the gradient of the token's language-model input with respect to the processed pixels, whose levels name the
+    patches."""
+    model = lm.model
+    enc = lm.family.inputs(lm.processor, [image], lm.family.prompts(lm.processor, ["a"]))
+    pixels = enc["pixel_values"].requires_grad_(True)
+    levels = np.unique(pixels.detach()[0].mean(0).numpy())  # one level per patch, rising with its index
+    encoder = next(m for m in model.modules() if type(m).__name__ == "SiglipEncoder")
+    embeds = []
+
+    def identity(_m, args, kwargs, out):
+        out.last_hidden_state = kwargs.get("inputs_embeds", args[0] if args else None)
+        return out
+
+    def keep(_m, args, kwargs):
+        embeds.append(kwargs["inputs_embeds"])
+
+    language = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
+    handles = [
+        encoder.register_forward_hook(identity, with_kwargs=True),
+        language.register_forward_pre_hook(keep, with_kwargs=True),
+    ]
+    try:
+        model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    positions = (enc["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+    found = []
+    for p in positions:
+        (grad,) = torch.autograd.grad(embeds[0][0, p].sum(), pixels, retain_graph=True)
+        used = pixels.detach()[0].mean(0)[grad[0].abs().sum(0) > 0].numpy()
+        found.append({int(np.searchsorted(levels, v)) for v in np.unique(used)})
+    return found
+
+
+@pytest.mark.parametrize(
+    ("family", "side", "pool"),
+    [("paligemma", 4, 1), ("gemma3", 6, 2)],  # PaliGemma: a token per patch; Gemma 3: 6 x 6 patches pooled to 3 x 3
+)
+def test_gemma_image_tokens_map_to_the_patches_the_model_reads_them_from(family, side, pool):
+    from tests.new_family_builders import SIGLIP, build_gemma3, build_paligemma
+
+    torch.manual_seed(0)
+    patch = SIGLIP["patch_size"]
+    if family == "paligemma":
+        model, processor = build_paligemma(image_size=side * patch)
+    else:
+        model, processor = build_gemma3(image_size=side * patch, tokens=(side // pool) ** 2)
+    lm = LoadedModel(model.eval(), processor, family, f"tiny-{family}")
+    image = _graded_square(side, patch)
+    sources = _token_patches(lm, image)
+    n = side // pool
+    assert len(sources) == n * n
+    cells = []  # the truth: token k reads one pool x pool block of patches, whose place on the n x n grid is its cell
+    for patches in sources:
+        blocks = {(p // side // pool, p % side // pool) for p in patches}
+        assert len(patches) == pool * pool and len(blocks) == 1
+        ((r, c),) = blocks
+        cells.append(r * n + c)
+    assert sorted(cells) == list(range(n * n))
+
+    site = "language.layers.0.mlp.down_proj"
+    view, _ = _view(lm, [f"{site}:{CHANNEL}"], [(site, False)], [image])
+    tokens = view.table[view.table["kind"] == "image"]
+    assert tokens["cell"].tolist() == cells
+    assert (tokens["grid_rows"] == n).all() and (tokens["grid_cols"] == n).all()
+    expected = np.empty(n * n)
+    expected[cells] = SCALE[0] * (tokens["position"].to_numpy() + 1)
+    np.testing.assert_allclose(patch_map(view.table), expected.reshape(n, n))

@@ -7,9 +7,11 @@ causally (1); Gemma 3 marks its image tokens (``token_type_ids`` 1) so they atte
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from canprobe.families.base import Family, chat_prompts
+from canprobe.families.base import Family, PatchGrid, chat_prompts
 from canprobe.families.structure import FromStructure
 
 
@@ -33,6 +35,13 @@ class PaliGemma(FromStructure, Family):
             return torch.cat([value, value.new_ones(value.shape[0], width - value.shape[1])], dim=1)
         return super().continue_tokens(key, value, width)
 
+    def patch_grid(self, model, enc, component, image, rows):
+        """Image tokens: one per SigLIP patch, row by row (the projector is one linear per patch)."""
+        if component != "language":
+            return super().patch_grid(model, enc, component, image, rows)
+        vision = model.config.vision_config
+        return PatchGrid.square(vision.image_size // vision.patch_size, rows)
+
     def tokens(self, config, component, text_tokens):
         patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         return patches if component == "vision" else patches + text_tokens + 1
@@ -48,6 +57,13 @@ class Gemma3(FromStructure, Family):
     def inputs(self, processor, images, texts):
         # the processor groups images per sample: one list of one image per text
         return dict(processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True))
+
+    def patch_grid(self, model, enc, component, image, rows):
+        """Image tokens: the projector average-pools the SigLIP patches to ``mm_tokens_per_image`` tokens, a
+        square grid row by row; with pan and scan, the whole image's tokens come first (its crops' get no cell)."""
+        if component != "language":
+            return super().patch_grid(model, enc, component, image, rows)
+        return PatchGrid.square(math.isqrt(model.config.mm_tokens_per_image), rows)
 
     def tokens(self, config, component, text_tokens):
         patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
