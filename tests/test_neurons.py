@@ -1,7 +1,7 @@
 """The neuron view against hand computations, on tiny random models whose activations a hook sets to a
 known pattern: per-position means, image-token rows and vision rows mapped to patches (LLaVA; Qwen2-VL with
-its merged patches, checked against the processor's own patch order; PaliGemma and Gemma 3's pooled tokens,
-checked against the patches each token's input depends on), consistency."""
+its merged patches, checked against the processor's own patch order; PaliGemma, Gemma 3's pooled tokens and
+Idefics3's pixel-shuffled whole image, checked against the patches each token's input depends on), consistency."""
 
 from __future__ import annotations
 
@@ -270,16 +270,13 @@ def _graded_square(side: int, patch: int) -> Image.Image:
     return Image.fromarray(np.kron(grid, np.ones((patch, patch), dtype=np.uint8))).convert("RGB")
 
 
-def _token_patches(lm: LoadedModel, image: Image.Image) -> list[set[int]]:
-    """Per image token, in order, the patches (row-major indices in the graded image) whose pixels it depends
-    on, as the model computes it: the vision encoder's layers made an identity (attention would mix every patch),
-    the gradient of the token's language-model input with respect to the processed pixels, whose levels name the
-    patches."""
+def _token_pixels(lm: LoadedModel, image: Image.Image, encoder: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The processed pixels of ``image`` [..., 3, H, W] and, per image token in order, the mask [..., H, W] of the
+    pixels its language-model input depends on, as the model computes it: the vision encoder (class ``encoder``)
+    made an identity (its attention would mix every patch), the gradient of the token's input to the decoder."""
     model = lm.model
     enc = lm.family.inputs(lm.processor, [image], lm.family.prompts(lm.processor, ["a"]))
     pixels = enc["pixel_values"].requires_grad_(True)
-    levels = np.unique(pixels.detach()[0].mean(0).numpy())  # one level per patch, rising with its index
-    encoder = next(m for m in model.modules() if type(m).__name__ == "SiglipEncoder")
     embeds = []
 
     def identity(_m, args, kwargs, out):
@@ -289,10 +286,10 @@ def _token_patches(lm: LoadedModel, image: Image.Image) -> list[set[int]]:
     def keep(_m, args, kwargs):
         embeds.append(kwargs["inputs_embeds"])
 
-    language = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
+    layers = next(m for m in model.modules() if type(m).__name__ == encoder)
     handles = [
-        encoder.register_forward_hook(identity, with_kwargs=True),
-        language.register_forward_pre_hook(keep, with_kwargs=True),
+        layers.register_forward_hook(identity, with_kwargs=True),
+        model.get_decoder().register_forward_pre_hook(keep, with_kwargs=True),
     ]
     try:
         model(**enc)
@@ -300,12 +297,16 @@ def _token_patches(lm: LoadedModel, image: Image.Image) -> list[set[int]]:
         for h in handles:
             h.remove()
     positions = (enc["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-    found = []
-    for p in positions:
-        (grad,) = torch.autograd.grad(embeds[0][0, p].sum(), pixels, retain_graph=True)
-        used = pixels.detach()[0].mean(0)[grad[0].abs().sum(0) > 0].numpy()
-        found.append({int(np.searchsorted(levels, v)) for v in np.unique(used)})
-    return found
+    masks = [torch.autograd.grad(embeds[0][0, p].sum(), pixels, retain_graph=True)[0][0] for p in positions]
+    return pixels.detach()[0], [m.abs().sum(-3) > 0 for m in masks]
+
+
+def _token_patches(lm: LoadedModel, image: Image.Image) -> list[set[int]]:
+    """Per image token, the patches (row-major indices in a graded image) it depends on, named by their levels."""
+    pixels, masks = _token_pixels(lm, image, "SiglipEncoder")
+    values = pixels.mean(-3)
+    levels = np.unique(values.numpy())  # one level per patch, rising with its index
+    return [{int(np.searchsorted(levels, v)) for v in np.unique(values[m].numpy())} for m in masks]
 
 
 @pytest.mark.parametrize(
@@ -342,3 +343,44 @@ def test_gemma_image_tokens_map_to_the_patches_the_model_reads_them_from(family,
     expected = np.empty(n * n)
     expected[cells] = SCALE[0] * (tokens["position"].to_numpy() + 1)
     np.testing.assert_allclose(patch_map(view.table), expected.reshape(n, n))
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_idefics3_whole_image_tokens_map_to_the_cells_the_model_reads_them_from(split):
+    """A 32-pixel image: 2 x 2 crops of 16 pixels and the whole image resized to 16 (``split``), or the whole image
+    alone; a 4 x 4 patch ViT, pixel-shuffled by 2 into 2 x 2 tokens per crop. The image's 2 x 2 cells have their own
+    grey levels: each whole-image token must read one cell, the crops' tokens the crops only."""
+    from tests.new_family_builders import build_idefics3
+
+    torch.manual_seed(0)
+    model, processor = build_idefics3()
+    processor.image_processor.do_image_splitting = split
+    lm = LoadedModel(model.eval(), processor, "idefics3", "tiny-idefics3")
+    image = _graded_square(2, 16)
+    pixels, masks = _token_pixels(lm, image, "Idefics3Encoder")
+    crops = pixels.shape[0]
+    assert crops == (5 if split else 1) and len(masks) == 4 * crops
+    values = pixels.mean(-3)
+    levels = np.unique(values[:4].flatten(1).numpy().round(3)) if split else None  # crops of one cell each
+    assert levels is None or len(levels) == 4
+    cells = []
+    for m in masks:
+        used = m.flatten(1).any(-1).nonzero()[:, 0].tolist()
+        assert len(used) == 1  # each token reads one crop
+        if used[0] < crops - 1:
+            cells.append(-1)
+            continue
+        level = float(values[m].median())
+        if levels is None:  # no crops: the levels of the resized image, read at the cells' centres
+            levels = np.sort([float(values[-1][y, x]) for y in (4, 12) for x in (4, 12)])
+        cells.append(int(np.abs(levels - level).argmin()))
+    assert cells[-4:] == sorted(cells[-4:]) and set(cells[-4:]) == {0, 1, 2, 3} and set(cells[:-4]) <= {-1}
+
+    language, vision = "language.layers.0.mlp.down_proj", "vision.layers.0.mlp.fc2"
+    view, _ = _view(lm, [f"{language}:{CHANNEL}", f"{vision}:{CHANNEL}"], [(language, False)], [image])
+    tokens = view.table[(view.table["kind"] == "image") & (view.table["neuron"] == f"{language}:{CHANNEL}")]
+    assert tokens["cell"].tolist() == cells
+    assert (tokens["grid_rows"] == 2).all() and (tokens["grid_cols"] == 2).all()
+    rows = view.table[view.table["neuron"] == f"{vision}:{CHANNEL}"]
+    assert len(rows) == 16  # the first crop's patches: the whole image's grid only when it is not split
+    assert rows["cell"].tolist() == ([-1] * 16 if split else list(range(16)))

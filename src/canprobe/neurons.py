@@ -7,7 +7,7 @@ row its site reads, per image:
 * language sites: every token position, labelled ``first token``, ``prompt``, ``image`` (the image
   tokens) or ``caption``; an image token's row is mapped back to the patch it stands for by the family
   (``Family.patch_grid``: LLaVA's and PaliGemma's one token per patch, Qwen-VL's one per merged group of
-  patches, Gemma 3's one per pooled block of patches);
+  patches, Gemma 3's one per pooled block, Idefics3's whole image one per pixel-shuffled block);
 * vision sites: the rows of the image's patches (``class token`` and ``patch``), mapped to the patch
   grid; projector rows (``image token``) and Q-Former rows (``query``, ``prompt``) likewise where they
   are patches;

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from canprobe.families.base import Family, chat_prompts
+from canprobe.families.base import Family, PatchGrid, chat_prompts
 from canprobe.families.structure import FromStructure
 
 
@@ -52,6 +52,19 @@ class Idefics3(FromStructure, Family):
         real = (pixels != 0).flatten(2).any(dim=-1)  # [samples, crops]
         counts = real.sum(dim=1).tolist()
         return torch.cat([torch.full((c,), 1.0 / c) for c in counts])
+
+    def patch_grid(self, model, enc, component, image, rows):
+        """Image tokens: the whole image's come last, after its crops' (which get no cell: the processor keeps
+        how they tile the image to itself), one per ``scale_factor`` x ``scale_factor`` block of its patches, row
+        by row (the connector's pixel shuffle). Vision rows (the first crop's): the ViT's grid when that crop is
+        the whole image, none when the image was split."""
+        cfg = model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        if component == "language":
+            n = side // cfg.scale_factor
+            return PatchGrid.square(n, rows, max(0, rows - n * n))
+        crops = int((enc["pixel_values"][image] != 0).flatten(1).any(dim=-1).sum())
+        return super().patch_grid(model, enc, component, image, rows) if crops == 1 else None
 
     def tokens(self, config, component, text_tokens):
         vision = config.vision_config
