@@ -36,15 +36,7 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 def build_vipllava():
     tok = tokenizer(["<image>", *CHAT_TOKENS], attributes={"image_token": "<image>"})
     config = tf.VipLlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=HIDDEN,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
-            image_size=16,
-            patch_size=8,
-        ),
+        vision_config=dict(VIT, model_type="clip_vision_model", image_size=16, patch_size=8),
         text_config=dict(model_type="llama", **_lm(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layers=[-1, -2],
@@ -83,16 +75,7 @@ def build_mistral3():
 
     tok = tokenizer(["[IMG]", "[IMG_BREAK]", "[IMG_END]", *CHAT_TOKENS], attributes={"image_token": "[IMG]"})
     config = tf.Mistral3Config(
-        vision_config=dict(
-            model_type="pixtral",
-            hidden_size=HIDDEN,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=HEADS,
-            head_dim=16,
-            image_size=16,
-            patch_size=4,
-        ),
+        vision_config=dict(VIT, model_type="pixtral", head_dim=16, image_size=16, patch_size=4),
         text_config=dict(model_type="mistral", **_lm(tok, head_dim=16)),
         image_token_index=tok.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
@@ -113,11 +96,7 @@ def build_idefics2():
 
     tok = tokenizer(["<image>", "<fake_token_around_image>", "<end_of_utterance>", *CHAT_TOKENS])
     config = tf.Idefics2Config(
-        vision_config=dict(
-            **VIT,
-            image_size=16,
-            patch_size=4,
-        ),
+        vision_config=dict(VIT, image_size=16, patch_size=4),
         perceiver_config=dict(
             hidden_size=HIDDEN,
             resampler_n_latents=4,
@@ -144,11 +123,7 @@ def build_smolvlm():
     )
     tok.fake_image_token, tok.global_image_token = "<fake_token_around_image>", "<global-img>"
     config = tf.SmolVLMConfig(
-        vision_config=dict(
-            **VIT,
-            image_size=16,
-            patch_size=4,
-        ),
+        vision_config=dict(VIT, image_size=16, patch_size=4),
         text_config=dict(model_type="llama", **_lm(tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
